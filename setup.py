@@ -1,0 +1,37 @@
+"""audiojepa: self-supervised audio encoder pretraining in JAX/Flax."""
+
+import setuptools
+
+setuptools.setup(
+    name="audiojepa",
+    version="0.1.0",
+    description="JAX/Flax self-supervised pretraining of audio encoders (M2D, JEPA, Audio-JEPA, MATPAC, EncodecMAE).",
+    packages=setuptools.find_packages(include=["audiojepa", "audiojepa.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        # JAX 0.11 dropped Python 3.11; pip picks 0.10.x there and 0.11+ on newer Pythons.
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "grain>=0.2.18",
+        "array-record>=0.8.6",
+        "ml-collections>=1.1.0",
+        "absl-py",
+        "numpy",
+        "scipy",
+        "msgpack",
+        "einops",
+        "soundfile>=0.12",
+        "soxr",
+        "librosa>=0.10",
+        "tensorboardX",
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={
+        "test": ["pytest"],
+        # Only for converting released PyTorch checkpoints; never imported by the core package.
+        "torch": ["torch==2.13.0"],
+    },
+)

@@ -1,0 +1,142 @@
+"""make_shards: manifest, skip reasons for planted bad files, CSV metadata, determinism, codecs."""
+
+import hashlib
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+from array_record.python import array_record_module
+
+from audiojepa.data import records, shards
+
+SR = 16000
+
+
+def _tone(seconds, freq=440.0, sr=SR):
+    t = np.arange(int(seconds * sr)) / sr
+    return (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def _read_all(shard_dir):
+    manifest = shards.read_manifest(shard_dir)
+    out = []
+    for name in manifest["shards"]:
+        reader = array_record_module.ArrayRecordReader(os.path.join(shard_dir, name))
+        out.extend(reader.read_all())
+        reader.close()
+    return manifest, out
+
+
+@pytest.fixture
+def audio_folder(tmp_path):
+    """Good files in several formats/rates/channel counts plus one of each kind of bad file."""
+    root = tmp_path / "audio"
+    (root / "sub").mkdir(parents=True)
+    sf.write(root / "a_good.wav", _tone(1.0), SR, subtype="PCM_16")
+    sf.write(root / "sub" / "b_good_44k_stereo.flac", np.stack([_tone(0.5, sr=44100), _tone(0.5, 880, 44100)], 1),
+             44100, subtype="PCM_16")
+    sf.write(root / "sub" / "c_good.ogg", _tone(0.7), SR, format="OGG", subtype="VORBIS")
+    # Bad files.
+    sf.write(root / "d_full.wav", _tone(1.0), SR, subtype="PCM_16")
+    data = (root / "d_full.wav").read_bytes()
+    (root / "d_full.wav").unlink()
+    (root / "bad_truncated.wav").write_bytes(data[: len(data) // 2])
+    (root / "bad_empty.wav").write_bytes(b"")
+    sf.write(root / "bad_zeros.wav", np.zeros(SR, np.float32), SR, subtype="PCM_16")
+    sf.write(root / "bad_nan.wav", np.full(SR, np.nan, np.float32), SR, subtype="FLOAT")
+    (root / "bad_text_named.wav").write_text("this is not audio\n" * 50)
+    (root / "notes.txt").write_text("not audio")
+    sf.write(root / "bad_short.wav", _tone(0.05), SR, subtype="PCM_16")
+    return root
+
+
+EXPECTED_SKIPS = {
+    "bad_truncated.wav": "truncated",
+    "bad_empty.wav": "unreadable",
+    "bad_zeros.wav": "silent",
+    "bad_nan.wav": "non-finite",
+    "bad_text_named.wav": "unreadable",
+    "notes.txt": "unsupported extension",
+    "bad_short.wav": "too short",
+}
+
+
+def test_folder_manifest_counts_and_skip_reasons(audio_folder, tmp_path):
+    out = tmp_path / "shards"
+    manifest = shards.make_shards(str(audio_folder), str(out), num_shards=2, workers=0, min_seconds=0.1,
+                                  progress=False)
+    assert manifest["num_clips"] == 3
+    assert manifest["sample_rate"] == SR
+    assert {s["path"]: s["reason"] for s in manifest["skipped"]} == EXPECTED_SKIPS
+    assert manifest["num_skipped"] == len(EXPECTED_SKIPS)
+    expected_hours = (SR * 1.0 + SR * 0.5 + SR * 0.7) / SR / 3600
+    assert manifest["total_hours"] == pytest.approx(expected_hours, rel=1e-3)
+    assert manifest["shards"] == ["shard-00000-of-00002.array_record", "shard-00001-of-00002.array_record"]
+    assert manifest == shards.read_manifest(str(out))
+    _, raw = _read_all(str(out))
+    assert len(raw) == 3
+    headers = [records.decode_header(r) for r in raw]
+    assert sorted(h["id"] for h in headers) == ["a_good.wav", "sub/b_good_44k_stereo.flac", "sub/c_good.ogg"]
+    by_id = {h["id"]: r for h, r in zip(headers, raw)}
+    # 44.1 kHz stereo -> 16 kHz mono: 0.5 s stays 0.5 s, and the mix of 440 and 880 Hz survives.
+    stereo = records.decode_waveform(by_id["sub/b_good_44k_stereo.flac"])
+    assert stereo.shape[0] == pytest.approx(SR * 0.5, abs=2)
+    spectrum = np.abs(np.fft.rfft(stereo))
+    freqs = np.fft.rfftfreq(stereo.shape[0], 1 / SR)
+    top2 = sorted(freqs[np.argsort(spectrum)[-2:]])
+    assert top2 == pytest.approx([440, 880], abs=3)
+    # The wav clip round-trips through int16 within quantisation error.
+    np.testing.assert_allclose(records.decode_waveform(by_id["a_good.wav"]), _tone(1.0), atol=1.0 / 32768)
+
+
+def test_workers_and_reruns_give_identical_shards(audio_folder, tmp_path):
+    def digest(folder):
+        manifest = shards.read_manifest(str(tmp_path / folder))
+        return [hashlib.sha256((tmp_path / folder / n).read_bytes()).hexdigest() for n in manifest["shards"]]
+
+    shards.make_shards(str(audio_folder), str(tmp_path / "s0"), num_shards=2, workers=0, progress=False)
+    shards.make_shards(str(audio_folder), str(tmp_path / "s2"), num_shards=2, workers=2, progress=False)
+    assert digest("s0") == digest("s2")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        shards.make_shards(str(audio_folder), str(tmp_path / "s0"), num_shards=2, progress=False)
+    shards.make_shards(str(audio_folder), str(tmp_path / "s0"), num_shards=2, overwrite=True, progress=False)
+    assert digest("s0") == digest("s2")
+
+
+def test_csv_input_keeps_metadata_and_lists_missing(tmp_path):
+    sf.write(tmp_path / "x.wav", _tone(0.5), SR)
+    sf.write(tmp_path / "y.wav", _tone(0.5, 660), 22050)
+    (tmp_path / "list.tsv").write_text("path\tlabel\tsplit\nx.wav\tdog\ttrain\ny.wav\tcat;bird\ttest\nz.wav\tcow\ttrain\n")
+    manifest = shards.make_shards(str(tmp_path / "list.tsv"), str(tmp_path / "out"), codec="flac", num_shards=1,
+                                  progress=False)
+    assert manifest["metadata_columns"] == ["label", "split"]
+    assert [(s["path"], s["reason"]) for s in manifest["skipped"]] == [("z.wav", "missing")]
+    _, raw = _read_all(str(tmp_path / "out"))
+    headers = [records.decode_header(r) for r in raw]
+    assert [(h["id"], h["metadata"], h["codec"]) for h in headers] == [
+        ("x.wav", {"label": "dog", "split": "train"}, "flac"),
+        ("y.wav", {"label": "cat;bird", "split": "test"}, "flac"),
+    ]
+    np.testing.assert_allclose(records.decode_waveform(raw[0]), _tone(0.5), atol=1.0 / 32768)
+
+
+def test_corrupt_record_bytes_raise_named_error():
+    good = records.encode_clip("id", _tone(0.1), SR)
+    assert records.decode_waveform(good).shape == (SR // 10,)
+    for bad in (b"", b"\x00garbage", good[: len(good) // 2]):
+        with pytest.raises(records.CorruptRecordError):
+            records.decode_waveform(bad)
+
+
+def test_cli_runs(audio_folder, tmp_path):
+    out = tmp_path / "cli"
+    result = subprocess.run(
+        [sys.executable, "tools/make_shards.py", f"--input={audio_folder}", f"--output={out}", "--workers=0",
+         "--min_seconds=0.1"],
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert shards.read_manifest(str(out))["num_clips"] == 3
+    assert "skipped" in result.stderr
