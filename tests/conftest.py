@@ -3,7 +3,7 @@
 import os
 
 # Several CPU devices so sharding code paths run as on a multi-chip host.
-os.environ.setdefault("JAX_NUM_CPU_DEVICES", "4")
+os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
 
 from absl import flags  # noqa: E402
 

@@ -1,0 +1,90 @@
+"""The embedded default corpus: procedural clips written as a cached shard set on first use.
+
+When a config names no data, training reads this corpus, so every config runs on a laptop with
+no download. It is a pure function of its arguments (same bytes on every machine), written once
+into the cache folder (`$AUDIOJEPA_CACHE`, default `~/.cache/audiojepa`) and re-used afterwards.
+Every clip keeps its class (`label`) and a fixed `split` (train/valid/test, 80/10/10 within each
+class) as metadata, so the same corpus serves as a small downstream task.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+
+from audiojepa.data import shards, stats, synthetic
+
+CORPUS_VERSION = 1
+DEFAULT_NUM_CLIPS = 3000
+DEFAULT_DURATION_S = 3.0
+
+
+def cache_root() -> str:
+    return os.environ.get("AUDIOJEPA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "audiojepa")
+
+
+def split_of(index: int) -> str:
+    """train / valid / test, 8:1:1, balanced per class (classes cycle with the clip index)."""
+    fold = (index // len(synthetic.CLASS_NAMES)) % 10
+    return "valid" if fold == 8 else "test" if fold == 9 else "train"
+
+
+def corpus_dir(*, sample_rate: int, num_clips: int, duration_s: float, seed: int, root: str | None = None) -> str:
+    name = f"embedded-v{CORPUS_VERSION}-sr{sample_rate}-n{num_clips}-d{duration_s:g}s-seed{seed}"
+    return os.path.join(root or cache_root(), name)
+
+
+def ensure_embedded_corpus(
+    *,
+    sample_rate: int = 16000,
+    num_clips: int = DEFAULT_NUM_CLIPS,
+    duration_s: float = DEFAULT_DURATION_S,
+    seed: int = 0,
+    num_shards: int = 4,
+    root: str | None = None,
+    stats_frontends: tuple[str, ...] = ("m2d",),
+) -> str:
+    """Returns the folder of the embedded shard set, generating it first if it is not cached.
+
+    The folder is built under a temporary name and renamed into place when complete, so an
+    interrupted generation never leaves a half-written corpus behind. Log-mel statistics for the
+    `stats_frontends` presets whose sample rate matches are computed and stored with it.
+    """
+    folder = corpus_dir(sample_rate=sample_rate, num_clips=num_clips, duration_s=duration_s, seed=seed, root=root)
+    if os.path.exists(os.path.join(folder, shards.MANIFEST)):
+        return folder
+    from audiojepa import frontend
+    from audiojepa.data import pipeline
+
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    start = time.time()
+    logging.info("generating the embedded corpus (%d clips of %g s at %d Hz) in %s",
+                 num_clips, duration_s, sample_rate, folder)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(folder) + ".tmp-", dir=os.path.dirname(folder))
+    clips = (
+        (clip_id, waveform, {"label": label, "split": split_of(i)})
+        for i, (clip_id, waveform, label) in enumerate(synthetic.synthesize_clips(
+            num_clips, sample_rate=sample_rate, duration_s=duration_s, seed=seed))
+    )
+    manifest = shards.write_shard_set(tmp, clips, sample_rate=sample_rate, num_shards=num_shards, extra_manifest={
+        "input": "embedded procedural corpus",
+        "metadata_columns": ["label", "split"],
+        "classes": list(synthetic.CLASS_NAMES),
+        "corpus_version": CORPUS_VERSION,
+        "generator": {"num_clips": num_clips, "duration_s": duration_s, "seed": seed},
+    })
+    paths = [os.path.join(tmp, n) for n in manifest["shards"]]
+    for name in stats_frontends:
+        params = frontend.get_preset(name)
+        if params.sample_rate != sample_rate:
+            continue
+        crop_frames = params.num_frames(int(duration_s * sample_rate))
+        spec = pipeline.DataSpec(tuple(paths), params, crop_frames, 0.0, 1.0, manifest["num_clips"])
+        num_crops = min(num_clips, 512)
+        result = stats.compute_logmel_stats(spec, num_crops=num_crops, seed=seed, progress=False)
+        stats.write_stats(tmp, params, **result)
+    shards.move_into_place(tmp, folder)
+    logging.info("embedded corpus ready in %.1f s: %s", time.time() - start, folder)
+    return folder

@@ -1,0 +1,88 @@
+"""Log-mel normalisation statistics: computing them over random crops, storing them with the shards.
+
+The statistics file `logmel_stats.json` in a shard folder holds one entry per front end
+(`{"frontend": LogMelParams.to_dict(), "mean", "std", "num_crops", "crop_frames", "seed"}`), so one
+shard set can serve several front ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+STATS_FILE = "logmel_stats.json"
+# The official M2D default (used by the 2022 M2D models): mean -7.1, std 4.2 of log-mel values.
+M2D_DEFAULT_STATS = (-7.1, 4.2)
+
+
+def normalize(lms, mean: float, std: float):
+    """(lms - mean) / std; works on NumPy and jax arrays alike."""
+    return (lms - mean) / std
+
+
+def _read_entries(folder: str) -> list[dict]:
+    path = os.path.join(folder, STATS_FILE)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return json.load(f)["entries"]
+
+
+def read_stats(folder: str, params) -> tuple[float, float]:
+    """(mean, std) stored in `folder` for front end `params`; a clear error if there are none."""
+    for entry in _read_entries(folder):
+        if entry["frontend"] == params.to_dict():
+            return float(entry["mean"]), float(entry["std"])
+    raise FileNotFoundError(
+        f"no log-mel statistics for this front end in {os.path.join(folder, STATS_FILE)}; run "
+        f"`python tools/compute_stats.py --shards {folder} --frontend <preset>` or set "
+        "config.data.norm_stats to 'm2d' or a (mean, std) pair")
+
+
+def write_stats(folder: str, params, *, mean: float, std: float, **info) -> str:
+    """Adds or replaces the entry for `params` in `folder/logmel_stats.json`; returns the path."""
+    entries = [e for e in _read_entries(folder) if e["frontend"] != params.to_dict()]
+    entries.append({"frontend": params.to_dict(), "mean": float(mean), "std": float(std), **info})
+    path = os.path.join(folder, STATS_FILE)
+    with open(path + ".tmp", "w") as f:
+        json.dump({"entries": entries}, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def compute_logmel_stats(
+    spec,
+    *,
+    num_crops: int = 5000,
+    seed: int = 0,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Mean and std of raw (un-normalised) log-mel values over `num_crops` random crops.
+
+    `spec` is a `pipeline.DataSpec`; crops are `spec.crop_frames` long, drawn with the training
+    pipeline itself (shuffled records, random offsets, short clips zero-padded). Statistics are
+    scalars over every element, accumulated in float64, like the official M2D code.
+    """
+    from tqdm import tqdm
+
+    from audiojepa.data import pipeline
+
+    batch_size = max(1, min(batch_size, num_crops))
+    num_batches = -(-num_crops // batch_size)
+    ds = pipeline.make_dataset(spec, batch_size=batch_size, seed=seed, normalize=False)
+    it = pipeline.make_iterator(ds, num_workers=num_workers)
+    total = total_sq = 0.0
+    count = 0
+    for _ in tqdm(range(num_batches), unit="batch", disable=not progress, desc="log-mel statistics"):
+        lms = np.asarray(next(it)["lms"], dtype=np.float64)
+        total += lms.sum()
+        total_sq += np.square(lms).sum()
+        count += lms.size
+    mean = total / count
+    std = float(np.sqrt(max(total_sq / count - mean * mean, 0.0)))
+    return {"mean": float(mean), "std": std, "num_crops": num_batches * batch_size,
+            "crop_frames": spec.crop_frames, "seed": seed}
