@@ -150,7 +150,8 @@ def resolve_data_spec(data_config) -> DataSpec:
 
     `data.shards`: a shard-set folder, a glob, a list of files, or None/"" for the embedded
     corpus (generated and cached on first use). `data.norm_stats`: "shards" (the statistics
-    `tools/compute_stats.py` wrote next to the shards), "m2d" (-7.1, 4.2), or (mean, std).
+    `tools/compute_stats.py` wrote next to the shards), "m2d" (-7.1, 4.2), "MEAN,STD" or a
+    (mean, std) pair.
     """
     params = _frontend_from_config(data_config.frontend)
     spec = data_config.get("shards")
@@ -165,16 +166,17 @@ def resolve_data_spec(data_config) -> DataSpec:
                          f"{manifest['sample_rate']} Hz; re-shard with --sample_rate {params.sample_rate} "
                          "or pick a matching front-end preset")
     norm = data_config.get("norm_stats", "shards")
-    if isinstance(norm, str):
-        if norm == "m2d":
-            mean, std = stats.M2D_DEFAULT_STATS
-        elif norm == "shards":
-            folder = spec if isinstance(spec, str) and os.path.isdir(spec) else os.path.dirname(paths[0])
-            mean, std = stats.read_stats(folder, params)
-        else:
-            raise ValueError(f"data.norm_stats={norm!r}; valid: 'shards', 'm2d' or a (mean, std) pair")
+    if norm == "m2d":
+        mean, std = stats.M2D_DEFAULT_STATS
+    elif norm == "shards":
+        folder = spec if isinstance(spec, str) and os.path.isdir(spec) else os.path.dirname(paths[0])
+        mean, std = stats.read_stats(folder, params)
     else:
-        mean, std = (float(v) for v in norm)
+        try:
+            mean, std = (float(v) for v in (norm.split(",") if isinstance(norm, str) else norm))
+        except (TypeError, ValueError):
+            raise ValueError(f"data.norm_stats={norm!r}; valid: 'shards', 'm2d', 'MEAN,STD' or a (mean, std) "
+                             "pair") from None
     num_clips = manifest["num_clips"] if manifest else -1
     return DataSpec(tuple(paths), params, int(data_config.crop_frames), float(mean), float(std), num_clips)
 

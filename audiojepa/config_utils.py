@@ -1,0 +1,42 @@
+"""Helpers for `configs/*.py`: parsing the `:arg` string of `--config=configs/x.py:arg`."""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+    """Parses "runlocal,variant=S" into a ConfigDict typed like `defaults`.
+
+    A bare word sets a boolean default to True, or, if it is not a boolean key, picks the value of
+    the first default named `variant`/`preset` (so `:S` means `variant=S`). Unknown keys are an
+    error that lists the valid ones.
+    """
+    result = ml_collections.ConfigDict(defaults)
+    if not arg:
+        return result
+    for item in arg.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if "=" in item:
+            key, value = item.split("=", 1)
+        elif isinstance(defaults.get(item), bool):
+            key, value = item, "True"
+        else:
+            key = next((k for k in ("variant", "preset") if k in defaults), None)
+            if key is None:
+                raise ValueError(f"config arg {item!r}: expected key=value; valid keys: {sorted(defaults)}")
+            value = item
+        if key not in defaults:
+            raise ValueError(f"config arg {key!r} is unknown; valid: {sorted(defaults)}")
+        default = defaults[key]
+        if isinstance(default, bool):
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"config arg {key}={value!r}: expected true/false")
+            result[key] = value.lower() in ("true", "1")
+        elif default is None:
+            result[key] = value
+        else:
+            result[key] = type(default)(value)
+    return result

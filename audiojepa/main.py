@@ -1,0 +1,27 @@
+"""Entry point: `python -m audiojepa.main --config=configs/m2d.py[:arg] --workdir=DIR`.
+
+Kept short on purpose: flags, multi-host start-up, then one call into the trainer.
+`--config.key=value` overrides any config field, e.g. `--config.batch_size=512`.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from audiojepa import distributed, train
+
+config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/m2d.py:runlocal.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs; a run resumes from it.")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    distributed.maybe_initialize()
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    logging.info("done: %s", FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)

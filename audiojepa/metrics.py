@@ -1,0 +1,105 @@
+"""Metrics: JSON lines + TensorBoard from process 0, and a progress/ETA clock.
+
+`MetricWriter.write(step, {...})` appends `{"step": step, ...}` to `workdir/metrics.jsonl` and
+adds the same scalars to TensorBoard (`workdir/tb/`). Other processes write nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+
+
+class MetricWriter:
+    """Scalar metrics to `metrics.jsonl` and TensorBoard; a no-op when `enabled` is False."""
+
+    def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self._tb = None
+        if not enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(workdir, "tb"), flush_secs=30)
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        scalars = {k: float(v) for k, v in scalars.items()}
+        self._jsonl.write(json.dumps({"step": int(step), **scalars}) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in scalars.items():
+                if math.isfinite(v):
+                    self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._jsonl.close()
+            if self._tb is not None:
+                self._tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    """All rows of `workdir/metrics.jsonl`."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+class Progress:
+    """Steps/s, clips/s and ETA over the steps run in this process (compile time excluded).
+
+    The clock starts at the first `update` after `warmup_steps` steps, so the first steps'
+    compilation does not distort the rate.
+    """
+
+    def __init__(self, *, first_step: int, total_steps: int, global_batch_size: int, warmup_steps: int = 1):
+        self.total_steps = total_steps
+        self.global_batch_size = global_batch_size
+        self._warmup_until = first_step + warmup_steps
+        self._t0 = None
+        self._step0 = None
+
+    def update(self, step: int) -> dict[str, float]:
+        """Call after finishing `step`; returns rate metrics (empty until the clock starts)."""
+        now = time.perf_counter()
+        if self._t0 is None:
+            if step >= self._warmup_until:
+                self._t0, self._step0 = now, step
+            return {}
+        elapsed = now - self._t0
+        steps = step - self._step0
+        if steps <= 0 or elapsed <= 0:
+            return {}
+        rate = steps / elapsed
+        return {"steps_per_s": rate, "clips_per_s": rate * self.global_batch_size,
+                "eta_s": (self.total_steps - step) / rate}
+
+    def line(self, step: int, metrics: dict[str, float]) -> str:
+        pct = 100.0 * step / max(self.total_steps, 1)
+        parts = [f"step {step}/{self.total_steps} ({pct:.1f}%)"]
+        for key in ("loss", "lr", "grad_norm"):
+            if key in metrics:
+                parts.append(f"{key} {metrics[key]:.4g}")
+        if "clips_per_s" in metrics:
+            parts.append(f"{metrics['clips_per_s']:.1f} clips/s")
+        if "eta_s" in metrics:
+            parts.append(f"ETA {format_duration(metrics['eta_s'])}")
+        return " | ".join(parts)
+
+
+def log_progress(progress: Progress, step: int, metrics: dict[str, float]) -> None:
+    logging.info("%s", progress.line(step, metrics))

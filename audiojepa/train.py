@@ -1,0 +1,207 @@
+"""The generic trainer: every method trains through `train_and_evaluate(config, workdir)`.
+
+A method (see `audiojepa/methods/`) supplies `init`, `loss`, `update_targets` and
+`weight_decay_mask`; this module owns the rest: the mesh, the input pipeline, the optimizer, the
+jitted step with donated state, metrics and progress, and Orbax checkpoints that resume exactly
+(params, optimizer state, target params, step and data-iterator position).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from audiojepa import checkpointing, frontend, methods, metrics as metrics_lib, optim, sharding
+from audiojepa.data import pipeline, stats
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/Inf loss or gradient; the last checkpoint predates it."""
+
+
+def steps_and_warmup(config, num_clips: int) -> tuple[int, int, int]:
+    """(total_steps, warmup_steps, steps_per_epoch) from `config.total_steps` or epochs x epoch size."""
+    steps_per_epoch = max(1, num_clips // config.batch_size) if num_clips > 0 else 0
+    total = int(config.get("total_steps") or 0)
+    if total <= 0:
+        if not steps_per_epoch:
+            raise ValueError("config.total_steps must be set when the shards have no manifest (clip count unknown)")
+        total = int(config.num_epochs * steps_per_epoch)
+    warmup = config.get("warmup_steps")
+    if warmup is None or warmup < 0:
+        warmup = int(config.get("warmup_epochs", 0) * steps_per_epoch)
+    return total, int(warmup), steps_per_epoch
+
+
+def make_train_step(method, tx, schedule, spec: pipeline.DataSpec, *, device_frontend: bool, total_steps: int):
+    """The pure step: (state, batch, rng) -> (state, metrics).
+
+    A step whose loss or gradient norm is not finite leaves the state unchanged and reports
+    `nonfinite = 1`; the host stops the run at the next check, before any bad state is saved.
+    """
+
+    def step_fn(state, batch, rng):
+        step = state["step"]
+        rng = jax.random.fold_in(rng, step)
+        if device_frontend:
+            lms = stats.normalize(frontend.logmel_device(batch["waveform"], spec.frontend),
+                                  spec.norm_mean, spec.norm_std)
+        else:
+            lms = batch["lms"]
+
+        def loss_fn(params):
+            return method.loss(params, state["target_params"], {"lms": lms}, rng, step)
+
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        target_params = method.update_targets(params, state["target_params"], step, total_steps)
+        new_state = {"step": step + 1, "params": params, "target_params": target_params, "opt_state": opt_state}
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+        new_state["step"] = step + 1
+        out = {**aux, "loss": loss, "grad_norm": grad_norm, "lr": schedule(step),
+               "skipped_records": jnp.sum(batch["skipped_records"]), "nonfinite": 1 - finite.astype(jnp.int32)}
+        return new_state, out
+
+    return step_fn
+
+
+def _run_meta(config, spec: pipeline.DataSpec, total_steps: int) -> dict:
+    """What evaluation needs to rebuild the encoder and its input pipeline."""
+    return {
+        "config": json.loads(config.to_json_best_effort()),
+        "method": config.method,
+        "frontend": spec.frontend.to_dict(),
+        "crop_frames": spec.crop_frames,
+        "norm_stats": [spec.norm_mean, spec.norm_std],
+        "total_steps": total_steps,
+    }
+
+
+def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None, num_devices: int | None = None) -> dict:
+    """Trains `config.method` as configured; resumes from `workdir` if it holds a checkpoint.
+
+    Args:
+      config: an ml_collections ConfigDict (see configs/).
+      workdir: where checkpoints, metrics.jsonl, TensorBoard logs and config.json go.
+      stop_after: leave the loop (with a checkpoint) after this step, as a pre-empted job would.
+      num_devices: use only the first N local devices (single process; tests and benchmarks).
+
+    Returns:
+      The last logged metrics.
+    """
+    method_cls = methods.get_method(config.method)  # fail on an unknown method before touching data
+    is_main = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=1))
+
+    mesh = sharding.make_mesh(num_devices)
+    local_batch = sharding.check_batch_size(config.batch_size, mesh)
+    spec = pipeline.resolve_data_spec(config.data)
+    total_steps, warmup_steps, steps_per_epoch = steps_and_warmup(config, spec.num_clips)
+    method = method_cls(config.model, input_shape=(spec.frontend.n_mels, spec.crop_frames))
+    logging.info("%s on %d devices (%d processes): %d steps (%d per epoch), batch %d, %d clips",
+                 config.method, mesh.devices.size, jax.process_count(), total_steps, steps_per_epoch,
+                 config.batch_size, spec.num_clips)
+
+    rng = jax.random.key(config.seed)
+    init_rng, train_rng = jax.random.split(rng)
+    schedule = optim.learning_rate_schedule(config.optim, global_batch_size=config.batch_size,
+                                            total_steps=total_steps, warmup_steps=warmup_steps)
+    repl = sharding.replicated(mesh)
+
+    def init_state(init_rng):
+        params, target_params = method.init(init_rng)
+        tx = optim.make_optimizer(config.optim, schedule, method.weight_decay_mask(params))
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "target_params": target_params,
+                "opt_state": tx.init(params)}
+
+    abstract_state = jax.eval_shape(init_state, init_rng)
+    tx = optim.make_optimizer(config.optim, schedule, method.weight_decay_mask(abstract_state["params"]))
+    n_params = sum(x.size for x in jax.tree.leaves(abstract_state["params"]))
+    logging.info("trainable parameters: %.2fM", n_params / 1e6)
+
+    device_frontend = bool(config.data.get("device_frontend", False))
+    ds = pipeline.make_dataset(spec, batch_size=local_batch, seed=config.seed, process_index=jax.process_index(),
+                               process_count=jax.process_count(), device_frontend=device_frontend)
+    data_iter = pipeline.make_iterator(ds, num_workers=config.data.get("num_workers", 0),
+                                       worker_buffer_size=config.data.get("worker_buffer_size", 2),
+                                       read_threads=config.data.get("read_threads", 0))
+
+    manager = checkpointing.make_manager(workdir, every_steps=config.checkpoint_every_steps,
+                                         keep=config.get("keep_checkpoints", 2),
+                                         async_save=config.get("async_checkpoints", True))
+    latest = manager.latest_step()
+    if latest is not None:
+        state, _ = checkpointing.restore(manager, latest, checkpointing.abstract_like(abstract_state, repl),
+                                         data_iter)
+        logging.info("resumed from step %d in %s", latest, checkpointing.checkpoint_dir(workdir))
+    else:
+        state = jax.jit(init_state, out_shardings=repl)(init_rng)
+    start_step = int(state["step"])
+
+    train_step = jax.jit(
+        make_train_step(method, tx, schedule, spec, device_frontend=device_frontend, total_steps=total_steps),
+        donate_argnums=(0,), out_shardings=(repl, repl))
+    meta = _run_meta(config, spec, total_steps)
+    writer = metrics_lib.MetricWriter(workdir, enabled=is_main, tensorboard=config.get("tensorboard", True))
+    progress = metrics_lib.Progress(first_step=start_step, total_steps=total_steps,
+                                    global_batch_size=config.batch_size)
+    log_every = max(1, int(config.log_every_steps))
+    last_logged: dict = {}
+    data_wait = 0.0
+    pending = []  # device metrics since the last check, for non-finite detection and averaging
+    step = start_step
+    try:
+        while step < total_steps:
+            t0 = time.perf_counter()
+            batch = sharding.to_global_batch(next(data_iter), mesh)
+            data_wait += time.perf_counter() - t0
+            state, step_metrics = train_step(state, batch, train_rng)
+            pending.append(step_metrics)
+            step += 1
+            last_step = step == total_steps or step == stop_after
+            if step % log_every == 0 or last_step or manager.should_save(step):
+                host = jax.device_get(pending)
+                pending = []
+                first = step - len(host) + 1
+                bad = [first + i for i, m in enumerate(host) if m["nonfinite"]]
+                if bad:
+                    raise NonFiniteLossError(
+                        f"non-finite loss or gradient at step {bad[0]}; "
+                        f"the state was not updated and the latest checkpoint ({manager.latest_step()}) "
+                        "is intact. Lower config.optim.base_lr or check the data.")
+                row = {k: float(np.mean([m[k] for m in host])) for k in host[-1] if k != "nonfinite"}
+                row["skipped_records"] = float(sum(m["skipped_records"] for m in host))
+                row["data_wait_s"] = data_wait
+                row["epoch"] = step / steps_per_epoch if steps_per_epoch else 0.0
+                if hasattr(method, "ema_decay"):
+                    row["ema_decay"] = float(method.ema_decay(step - 1, total_steps))
+                row.update(progress.update(step))
+                data_wait = 0.0
+                if step % log_every == 0 or last_step:
+                    writer.write(step, row)
+                    metrics_lib.log_progress(progress, step, row)
+                last_logged = row
+            checkpointing.save(manager, step, state, data_iter, meta, force=last_step)
+            if manager.reached_preemption(step):
+                logging.warning("preemption signal at step %d: checkpoint saved, exiting", step)
+                break
+            if stop_after is not None and step >= stop_after:
+                break
+    finally:
+        manager.wait_until_finished()
+        manager.close()
+        writer.close()
+    return last_logged
