@@ -7,12 +7,9 @@ import os
 
 import jax
 
-# Environment variables that mean "one of several processes": set by SLURM, Open MPI, Cloud TPU pods,
-# or by hand (JAX_COORDINATOR_ADDRESS with JAX_NUM_PROCESSES / JAX_PROCESS_ID).
-_MULTI_PROCESS_HINTS = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
-
-
 def is_multi_process_environment(env=None) -> bool:
+    """True under a multi-process SLURM / Open MPI job, a multi-host TPU slice, or an explicit
+    JAX_COORDINATOR_ADDRESS (with JAX_NUM_PROCESSES / JAX_PROCESS_ID)."""
     env = os.environ if env is None else env
     if env.get("JAX_COORDINATOR_ADDRESS"):
         return True

@@ -4,6 +4,8 @@ Kept short on purpose: flags, multi-host start-up, then one call into the traine
 `--config.key=value` overrides any config field, e.g. `--config.batch_size=512`.
 """
 
+import logging as std_logging
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -18,6 +20,9 @@ FLAGS = flags.FLAGS
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    # Orbax and Grain log every checkpoint step at INFO through absl's logger; keep their warnings only,
+    # so the trainer's progress lines stay readable.
+    std_logging.getLogger("absl").setLevel(std_logging.WARNING)
     distributed.maybe_initialize()
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     logging.info("done: %s", FLAGS.workdir)

@@ -163,6 +163,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None, n
     data_wait = 0.0
     pending = []  # device metrics since the last check, for non-finite detection and averaging
     step = start_step
+    logging.info("compiling the train step (the first step takes longer)")
     try:
         while step < total_steps:
             t0 = time.perf_counter()

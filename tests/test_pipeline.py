@@ -190,3 +190,17 @@ def test_resolve_data_spec_errors_name_the_config_key(shard_dir, tmp_path):
     cfg.shards = str(tmp_path / "nothing*.array_record")
     with pytest.raises(FileNotFoundError, match="data.shards"):
         pipeline.resolve_data_spec(cfg)
+
+
+def test_device_frontend_batches_match_host_batches(shard_dir):
+    # Same seed, same crops: the waveform pipeline + device log-mel must reproduce the host pipeline's
+    # normalised log-mels (tolerance: the host/device log-mel agreement of test_frontend, / std).
+    spec = _spec(shard_dir)
+    host = next(pipeline.make_iterator(pipeline.make_dataset(spec, batch_size=4, seed=5)))
+    wave = next(pipeline.make_iterator(pipeline.make_dataset(spec, batch_size=4, seed=5, device_frontend=True)))
+    assert wave["waveform"].shape == (4, spec.crop_samples)
+    np.testing.assert_array_equal(host["record_index"], wave["record_index"])
+    device = jax.jit(frontend.logmel_device, static_argnums=1)(wave["waveform"], PARAMS)
+    device = np.asarray(stats.normalize(device, spec.norm_mean, spec.norm_std))
+    assert device.shape == host["lms"].shape
+    np.testing.assert_allclose(device, host["lms"], atol=2e-3 / spec.norm_std)
