@@ -1,0 +1,5 @@
+"""Converters from reference PyTorch checkpoints (as numpy state dicts) to audiojepa param trees."""
+
+from audiojepa.convert.m2d_torch import state_dict_to_params as m2d_state_dict_to_params
+
+__all__ = ["m2d_state_dict_to_params"]

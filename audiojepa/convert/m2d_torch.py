@@ -1,0 +1,123 @@
+"""Official M2D (`M2DViT`, timm blocks) state dicts → audiojepa M2D param trees. No torch needed.
+
+Takes `{name: np.ndarray}` as `model.state_dict()` names it (a full checkpoint keeps it under
+ckpt["model"]). Layout changes: Linear weight [out, in] → kernel [in, out]; the patch conv OIHW →
+HWIO; qkv needs no split because our fused qkv kernel is the transpose of torch's [q; k; v] rows.
+The frozen position tables are not parameters here: they are checked against `sincos_2d` when
+`grid_size` is given, and otherwise ignored; `norm_stats` belongs to the front end and is ignored.
+"""
+
+import re
+
+import numpy as np
+
+from audiojepa.models.pos_embed import sincos_2d
+
+# torch module prefix → (tree, path prefix). "params" paths start with encoder / predictor.
+_PREFIXES = (
+    (r"patch_embed\.proj", ("params", ("encoder", "patch_embed", "proj"))),
+    (r"blocks\.(\d+)", ("params", ("encoder", "stack", "blocks_{}"))),
+    (r"norm", ("params", ("encoder", "stack", "norm"))),
+    (r"decoder_embed", ("params", ("predictor", "embed"))),
+    (r"decoder_blocks\.(\d+)", ("params", ("predictor", "stack", "blocks_{}"))),
+    (r"decoder_norm", ("params", ("predictor", "stack", "norm"))),
+    (r"decoder_pred", ("params", ("predictor", "head"))),
+    (r"target_blocks\.(\d+)", ("target_params", ("blocks_{}",))),
+    (r"target_norm", ("target_params", ("norm",))),
+)
+_TOKENS = {"cls_token": ("params", ("encoder", "cls_token")),
+           "mask_token": ("params", ("predictor", "mask_token"))}
+# Inside a block: torch sub-module path → ours (identical apart from the leaf names below).
+_BLOCK_MODULES = ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
+POS_TABLES = ("pos_embed", "decoder_pos_embed")
+IGNORED = ("norm_stats",)
+
+
+def torch_name_to_path(name: str) -> tuple[str, tuple[str, ...]] | None:
+    """("params" | "target_params", path in that tree) of a trainable/EMA torch tensor, or None.
+
+    E.g. "blocks.3.attn.qkv.weight" → ("params", ("encoder", "stack", "blocks_3", "attn", "qkv", "kernel")).
+    """
+    if name in _TOKENS:
+        return _TOKENS[name]
+    for prefix, (tree, path) in _PREFIXES:
+        match = re.fullmatch(prefix + r"\.(.+)", name)
+        if not match:
+            continue
+        *index, rest = match.groups()
+        path = tuple(p.format(*index) for p in path)
+        module, _, leaf = rest.rpartition(".")
+        if module and not (index and module in _BLOCK_MODULES):
+            return None
+        is_norm = "norm" in (module or prefix)
+        if leaf == "weight":
+            leaf = "scale" if is_norm else "kernel"
+        elif leaf != "bias":
+            return None
+        return tree, path + tuple(module.split(".") if module else ()) + (leaf,)
+    return None
+
+
+def _to_flax_layout(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
+    if path[-1] != "kernel":
+        return value
+    if value.ndim == 4:  # conv [out, in, h, w] → [h, w, in, out]
+        return np.transpose(value, (2, 3, 1, 0))
+    return value.T  # Linear [out, in] → [in, out]
+
+
+def _set(tree: dict, path: tuple[str, ...], value: np.ndarray) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    if path[-1] in tree:
+        raise ValueError(f"Two state-dict entries map to {'/'.join(path)}.")
+    tree[path[-1]] = value
+
+
+def check_pos_table(name: str, table: np.ndarray, grid_size: tuple[int, int], atol: float = 1e-5) -> None:
+    """Raises ValueError unless `table` [1, 1 + F·T', D] equals sincos_2d(F, T', D) with a CLS row."""
+    table = np.asarray(table).reshape(-1, np.asarray(table).shape[-1])
+    expected = sincos_2d(*grid_size, table.shape[-1], cls_token=True)
+    if table.shape != expected.shape or not np.allclose(table, expected, atol=atol):
+        raise ValueError(f"{name} {table.shape} is not the 2-D sin-cos table of grid {tuple(grid_size)} "
+                         f"(expected {expected.shape}); check the input size and patch size of the checkpoint.")
+
+
+def state_dict_to_params(state_dict: dict[str, np.ndarray], *,
+                         grid_size: tuple[int, int] | None = None) -> tuple[dict, dict | None]:
+    """Converts an official M2DViT (or encoder-only M2DEncoderViT) state dict.
+
+    Args:
+        state_dict: torch name → array (float32 numpy; anything np.asarray accepts).
+        grid_size: (F, T') patch grid, e.g. (5, 38) for 80×608 with 16×16 patches; when given, the
+            stored position tables must equal ours.
+
+    Returns:
+        (params, target_params) as numpy arrays in the trees of audiojepa.methods.m2d.M2D.
+        params holds "encoder" and, if the dict has a decoder, "predictor"; target_params is None when
+        the dict has no target_blocks (encoder-only checkpoints). A partial dict (e.g. gradients) gives
+        partial trees.
+
+    Raises:
+        ValueError: on names this converter does not know (listed), or a position table mismatch.
+    """
+    trees: dict[str, dict] = {"params": {}, "target_params": {}}
+    unknown = []
+    for name, value in state_dict.items():
+        value = np.asarray(value)
+        if name in POS_TABLES:
+            if grid_size is not None:
+                check_pos_table(name, value, grid_size)
+            continue
+        if name in IGNORED:
+            continue
+        where = torch_name_to_path(name)
+        if where is None:
+            unknown.append(name)
+            continue
+        tree, path = where
+        _set(trees[tree], path, _to_flax_layout(path, value))
+    if unknown:
+        raise ValueError(f"Unrecognised M2D state-dict entries: {unknown}. Known: patch_embed, cls_token, "
+                         f"blocks, norm, decoder_*, mask_token, target_*, {POS_TABLES + IGNORED}.")
+    return trees["params"], trees["target_params"] or None

@@ -1,0 +1,267 @@
+"""Masked Modeling Duo (M2D; Niizumi et al.), as in the official code (nttcslab/m2d).
+
+The online encoder sees CLS + the visible patches; a predictor fills the masked positions; an EMA
+target stack encodes CLS + the masked patches (embedded by the *online* patch embedding and position
+table, under stop_gradient) and its outputs are the regression targets. Details and line references:
+shared/reference/m2d.md §1-2.
+
+Model config keys (`config.model`; `default_config()` has the official values):
+    variant: encoder size, a key of audiojepa.models.VARIANTS ("tiny", "S", "B", "L").
+    patch_size: (frequency bins, frames) per patch, e.g. (16, 16).
+    mask_ratio: fraction of masked patches; visible K = int(L·(1 - mask_ratio)) (0.7 → 57 of 190).
+    predictor_width, predictor_depth, predictor_heads: predictor sizes (512, 8, 16); MLP 4·width.
+    loss_type: "norm_mse" (2 - 2·cos of L2-normalised vectors) or "mse" (mean squared error).
+    norm_target: standardise each target token over features (unbiased variance + 1e-6) first.
+    ema_decay_init, ema_decay: τ goes linearly from the first to the second over training.
+    init_target_from_online: start the target stack as a copy of the online stack (the official code
+        initialises it independently, i.e. False).
+    dtype: compute dtype, "float32" or "bfloat16"; params are float32 either way.
+
+Param trees:
+    params = {"encoder": {"patch_embed", "cls_token", "stack"}, "predictor": {"embed", "mask_token",
+    "stack", "head"}}; target_params has the structure of params["encoder"]["stack"] (blocks + norm).
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from audiojepa import masking
+from audiojepa.models import Predictor, TransformerStack, ViTEncoder, as_dtype, decode_variant, grid_size
+
+Params = dict[str, Any]
+
+CONFIG_KEYS = ("variant", "patch_size", "mask_ratio", "predictor_width", "predictor_depth", "predictor_heads",
+               "loss_type", "norm_target", "ema_decay_init", "ema_decay", "init_target_from_online", "dtype")
+LOSS_TYPES = ("norm_mse", "mse")
+STANDARDIZE_EPS = 1e-6
+L2_NORMALIZE_EPS = 1e-12
+
+
+def default_config(variant: str = "B") -> ml_collections.ConfigDict:
+    """The official M2D settings (m2d_vit_base, 16×16 patches, mask 0.7, EMA 0.99995 → 0.99999)."""
+    return ml_collections.ConfigDict(dict(
+        variant=variant,
+        patch_size=(16, 16),
+        mask_ratio=0.7,
+        predictor_width=512,
+        predictor_depth=8,
+        predictor_heads=16,
+        loss_type="norm_mse",
+        norm_target=True,
+        ema_decay_init=0.99995,
+        ema_decay=0.99999,
+        init_target_from_online=False,
+        dtype="float32",
+    ))
+
+
+def standardize_tokens(x: jax.Array) -> jax.Array:
+    """Per-token standardisation over the last axis with the unbiased variance: (x - μ) / sqrt(var + 1e-6)."""
+    mean = x.mean(axis=-1, keepdims=True)
+    var = x.var(axis=-1, ddof=1, keepdims=True)
+    return (x - mean) / jnp.sqrt(var + STANDARDIZE_EPS)
+
+
+def l2_normalize(x: jax.Array) -> jax.Array:
+    """x / max(‖x‖, 1e-12) over the last axis (torch.nn.functional.normalize)."""
+    norm = jnp.linalg.norm(x, axis=-1, keepdims=True)
+    return x / jnp.maximum(norm, L2_NORMALIZE_EPS)
+
+
+def _spread(x: jax.Array) -> jax.Array:
+    """Per-feature std over all tokens of the L2-normalised x, times sqrt(dim): ≈1 when token directions
+    are spread over the sphere, → 0 when they collapse to one vector. x: [..., dim]."""
+    unit = l2_normalize(x).reshape(-1, x.shape[-1])
+    return unit.std(axis=0).mean() * jnp.sqrt(x.shape[-1])
+
+
+def prediction_loss(pred: jax.Array, target: jax.Array, *, loss_type: str = "norm_mse",
+                    norm_target: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """M2D regression loss, averaged over batch × tokens.
+
+    Args:
+        pred: [batch, tokens, dim] predictions.
+        target: [batch, tokens, dim] target-encoder outputs (no gradient is taken through them).
+        loss_type: "norm_mse" → 2 - 2·cos(pred, target); "mse" → mean over dims of the squared error.
+        norm_target: standardise target tokens first (see standardize_tokens).
+
+    Returns:
+        (scalar loss, metrics with "target_std" and "pred_std", see _spread).
+    """
+    pred = pred.astype(jnp.float32)
+    target = target.astype(jnp.float32)
+    if norm_target:
+        target = standardize_tokens(target)
+    if loss_type == "norm_mse":
+        per_token = 2.0 - 2.0 * jnp.sum(l2_normalize(pred) * l2_normalize(target), axis=-1)
+    elif loss_type == "mse":
+        per_token = jnp.mean(jnp.square(pred - target), axis=-1)
+    else:
+        raise ValueError(f"Unknown loss_type {loss_type!r}; valid: {LOSS_TYPES}.")
+    metrics = {"target_std": _spread(jax.lax.stop_gradient(target)),
+               "pred_std": _spread(jax.lax.stop_gradient(pred))}
+    return per_token.mean(), metrics
+
+
+def linear_ema_decay(step, total_steps: int, decay_init: float, decay_final: float) -> jax.Array:
+    """τ(step) = init + (final - init) · step / (total_steps - 1), held at `final` after the last step."""
+    fraction = jnp.clip(jnp.asarray(step, jnp.float32) / max(int(total_steps) - 1, 1), 0.0, 1.0)
+    return decay_init + (decay_final - decay_init) * fraction
+
+
+def ema_update(target_params: Params, online_params: Params, one_minus_decay) -> Params:
+    """target ← τ·target + (1 - τ)·online, leaf by leaf (two trees of the same structure).
+
+    Takes 1 - τ rather than τ and computes target + (1 - τ)·(online - target): the same value, but a
+    float32 τ ≈ 0.99999 would carry up to 0.3% error into (1 - τ).
+    """
+    rate = jnp.asarray(one_minus_decay, jnp.float32)
+    return jax.tree.map(lambda t, o: t + (rate * (o - t)).astype(t.dtype), target_params, online_params)
+
+
+class M2D:
+    """The M2D method: param construction, loss, EMA of the target stack, weight-decay mask, encoder.
+
+    Built from `config.model` (keys in the module docstring) and the input shape (n_mels, frames).
+    """
+
+    def __init__(self, model_config, *, input_shape: tuple[int, int]):
+        if isinstance(model_config, dict):
+            model_config = ml_collections.ConfigDict(model_config)
+        missing = [key for key in CONFIG_KEYS if key not in model_config]
+        if missing:
+            raise KeyError(f"config.model is missing {missing} for M2D; it needs all of {list(CONFIG_KEYS)} "
+                           "(official values: audiojepa.methods.m2d.default_config()).")
+        if model_config.loss_type not in LOSS_TYPES:
+            raise ValueError(f"config.model.loss_type={model_config.loss_type!r}; valid: {LOSS_TYPES}.")
+        self.config = model_config
+        self.input_shape = tuple(int(n) for n in input_shape)
+        self.patch_size = tuple(int(p) for p in model_config.patch_size)
+        if any(n % p for n, p in zip(self.input_shape, self.patch_size)):
+            raise ValueError(f"input_shape {self.input_shape} (n_mels, frames) is not a multiple of "
+                             f"config.model.patch_size {self.patch_size}.")
+        self.grid_size = grid_size(self.input_shape, self.patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.mask_ratio = float(model_config.mask_ratio)
+        self.num_visible = masking.num_visible(self.num_patches, self.mask_ratio)
+        if not 0 < self.num_visible < self.num_patches:
+            raise ValueError(f"config.model.mask_ratio={self.mask_ratio} leaves {self.num_visible} of "
+                             f"{self.num_patches} patches visible; M2D needs both visible and masked patches.")
+
+        size = decode_variant(model_config.variant)
+        dtype = as_dtype(model_config.dtype)
+        self.width = size["width"]
+        self.encoder = ViTEncoder(**size, patch_size=self.patch_size, dtype=dtype)
+        self.target_stack = TransformerStack(size["depth"], size["num_heads"], size["mlp_dim"], dtype)
+        self.predictor = Predictor(grid_size=self.grid_size, width=int(model_config.predictor_width),
+                                   depth=int(model_config.predictor_depth),
+                                   num_heads=int(model_config.predictor_heads), out_dim=self.width, dtype=dtype)
+
+    # -- params ---------------------------------------------------------------------------------------
+
+    def init(self, rng: jax.Array) -> tuple[Params, Params]:
+        """(params, target_params), float32; the target stack from init_target with its own key."""
+        rng_encoder, rng_predictor, rng_target = jax.random.split(rng, 3)
+        encoder = self.encoder.init(rng_encoder, jnp.zeros((1, *self.input_shape), jnp.float32))["params"]
+        predictor = self.predictor.init(
+            rng_predictor, jnp.zeros((1, 1 + self.num_visible, self.width), jnp.float32),
+            jnp.arange(self.num_visible, dtype=jnp.int32)[None],
+            jnp.arange(self.num_visible, self.num_patches, dtype=jnp.int32)[None])["params"]
+        params = {"encoder": encoder, "predictor": predictor}
+        return params, self.init_target(rng_target, params)
+
+    def init_target(self, rng: jax.Array, params: Params) -> Params:
+        """A fresh target stack: independently initialised from rng (as the official code), or a copy of
+        params["encoder"]["stack"] when config.model.init_target_from_online."""
+        if self.config.init_target_from_online:
+            return jax.tree.map(jnp.copy, params["encoder"]["stack"])
+        num_masked = self.num_patches - self.num_visible
+        return self.target_stack.init(rng, jnp.zeros((1, 1 + num_masked, self.width), jnp.float32))["params"]
+
+    def weight_decay_mask(self, params: Params) -> Params:
+        """True for tensors with ndim > 1 (kernels, CLS and mask tokens); False for biases and LayerNorm.
+
+        Same set as the official timm rule (no decay if ndim == 1 or the name ends in '.bias').
+        """
+        return jax.tree.map(lambda p: p.ndim > 1, params)
+
+    # -- forward --------------------------------------------------------------------------------------
+
+    def forward_from_indices(self, params: Params, target_params: Params, lms: jax.Array,
+                             visible_idx: jax.Array, masked_idx: jax.Array) -> dict[str, jax.Array]:
+        """All M2D activations for a given mask.
+
+        Args:
+            lms: [batch, n_mels, frames] normalised log-mel.
+            visible_idx: [batch, K] int patch indices seen by the online encoder.
+            masked_idx: [batch, L - K] int patch indices to predict (predictions and targets in this order).
+
+        Returns:
+            dict with "context" [batch, 1 + K, D] (online encoder, CLS first), "target_tokens"
+            [batch, L - K, D] (target-encoder input without CLS), "target" [batch, L - K, D] (target
+            encoder output, CLS dropped, not standardised) and "pred" [batch, L - K, D].
+        """
+        encoder = {"params": params["encoder"]}
+        tokens = self.encoder.apply(encoder, lms, method=ViTEncoder.embed)
+        context = self.encoder.apply(encoder, masking.gather_tokens(tokens, visible_idx),
+                                     method=ViTEncoder.encode_tokens)
+        pred = self.predictor.apply({"params": params["predictor"]}, context, visible_idx, masked_idx)
+
+        # The target encoder is the online encoder (its patch embedding, positions and CLS) with the EMA
+        # stack swapped in; nothing in this branch is trained.
+        target_tokens = jax.lax.stop_gradient(masking.gather_tokens(tokens, masked_idx))
+        target_encoder = jax.lax.stop_gradient({"cls_token": params["encoder"]["cls_token"], "stack": target_params})
+        target = self.encoder.apply({"params": target_encoder}, target_tokens, method=ViTEncoder.encode_tokens)
+        return {"context": context, "target_tokens": target_tokens, "target": target[:, 1:], "pred": pred}
+
+    def loss_from_indices(self, params: Params, target_params: Params, lms: jax.Array, visible_idx: jax.Array,
+                          masked_idx: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """(scalar loss, metrics) for a given mask; shapes as in forward_from_indices."""
+        out = self.forward_from_indices(params, target_params, lms, visible_idx, masked_idx)
+        loss, metrics = prediction_loss(out["pred"], out["target"], loss_type=self.config.loss_type,
+                                        norm_target=bool(self.config.norm_target))
+        return loss, {"loss": loss, **metrics}
+
+    def sample_mask(self, rng: jax.Array, batch_size: int) -> tuple[jax.Array, jax.Array]:
+        """(visible_idx [batch, K], masked_idx [batch, L - K]) int32, unstructured random."""
+        return masking.random_unstructured(rng, batch_size, self.num_patches, self.mask_ratio)
+
+    def loss(self, params: Params, target_params: Params, batch: dict[str, jax.Array], rng: jax.Array,
+             step) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """(scalar loss, metrics) on batch["lms"] [batch, n_mels, frames] with a mask drawn from rng.
+
+        Metrics: "loss", "target_std", "pred_std" (collapse monitors, ≈1 healthy, → 0 collapsed).
+        `step` is unused by M2D (its schedules live in the trainer and in update_targets).
+        """
+        del step
+        lms = batch["lms"]
+        visible_idx, masked_idx = self.sample_mask(rng, lms.shape[0])
+        return self.loss_from_indices(params, target_params, lms, visible_idx, masked_idx)
+
+    def encode(self, params: Params, lms: jax.Array) -> jax.Array:
+        """Online encoder on all patches: lms [batch, n_mels, frames] → [batch, 1 + L, D], CLS first.
+
+        Any number of frames works (the time grid is frames // patch frames); positions are those of a
+        clip starting at frame 0.
+        """
+        return self.encoder.apply({"params": params["encoder"]}, lms)
+
+    # -- target network -------------------------------------------------------------------------------
+
+    def ema_decay(self, step, total_steps: int) -> jax.Array:
+        """τ at `step` (0-based optimizer step) of `total_steps`: ema_decay_init → ema_decay, linear."""
+        return linear_ema_decay(step, total_steps, float(self.config.ema_decay_init), float(self.config.ema_decay))
+
+    def update_targets(self, params: Params, target_params: Params, step, total_steps: int) -> Params:
+        """EMA of the online stack into the target stack, with τ = ema_decay(step, total_steps).
+
+        Call right after each optimizer step with the 0-based index of that step (the official
+        global_step), so the first update uses ema_decay_init. `step` may be traced.
+        """
+        # The linear schedule of the complements is exactly 1 - τ(step), without float32 cancellation.
+        one_minus_decay = linear_ema_decay(step, total_steps, 1.0 - float(self.config.ema_decay_init),
+                                           1.0 - float(self.config.ema_decay))
+        return ema_update(target_params, params["encoder"]["stack"], one_minus_decay)

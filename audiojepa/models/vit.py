@@ -1,0 +1,242 @@
+"""ViT pieces for log-mel spectrograms: size table, patch embedding, transformer blocks, encoder.
+
+Flax Linen modules, applied as pure functions of their params. Parameter names mirror the official
+M2D/timm PyTorch names (`patch_embed/proj`, `blocks_{i}/{norm1,attn/qkv,attn/proj,norm2,mlp/fc1,mlp/fc2}`,
+`norm`, `cls_token`) so that `audiojepa.convert` is a table of renames and transposes.
+
+Mixed precision: `dtype` is the compute dtype of the matmuls, convolutions and attention; parameters
+are always float32. LayerNorm statistics, the attention softmax and the residual stream stay float32,
+so a bfloat16 model returns float32 activations that are close to the float32 model's.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from audiojepa.models.pos_embed import sincos_2d
+
+# width, depth, heads, MLP hidden width. "tiny" has the geometry of the M2D parity fixture
+# (shared/fixtures/m2d), so the smallest model is exactly the one the fixtures pin down; it is also
+# what CPU tests and `runlocal` training use.
+VARIANTS = {
+    "tiny": dict(width=192, depth=2, num_heads=3, mlp_dim=768),
+    "S": dict(width=384, depth=12, num_heads=6, mlp_dim=1536),
+    "B": dict(width=768, depth=12, num_heads=12, mlp_dim=3072),
+    "L": dict(width=1024, depth=24, num_heads=16, mlp_dim=4096),
+}
+
+LAYERNORM_EPS = 1e-6
+TOKEN_INIT_STD = 0.02
+
+dense_kernel_init = nn.initializers.xavier_uniform()
+token_init = nn.initializers.normal(stddev=TOKEN_INIT_STD)
+
+
+def decode_variant(name: str) -> dict[str, int]:
+    """Encoder size for a variant name: dict(width=, depth=, num_heads=, mlp_dim=)."""
+    if name not in VARIANTS:
+        raise ValueError(f"Unknown model variant {name!r}; valid variants: {sorted(VARIANTS)}.")
+    return dict(VARIANTS[name])
+
+
+def as_dtype(name: Any) -> jnp.dtype:
+    """'float32' / 'bfloat16' (or a dtype) → a jnp dtype, with an error naming the valid choices."""
+    valid = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+    if isinstance(name, str):
+        if name not in valid:
+            raise ValueError(f"Unknown dtype {name!r}; valid: {sorted(valid)}.")
+        return jnp.dtype(valid[name])
+    return jnp.dtype(name)
+
+
+def grid_size(input_shape: tuple[int, int], patch_size: tuple[int, int]) -> tuple[int, int]:
+    """Patch grid (F, T') of an [n_mels, frames] input; remainders are dropped, as a strided conv does."""
+    return input_shape[0] // patch_size[0], input_shape[1] // patch_size[1]
+
+
+def _torch_default_bias_init(fan_in: int):
+    """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): PyTorch's default conv bias, which the official M2D keeps."""
+    bound = 1.0 / np.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def _layer_norm(name: str) -> nn.LayerNorm:
+    # Two-pass variance, as torch computes it; float32 output whatever the compute dtype.
+    return nn.LayerNorm(epsilon=LAYERNORM_EPS, use_fast_variance=False, dtype=jnp.float32,
+                        param_dtype=jnp.float32, name=name)
+
+
+def dense(features: int, dtype: Any, name: str) -> nn.Dense:
+    """Dense with the official Linear init (xavier-uniform kernel, zero bias) and float32 params."""
+    return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, kernel_init=dense_kernel_init,
+                    bias_init=nn.initializers.zeros, name=name)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches of a log-mel, projected to `width`.
+
+    Attributes:
+        width: output channels D.
+        patch_size: (frequency bins, frames) per patch.
+        dtype: compute dtype.
+    """
+    width: int
+    patch_size: tuple[int, int] = (16, 16)
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, lms: jax.Array) -> jax.Array:
+        """lms: [batch, n_mels, frames] → [batch, F·T', width], frequency-major (token f·T' + t)."""
+        patch_f, patch_t = self.patch_size
+        # Xavier on the [width, patch_f·patch_t] view of the kernel, as the official code does.
+        kernel_init = nn.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=3)
+        x = nn.Conv(self.width, kernel_size=(patch_f, patch_t), strides=(patch_f, patch_t), padding="VALID",
+                    dtype=self.dtype, param_dtype=jnp.float32, kernel_init=kernel_init,
+                    bias_init=_torch_default_bias_init(patch_f * patch_t), name="proj")(lms[..., None])
+        batch, grid_f, grid_t, width = x.shape
+        return x.reshape(batch, grid_f * grid_t, width)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection (kernel [D, 3D], columns [q | k | v],
+    each heads-major, i.e. the transpose of torch's qkv.weight).
+
+    Uses `jax.nn.dot_product_attention`: its XLA path accumulates the logits and runs the softmax in
+    float32 for bfloat16 inputs, and `attention_impl="cudnn"` switches a GPU run to the fused kernel
+    without touching the params.
+    """
+    num_heads: int
+    dtype: Any = jnp.float32
+    attention_impl: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [batch, tokens, width] → [batch, tokens, width]."""
+        batch, tokens, width = x.shape
+        if width % self.num_heads:
+            raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}.")
+        head_dim = width // self.num_heads
+        qkv = dense(3 * width, self.dtype, "qkv")(x).reshape(batch, tokens, 3, self.num_heads, head_dim)
+        query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        out = jax.nn.dot_product_attention(query, key, value, scale=head_dim ** -0.5,
+                                           implementation=self.attention_impl)
+        return dense(width, self.dtype, "proj")(out.reshape(batch, tokens, width))
+
+
+class Mlp(nn.Module):
+    """fc1 → exact (erf) GELU → fc2."""
+    hidden_dim: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        width = x.shape[-1]
+        x = dense(self.hidden_dim, self.dtype, "fc1")(x)
+        x = jax.nn.gelu(x, approximate=False)
+        return dense(width, self.dtype, "fc2")(x)
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)). No dropout."""
+    num_heads: int
+    mlp_dim: int
+    dtype: Any = jnp.float32
+    attention_impl: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [batch, tokens, width] → same shape, in x's dtype (the residual stream keeps its precision)."""
+        x = x + Attention(self.num_heads, self.dtype, self.attention_impl, name="attn")(_layer_norm("norm1")(x))
+        return x + Mlp(self.mlp_dim, self.dtype, name="mlp")(_layer_norm("norm2")(x))
+
+
+class TransformerStack(nn.Module):
+    """`depth` blocks (params `blocks_0` … `blocks_{depth-1}`) and a final LayerNorm (`norm`).
+
+    The width is the input's last dimension.
+    """
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    dtype: Any = jnp.float32
+    attention_impl: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, return_layers: bool = False):
+        """x: [batch, tokens, width].
+
+        Returns:
+            [batch, tokens, width] float32 after the final norm; with return_layers, also
+            [depth, batch, tokens, width]: every block's output before the final norm. (The official
+            runtime's `return_layers` list is these with the last entry replaced by the normed output.)
+        """
+        layers = []
+        for i in range(self.depth):
+            x = Block(self.num_heads, self.mlp_dim, self.dtype, self.attention_impl, name=f"blocks_{i}")(x)
+            layers.append(x)
+        out = _layer_norm("norm")(x)
+        if return_layers:
+            return out, jnp.stack(layers)
+        return out
+
+
+class ViTEncoder(nn.Module):
+    """Patch embedding + fixed sin-cos positions + learnable CLS + TransformerStack.
+
+    Params: `patch_embed/proj/{kernel [pf, pt, 1, D], bias}`, `cls_token [1, 1, D]`, `stack/...`.
+    The pieces are separate methods so a method can embed all patches once, pick a subset with index
+    arrays, and encode only that subset (`encode_tokens`); swapping `stack` for another tree of the same
+    structure (e.g. an EMA target) gives the target encoder with the same CLS and patch embedding.
+
+    Attributes:
+        width, depth, num_heads, mlp_dim: sizes (see VARIANTS / decode_variant).
+        patch_size: (frequency bins, frames) per patch.
+        dtype: compute dtype; params stay float32.
+        attention_impl: passed to jax.nn.dot_product_attention (None = XLA, "cudnn").
+    """
+    width: int
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    patch_size: tuple[int, int] = (16, 16)
+    dtype: Any = jnp.float32
+    attention_impl: str | None = None
+
+    def setup(self):
+        self.patch_embed = PatchEmbed(self.width, tuple(self.patch_size), self.dtype)
+        self.cls_token = self.param("cls_token", token_init, (1, 1, self.width), jnp.float32)
+        self.stack = TransformerStack(self.depth, self.num_heads, self.mlp_dim, self.dtype, self.attention_impl)
+
+    def embed(self, lms: jax.Array) -> jax.Array:
+        """lms: [batch, n_mels, frames] → patch tokens with positions added, [batch, F·T', width] float32.
+
+        The table is built for this input's own grid, which equals the reference's truncation of a
+        longer table for short inputs (`adjust_short`).
+        """
+        tokens = self.patch_embed(lms)
+        grid_f, grid_t = grid_size(lms.shape[1:], self.patch_size)
+        table = sincos_2d(grid_f, grid_t, self.width, cls_token=False)
+        return tokens.astype(jnp.float32) + table[None]
+
+    def encode_tokens(self, tokens: jax.Array, return_layers: bool = False):
+        """tokens: [batch, N, width] (any subset of embedded patches) → [batch, 1 + N, width], CLS first.
+
+        The CLS slot's position code is all zeros, so nothing is added to the CLS token.
+        With return_layers, also returns [depth, batch, 1 + N, width] (see TransformerStack).
+        """
+        tokens = tokens.astype(jnp.float32)
+        # Broadcast through `tokens` so the CLS rows share its batch sharding (concatenate under an
+        # Explicit mesh needs equal shardings; a plain broadcast_to would be replicated).
+        cls = jnp.zeros_like(tokens[:, :1]) + self.cls_token
+        return self.stack(jnp.concatenate([cls, tokens], axis=1), return_layers)
+
+    def __call__(self, lms: jax.Array, return_layers: bool = False):
+        """lms: [batch, n_mels, frames] → [batch, 1 + F·T', width], CLS first (all patches, no mask)."""
+        return self.encode_tokens(self.embed(lms), return_layers)
