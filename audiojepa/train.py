@@ -75,6 +75,14 @@ def make_train_step(method, tx, schedule, spec: pipeline.DataSpec, *, device_fro
     return step_fn
 
 
+def init_train_state(method, optim_config, schedule, rng) -> dict:
+    """The train state: {"step", "params", "target_params", "opt_state"} (a plain pytree)."""
+    params, target_params = method.init(rng)
+    tx = optim.make_optimizer(optim_config, schedule, method.weight_decay_mask(params))
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "target_params": target_params,
+            "opt_state": tx.init(params)}
+
+
 def _run_meta(config, spec: pipeline.DataSpec, total_steps: int) -> dict:
     """What evaluation needs to rebuild the encoder and its input pipeline."""
     return {
@@ -122,10 +130,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None, n
     repl = sharding.replicated(mesh)
 
     def init_state(init_rng):
-        params, target_params = method.init(init_rng)
-        tx = optim.make_optimizer(config.optim, schedule, method.weight_decay_mask(params))
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "target_params": target_params,
-                "opt_state": tx.init(params)}
+        return init_train_state(method, config.optim, schedule, init_rng)
 
     abstract_state = jax.eval_shape(init_state, init_rng)
     tx = optim.make_optimizer(config.optim, schedule, method.weight_decay_mask(abstract_state["params"]))

@@ -227,3 +227,27 @@ def _leaf(tree, path):
     for key in path:
         tree = tree[key]
     return tree
+
+
+def test_one_training_step_with_the_project_optimizer(method, converted, grads, ref):
+    """The same step through audiojepa.optim (optax clip + AdamW with the method's decay mask)."""
+    import ml_collections
+    import optax
+
+    from audiojepa import optim
+
+    params, target_params = converted
+    optim_config = ml_collections.ConfigDict({"name": "adamw", "b1": 0.9, "b2": 0.95, "eps": 1e-8,
+                                              "weight_decay": float(ref["step_weight_decay"]),
+                                              "grad_clip_norm": 3.0})
+    tx = optim.make_optimizer(optim_config, float(ref["step_lr"]), method.weight_decay_mask(params))
+    updates, _ = tx.update(grads, tx.init(params), params)
+    new_params = optax.apply_updates(params, updates)
+    new_target = method.update_targets(new_params, target_params, 0, 1000)
+    ours = {"params": new_params, "target_params": new_target}
+    for name, value in ref.items():
+        if not name.startswith("after_step/"):
+            continue
+        tree, path = m2d_torch.torch_name_to_path(name[len("after_step/"):])
+        expected = m2d_torch.state_dict_to_params({name[len("after_step/"):]: value})[tree == "target_params"]
+        assert max_abs(_leaf(ours[tree], path), _leaf(expected, path)) < ATOL, name

@@ -128,6 +128,8 @@ class M2D:
     Built from `config.model` (keys in the module docstring) and the input shape (n_mels, frames).
     """
 
+    num_prefix_tokens = 1  # `encode` outputs CLS first, then the patch tokens
+
     def __init__(self, model_config, *, input_shape: tuple[int, int]):
         if isinstance(model_config, dict):
             model_config = ml_collections.ConfigDict(model_config)

@@ -1,0 +1,172 @@
+"""Frozen encoders: exporting them, loading them, and embedding audio of any length.
+
+An exported encoder is a folder with `encoder.json` (method, model config, training input shape,
+front end, normalisation statistics) and `params.msgpack` (the encoder's params). `load_encoder`
+reads such a folder or a training workdir (its latest checkpoint), so evaluation never asks the
+user to re-type how the encoder was trained.
+
+Patch models (M2D, JEPA, MATPAC) embed a log-mel of any length as the official M2D runtime does:
+cut it into chunks of the training width, zero-pad the last chunk to whole patches, encode each
+chunk (positions restart at 0), concatenate the frequency patches of each time step
+(`[T', n_freq_patches x dim]`, one row per patch width of frames) and join the chunks in time.
+The clip embedding is the mean over time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from audiojepa import frontend as frontend_lib
+from audiojepa import methods
+from audiojepa.data import stats
+
+ENCODER_JSON = "encoder.json"
+PARAMS_FILE = "params.msgpack"
+FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass
+class AudioEncoder:
+    """A frozen encoder with the front end and normalisation it was trained with.
+
+    Attributes:
+      method_name: e.g. "m2d".
+      model_config: the method's `config.model`.
+      input_shape: (n_mels, frames) of the training crops; `frames` is the chunk width.
+      frontend: the log-mel parameters.
+      norm_stats: (mean, std) of log-mel values used to normalise inputs.
+      params: {"encoder": ...} params of the encoder.
+    """
+
+    method_name: str
+    model_config: ml_collections.ConfigDict
+    input_shape: tuple[int, int]
+    frontend: frontend_lib.LogMelParams
+    norm_stats: tuple[float, float]
+    params: dict
+
+    def __post_init__(self):
+        self.method = methods.get_method(self.method_name)(self.model_config, input_shape=self.input_shape)
+        self._encode = jax.jit(self.method.encode)
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        return tuple(self.method.patch_size)
+
+    @property
+    def chunk_frames(self) -> int:
+        return int(self.input_shape[1])
+
+    @property
+    def frame_hop_seconds(self) -> float:
+        """Time between consecutive frame features: one patch width of log-mel frames."""
+        return self.patch_size[1] * self.frontend.hop_length / self.frontend.sample_rate
+
+    def normalized_logmel(self, waveform: np.ndarray) -> np.ndarray:
+        """waveform: [batch, samples] (or [samples]) at `frontend.sample_rate` -> [batch, n_mels, frames]."""
+        waveform = np.atleast_2d(np.asarray(waveform, np.float32))
+        lms = frontend_lib.logmel_host(waveform, self.frontend)
+        return stats.normalize(lms, *self.norm_stats)
+
+    def _encode_chunk(self, chunk: np.ndarray) -> np.ndarray:
+        """chunk: [batch, n_mels, t] with t a multiple of the patch width -> [batch, t', F x D]."""
+        tokens = np.asarray(self._encode(self.params, jnp.asarray(chunk)))
+        tokens = tokens[:, getattr(self.method, "num_prefix_tokens", 1):]
+        batch, _, dim = tokens.shape
+        grid_f, grid_t = chunk.shape[1] // self.patch_size[0], chunk.shape[2] // self.patch_size[1]
+        # Tokens are frequency-major (f·t' + t): [B, F, t', D] -> [B, t', F, D] -> [B, t', F·D].
+        return tokens.reshape(batch, grid_f, grid_t, dim).transpose(0, 2, 1, 3).reshape(batch, grid_t, grid_f * dim)
+
+    def frame_features(self, lms: np.ndarray) -> np.ndarray:
+        """Normalised log-mels [batch, n_mels, frames] (any frames >= 1) -> [batch, T', F x D]."""
+        lms = np.asarray(lms, np.float32)
+        if lms.ndim != 3 or lms.shape[1] != self.input_shape[0]:
+            raise ValueError(f"expected log-mels [batch, {self.input_shape[0]}, frames], got {lms.shape}")
+        patch_t = self.patch_size[1]
+        outputs = []
+        for start in range(0, lms.shape[2], self.chunk_frames):
+            chunk = lms[:, :, start:start + self.chunk_frames]
+            pad = -chunk.shape[2] % patch_t
+            if pad:
+                chunk = np.pad(chunk, ((0, 0), (0, 0), (0, pad)))
+            outputs.append(self._encode_chunk(chunk))
+        return np.concatenate(outputs, axis=1)
+
+    def clip_embedding(self, lms: np.ndarray) -> np.ndarray:
+        """[batch, n_mels, frames] -> [batch, F x D]: the time mean of `frame_features`."""
+        return self.frame_features(lms).mean(axis=1)
+
+    def embed_waveform(self, waveform: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """waveform [batch, samples] -> (frame features [batch, T', F x D], clip embeddings [batch, F x D])."""
+        features = self.frame_features(self.normalized_logmel(waveform))
+        return features, features.mean(axis=1)
+
+    def save(self, output_dir: str, *, source: str = "") -> str:
+        """Writes `encoder.json` and `params.msgpack` into `output_dir`; returns the folder."""
+        os.makedirs(output_dir, exist_ok=True)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "method": self.method_name,
+            "model": self.model_config.to_dict(),
+            "input_shape": list(self.input_shape),
+            "frontend": self.frontend.to_dict(),
+            "norm_stats": list(self.norm_stats),
+            "source": source,
+        }
+        params_bytes = flax.serialization.msgpack_serialize(jax.tree.map(np.asarray, self.params))
+        with open(os.path.join(output_dir, PARAMS_FILE), "wb") as f:
+            f.write(params_bytes)
+        with open(os.path.join(output_dir, ENCODER_JSON), "w") as f:
+            json.dump(meta, f, indent=1)
+        return output_dir
+
+
+def _from_workdir(workdir: str, step: int | None) -> AudioEncoder:
+    """The online encoder of a training run's latest (or given) checkpoint."""
+    import orbax.checkpoint as ocp
+
+    from audiojepa import checkpointing, optim, train
+
+    step, meta = checkpointing.restore_meta(workdir, step)
+    config = ml_collections.ConfigDict(meta["config"])
+    input_shape = (meta["frontend"]["n_mels"], meta["crop_frames"])
+    method = methods.get_method(meta["method"])(config.model, input_shape=input_shape)
+    schedule = optim.learning_rate_schedule(config.optim, global_batch_size=config.batch_size, total_steps=1,
+                                            warmup_steps=0)
+    abstract = jax.eval_shape(lambda rng: train.init_train_state(method, config.optim, schedule, rng),
+                              jax.random.key(0))
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = checkpointing.abstract_like(abstract, device)
+    manager = checkpointing.make_manager(workdir, every_steps=1, read_only=True)
+    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+    manager.close()
+    return AudioEncoder(meta["method"], config.model, input_shape,
+                        frontend_lib.LogMelParams.from_dict(meta["frontend"]), tuple(meta["norm_stats"]),
+                        {"encoder": state["params"]["encoder"]})
+
+
+def load_encoder(path: str, *, step: int | None = None) -> AudioEncoder:
+    """Loads an exported encoder folder, or the latest (or `step`) checkpoint of a training workdir."""
+    if os.path.exists(os.path.join(path, ENCODER_JSON)):
+        with open(os.path.join(path, ENCODER_JSON)) as f:
+            meta = json.load(f)
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{path}/{ENCODER_JSON}: format_version {meta.get('format_version')!r}, "
+                             f"this code reads {FORMAT_VERSION}")
+        with open(os.path.join(path, PARAMS_FILE), "rb") as f:
+            params = flax.serialization.msgpack_restore(f.read())
+        return AudioEncoder(meta["method"], ml_collections.ConfigDict(meta["model"]), tuple(meta["input_shape"]),
+                            frontend_lib.LogMelParams.from_dict(meta["frontend"]), tuple(meta["norm_stats"]),
+                            params)
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        return _from_workdir(path, step)
+    raise FileNotFoundError(f"{path} is neither an exported encoder (no {ENCODER_JSON}) nor a training "
+                            "workdir (no checkpoints/)")

@@ -1,0 +1,84 @@
+"""Encoder export/load and chunked embeddings, against the official M2D runtime (shared/fixtures/m2d).
+
+Tolerance: 1e-4 absolute on features (float32; the fixture README's bound for ports).
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from audiojepa import encoder, frontend, train
+from audiojepa.convert import m2d_torch
+from audiojepa.methods import m2d
+
+ATOL = 1e-4
+FIXTURES = Path(os.environ.get("AUDIOJEPA_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures"))
+STATE_DICT = FIXTURES / "m2d" / "m2d_small_state_dict.npz"
+OUTPUTS = FIXTURES / "m2d" / "m2d_parity_outputs.npz"
+needs_fixtures = pytest.mark.skipif(not (STATE_DICT.exists() and OUTPUTS.exists()),
+                                    reason=f"M2D fixtures not found under {FIXTURES} (set AUDIOJEPA_FIXTURES)")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _fixture_encoder():
+    params, _ = m2d_torch.state_dict_to_params(dict(np.load(STATE_DICT)), grid_size=(5, 13))
+    config = m2d.default_config("tiny")
+    config.predictor_width, config.predictor_depth, config.predictor_heads = 128, 2, 4
+    return encoder.AudioEncoder("m2d", config, (80, 208), frontend.get_preset("m2d"), (-7.1, 4.2),
+                                {"encoder": params["encoder"]})
+
+
+@needs_fixtures
+def test_chunked_features_match_the_official_runtime():
+    ref = np.load(OUTPUTS)
+    enc = _fixture_encoder()
+    lms = ref["runtime_input_lms"][:, 0]  # [2, 80, 500]: chunks of 208, 208 and 84 (padded to 96) frames
+    features = enc.frame_features(lms)
+    assert features.shape == ref["runtime_features"].shape == (2, 32, 960)
+    np.testing.assert_allclose(features, ref["runtime_features"], atol=ATOL)
+    np.testing.assert_allclose(enc.clip_embedding(lms), ref["runtime_clip_embedding"], atol=ATOL)
+    np.testing.assert_allclose(features.reshape(2, 32, 5, 192).mean(axis=2), ref["runtime_features_freqavg"],
+                               atol=ATOL)
+
+
+@needs_fixtures
+def test_convert_cli_export_round_trip(tmp_path):
+    out = tmp_path / "export"
+    result = subprocess.run([sys.executable, "tools/convert_m2d.py", f"--checkpoint={STATE_DICT}", f"--output={out}"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    loaded = encoder.load_encoder(str(out))
+    assert loaded.input_shape == (80, 208) and loaded.model_config.variant == "tiny"
+    assert loaded.norm_stats == pytest.approx((-7.1, 4.2), rel=1e-6)  # stored as float32 in the checkpoint
+    assert loaded.frontend == frontend.get_preset("m2d")
+    ref = np.load(OUTPUTS)
+    np.testing.assert_allclose(loaded.frame_features(ref["runtime_input_lms"][:, 0]), ref["runtime_features"],
+                               atol=ATOL)
+
+
+def test_workdir_export_matches_the_checkpoint(tmp_path, monkeypatch):
+    from tests.test_train import tiny_config
+
+    monkeypatch.setenv("AUDIOJEPA_CACHE", str(tmp_path / "cache"))
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(tiny_config(None, total_steps=2), workdir, num_devices=1)
+    from_workdir = encoder.load_encoder(workdir)
+    assert from_workdir.input_shape == (80, 48) and from_workdir.method_name == "m2d"
+    exported = encoder.load_encoder(from_workdir.save(str(tmp_path / "export")))
+    waveform = np.random.default_rng(0).standard_normal((2, 16000)).astype(np.float32) * 0.1
+    frames_a, clip_a = from_workdir.embed_waveform(waveform)
+    frames_b, clip_b = exported.embed_waveform(waveform)
+    # 1 s = 101 frames -> chunks of 48, 48, 5 (padded to 16) -> 3 + 3 + 1 time steps of 5 x 192.
+    assert frames_a.shape == (2, 7, 5 * 192) and clip_a.shape == (2, 960)
+    np.testing.assert_array_equal(frames_a, frames_b)
+    np.testing.assert_array_equal(clip_a, clip_b)
+    assert from_workdir.frame_hop_seconds == pytest.approx(0.16)
+
+
+def test_load_encoder_error_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        encoder.load_encoder(str(tmp_path))

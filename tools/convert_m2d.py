@@ -1,0 +1,77 @@
+r"""Converts an official M2D checkpoint into an audiojepa encoder export.
+
+    python tools/convert_m2d.py --checkpoint m2d_vit_base-80x608p16x16/checkpoint-300.pth --output /ckpt/m2d_official
+    python tools/convert_m2d.py --checkpoint state_dict.npz --output /tmp/m2d_small
+
+Reads a `.npz` of name -> array (no torch needed) or, with the optional torch extra installed
+(`pip install -e ".[torch]"`), a `.pth` file (loaded with `weights_only=True`; a full training
+checkpoint keeps the state dict under "model"). The size, depth and training width are read from
+the tensors; `norm_stats` from the checkpoint if present. The export loads with
+`audiojepa.encoder.load_encoder(OUTPUT)` and evaluates with `python -m audiojepa.evaluate`.
+"""
+
+import numpy as np
+from absl import app, flags, logging
+
+from audiojepa import encoder, frontend
+from audiojepa.convert import m2d_torch
+from audiojepa.data import stats
+from audiojepa.methods import m2d
+from audiojepa.models import VARIANTS
+
+flags.DEFINE_string("checkpoint", None, "Official M2D checkpoint: .pth (needs torch) or .npz state dict.")
+flags.DEFINE_string("output", None, "Output folder for encoder.json and params.msgpack.")
+flags.DEFINE_string("frontend", "m2d", f"Front-end preset the model was trained with: {sorted(frontend.PRESETS)}.")
+flags.mark_flags_as_required(["checkpoint", "output"])
+FLAGS = flags.FLAGS
+
+
+def load_state_dict(path: str) -> dict[str, np.ndarray]:
+    if path.endswith(".npz"):
+        return dict(np.load(path))
+    try:
+        import torch
+    except ImportError:
+        raise app.UsageError(f"{path}: reading .pth files needs the optional torch extra "
+                             "(pip install -e '.[torch]'), or convert it to .npz elsewhere") from None
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else checkpoint
+    return {k: v.detach().cpu().numpy() for k, v in state.items()}
+
+
+def model_config_for(state_dict: dict[str, np.ndarray], n_mels: int):
+    """(model config, input_shape) inferred from tensor shapes."""
+    width = state_dict["cls_token"].shape[-1]
+    depth = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
+    variant = next((name for name, v in VARIANTS.items() if v["width"] == width and v["depth"] == depth), None)
+    if variant is None:
+        raise app.UsageError(f"width {width} / depth {depth} match no variant of {sorted(VARIANTS)}")
+    patch_f, patch_t = state_dict["patch_embed.proj.weight"].shape[2:]
+    num_patches = state_dict["pos_embed"].shape[1] - 1
+    grid_f = n_mels // patch_f
+    config = m2d.default_config(variant)
+    config.patch_size = (int(patch_f), int(patch_t))
+    if "decoder_embed.weight" in state_dict:
+        config.predictor_width = int(state_dict["decoder_embed.weight"].shape[0])
+        config.predictor_depth = len({k.split(".")[1] for k in state_dict if k.startswith("decoder_blocks.")})
+    return config, (n_mels, (num_patches // grid_f) * int(patch_t))
+
+
+def main(argv):
+    del argv
+    state_dict = load_state_dict(FLAGS.checkpoint)
+    params_frontend = frontend.get_preset(FLAGS.frontend)
+    model_config, input_shape = model_config_for(state_dict, params_frontend.n_mels)
+    grid = (input_shape[0] // model_config.patch_size[0], input_shape[1] // model_config.patch_size[1])
+    params, _ = m2d_torch.state_dict_to_params(state_dict, grid_size=grid)
+    norm = state_dict.get("norm_stats")
+    norm_stats = tuple(float(v) for v in norm) if norm is not None else stats.M2D_DEFAULT_STATS
+    exported = encoder.AudioEncoder("m2d", model_config, input_shape, params_frontend, norm_stats,
+                                    {"encoder": params["encoder"]})
+    exported.save(FLAGS.output, source=FLAGS.checkpoint)
+    logging.info("M2D %s, input %s, norm_stats %s -> %s", model_config.variant, input_shape, norm_stats,
+                 FLAGS.output)
+
+
+if __name__ == "__main__":
+    app.run(main)
