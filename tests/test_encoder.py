@@ -82,3 +82,17 @@ def test_workdir_export_matches_the_checkpoint(tmp_path, monkeypatch):
 def test_load_encoder_error_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
         encoder.load_encoder(str(tmp_path))
+
+
+@needs_fixtures
+def test_convert_cli_reads_a_torch_checkpoint(tmp_path):
+    torch = pytest.importorskip("torch", reason="the optional torch extra is not installed")
+    state_dict = {k: torch.from_numpy(v) for k, v in np.load(STATE_DICT).items()}
+    torch.save({"model": state_dict, "epoch": 299}, tmp_path / "checkpoint-299.pth")
+    out = tmp_path / "export"
+    result = subprocess.run([sys.executable, "tools/convert_m2d.py", f"--checkpoint={tmp_path / 'checkpoint-299.pth'}",
+                             f"--output={out}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    ref = np.load(OUTPUTS)
+    np.testing.assert_allclose(encoder.load_encoder(str(out)).frame_features(ref["runtime_input_lms"][:, 0]),
+                               ref["runtime_features"], atol=ATOL)
