@@ -40,3 +40,22 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
         else:
             result[key] = type(default)(value)
     return result
+
+
+def load_config_module(path: str):
+    """Imports a config file (e.g. configs/m2d.py) by path."""
+    import importlib.util
+    import os
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"config file {path!r} does not exist")
+    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_config(config_arg: str) -> ml_collections.ConfigDict:
+    """`configs/m2d.py:runlocal` -> that file's `get_config("runlocal")` (as `--config=` would)."""
+    path, _, arg = config_arg.partition(":")
+    return load_config_module(path).get_config(arg or None)

@@ -160,6 +160,16 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None, n
         make_train_step(method, tx, schedule, spec, device_frontend=device_frontend, total_steps=total_steps),
         donate_argnums=(0,), out_shardings=(repl, repl))
     meta = _run_meta(config, spec, total_steps)
+    periodic_evals, eval_encoder = [], None
+    if is_main and config.get("evals"):
+        from audiojepa import encoder as encoder_lib
+        from audiojepa.evaluation import evaluators
+
+        periodic_evals = evaluators.from_config(config.evals, sample_rate=spec.frontend.sample_rate)
+        # Built once (one compile); its params are swapped for the current ones at each evaluation.
+        eval_encoder = encoder_lib.AudioEncoder(
+            config.method, config.model, (spec.frontend.n_mels, spec.crop_frames), spec.frontend,
+            (spec.norm_mean, spec.norm_std), {"encoder": abstract_state["params"]["encoder"]})
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main, tensorboard=config.get("tensorboard", True))
     progress = metrics_lib.Progress(first_step=start_step, total_steps=total_steps,
                                     global_batch_size=config.batch_size)
@@ -200,6 +210,12 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None, n
                     writer.write(step, row)
                     metrics_lib.log_progress(progress, step, row)
                 last_logged = row
+            due = [(name, ev) for name, every, ev in periodic_evals if step % every == 0 or last_step]
+            if due:
+                eval_encoder.params = {"encoder": jax.device_get(state["params"]["encoder"])}
+                row = {f"eval/{name}/{key}": value for name, ev in due for key, value in ev.run(eval_encoder)}
+                writer.write(step, row)
+                logging.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in row.items()))
             checkpointing.save(manager, step, state, data_iter, meta, force=last_step)
             if manager.reached_preemption(step):
                 logging.warning("preemption signal at step %d: checkpoint saved, exiting", step)

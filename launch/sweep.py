@@ -8,17 +8,16 @@ launcher (see launch/slurm_gpu.sbatch); otherwise they run one after another her
 """
 
 import argparse
-import importlib.util
 import shlex
 import subprocess
 import sys
 
+from audiojepa.config_utils import load_config_module
+
 
 def load_sweep(config_arg: str) -> list[dict]:
     path, _, arg = config_arg.partition(":")
-    spec = importlib.util.spec_from_file_location("sweep_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_config_module(path)
     if not hasattr(module, "get_sweep"):
         raise SystemExit(f"{path} defines no get_sweep(arg)")
     return module.get_sweep(arg or None)
