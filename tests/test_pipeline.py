@@ -204,3 +204,24 @@ def test_device_frontend_batches_match_host_batches(shard_dir):
     device = np.asarray(stats.normalize(device, spec.norm_mean, spec.norm_std))
     assert device.shape == host["lms"].shape
     np.testing.assert_allclose(device, host["lms"], atol=2e-3 / spec.norm_std)
+
+
+def test_compute_stats_cli_writes_stats_the_config_picks_up(shard_dir, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    import ml_collections
+
+    shard_dir = str(shutil.copytree(shard_dir, tmp_path / "shards"))  # leave the shared fixture without stats
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "tools/compute_stats.py", f"--shards={shard_dir}", "--frontend=m2d",
+                             "--crop_frames=32", "--num_crops=64"], cwd=repo, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    mean, std = stats.read_stats(shard_dir, PARAMS)
+    cfg = ml_collections.ConfigDict({"shards": shard_dir, "frontend": "m2d", "crop_frames": 32,
+                                     "norm_stats": "shards"})
+    spec = pipeline.resolve_data_spec(cfg)
+    assert (spec.norm_mean, spec.norm_std) == (mean, std)
+    assert -20 < mean < 5 and 0.5 < std < 10

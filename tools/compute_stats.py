@@ -6,8 +6,6 @@ Writes (or updates) SHARDS/logmel_stats.json; configs with `data.norm_stats = "s
 default) pick it up. The official M2D default (-7.1, 4.2) stays available as `norm_stats = "m2d"`.
 """
 
-import os
-
 from absl import app, flags, logging
 
 from audiojepa import frontend
