@@ -1,0 +1,1 @@
+"""Downstream evaluation of frozen encoders: task sources, linear probe, kNN, reports."""
