@@ -33,5 +33,7 @@ setuptools.setup(
         "test": ["pytest"],
         # Only for converting released PyTorch checkpoints; never imported by the core package.
         "torch": ["torch==2.13.0"],
+        # TFDS audio tasks; reading prepared ArrayRecord datasets works without TensorFlow.
+        "tfds": ["tensorflow-datasets>=4.9.10"],
     },
 )

@@ -1,0 +1,115 @@
+r"""Frozen-embedding evaluation: linear probe (EVAR) and kNN (X-ARES) on one or more tasks.
+
+    python -m audiojepa.evaluate --encoder=/tmp/audiojepa_runlocal --task=embedded --output=/tmp/eval
+    python -m audiojepa.evaluate --encoder=/ckpt/m2d/export --task=/data/tasks/esc50 --task=tfds:speech_commands \
+        --output=/ckpt/m2d/eval
+
+`--encoder` is an exported encoder, a training workdir (latest checkpoint), `logmel` (the log-mel
+baseline) or `random:<config>` (that config's encoder at random init). With `--baselines` (the
+default) the log-mel baseline and the same architecture at random init are evaluated too, so the
+report shows the floor. Writes OUTPUT/results.json (`{task: {"linear": {"mean", "ci95", "metric"},
+"knn": {"mean", "metric"}}}` for --encoder), all_results.json, results.md and one PNG per task.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+from absl import app, flags
+from tqdm import tqdm
+
+from audiojepa.data import audio_io
+from audiojepa.evaluation import embedders, probes, report, tasks
+
+flags.DEFINE_string("encoder", None, "Exported encoder, training workdir, 'logmel' or 'random:<config>'.")
+flags.DEFINE_multi_string("task", None, "Task folder (labels.csv), shard set with labels, 'embedded', or 'tfds:NAME'.")
+flags.DEFINE_string("output", None, "Output folder for the report.")
+flags.DEFINE_bool("baselines", True, "Also evaluate the log-mel baseline and the encoder at random init.")
+flags.DEFINE_list("seeds", ["42", "43", "44"], "Linear-probe seeds.")
+flags.DEFINE_integer("batch_size", 32, "Clips per embedding batch.")
+FLAGS = flags.FLAGS
+
+
+def embed_task(embedder, task: tasks.Task, *, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Clip embeddings [n_kept, dim] of every clip of `task`, and the indices of the clips kept.
+
+    Clips are batched by length (no padding: padding would change the time mean). A clip that fails
+    to load is skipped, counted in `task.skipped` and left out of scoring, never given a fake value.
+    """
+    waveforms: dict[int, np.ndarray] = {}
+    for i in tqdm(range(len(task.clip_ids)), desc=f"{task.name}: loading audio", unit="clip", leave=False):
+        try:
+            waveforms[i] = task.load_audio(i, embedder.sample_rate)
+        except audio_io.BadAudioError as e:
+            task.skipped.append({"path": task.clip_ids[i], "reason": e.reason})
+    by_length: dict[int, list[int]] = {}
+    for i, w in waveforms.items():
+        by_length.setdefault(w.shape[0], []).append(i)
+    out: dict[int, np.ndarray] = {}
+    with tqdm(total=len(waveforms), desc=f"{task.name}: embedding ({embedder.name})", unit="clip") as bar:
+        for length, indices in sorted(by_length.items()):
+            for start in range(0, len(indices), batch_size):
+                chunk = indices[start:start + batch_size]
+                emb = embedder.embed_batch(np.stack([waveforms[i] for i in chunk]))
+                out.update(zip(chunk, np.asarray(emb, np.float32)))
+                bar.update(len(chunk))
+    kept = np.array(sorted(out), dtype=np.int64)
+    return np.stack([out[i] for i in kept]), kept
+
+
+def evaluate_embedder(embedder, task: tasks.Task, *, seeds=(42, 43, 44), batch_size: int = 32) -> dict:
+    embeddings, kept = embed_task(embedder, task, batch_size=batch_size)
+    labels = task.label_array()[kept]
+    return probes.evaluate_task(embeddings, labels, np.asarray(task.splits)[kept], multilabel=task.multilabel,
+                                num_classes=len(task.classes), seeds=tuple(seeds))
+
+
+def run(encoder_spec: str, task_specs: list[str], output_dir: str, *, baselines: bool = True,
+        seeds=(42, 43, 44), batch_size: int = 32) -> dict:
+    """Evaluates `encoder_spec` (and the floors) on every task; returns {encoder: {task: result}}."""
+    main = embedders.make_embedder(encoder_spec)
+    candidates = [main]
+    if baselines and encoder_spec != "logmel":
+        if isinstance(main, embedders.EncoderEmbedder):
+            enc = main.encoder
+            candidates.append(embedders.LogMelEmbedder(enc.frontend, enc.norm_stats))
+            random_init = embedders.encoder_lib.AudioEncoder(
+                enc.method_name, enc.model_config, enc.input_shape, enc.frontend, enc.norm_stats,
+                _random_encoder_params(enc))
+            candidates.append(embedders.EncoderEmbedder(random_init, name="random init"))
+    results: dict[str, dict] = {c.name: {} for c in candidates}
+    skipped = {}
+    for spec in task_specs:
+        task = tasks.load_task(spec, sample_rate=main.sample_rate)
+        for embedder in candidates:
+            results[embedder.name][task.name] = evaluate_embedder(embedder, task, seeds=seeds, batch_size=batch_size)
+        skipped[task.name] = task.skipped
+        if task.skipped:
+            logging.warning("%s: %d clips skipped (see all_results.json): %s", task.name, len(task.skipped),
+                            sorted({s["reason"] for s in task.skipped}))
+    table = report.write_report(output_dir, main.name, results, extra={"skipped": skipped})
+    print(table, flush=True)
+    return results
+
+
+def _random_encoder_params(enc) -> dict:
+    import jax
+
+    params, _ = enc.method.init(jax.random.key(0))
+    return {"encoder": params["encoder"]}
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's restore chatter
+    run(FLAGS.encoder, FLAGS.task, FLAGS.output, baselines=FLAGS.baselines, seeds=[int(s) for s in FLAGS.seeds],
+        batch_size=FLAGS.batch_size)
+    print(f"report: {os.path.join(FLAGS.output, 'results.md')}")
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["encoder", "task", "output"])
+    app.run(main)

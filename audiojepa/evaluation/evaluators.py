@@ -1,0 +1,60 @@
+"""Periodic evaluation during training, configured in `config.evals`.
+
+    config.evals.knn_embedded = dict(type="knn", task="embedded", every_steps=100)
+    config.evals.probe_esc50 = dict(type="linear", task="/data/tasks/esc50", every_steps=5000, seeds=(42,))
+
+Each evaluator takes the frozen online encoder and yields `(name, value)` pairs; the trainer logs
+them as `eval/<config key>/<name>` with the training metrics. Task audio is loaded once, when the
+evaluator is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from audiojepa.evaluation import embedders, probes, tasks
+
+TYPES = ("knn", "linear")
+
+
+class TaskEvaluator:
+    """kNN and/or linear-probe scores of an encoder on one task."""
+
+    def __init__(self, task_spec: str, *, sample_rate: int, kind: str = "knn", seeds=(42,), batch_size: int = 32):
+        if kind not in TYPES:
+            raise ValueError(f"config.evals.*.type={kind!r}; valid: {TYPES}")
+        self.kind = kind
+        self.seeds = tuple(seeds)
+        self.batch_size = batch_size
+        self.task = tasks.load_task(task_spec, sample_rate=sample_rate)
+
+    def run(self, audio_encoder) -> Iterator[tuple[str, float]]:
+        from audiojepa.evaluate import embed_task
+
+        embedder = embedders.EncoderEmbedder(audio_encoder, name="online encoder")
+        emb, kept = embed_task(embedder, self.task, batch_size=self.batch_size)
+        labels = self.task.label_array()[kept]
+        splits = np.asarray(self.task.splits)[kept]
+        result = probes.evaluate_task(emb, labels, splits, multilabel=self.task.multilabel,
+                                      num_classes=len(self.task.classes), seeds=self.seeds,
+                                      run_linear=self.kind == "linear")
+        yield "knn", float(result["knn"]["mean"])
+        if self.kind == "linear":
+            yield "linear", float(result["linear"]["mean"])
+
+
+def from_config(evals_config, *, sample_rate: int) -> list[tuple[str, int, TaskEvaluator]]:
+    """[(name, every_steps, evaluator)] for each entry of `config.evals`."""
+    out = []
+    for name, cfg in (evals_config or {}).items():
+        every = int(cfg.get("every_steps", 0))
+        if every <= 0:
+            raise ValueError(f"config.evals.{name}.every_steps must be > 0")
+        if "task" not in cfg:
+            raise ValueError(f"config.evals.{name}.task is missing (a task folder, shard set, 'embedded' or 'tfds:NAME')")
+        out.append((name, every, TaskEvaluator(cfg["task"], sample_rate=sample_rate, kind=cfg.get("type", "knn"),
+                                               seeds=tuple(cfg.get("seeds", (42,))),
+                                               batch_size=int(cfg.get("batch_size", 32)))))
+    return out

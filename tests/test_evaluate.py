@@ -1,0 +1,87 @@
+"""The evaluation CLI, chunked clip embeddings and periodic evaluation during training."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import soundfile as sf
+
+from audiojepa import encoder, frontend, metrics, train
+from audiojepa.methods import m2d
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def random_export(tmp_path_factory):
+    """A tiny M2D encoder (80 x 48 training crops) at random init, exported."""
+    config = m2d.default_config("tiny")
+    method = m2d.M2D(config, input_shape=(80, 48))
+    enc_params = jax.jit(method.encoder.init)(jax.random.key(0), np.zeros((1, 80, 48), np.float32))["params"]
+    enc = encoder.AudioEncoder("m2d", config, (80, 48), frontend.get_preset("m2d"), (-7.1, 4.2),
+                               {"encoder": enc_params})
+    return enc.save(str(tmp_path_factory.mktemp("export")))
+
+
+def test_clip_embedding_of_a_long_clip_is_the_mean_of_its_chunk_features(random_export):
+    enc = encoder.load_encoder(random_export)
+    lms = np.random.default_rng(0).standard_normal((2, 80, 130)).astype(np.float32)  # chunks 48, 48, 34 (-> 48)
+    chunk_features = [enc.frame_features(lms[:, :, s:s + 48]) for s in (0, 48, 96)]
+    assert [c.shape[1] for c in chunk_features] == [3, 3, 3]
+    expected = np.concatenate(chunk_features, axis=1).mean(axis=1)
+    np.testing.assert_allclose(enc.clip_embedding(lms), expected, rtol=1e-6, atol=1e-6)
+    # The last chunk is zero-padded to whole patches, not to the chunk width.
+    padded_last = np.pad(lms[:, :, 96:], ((0, 0), (0, 0), (0, 2)))
+    np.testing.assert_allclose(chunk_features[2][:, :3], enc.frame_features(padded_last), rtol=1e-6, atol=1e-6)
+
+
+def _task_folder(root):
+    """Two classes (low vs high tone), 16 clips each, fixed train/valid/test split."""
+    root.mkdir()
+    rows = ["filename,label,split"]
+    rng = np.random.default_rng(0)
+    for i in range(32):
+        label = "low" if i % 2 else "high"
+        freq = rng.uniform(200, 400) if label == "low" else rng.uniform(2000, 4000)
+        t = np.arange(8000) / 16000
+        sf.write(root / f"c{i:02d}.wav", (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32), 16000)
+        split = "train" if i < 20 else "valid" if i < 24 else "test"
+        rows.append(f"c{i:02d}.wav,{label},{split}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_evaluate_cli_writes_the_report(random_export, tmp_path):
+    task = _task_folder(tmp_path / "tones")
+    out = tmp_path / "report"
+    result = subprocess.run([sys.executable, "-m", "audiojepa.evaluate", f"--encoder={random_export}",
+                             f"--task={task}", f"--output={out}", "--seeds=1,2"],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == {"tones"}
+    assert set(results["tones"]["linear"]) >= {"mean", "ci95", "metric"}
+    assert results["tones"]["linear"]["metric"] == "accuracy" and results["tones"]["knn"]["metric"] == "accuracy"
+    everything = json.loads((out / "all_results.json").read_text())["results"]
+    assert set(everything) == {random_export, "logmel", "random init"}
+    # Low vs high tones are separable from the log-mel alone.
+    assert everything["logmel"]["tones"]["knn"]["mean"] == 1.0
+    assert (out / "tones.png").exists() and "| tones |" in (out / "results.md").read_text()
+    assert "| tones |" in result.stdout
+
+
+def test_periodic_evaluation_is_logged_with_training_metrics(tmp_path, monkeypatch):
+    from tests.test_train import tiny_config
+
+    monkeypatch.setenv("AUDIOJEPA_CACHE", str(tmp_path / "cache"))
+    config = tiny_config(None, total_steps=2)
+    config.evals = {"knn_embedded": {"type": "knn", "task": "embedded:num_clips=160,duration_s=1", "every_steps": 2}}
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(config, workdir, num_devices=1)
+    rows = [r for r in metrics.read_metrics(workdir) if "eval/knn_embedded/knn" in r]
+    assert [r["step"] for r in rows] == [2]
+    assert 0.0 <= rows[0]["eval/knn_embedded/knn"] <= 1.0
