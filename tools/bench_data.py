@@ -10,19 +10,24 @@ the training pipeline (shuffle, decode, random 608-frame crop, host log-mel, nor
 per core divides by the processes doing the work (the workers, or the main process with 0).
 """
 
-import datetime
 import os
-import platform
-import shlex
-import sys
-import tempfile
-import time
 
-import numpy as np
-from absl import app, flags
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as tools/bench_frontend.py: before NumPy is imported
 
-from audiojepa import frontend
-from audiojepa.data import pipeline, shards, synthetic
+import datetime  # noqa: E402
+import platform  # noqa: E402
+import shlex  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+from absl import app, flags  # noqa: E402
+
+from audiojepa import frontend  # noqa: E402
+from audiojepa.data import pipeline, shards, synthetic  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for tools/
+from tools import bench_common, bench_frontend  # noqa: E402
 
 flags.DEFINE_list("parts", ["frontend", "pipeline"], "Which parts to run: frontend, pipeline.")
 flags.DEFINE_integer("pipeline_clips", 512, "Clips in the temporary shard set for part (b).")
@@ -31,7 +36,7 @@ flags.DEFINE_integer("pipeline_batch", 64, "Batch size in part (b).")
 flags.DEFINE_integer("crop_frames", 608, "Crop length in frames in part (b).")
 flags.DEFINE_list("workers", ["0", "1", "2"], "Worker counts to time in part (b).")
 flags.DEFINE_integer("pipeline_batches", 12, "Timed batches per setting (after 2 warm-up batches).")
-FLAGS = flags.FLAGS
+FLAGS = flags.FLAGS  # bench_frontend's flags (--num_clips, --seconds, --preset, --batch, --append_to) apply to (a)
 
 
 def _pipeline_rows(tmp: str) -> list[tuple[str, int, float]]:
@@ -67,25 +72,23 @@ def _pipeline_table(rows) -> str:
 
 
 def main(argv):
-    del argv
     if "frontend" in FLAGS.parts:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        import bench_frontend  # noqa: E402  (same folder; appends its own table)
-
-        bench_frontend.run_and_report(command=shlex.join(["python", *sys.argv]))
+        bench_frontend.main(argv)
     if "pipeline" in FLAGS.parts:
         with tempfile.TemporaryDirectory() as tmp:
             rows = _pipeline_rows(tmp)
         table = _pipeline_table(rows)
         print(table)
-        with open("BENCHMARKS.md", "a") as f:
-            f.write(f"\n## Input pipeline from shards ({datetime.date.today()})\n\n"
-                    f"Command: `{shlex.join(['python', *sys.argv])}`  \n"
-                    f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs. "
-                    f"{FLAGS.pipeline_clips} procedural clips of {FLAGS.pipeline_seconds:g} s at 16 kHz (pcm16, "
-                    f"4 shards), batch {FLAGS.pipeline_batch}, {FLAGS.crop_frames}-frame crops, m2d front end; "
-                    f"{FLAGS.pipeline_batches} timed batches after 2 warm-up batches.\n\n{table}\n")
-
+        bench_common.append_markdown(FLAGS.append_to, (
+            f"### Input pipeline from shards\n\n"
+            f"- Command: `{shlex.join(['python', *sys.argv])}`\n"
+            f"- Date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}\n"
+            f"- Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average "
+            f"{os.getloadavg()[0]:.2f}\n"
+            f"- {FLAGS.pipeline_clips} procedural clips of {FLAGS.pipeline_seconds:g} s at 16 kHz (pcm16, 4 shards), "
+            f"batch {FLAGS.pipeline_batch}, {FLAGS.crop_frames}-frame crops, m2d front end; "
+            f"{FLAGS.pipeline_batches} timed batches after 2 warm-up batches. Per core = clips/s / max(workers, 1).\n\n"
+            f"{table}\n"))
 
 if __name__ == "__main__":
     app.run(main)

@@ -37,6 +37,9 @@ import scipy  # noqa: E402
 
 from audiojepa import frontend  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for tools/
+from tools import bench_common  # noqa: E402
+
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("num_clips", 256, "Number of random clips.")
 flags.DEFINE_float("seconds", 6.08, "Clip length in seconds.")
@@ -143,11 +146,7 @@ def main(argv):
                      f"| {clips_per_cpu_s[name]:.0f} | {max_diff[name]:.1e} |")
     table = "\n".join(lines) + "\n"
     print(table)
-    if FLAGS.append_to:
-        new_file = not os.path.exists(FLAGS.append_to)
-        with open(FLAGS.append_to, "a") as f:
-            f.write("# Benchmarks\n\n" if new_file else "\n")
-            f.write(table)
+    bench_common.append_markdown(FLAGS.append_to, table)
 
 
 if __name__ == "__main__":
