@@ -45,9 +45,13 @@ def make_train_step(method, tx, schedule, spec: pipeline.DataSpec, *, device_fro
 
     A step whose loss or gradient norm is not finite leaves the state unchanged and reports
     `nonfinite = 1`; the host stops the run at the next check, before any bad state is saved.
+
+    `mask_variant` (static) is for methods whose masks change size between steps (e.g. a mask ratio
+    drawn per batch): such a method defines `mask_variant(step) -> int` on the host and takes
+    `loss(..., mask_variant=v)`; each variant compiles once, so a run compiles a bounded number of times.
     """
 
-    def step_fn(state, batch, rng):
+    def step_fn(state, batch, rng, mask_variant=None):
         step = state["step"]
         rng = jax.random.fold_in(rng, step)
         if device_frontend:
@@ -57,7 +61,8 @@ def make_train_step(method, tx, schedule, spec: pipeline.DataSpec, *, device_fro
             lms = batch["lms"]
 
         def loss_fn(params):
-            return method.loss(params, state["target_params"], {"lms": lms}, rng, step)
+            kwargs = {} if mask_variant is None else {"mask_variant": mask_variant}
+            return method.loss(params, state["target_params"], {"lms": lms}, rng, step, **kwargs)
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         grad_norm = optax.tree.norm(grads)
@@ -158,7 +163,8 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None, n
 
     train_step = jax.jit(
         make_train_step(method, tx, schedule, spec, device_frontend=device_frontend, total_steps=total_steps),
-        donate_argnums=(0,), out_shardings=(repl, repl))
+        donate_argnums=(0,), out_shardings=(repl, repl), static_argnums=(3,))
+    mask_variant = getattr(method, "mask_variant", lambda step: None)
     meta = _run_meta(config, spec, total_steps)
     periodic_evals, eval_encoder = [], None
     if is_main and config.get("evals"):
@@ -184,7 +190,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None, n
             t0 = time.perf_counter()
             batch = sharding.to_global_batch(next(data_iter), mesh)
             data_wait += time.perf_counter() - t0
-            state, step_metrics = train_step(state, batch, train_rng)
+            state, step_metrics = train_step(state, batch, train_rng, mask_variant(step))
             pending.append(step_metrics)
             step += 1
             last_step = step == total_steps or step == stop_after
