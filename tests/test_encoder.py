@@ -60,6 +60,7 @@ def test_convert_cli_export_round_trip(tmp_path):
                                atol=ATOL)
 
 
+@pytest.mark.slow
 def test_workdir_export_matches_the_checkpoint(tmp_path, monkeypatch):
     from tests.test_train import tiny_config
 

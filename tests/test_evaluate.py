@@ -55,6 +55,7 @@ def _task_folder(root):
     return root
 
 
+@pytest.mark.slow
 def test_evaluate_cli_writes_the_report(random_export, tmp_path):
     task = _task_folder(tmp_path / "tones")
     out = tmp_path / "report"
@@ -74,6 +75,7 @@ def test_evaluate_cli_writes_the_report(random_export, tmp_path):
     assert "| tones |" in result.stdout
 
 
+@pytest.mark.slow
 def test_periodic_evaluation_is_logged_with_training_metrics(tmp_path, monkeypatch):
     from tests.test_train import tiny_config
 

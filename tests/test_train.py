@@ -10,6 +10,8 @@ import pytest
 from audiojepa import checkpointing, metrics, train
 from configs import m2d as m2d_config
 
+pytestmark = pytest.mark.slow  # each test trains for a few steps (tens of seconds on 2 cores)
+
 
 def tiny_config(cache_dir, **overrides):
     """runlocal shrunk further: 48-frame crops (15 patches), batch 8, a 64-clip embedded corpus."""
