@@ -313,7 +313,7 @@ def test_span_mask_short_sequences():
 
 
 @pytest.mark.parametrize("sampler", [MULTIBLOCK[(5, 13)], SPAN_CLIPPED, TIME_ONLY], ids=lambda s: s.trace_key[0])
-def test_one_compilation_for_many_keys(sampler):
+def test_structured_samplers_compile_once_for_many_keys(sampler):
     draws = [np.asarray(sampler(jax.random.key(100 + i), 8)[1]) for i in range(20)]
     assert TRACES[sampler.trace_key] == 1
     assert len({d.tobytes() for d in draws}) == 20
