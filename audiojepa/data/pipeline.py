@@ -234,6 +234,11 @@ def make_iterator(
     read = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(2 * read_threads, 1))
     it_ds = ds.to_iter_dataset(read)
     if num_workers > 0:
+        # Workers are spawned processes that inherit this environment. Each does single-clip NumPy work,
+        # where multi-threaded BLAS only oversubscribes the cores (host log-mel ran 5x slower with
+        # OpenBLAS's default threads on a busy 2-core machine). The user's own setting wins.
+        for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(var, "1")
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=num_workers, per_worker_buffer_size=worker_buffer_size))
     return iter(it_ds)
