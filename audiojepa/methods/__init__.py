@@ -1,9 +1,11 @@
 """Pretraining methods. Each is a plain class built as `Method(config.model, input_shape=(n_mels, frames))`
 with init / loss / update_targets / weight_decay_mask / encode (see audiojepa.methods.m2d.M2D)."""
 
+from audiojepa.methods.jepa import JEPA
 from audiojepa.methods.m2d import M2D
 
-METHODS = {"m2d": M2D}
+# Audio-JEPA (Tuncay et al.) is a configuration of "jepa" (configs/audio_jepa.py).
+METHODS = {"m2d": M2D, "jepa": JEPA}
 
 
 def get_method(name: str):
@@ -13,4 +15,4 @@ def get_method(name: str):
     return METHODS[name]
 
 
-__all__ = ["M2D", "METHODS", "get_method"]
+__all__ = ["JEPA", "M2D", "METHODS", "get_method"]

@@ -29,15 +29,22 @@ import jax.numpy as jnp
 import ml_collections
 
 from audiojepa import masking
+# The loss helpers live in audiojepa.losses (shared with the JEPA family); re-exported under their M2D names.
+from audiojepa.losses import (  # noqa: F401
+    L2_NORMALIZE_EPS,
+    STANDARDIZE_EPS,
+    l2_normalize,
+    prediction_loss,
+    standardize_tokens,
+)
+from audiojepa.losses import token_spread as _spread  # noqa: F401
 from audiojepa.models import Predictor, TransformerStack, ViTEncoder, as_dtype, decode_variant, grid_size
 
 Params = dict[str, Any]
 
 CONFIG_KEYS = ("variant", "patch_size", "mask_ratio", "predictor_width", "predictor_depth", "predictor_heads",
                "loss_type", "norm_target", "ema_decay_init", "ema_decay", "init_target_from_online", "dtype")
-LOSS_TYPES = ("norm_mse", "mse")
-STANDARDIZE_EPS = 1e-6
-L2_NORMALIZE_EPS = 1e-12
+LOSS_TYPES = ("norm_mse", "mse")  # the subset of audiojepa.losses.LOSS_TYPES that M2D uses
 
 
 def default_config(variant: str = "B") -> ml_collections.ConfigDict:
@@ -56,54 +63,6 @@ def default_config(variant: str = "B") -> ml_collections.ConfigDict:
         init_target_from_online=False,
         dtype="float32",
     ))
-
-
-def standardize_tokens(x: jax.Array) -> jax.Array:
-    """Per-token standardisation over the last axis with the unbiased variance: (x - μ) / sqrt(var + 1e-6)."""
-    mean = x.mean(axis=-1, keepdims=True)
-    var = x.var(axis=-1, ddof=1, keepdims=True)
-    return (x - mean) / jnp.sqrt(var + STANDARDIZE_EPS)
-
-
-def l2_normalize(x: jax.Array) -> jax.Array:
-    """x / max(‖x‖, 1e-12) over the last axis (torch.nn.functional.normalize)."""
-    norm = jnp.linalg.norm(x, axis=-1, keepdims=True)
-    return x / jnp.maximum(norm, L2_NORMALIZE_EPS)
-
-
-def _spread(x: jax.Array) -> jax.Array:
-    """Per-feature std over all tokens of the L2-normalised x, times sqrt(dim): ≈1 when token directions
-    are spread over the sphere, → 0 when they collapse to one vector. x: [..., dim]."""
-    unit = l2_normalize(x).reshape(-1, x.shape[-1])
-    return unit.std(axis=0).mean() * jnp.sqrt(x.shape[-1])
-
-
-def prediction_loss(pred: jax.Array, target: jax.Array, *, loss_type: str = "norm_mse",
-                    norm_target: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """M2D regression loss, averaged over batch × tokens.
-
-    Args:
-        pred: [batch, tokens, dim] predictions.
-        target: [batch, tokens, dim] target-encoder outputs (no gradient is taken through them).
-        loss_type: "norm_mse" → 2 - 2·cos(pred, target); "mse" → mean over dims of the squared error.
-        norm_target: standardise target tokens first (see standardize_tokens).
-
-    Returns:
-        (scalar loss, metrics with "target_std" and "pred_std", see _spread).
-    """
-    pred = pred.astype(jnp.float32)
-    target = target.astype(jnp.float32)
-    if norm_target:
-        target = standardize_tokens(target)
-    if loss_type == "norm_mse":
-        per_token = 2.0 - 2.0 * jnp.sum(l2_normalize(pred) * l2_normalize(target), axis=-1)
-    elif loss_type == "mse":
-        per_token = jnp.mean(jnp.square(pred - target), axis=-1)
-    else:
-        raise ValueError(f"Unknown loss_type {loss_type!r}; valid: {LOSS_TYPES}.")
-    metrics = {"target_std": _spread(jax.lax.stop_gradient(target)),
-               "pred_std": _spread(jax.lax.stop_gradient(pred))}
-    return per_token.mean(), metrics
 
 
 def linear_ema_decay(step, total_steps: int, decay_init: float, decay_final: float) -> jax.Array:

@@ -74,7 +74,9 @@ class Predictor(nn.Module):
         else:
             positions = table[1:]
             context = context + positions[context_idx]
-            queries = mask_token + positions[target_idx]
+            # Start from an array that carries the batch sharding: gathering the replicated table with
+            # batch-sharded indices gives replicated queries, which an Explicit mesh cannot concatenate.
+            queries = jnp.zeros_like(context[:, :1]) + mask_token + positions[target_idx]
             sequence = jnp.concatenate([prefix, context, queries], axis=1)
 
         stack = TransformerStack(self.depth, self.num_heads, self.mlp_dim or 4 * self.width, self.dtype,

@@ -188,9 +188,10 @@ class TransformerStack(nn.Module):
 
 
 class ViTEncoder(nn.Module):
-    """Patch embedding + fixed sin-cos positions + learnable CLS + TransformerStack.
+    """Patch embedding + fixed sin-cos positions + learnable CLS (optional) + TransformerStack.
 
-    Params: `patch_embed/proj/{kernel [pf, pt, 1, D], bias}`, `cls_token [1, 1, D]`, `stack/...`.
+    Params: `patch_embed/proj/{kernel [pf, pt, 1, D], bias}`, `cls_token [1, 1, D]` (only with use_cls),
+    `stack/...`.
     The pieces are separate methods so a method can embed all patches once, pick a subset with index
     arrays, and encode only that subset (`encode_tokens`); swapping `stack` for another tree of the same
     structure (e.g. an EMA target) gives the target encoder with the same CLS and patch embedding.
@@ -200,6 +201,8 @@ class ViTEncoder(nn.Module):
         patch_size: (frequency bins, frames) per patch.
         dtype: compute dtype; params stay float32.
         attention_impl: passed to jax.nn.dot_product_attention (None = XLA, "cudnn").
+        use_cls: prepend a learnable CLS token (M2D); False encodes the patch tokens alone (I-JEPA and
+            the audio JEPAs), and outputs have no prefix token.
     """
     width: int
     depth: int
@@ -208,10 +211,12 @@ class ViTEncoder(nn.Module):
     patch_size: tuple[int, int] = (16, 16)
     dtype: Any = jnp.float32
     attention_impl: str | None = None
+    use_cls: bool = True
 
     def setup(self):
         self.patch_embed = PatchEmbed(self.width, tuple(self.patch_size), self.dtype)
-        self.cls_token = self.param("cls_token", token_init, (1, 1, self.width), jnp.float32)
+        if self.use_cls:
+            self.cls_token = self.param("cls_token", token_init, (1, 1, self.width), jnp.float32)
         self.stack = TransformerStack(self.depth, self.num_heads, self.mlp_dim, self.dtype, self.attention_impl)
 
     def embed(self, lms: jax.Array) -> jax.Array:
@@ -226,17 +231,21 @@ class ViTEncoder(nn.Module):
         return tokens.astype(jnp.float32) + table[None]
 
     def encode_tokens(self, tokens: jax.Array, return_layers: bool = False):
-        """tokens: [batch, N, width] (any subset of embedded patches) → [batch, 1 + N, width], CLS first.
+        """tokens: [batch, N, width] (any subset of embedded patches) → [batch, 1 + N, width], CLS first
+        ([batch, N, width] without use_cls).
 
         The CLS slot's position code is all zeros, so nothing is added to the CLS token.
         With return_layers, also returns [depth, batch, 1 + N, width] (see TransformerStack).
         """
         tokens = tokens.astype(jnp.float32)
+        if not self.use_cls:
+            return self.stack(tokens, return_layers)
         # Broadcast through `tokens` so the CLS rows share its batch sharding (concatenate under an
         # Explicit mesh needs equal shardings; a plain broadcast_to would be replicated).
         cls = jnp.zeros_like(tokens[:, :1]) + self.cls_token
         return self.stack(jnp.concatenate([cls, tokens], axis=1), return_layers)
 
     def __call__(self, lms: jax.Array, return_layers: bool = False):
-        """lms: [batch, n_mels, frames] → [batch, 1 + F·T', width], CLS first (all patches, no mask)."""
+        """lms: [batch, n_mels, frames] → [batch, 1 + F·T', width], CLS first (all patches, no mask); no
+        CLS row without use_cls."""
         return self.encode_tokens(self.embed(lms), return_layers)

@@ -1,0 +1,344 @@
+"""JEPA for audio: the SonyCSL study (Riou et al. 2024) and Audio-JEPA (Tuncay et al. 2025) as one method.
+
+A context encoder sees only the context patches; a predictor (I-JEPA style: the context tokens plus one
+shared mask token, with its sin-cos position, per target position) predicts the target encoder's
+representation of the target patches. The target encoder is a full copy of the context encoder
+(patch embedding, [CLS,] blocks, final norm), moved by EMA of the context encoder; nothing flows back
+into it. Reference notes: shared/reference/jepa_family.md §1-3.
+
+`target_domain` says where targets are masked (the SonyCSL study's "input" vs "latent" domain):
+    "input": the target encoder encodes only the target patches (M2D-style; the SonyCSL code's default
+        `mask_targets=True`).
+    "latent": the target encoder encodes all patches and the targets are its outputs at the target
+        positions (I-JEPA, Audio-JEPA).
+With "latent" and `predict_all_patches=True`, the predictor queries every patch and the loss covers all
+of them (the SonyCSL code's `mask_targets=False`, which is not what its paper describes).
+
+Model config keys (`config.model`; `default_config()` gives the SonyCSL paper values):
+    variant: encoder size, a key of audiojepa.models.VARIANTS ("tiny", "S", "B", "L").
+    patch_size: (frequency bins, frames) per patch.
+    use_cls: give the encoders a CLS token (False: patch tokens only, as I-JEPA and both audio JEPAs).
+    masking: "unstructured" | "multiblock" | "time".
+    mask_ratio: fraction of target patches for "unstructured" (context K = int(L·(1 - r))) and of
+        target time columns for "time".
+    mask_ratio_range: None, or (low, high): a ratio drawn per batch (Audio-JEPA's U[0.4, 0.6]) from
+        `num_ratio_buckets` evenly spaced values; the bucket is a host-side function of
+        (ratio_seed, step) (`mask_variant`), so a run compiles at most num_ratio_buckets train steps.
+        Not for "multiblock".
+    num_ratio_buckets, ratio_seed: see mask_ratio_range.
+    multiblock: dict of keyword arguments of audiojepa.masking.multiblock (num_targets, target_scale,
+        target_aspect, context_scale, context_aspect, target_placement).
+    time_span: for "time", target columns come in spans of this many patch columns.
+    target_domain: "input" | "latent" (above).
+    predict_all_patches: "latent" only: predict and regress all patches (SonyCSL code option).
+    predictor_width, predictor_depth, predictor_heads: predictor sizes; MLP 4·width; output projected
+        back to the encoder width.
+    predictor_full_grid: False (I-JEPA queries, default) or True (the whole grid with mask tokens
+        in the sequence, as the SonyCSL code's M2D-style predictor).
+    loss_type: "smooth_l1" | "mse" | "l2" | "norm_mse" (audiojepa.losses).
+    target_norm: "none" | "layernorm" | "standardize" (audiojepa.losses).
+    smooth_l1_beta: β of smooth_l1 (torch default 1.0).
+    ema_schedule: "linear": τ goes linearly from ema_decay_init to ema_decay (M2D, SonyCSL);
+        "cosine": τ = τ1 - (τ1 - τ0)·(cos(π·step/total) + 1)/2 (BYOL, I-JEPA family; 0.996 → 1.0).
+    ema_decay_init, ema_decay: τ0 and τ1.
+    init_target_from_online: start the target encoder as an exact copy of the context encoder (I-JEPA's
+        deepcopy; True) or initialise it independently (False).
+    dtype: compute dtype, "float32" or "bfloat16"; params are float32 either way.
+
+Param trees:
+    params = {"encoder": {"patch_embed", ["cls_token",] "stack"}, "predictor": {"embed", "mask_token",
+    "stack", "head"}}; target_params has the structure of params["encoder"] (its own patch embedding).
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from audiojepa import losses, masking
+from audiojepa.methods.m2d import ema_update, linear_ema_decay
+from audiojepa.models import Predictor, ViTEncoder, as_dtype, decode_variant, grid_size
+
+Params = dict[str, Any]
+
+MASKINGS = ("unstructured", "multiblock", "time")
+TARGET_DOMAINS = ("input", "latent")
+EMA_SCHEDULES = ("linear", "cosine")
+CONFIG_KEYS = ("variant", "patch_size", "use_cls", "masking", "mask_ratio", "mask_ratio_range",
+               "num_ratio_buckets", "ratio_seed", "multiblock", "time_span", "target_domain",
+               "predict_all_patches", "predictor_width", "predictor_depth", "predictor_heads",
+               "predictor_full_grid", "loss_type", "target_norm", "smooth_l1_beta", "ema_schedule",
+               "ema_decay_init", "ema_decay", "init_target_from_online", "dtype")
+
+
+def default_config(variant: str = "B") -> ml_collections.ConfigDict:
+    """SonyCSL JEPA (Riou et al.): ViT-B/16, unstructured mask 0.6, input-domain targets, predictor
+    512/8/16, smooth L1 on standardised targets, EMA linear 0.99995 → 0.99999 (their code's values)."""
+    return ml_collections.ConfigDict(dict(
+        variant=variant,
+        patch_size=(16, 16),
+        use_cls=False,
+        masking="unstructured",
+        mask_ratio=0.6,
+        mask_ratio_range=None,
+        num_ratio_buckets=5,
+        ratio_seed=0,
+        # I-JEPA's shipped ranges; see audiojepa.masking.multiblock for the placement.
+        multiblock=dict(num_targets=4, target_scale=(0.15, 0.2), target_aspect=(0.75, 1.5),
+                        context_scale=(0.85, 1.0), context_aspect=(1.0, 1.0), target_placement="clip"),
+        time_span=2,
+        target_domain="input",
+        predict_all_patches=False,
+        predictor_width=512,
+        predictor_depth=8,
+        predictor_heads=16,
+        predictor_full_grid=False,
+        loss_type="smooth_l1",
+        target_norm="standardize",
+        smooth_l1_beta=1.0,
+        ema_schedule="linear",
+        ema_decay_init=0.99995,
+        ema_decay=0.99999,
+        init_target_from_online=True,
+        dtype="float32",
+    ))
+
+
+def cosine_one_minus_decay(step, total_steps: int, decay_init: float, decay_final: float) -> jax.Array:
+    """1 - τ(step) of the cosine schedule τ = τ1 - (τ1 - τ0)·(cos(π·step/total) + 1)/2.
+
+    Computed as (1 - τ1) + (τ1 - τ0)·(cos + 1)/2 so that 1 - τ ≈ 4e-3 keeps its float32 precision.
+    step/total is clipped to [0, 1]: τ(0) = τ0, τ(total) = τ1.
+    """
+    fraction = jnp.clip(jnp.asarray(step, jnp.float32) / max(int(total_steps), 1), 0.0, 1.0)
+    return (1.0 - decay_final) + (decay_final - decay_init) * (jnp.cos(jnp.pi * fraction) + 1.0) / 2.0
+
+
+def _choice(config, key: str, valid: tuple[str, ...]) -> str:
+    value = config[key]
+    if value not in valid:
+        raise ValueError(f"config.model.{key}={value!r}; valid: {valid}.")
+    return value
+
+
+class JEPA:
+    """The JEPA method: params, masks, loss, EMA of the target encoder, weight-decay mask, encoder.
+
+    Built from `config.model` (keys in the module docstring) and the input shape (n_mels, frames).
+    """
+
+    def __init__(self, model_config, *, input_shape: tuple[int, int]):
+        if isinstance(model_config, dict):
+            model_config = ml_collections.ConfigDict(model_config)
+        missing = [key for key in CONFIG_KEYS if key not in model_config]
+        if missing:
+            raise KeyError(f"config.model is missing {missing} for JEPA; it needs all of {list(CONFIG_KEYS)} "
+                           "(defaults: audiojepa.methods.jepa.default_config()).")
+        self.config = model_config
+        self.masking = _choice(model_config, "masking", MASKINGS)
+        self.target_domain = _choice(model_config, "target_domain", TARGET_DOMAINS)
+        self.ema_schedule = _choice(model_config, "ema_schedule", EMA_SCHEDULES)
+        self.loss_type = _choice(model_config, "loss_type", losses.LOSS_TYPES)
+        self.target_norm = _choice(model_config, "target_norm", losses.TARGET_NORMS)
+        self.smooth_l1_beta = float(model_config.smooth_l1_beta)
+        self.predict_all_patches = bool(model_config.predict_all_patches)
+        if self.predict_all_patches and self.target_domain != "latent":
+            raise ValueError("config.model.predict_all_patches=True needs target_domain='latent' (an "
+                             "input-domain target encoder never sees the context patches).")
+
+        self.input_shape = tuple(int(n) for n in input_shape)
+        self.patch_size = tuple(int(p) for p in model_config.patch_size)
+        if any(n % p for n, p in zip(self.input_shape, self.patch_size)):
+            raise ValueError(f"input_shape {self.input_shape} (n_mels, frames) is not a multiple of "
+                             f"config.model.patch_size {self.patch_size}.")
+        self.grid_size = grid_size(self.input_shape, self.patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.use_cls = bool(model_config.use_cls)
+        self.num_prefix_tokens = 1 if self.use_cls else 0  # `encode` outputs [CLS,] then the patch tokens
+
+        self.mask_ratio = float(model_config.mask_ratio)
+        self.ratio_buckets = None
+        if model_config.mask_ratio_range is not None:
+            if self.masking == "multiblock":
+                raise ValueError("config.model.mask_ratio_range is for masking='unstructured' or 'time'; "
+                                 "multiblock masks are sized by config.model.multiblock.")
+            low, high = model_config.mask_ratio_range
+            self.ratio_buckets = masking.bucketed_ratios(low, high, int(model_config.num_ratio_buckets))
+        self.multiblock_kwargs = dict(model_config.multiblock) if self.masking == "multiblock" else {}
+        for variant in range(self.num_mask_variants):
+            self._mask_counts(variant)  # fail now, naming the key, if a ratio leaves an empty side
+
+        size = decode_variant(model_config.variant)
+        dtype = as_dtype(model_config.dtype)
+        self.width = size["width"]
+        self.encoder = ViTEncoder(**size, patch_size=self.patch_size, dtype=dtype, use_cls=self.use_cls)
+        self.predictor = Predictor(grid_size=self.grid_size, width=int(model_config.predictor_width),
+                                   depth=int(model_config.predictor_depth),
+                                   num_heads=int(model_config.predictor_heads), out_dim=self.width,
+                                   use_cls=self.use_cls, full_grid=bool(model_config.predictor_full_grid),
+                                   dtype=dtype)
+
+    # -- masks ----------------------------------------------------------------------------------------
+
+    @property
+    def num_mask_variants(self) -> int:
+        """How many mask shapes (hence train-step compiles) the method uses: the ratio buckets, or 1."""
+        return len(self.ratio_buckets.ratios) if self.ratio_buckets else 1
+
+    def mask_variant(self, step: int) -> int | None:
+        """Host-side: the ratio bucket of `step` (a pure function of (ratio_seed, step)), None without
+        mask_ratio_range. The trainer passes it back to `loss` as a static value."""
+        if self.ratio_buckets is None:
+            return None
+        return self.ratio_buckets.draw_bucket(int(step), int(self.config.ratio_seed))
+
+    def mask_ratio_of(self, mask_variant: int | None) -> float:
+        """The mask ratio of a variant; without one (e.g. evaluation code) the middle bucket."""
+        if self.ratio_buckets is None:
+            return self.mask_ratio
+        if mask_variant is None:
+            mask_variant = len(self.ratio_buckets.ratios) // 2
+        return self.ratio_buckets.ratios[int(mask_variant)]
+
+    def _mask_counts(self, mask_variant: int | None) -> tuple[int, int]:
+        """(Kc, Kt) context and target patch counts of a variant (Python ints)."""
+        if self.masking == "multiblock":
+            return masking.multiblock_counts(self.grid_size, **self.multiblock_kwargs)
+        ratio = self.mask_ratio_of(mask_variant)
+        key = "mask_ratio_range" if self.ratio_buckets else "mask_ratio"
+        if self.masking == "unstructured":
+            num_context = masking.num_visible(self.num_patches, ratio)
+        else:
+            num_context = self.grid_size[0] * masking.num_visible(self.grid_size[1], ratio)
+        if not 0 < num_context < self.num_patches:
+            raise ValueError(f"config.model.{key} gives mask ratio {ratio}, which leaves {num_context} of "
+                             f"{self.num_patches} patches as context; JEPA needs both context and targets.")
+        return num_context, self.num_patches - num_context
+
+    def sample_mask(self, rng: jax.Array, batch_size: int,
+                    mask_variant: int | None = None) -> tuple[jax.Array, jax.Array]:
+        """(context_idx [batch, Kc], target_idx [batch, Kt]) int32 for config.model.masking, disjoint."""
+        if self.masking == "multiblock":
+            return masking.multiblock(rng, batch_size, self.grid_size, **self.multiblock_kwargs)
+        ratio = self.mask_ratio_of(mask_variant)
+        if self.masking == "time":
+            return masking.time_only(rng, batch_size, self.grid_size, target_ratio=ratio,
+                                     span=int(self.config.time_span))
+        return masking.random_unstructured(rng, batch_size, self.num_patches, ratio)
+
+    # -- params ---------------------------------------------------------------------------------------
+
+    def init(self, rng: jax.Array) -> tuple[Params, Params]:
+        """(params, target_params), float32. target_params copies params["encoder"] unless
+        config.model.init_target_from_online is False (then it is initialised from its own key)."""
+        rng_encoder, rng_predictor, rng_target = jax.random.split(rng, 3)
+        dummy_lms = jnp.zeros((1, *self.input_shape), jnp.float32)
+        encoder = self.encoder.init(rng_encoder, dummy_lms)["params"]
+        predictor = self.predictor.init(
+            rng_predictor, jnp.zeros((1, self.num_prefix_tokens + 1, self.width), jnp.float32),
+            jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), jnp.int32))["params"]
+        params = {"encoder": encoder, "predictor": predictor}
+        if self.config.init_target_from_online:
+            target_params = jax.tree.map(jnp.copy, encoder)
+        else:
+            target_params = self.encoder.init(rng_target, dummy_lms)["params"]
+        return params, target_params
+
+    def weight_decay_mask(self, params: Params) -> Params:
+        """True for tensors with ndim > 1 (kernels, CLS and mask tokens); False for biases and LayerNorm
+        (I-JEPA / Audio-JEPA's param groups; the SonyCSL code decays everything)."""
+        return jax.tree.map(lambda p: p.ndim > 1, params)
+
+    # -- forward --------------------------------------------------------------------------------------
+
+    def target_encoder_inputs(self, target_params: Params, lms: jax.Array, target_idx: jax.Array) -> jax.Array:
+        """The patch tokens the target encoder encodes: its own patch embedding + positions of all
+        patches ("latent", [batch, L, D]) or of the target patches only ("input", [batch, Kt, D])."""
+        tokens = self.encoder.apply({"params": target_params}, lms, method=ViTEncoder.embed)
+        if self.target_domain == "latent":
+            return tokens
+        return masking.gather_tokens(tokens, target_idx)
+
+    def forward_from_indices(self, params: Params, target_params: Params, lms: jax.Array,
+                             context_idx: jax.Array, target_idx: jax.Array) -> dict[str, jax.Array]:
+        """All JEPA activations for a given mask.
+
+        Args:
+            lms: [batch, n_mels, frames] normalised log-mel.
+            context_idx: [batch, Kc] int patch indices seen by the context encoder.
+            target_idx: [batch, Kt] int patch indices to predict (predictions and targets in this order).
+
+        Returns:
+            dict with "context" [batch, prefix + Kc, D] (context encoder), "target_tokens" (the target
+            encoder's input, see target_encoder_inputs), "target" [batch, P, D] (target encoder outputs at
+            the predicted positions, not normalised, no gradient) and "pred" [batch, P, D], where P = Kt,
+            or L with predict_all_patches (then in patch order).
+        """
+        encoder = {"params": params["encoder"]}
+        tokens = self.encoder.apply(encoder, lms, method=ViTEncoder.embed)
+        context = self.encoder.apply(encoder, masking.gather_tokens(tokens, context_idx),
+                                     method=ViTEncoder.encode_tokens)
+        if self.predict_all_patches:
+            pred_idx = jnp.broadcast_to(jnp.arange(self.num_patches, dtype=jnp.int32),
+                                        (lms.shape[0], self.num_patches))
+        else:
+            pred_idx = target_idx
+        pred = self.predictor.apply({"params": params["predictor"]}, context, context_idx, pred_idx)
+
+        target_params = jax.lax.stop_gradient(target_params)
+        target_tokens = self.target_encoder_inputs(target_params, lms, target_idx)
+        target = self.encoder.apply({"params": target_params}, target_tokens,
+                                    method=ViTEncoder.encode_tokens)[:, self.num_prefix_tokens:]
+        if self.target_domain == "latent" and not self.predict_all_patches:
+            target = masking.gather_tokens(target, target_idx)
+        return {"context": context, "target_tokens": target_tokens, "target": jax.lax.stop_gradient(target),
+                "pred": pred}
+
+    def loss_from_indices(self, params: Params, target_params: Params, lms: jax.Array, context_idx: jax.Array,
+                          target_idx: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """(scalar loss, metrics) for a given mask; shapes as in forward_from_indices."""
+        out = self.forward_from_indices(params, target_params, lms, context_idx, target_idx)
+        loss, metrics = losses.prediction_loss(out["pred"], out["target"], loss_type=self.loss_type,
+                                               target_norm=self.target_norm, beta=self.smooth_l1_beta)
+        return loss, {"loss": loss, **metrics}
+
+    def loss(self, params: Params, target_params: Params, batch: dict[str, jax.Array], rng: jax.Array,
+             step, mask_variant: int | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """(scalar loss, metrics) on batch["lms"] [batch, n_mels, frames] with a mask drawn from rng.
+
+        mask_variant: static ratio bucket (from `mask_variant(step)`); ignored without mask_ratio_range.
+        Metrics: "loss", "target_std", "pred_std" (collapse monitors, ≈1 healthy, → 0 collapsed) and
+        "mask_ratio" (the fraction of target patches of this step).
+        """
+        del step
+        lms = batch["lms"]
+        context_idx, target_idx = self.sample_mask(rng, lms.shape[0], mask_variant)
+        loss, metrics = self.loss_from_indices(params, target_params, lms, context_idx, target_idx)
+        metrics["mask_ratio"] = jnp.asarray(target_idx.shape[1] / self.num_patches, jnp.float32)
+        return loss, metrics
+
+    def encode(self, params: Params, lms: jax.Array) -> jax.Array:
+        """Context encoder on all patches: lms [batch, n_mels, frames] → [batch, prefix + L, D]
+        (prefix = num_prefix_tokens: 1 CLS with use_cls, else 0)."""
+        return self.encoder.apply({"params": params["encoder"]}, lms)
+
+    # -- target network -------------------------------------------------------------------------------
+
+    def _one_minus_decay(self, step, total_steps: int) -> jax.Array:
+        decay_init, decay_final = float(self.config.ema_decay_init), float(self.config.ema_decay)
+        if self.ema_schedule == "cosine":
+            return cosine_one_minus_decay(step, total_steps, decay_init, decay_final)
+        return linear_ema_decay(step, total_steps, 1.0 - decay_init, 1.0 - decay_final)
+
+    def ema_decay(self, step, total_steps: int) -> jax.Array:
+        """τ at `step` (0-based optimizer step) of `total_steps`, per config.model.ema_schedule."""
+        return 1.0 - self._one_minus_decay(step, total_steps)
+
+    def update_targets(self, params: Params, target_params: Params, step, total_steps: int) -> Params:
+        """EMA of the whole context encoder (patch embedding included) into the target encoder,
+        τ = ema_decay(step, total_steps); call after each optimizer step with its 0-based index."""
+        return ema_update(target_params, params["encoder"], self._one_minus_decay(step, total_steps))
+
+
+__all__ = ["JEPA", "default_config", "cosine_one_minus_decay", "MASKINGS", "TARGET_DOMAINS", "EMA_SCHEDULES"]
