@@ -22,8 +22,8 @@ CPU smoke run on the embedded corpus (tiny ViT, predictor 64/2/4, 300 steps of b
     python -m audiojepa.main --config=configs/jepa.py:runlocal --workdir=/tmp/jepa_runlocal
 
   On 2 CPU cores: the embedded corpus is generated once (3000 clips, ~25 s), then about 2-3 minutes
-  of training; the logged loss falls from ~0.4 at step 20 to well below that by step 300 (measured:
-  see the report in the module's tests). Other maskings: `:runlocal,masking=multiblock`,
+  of training; measured: loss 0.49 at step 20, 0.29 at 40, 0.10 at 80, 0.06 at 300 (125 s wall
+  with the corpus cached), target_std ~0.75 throughout. Other maskings: `:runlocal,masking=multiblock`,
   `:runlocal,masking=time,target_domain=latent`.
 
 Arguments (`:arg`, comma-separated): `runlocal`, `variant=tiny|S|B|L`,
