@@ -59,3 +59,25 @@ def load_config(config_arg: str) -> ml_collections.ConfigDict:
     """`configs/m2d.py:runlocal` -> that file's `get_config("runlocal")` (as `--config=` would)."""
     path, _, arg = config_arg.partition(":")
     return load_config_module(path).get_config(arg or None)
+
+
+def adamw_config(**overrides) -> ml_collections.ConfigDict:
+    """`config.optim` for M2D's recipe: AdamW (0.9, 0.95), wd 0.05, lr = 3e-4 x batch / 256, clip 3.0.
+
+    `lr` set (not None) overrides the batch scaling; `grad_clip_norm` None disables clipping.
+    """
+    from ml_collections import config_dict
+
+    optim = ml_collections.ConfigDict({
+        "name": "adamw",
+        "base_lr": 3e-4,  # lr = base_lr x batch_size / 256
+        "lr": config_dict.placeholder(float),
+        "min_lr": 0.0,
+        "b1": 0.9,
+        "b2": 0.95,
+        "weight_decay": 0.05,
+        "grad_clip_norm": config_dict.placeholder(float),
+    })
+    optim.grad_clip_norm = 3.0
+    optim.update(overrides)
+    return optim

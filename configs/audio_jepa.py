@@ -40,7 +40,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from audiojepa import frontend
-from audiojepa.config_utils import parse_arg
+from audiojepa.config_utils import adamw_config, parse_arg
 from audiojepa.methods import jepa
 
 CLIP_SECONDS = 10.0
@@ -105,15 +105,7 @@ def get_config(arg=None):
     config.model.ema_decay_init = 0.996
     config.model.ema_decay = 1.0
 
-    config.optim = ml_collections.ConfigDict()
-    config.optim.name = "adamw"
-    config.optim.base_lr = 3e-4
-    config.optim.lr = 3e-4  # peak, not scaled with the batch
-    config.optim.min_lr = 0.0
-    config.optim.b1 = 0.9
-    config.optim.b2 = 0.95
-    config.optim.weight_decay = 0.05
-    config.optim.grad_clip_norm = config_dict.placeholder(float)  # the code does not clip
+    config.optim = adamw_config(lr=3e-4, grad_clip_norm=None)  # peak lr, not scaled with the batch; the code does not clip
 
     if arg.recipe == "code":
         config.model.loss_type = "norm_mse"

@@ -42,7 +42,7 @@ Where the paper and the public code differ (the code is an option, the paper the
 import ml_collections
 from ml_collections import config_dict
 
-from audiojepa.config_utils import parse_arg
+from audiojepa.config_utils import adamw_config, parse_arg
 from audiojepa.methods import jepa
 
 FRAMES_PER_SECOND = 100  # the m2d front end's 10 ms hop
@@ -100,15 +100,7 @@ def get_config(arg=None):
     # in spans of 2 patch columns (the unstructured ratio).
     config.model.mask_ratio_range = config_dict.placeholder(tuple)
 
-    config.optim = ml_collections.ConfigDict()
-    config.optim.name = "adamw"
-    config.optim.base_lr = 3e-4  # lr = base_lr x batch_size / 256 (their `effective_lr`)
-    config.optim.lr = config_dict.placeholder(float)  # set to override the scaling rule
-    config.optim.min_lr = 0.0
-    config.optim.b1 = 0.9
-    config.optim.b2 = 0.95
-    config.optim.weight_decay = 0.05
-    config.optim.grad_clip_norm = 3.0
+    config.optim = adamw_config()  # their `effective_lr`: 3e-4 x batch / 256
 
     if arg.runlocal:
         config.batch_size = 32

@@ -26,7 +26,7 @@ Arguments (`:arg`): `runlocal`, `variant=tiny|S|B|L`, `mask_ratio=0.6`.
 import ml_collections
 from ml_collections import config_dict
 
-from audiojepa.config_utils import parse_arg
+from audiojepa.config_utils import adamw_config, parse_arg
 
 
 def get_config(arg=None):
@@ -71,15 +71,7 @@ def get_config(arg=None):
     config.model.init_target_from_online = False  # the official code initialises the target independently
     config.model.dtype = "float32"  # compute dtype; "bfloat16" on accelerators (params stay float32)
 
-    config.optim = ml_collections.ConfigDict()
-    config.optim.name = "adamw"
-    config.optim.base_lr = 3e-4  # lr = base_lr x batch_size / 256
-    config.optim.lr = config_dict.placeholder(float)  # set to override the scaling rule
-    config.optim.min_lr = 0.0
-    config.optim.b1 = 0.9
-    config.optim.b2 = 0.95
-    config.optim.weight_decay = 0.05
-    config.optim.grad_clip_norm = 3.0
+    config.optim = adamw_config()
 
     if arg.runlocal:
         config.batch_size = 32

@@ -58,7 +58,7 @@ import ml_collections
 
 from audiojepa import losses, masking
 from audiojepa.methods.m2d import ema_update, linear_ema_decay
-from audiojepa.models import Predictor, ViTEncoder, as_dtype, decode_variant, grid_size
+from audiojepa.models import Predictor, ViTEncoder, as_dtype, checked_grid_size, decode_variant
 
 Params = dict[str, Any]
 
@@ -149,10 +149,7 @@ class JEPA:
 
         self.input_shape = tuple(int(n) for n in input_shape)
         self.patch_size = tuple(int(p) for p in model_config.patch_size)
-        if any(n % p for n, p in zip(self.input_shape, self.patch_size)):
-            raise ValueError(f"input_shape {self.input_shape} (n_mels, frames) is not a multiple of "
-                             f"config.model.patch_size {self.patch_size}.")
-        self.grid_size = grid_size(self.input_shape, self.patch_size)
+        self.grid_size = checked_grid_size(self.input_shape, self.patch_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.use_cls = bool(model_config.use_cls)
         self.num_prefix_tokens = 1 if self.use_cls else 0  # `encode` outputs [CLS,] then the patch tokens

@@ -38,7 +38,7 @@ from audiojepa.losses import (  # noqa: F401
     standardize_tokens,
 )
 from audiojepa.losses import token_spread as _spread  # noqa: F401
-from audiojepa.models import Predictor, TransformerStack, ViTEncoder, as_dtype, decode_variant, grid_size
+from audiojepa.models import Predictor, TransformerStack, ViTEncoder, as_dtype, checked_grid_size, decode_variant
 
 Params = dict[str, Any]
 
@@ -101,10 +101,7 @@ class M2D:
         self.config = model_config
         self.input_shape = tuple(int(n) for n in input_shape)
         self.patch_size = tuple(int(p) for p in model_config.patch_size)
-        if any(n % p for n, p in zip(self.input_shape, self.patch_size)):
-            raise ValueError(f"input_shape {self.input_shape} (n_mels, frames) is not a multiple of "
-                             f"config.model.patch_size {self.patch_size}.")
-        self.grid_size = grid_size(self.input_shape, self.patch_size)
+        self.grid_size = checked_grid_size(self.input_shape, self.patch_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.mask_ratio = float(model_config.mask_ratio)
         self.num_visible = masking.num_visible(self.num_patches, self.mask_ratio)

@@ -11,11 +11,12 @@ from audiojepa.models.vit import (
     TransformerStack,
     ViTEncoder,
     as_dtype,
+    checked_grid_size,
     decode_variant,
     grid_size,
 )
 
 __all__ = [
     "VARIANTS", "Attention", "Block", "Mlp", "PatchEmbed", "Predictor", "TransformerStack", "ViTEncoder",
-    "as_dtype", "decode_variant", "grid_size", "sincos_1d", "sincos_2d",
+    "as_dtype", "checked_grid_size", "decode_variant", "grid_size", "sincos_1d", "sincos_2d",
 ]

@@ -57,6 +57,14 @@ def grid_size(input_shape: tuple[int, int], patch_size: tuple[int, int]) -> tupl
     return input_shape[0] // patch_size[0], input_shape[1] // patch_size[1]
 
 
+def checked_grid_size(input_shape: tuple[int, int], patch_size: tuple[int, int]) -> tuple[int, int]:
+    """grid_size for a training input, which must be whole patches (a method's start-up check)."""
+    if any(n % p for n, p in zip(input_shape, patch_size)):
+        raise ValueError(f"input_shape {tuple(input_shape)} (n_mels, frames) is not a multiple of "
+                         f"config.model.patch_size {tuple(patch_size)}.")
+    return grid_size(input_shape, patch_size)
+
+
 def _torch_default_bias_init(fan_in: int):
     """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): PyTorch's default conv bias, which the official M2D keeps."""
     bound = 1.0 / np.sqrt(fan_in)
