@@ -34,7 +34,9 @@ Model config keys (`config.model`; `default_config()` gives the SonyCSL paper va
     predictor_width, predictor_depth, predictor_heads: predictor sizes; MLP 4·width; output projected
         back to the encoder width.
     predictor_full_grid: False (I-JEPA queries, default) or True (the whole grid with mask tokens
-        in the sequence, as the SonyCSL code's M2D-style predictor).
+        in the sequence, as the SonyCSL code's M2D-style predictor). With multi-block masking all
+        target blocks are queried in one sequence (I-JEPA runs one predictor pass per block, so its
+        queries for different blocks never attend to each other).
     loss_type: "smooth_l1" | "mse" | "l2" | "norm_mse" (audiojepa.losses).
     target_norm: "none" | "layernorm" | "standardize" (audiojepa.losses).
     smooth_l1_beta: β of smooth_l1 (torch default 1.0).
