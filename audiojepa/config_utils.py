@@ -81,3 +81,29 @@ def adamw_config(**overrides) -> ml_collections.ConfigDict:
     optim.grad_clip_norm = 3.0
     optim.update(overrides)
     return optim
+
+
+def apply_runlocal(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The CPU smoke schedule every method's `runlocal` shares: tiny encoder, 64-wide 2-layer predictor,
+    300 steps of batch 32 at lr 1e-3, in-process data loading. Method-specific settings (EMA, crop)
+    stay in each config."""
+    config.batch_size = 32
+    config.total_steps = 300
+    config.warmup_steps = 30
+    config.log_every_steps = 20
+    config.checkpoint_every_steps = 100
+    config.data.num_workers = 0
+    config.model.variant = "tiny"
+    config.model.predictor_width = 64
+    config.model.predictor_depth = 2
+    config.model.predictor_heads = 4
+    config.optim.lr = 1e-3
+    return config
+
+
+def set_by_path(config: ml_collections.ConfigDict, dotted_key: str, value) -> None:
+    """config["a.b.c"] = value, as `--config.a.b.c=value` would set it."""
+    *parents, leaf = dotted_key.split(".")
+    for key in parents:
+        config = config[key]
+    config[leaf] = value

@@ -41,7 +41,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from audiojepa import frontend
-from audiojepa.config_utils import adamw_config, parse_arg
+from audiojepa.config_utils import adamw_config, apply_runlocal, parse_arg
 from audiojepa.methods import jepa
 
 CLIP_SECONDS = 10.0
@@ -115,20 +115,10 @@ def get_config(arg=None):
         config.optim.weight_decay = 1e-6
 
     if arg.runlocal:
-        config.batch_size = 32
-        config.total_steps = 300
-        config.warmup_steps = 30
-        config.log_every_steps = 20
-        config.checkpoint_every_steps = 100
+        apply_runlocal(config)
         config.data.crop_frames = 208  # 8x13 patches; the embedded clips are 3 s
-        config.data.num_workers = 0
-        config.model.variant = "tiny"
-        config.model.predictor_width = 64
-        config.model.predictor_depth = 2
-        config.model.predictor_heads = 4
         # 300 steps need a target that moves faster than 0.996.
         config.model.ema_decay_init = 0.99
-        config.optim.lr = 1e-3
     return config
 
 

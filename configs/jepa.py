@@ -42,7 +42,7 @@ Where the paper and the public code differ (the code is an option, the paper the
 import ml_collections
 from ml_collections import config_dict
 
-from audiojepa.config_utils import adamw_config, parse_arg
+from audiojepa.config_utils import adamw_config, apply_runlocal, parse_arg
 from audiojepa.methods import jepa
 
 FRAMES_PER_SECOND = 100  # the m2d front end's 10 ms hop
@@ -103,20 +103,10 @@ def get_config(arg=None):
     config.optim = adamw_config()  # their `effective_lr`: 3e-4 x batch / 256
 
     if arg.runlocal:
-        config.batch_size = 32
-        config.total_steps = 300
-        config.warmup_steps = 30
-        config.log_every_steps = 20
-        config.checkpoint_every_steps = 100
-        config.data.num_workers = 0
-        config.model.variant = "tiny"
-        config.model.predictor_width = 64
-        config.model.predictor_depth = 2
-        config.model.predictor_heads = 4
+        apply_runlocal(config)
         # A 300-step run needs a target that moves: the paper's 0.99995 would keep it at its init.
         config.model.ema_decay_init = 0.99
         config.model.ema_decay = 0.999
-        config.optim.lr = 1e-3
     return config
 
 

@@ -26,7 +26,7 @@ Arguments (`:arg`): `runlocal`, `variant=tiny|S|B|L`, `mask_ratio=0.6`.
 import ml_collections
 from ml_collections import config_dict
 
-from audiojepa.config_utils import adamw_config, parse_arg
+from audiojepa.config_utils import adamw_config, apply_runlocal, parse_arg
 
 
 def get_config(arg=None):
@@ -74,21 +74,11 @@ def get_config(arg=None):
     config.optim = adamw_config()
 
     if arg.runlocal:
-        config.batch_size = 32
-        config.total_steps = 300
-        config.warmup_steps = 30
-        config.log_every_steps = 20
-        config.checkpoint_every_steps = 100
+        apply_runlocal(config)
         config.data.crop_frames = 208
-        config.data.num_workers = 0
-        config.model.variant = "tiny"
-        config.model.predictor_width = 64
-        config.model.predictor_depth = 2
-        config.model.predictor_heads = 4
         # A 300-step run needs a target that moves: the paper's 0.99995 would keep it at its init.
         config.model.ema_decay_init = 0.99
         config.model.ema_decay = 0.999
-        config.optim.lr = 1e-3
     return config
 
 

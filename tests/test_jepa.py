@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from audiojepa.config_utils import set_by_path
 from audiojepa import losses, metrics, train
 from audiojepa.methods import METHODS, jepa
 from audiojepa.models import ViTEncoder
@@ -46,11 +47,7 @@ def shrink(config, **overrides):
     config.model.predictor_depth = 1
     config.model.predictor_heads = 2
     for key, value in overrides.items():
-        target = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
+        set_by_path(config, key, value)
     return config
 
 

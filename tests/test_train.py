@@ -7,6 +7,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from audiojepa.config_utils import set_by_path
 from audiojepa import checkpointing, metrics, train
 from configs import m2d as m2d_config
 
@@ -27,11 +28,7 @@ def tiny_config(cache_dir, **overrides):
     config.data.embedded.num_clips = 64
     config.data.embedded.duration_s = 1.0
     for key, value in overrides.items():
-        target = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
+        set_by_path(config, key, value)
     return config
 
 
