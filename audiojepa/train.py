@@ -49,6 +49,10 @@ def make_train_step(method, tx, schedule, spec: pipeline.DataSpec, *, device_fro
     `mask_variant` (static) is for methods whose masks change size between steps (e.g. a mask ratio
     drawn per batch): such a method defines `mask_variant(step) -> int` on the host and takes
     `loss(..., mask_variant=v)`; each variant compiles once, so a run compiles a bounded number of times.
+
+    A method whose target update needs values computed in the loss (e.g. MATPAC's teacher centre)
+    returns them under the metrics key "state_update" (any pytree); it is passed on as
+    `update_targets(..., state_update=...)` and never logged.
     """
 
     def step_fn(state, batch, rng, mask_variant=None):
@@ -65,10 +69,13 @@ def make_train_step(method, tx, schedule, spec: pipeline.DataSpec, *, device_fro
             return method.loss(params, state["target_params"], {"lms": lms}, rng, step, **kwargs)
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        aux = dict(aux)
+        state_update = aux.pop("state_update", None)
+        update_kwargs = {} if state_update is None else {"state_update": state_update}
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        target_params = method.update_targets(params, state["target_params"], step, total_steps)
+        target_params = method.update_targets(params, state["target_params"], step, total_steps, **update_kwargs)
         new_state = {"step": step + 1, "params": params, "target_params": target_params, "opt_state": opt_state}
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
@@ -123,7 +130,8 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None, n
     local_batch = sharding.check_batch_size(config.batch_size, mesh)
     spec = pipeline.resolve_data_spec(config.data)
     total_steps, warmup_steps, steps_per_epoch = steps_and_warmup(config, spec.num_clips)
-    method = method_cls(config.model, input_shape=(spec.frontend.n_mels, spec.crop_frames))
+    method = method_cls(config.model, input_shape=(spec.frontend.n_mels, spec.crop_frames),
+                        steps_per_epoch=steps_per_epoch or None)
     logging.info("%s on %d devices (%d processes): %d steps (%d per epoch), batch %d, %d clips",
                  config.method, mesh.devices.size, jax.process_count(), total_steps, steps_per_epoch,
                  config.batch_size, spec.num_clips)

@@ -9,6 +9,7 @@ class) as metadata, so the same corpus serves as a small downstream task.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -56,7 +57,6 @@ def ensure_embedded_corpus(
     if os.path.exists(os.path.join(folder, shards.MANIFEST)):
         return folder
     from audiojepa import frontend
-    from audiojepa.data import pipeline
 
     os.makedirs(os.path.dirname(folder), exist_ok=True)
     start = time.time()
@@ -75,16 +75,37 @@ def ensure_embedded_corpus(
         "corpus_version": CORPUS_VERSION,
         "generator": {"num_clips": num_clips, "duration_s": duration_s, "seed": seed},
     })
-    paths = [os.path.join(tmp, n) for n in manifest["shards"]]
     for name in stats_frontends:
         params = frontend.get_preset(name)
-        if params.sample_rate != sample_rate:
-            continue
-        crop_frames = params.num_frames(int(duration_s * sample_rate))
-        spec = pipeline.DataSpec(tuple(paths), params, crop_frames, 0.0, 1.0, manifest["num_clips"])
-        num_crops = min(num_clips, 512)
-        result = stats.compute_logmel_stats(spec, num_crops=num_crops, seed=seed, progress=False)
-        stats.write_stats(tmp, params, **result)
+        if params.sample_rate == sample_rate:
+            _write_stats(tmp, manifest, params)
     shards.move_into_place(tmp, folder)
     logging.info("embedded corpus ready in %.1f s: %s", time.time() - start, folder)
     return folder
+
+
+def _write_stats(folder: str, manifest: dict, params) -> None:
+    """Computes log-mel mean/std for front end `params` over whole clips of the corpus in `folder`."""
+    from audiojepa.data import pipeline
+
+    generator = manifest["generator"]
+    paths = tuple(os.path.join(folder, n) for n in manifest["shards"])
+    crop_frames = params.num_frames(int(generator["duration_s"] * manifest["sample_rate"]))
+    spec = pipeline.DataSpec(paths, params, crop_frames, 0.0, 1.0, manifest["num_clips"])
+    result = stats.compute_logmel_stats(spec, num_crops=min(manifest["num_clips"], 512), seed=generator["seed"],
+                                        progress=False)
+    stats.write_stats(folder, params, **result)
+
+
+def ensure_stats(folder: str, params) -> None:
+    """Adds log-mel statistics for front end `params` to the embedded corpus in `folder` if it has none
+    (a few seconds; a preset other than the ones computed at generation, e.g. MATPAC's center=False)."""
+    try:
+        stats.read_stats(folder, params)
+        return
+    except FileNotFoundError:
+        pass
+    with open(os.path.join(folder, shards.MANIFEST)) as f:
+        manifest = json.load(f)
+    logging.info("computing log-mel statistics of the embedded corpus for this front end")
+    _write_stats(folder, manifest, params)

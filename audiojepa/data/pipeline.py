@@ -160,6 +160,8 @@ def resolve_data_spec(data_config) -> DataSpec:
 
         emb = data_config.get("embedded", {}) or {}
         spec = embedded.ensure_embedded_corpus(sample_rate=params.sample_rate, **dict(emb))
+        if data_config.get("norm_stats", "shards") == "shards":
+            embedded.ensure_stats(spec, params)
     paths, manifest = shards.resolve_shards(spec)
     if manifest is not None and manifest["sample_rate"] != params.sample_rate:
         raise ValueError(f"data.frontend expects {params.sample_rate} Hz audio but the shards in {spec} are "

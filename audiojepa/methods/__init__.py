@@ -1,11 +1,13 @@
-"""Pretraining methods. Each is a plain class built as `Method(config.model, input_shape=(n_mels, frames))`
-with init / loss / update_targets / weight_decay_mask / encode (see audiojepa.methods.m2d.M2D)."""
+"""Pretraining methods. Each is a plain class built as
+`Method(config.model, input_shape=(n_mels, frames), steps_per_epoch=None)` with init / loss /
+update_targets / weight_decay_mask / encode (see audiojepa.methods.m2d.M2D)."""
 
 from audiojepa.methods.jepa import JEPA
 from audiojepa.methods.m2d import M2D
+from audiojepa.methods.matpac import MATPAC
 
 # Audio-JEPA (Tuncay et al.) is a configuration of "jepa" (configs/audio_jepa.py).
-METHODS = {"m2d": M2D, "jepa": JEPA}
+METHODS = {"m2d": M2D, "jepa": JEPA, "matpac": MATPAC}
 
 
 def get_method(name: str):
@@ -15,4 +17,4 @@ def get_method(name: str):
     return METHODS[name]
 
 
-__all__ = ["JEPA", "M2D", "METHODS", "get_method"]
+__all__ = ["JEPA", "M2D", "MATPAC", "METHODS", "get_method"]

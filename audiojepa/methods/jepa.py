@@ -127,10 +127,11 @@ def _choice(config, key: str, valid: tuple[str, ...]) -> str:
 class JEPA:
     """The JEPA method: params, masks, loss, EMA of the target encoder, weight-decay mask, encoder.
 
-    Built from `config.model` (keys in the module docstring) and the input shape (n_mels, frames).
+    Built from `config.model` (keys in the module docstring) and the input shape (n_mels, frames);
+    `steps_per_epoch` is accepted for the common method signature and unused.
     """
 
-    def __init__(self, model_config, *, input_shape: tuple[int, int]):
+    def __init__(self, model_config, *, input_shape: tuple[int, int], steps_per_epoch: int | None = None):
         if isinstance(model_config, dict):
             model_config = ml_collections.ConfigDict(model_config)
         missing = [key for key in CONFIG_KEYS if key not in model_config]

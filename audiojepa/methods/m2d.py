@@ -84,12 +84,13 @@ def ema_update(target_params: Params, online_params: Params, one_minus_decay) ->
 class M2D:
     """The M2D method: param construction, loss, EMA of the target stack, weight-decay mask, encoder.
 
-    Built from `config.model` (keys in the module docstring) and the input shape (n_mels, frames).
+    Built from `config.model` (keys in the module docstring) and the input shape (n_mels, frames);
+    `steps_per_epoch` (unused by M2D) is for subclasses with schedules in epochs.
     """
 
     num_prefix_tokens = 1  # `encode` outputs CLS first, then the patch tokens
 
-    def __init__(self, model_config, *, input_shape: tuple[int, int]):
+    def __init__(self, model_config, *, input_shape: tuple[int, int], steps_per_epoch: int | None = None):
         if isinstance(model_config, dict):
             model_config = ml_collections.ConfigDict(model_config)
         missing = [key for key in CONFIG_KEYS if key not in model_config]
@@ -99,6 +100,7 @@ class M2D:
         if model_config.loss_type not in LOSS_TYPES:
             raise ValueError(f"config.model.loss_type={model_config.loss_type!r}; valid: {LOSS_TYPES}.")
         self.config = model_config
+        self.steps_per_epoch = steps_per_epoch
         self.input_shape = tuple(int(n) for n in input_shape)
         self.patch_size = tuple(int(p) for p in model_config.patch_size)
         self.grid_size = checked_grid_size(self.input_shape, self.patch_size)

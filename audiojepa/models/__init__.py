@@ -1,5 +1,7 @@
-"""Model pieces shared by every method: size table, patch embedding, position tables, blocks, encoder, predictor."""
+"""Model pieces shared by every method: size table, patch embedding, position tables, blocks, encoder, predictor;
+the frozen EnCodec encoder and RVQ (EncodecMAE's input features and targets)."""
 
+from audiojepa.models.encodec import EncodecEncoder, rvq_decode, rvq_encode
 from audiojepa.models.pos_embed import sincos_1d, sincos_2d
 from audiojepa.models.predictor import Predictor
 from audiojepa.models.vit import (
@@ -17,6 +19,7 @@ from audiojepa.models.vit import (
 )
 
 __all__ = [
-    "VARIANTS", "Attention", "Block", "Mlp", "PatchEmbed", "Predictor", "TransformerStack", "ViTEncoder",
-    "as_dtype", "checked_grid_size", "decode_variant", "grid_size", "sincos_1d", "sincos_2d",
+    "VARIANTS", "Attention", "Block", "EncodecEncoder", "Mlp", "PatchEmbed", "Predictor", "TransformerStack",
+    "ViTEncoder", "as_dtype", "checked_grid_size", "decode_variant", "grid_size", "rvq_decode", "rvq_encode",
+    "sincos_1d", "sincos_2d",
 ]
