@@ -11,17 +11,18 @@ loss 0.5 L_cls + 0.5 L_pred:
     python -m audiojepa.main --config=configs/matpac.py --workdir=/ckpt/matpac_vitb \
         --config.data.shards=/data/shards/as2m
 
-  About 295k steps on AudioSet-2M. Healthy runs log loss_cls well below log(2048) = 7.6,
-  teacher_entropy between 0 and log K (neither 0 nor 7.6), and prototypes_used in the hundreds or more.
+  About 295k steps on AudioSet-2M. Collapse shows in the metrics as prototypes_used -> 1 with
+  teacher_marginal_entropy -> 0 (one prototype wins), or teacher_entropy -> log K = 7.6 (uniform).
 
 CPU smoke run on the embedded corpus (tiny ViT, 256-prototype head, 300 steps of batch 32, 80x208 crops):
 
     python -m audiojepa.main --config=configs/matpac.py:runlocal --workdir=/tmp/matpac_runlocal
 
-  On 2 CPU cores about 3 minutes (plus ~25 s to generate the corpus on first use). The logged loss
-  falls from ~3.5 to ~1.5, loss_pred from ~1.9 to below 0.3, prototypes_used stays well above 1 and
-  teacher_entropy above 0.5 nats. Evaluate with
-  `python -m audiojepa.evaluate --encoder=/tmp/matpac_runlocal --task=embedded --output=/tmp/matpac_eval`.
+  On 2 CPU cores about 3 minutes (plus ~25 s to generate the corpus on first use). Measured: loss
+  3.24 at step 20 -> 2.20 at step 300 (loss_pred 1.63 -> 0.21, loss_cls 4.86 -> 4.20 nats), ~40 of
+  the 256 prototypes in use, teacher entropy ~4.0 nats (log K = 5.5). Evaluate with
+  `python -m audiojepa.evaluate --encoder=/tmp/matpac_runlocal --task=embedded --output=/tmp/matpac_eval`
+  (measured: linear probe 43.7 +- 5.1, kNN 33.8; random init 42.3 / 31.8; log-mel 42.5 / 42.2).
 
 Arguments (`:arg`): `runlocal`, `variant=tiny|S|B|L`, `mask_ratio=0.7`, `center_from=probabilities|logits`.
 """
