@@ -8,10 +8,12 @@ import os
 import jax
 
 def is_multi_process_environment(env=None) -> bool:
-    """True under a multi-process SLURM / Open MPI job, a multi-host TPU slice, or an explicit
-    JAX_COORDINATOR_ADDRESS (with JAX_NUM_PROCESSES / JAX_PROCESS_ID)."""
+    """True under a multi-process SLURM / Open MPI job, a multi-host TPU slice, an explicit
+    JAX_COORDINATOR_ADDRESS (with JAX_NUM_PROCESSES / JAX_PROCESS_ID), or AUDIOJEPA_DISTRIBUTED=1
+    (set by launch/tpu_pod.py: on Cloud TPU VMs the slice is found through the metadata server,
+    which JAX's own detection queries)."""
     env = os.environ if env is None else env
-    if env.get("JAX_COORDINATOR_ADDRESS"):
+    if env.get("JAX_COORDINATOR_ADDRESS") or env.get("AUDIOJEPA_DISTRIBUTED", "0") not in ("", "0"):
         return True
     for key in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
         if int(env.get(key, "1") or 1) > 1:

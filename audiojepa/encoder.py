@@ -10,6 +10,10 @@ cut it into chunks of the training width, zero-pad the last chunk to whole patch
 chunk (positions restart at 0), concatenate the frequency patches of each time step
 (`[T', n_freq_patches x dim]`, one row per patch width of frames) and join the chunks in time.
 The clip embedding is the mean over time.
+
+Waveform models (EncodecMAE) cut the waveform into chunks of the training crop (the last one
+zero-padded to a full chunk and its extra frames dropped), encode each chunk and join the frame
+features in time; the clip embedding is again the time mean.
 """
 
 from __future__ import annotations
@@ -40,10 +44,11 @@ class AudioEncoder:
     Attributes:
       method_name: e.g. "m2d".
       model_config: the method's `config.model`.
-      input_shape: (n_mels, frames) of the training crops; `frames` is the chunk width.
-      frontend: the log-mel parameters.
-      norm_stats: (mean, std) of log-mel values used to normalise inputs.
-      params: {"encoder": ...} params of the encoder.
+      input_shape: (n_mels, frames) of the training crops, `frames` being the chunk width; for
+        waveform methods (num_samples,), the chunk length in samples.
+      frontend: the log-mel parameters (for waveform methods: the sample rate and frame grid).
+      norm_stats: (mean, std) of log-mel values used to normalise inputs (unused by waveform methods).
+      params: what the method's `encode` takes (`methods.encoder_params`; {"encoder": ...} for patch models).
     """
 
     method_name: str
@@ -54,8 +59,12 @@ class AudioEncoder:
     params: dict
 
     def __post_init__(self):
+        self.input_shape = tuple(int(n) for n in self.input_shape)
         self.method = methods.get_method(self.method_name)(self.model_config, input_shape=self.input_shape)
         self._encode = jax.jit(self.method.encode)
+        self.is_waveform_model = methods.input_kind(self.method) == "waveform"
+        if "encodec" in self.params and hasattr(self.method, "set_encodec_params"):
+            self.method.set_encodec_params(self.params["encodec"])  # no need for the EnCodec checkpoint file
 
     @property
     def patch_size(self) -> tuple[int, int]:
@@ -63,12 +72,40 @@ class AudioEncoder:
 
     @property
     def chunk_frames(self) -> int:
+        """Log-mel frames per chunk (patch models)."""
         return int(self.input_shape[1])
 
     @property
     def frame_hop_seconds(self) -> float:
-        """Time between consecutive frame features: one patch width of log-mel frames."""
+        """Time between consecutive frame features: one patch width of log-mel frames, or one frame of a
+        waveform model."""
+        if self.is_waveform_model:
+            return self.method.frame_hop_samples / self.frontend.sample_rate
         return self.patch_size[1] * self.frontend.hop_length / self.frontend.sample_rate
+
+    @property
+    def feature_dim(self) -> int:
+        """D of the frame features [batch, T', D], from shapes only (no compile)."""
+        if self.is_waveform_model:
+            x = jax.ShapeDtypeStruct((1, self.input_shape[0]), jnp.float32)
+            return int(jax.eval_shape(self.method.encode, self.params, x).shape[-1])
+        n_mels, chunk_frames = self.input_shape
+        tokens = jax.eval_shape(self.method.encode, self.params, jax.ShapeDtypeStruct((1, n_mels, chunk_frames),
+                                                                                      jnp.float32))
+        return int(n_mels // self.patch_size[0]) * int(tokens.shape[-1])
+
+    def waveform_frame_features(self, waveform: np.ndarray) -> np.ndarray:
+        """Waveform models: [batch, samples] -> [batch, ceil(samples / hop), D], chunked at the training crop."""
+        waveform = np.atleast_2d(np.asarray(waveform, np.float32))
+        chunk, hop = self.input_shape[0], self.method.frame_hop_samples
+        outputs = []
+        for start in range(0, waveform.shape[1], chunk):
+            piece = waveform[:, start:start + chunk]
+            frames = -(-piece.shape[1] // hop)
+            if piece.shape[1] < chunk:  # one compiled shape: pad to a full chunk, keep the real frames
+                piece = np.pad(piece, ((0, 0), (0, chunk - piece.shape[1])))
+            outputs.append(np.asarray(self._encode(self.params, jnp.asarray(piece)))[:, :frames])
+        return np.concatenate(outputs, axis=1)
 
     def normalized_logmel(self, waveform: np.ndarray) -> np.ndarray:
         """waveform: [batch, samples] (or [samples]) at `frontend.sample_rate` -> [batch, n_mels, frames]."""
@@ -105,8 +142,12 @@ class AudioEncoder:
         return self.frame_features(lms).mean(axis=1)
 
     def embed_waveform(self, waveform: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """waveform [batch, samples] -> (frame features [batch, T', F x D], clip embeddings [batch, F x D])."""
-        features = self.frame_features(self.normalized_logmel(waveform))
+        """waveform [batch, samples] -> (frame features [batch, T', D], clip embeddings [batch, D]);
+        D = F x token width for patch models."""
+        if self.is_waveform_model:
+            features = self.waveform_frame_features(waveform)
+        else:
+            features = self.frame_features(self.normalized_logmel(waveform))
         return features, features.mean(axis=1)
 
     def save(self, output_dir: str, *, source: str = "") -> str:
@@ -137,8 +178,10 @@ def _from_workdir(workdir: str, step: int | None) -> AudioEncoder:
 
     step, meta = checkpointing.restore_meta(workdir, step)
     config = ml_collections.ConfigDict(meta["config"])
-    input_shape = (meta["frontend"]["n_mels"], meta["crop_frames"])
-    method = methods.get_method(meta["method"])(config.model, input_shape=input_shape)
+    frontend = frontend_lib.LogMelParams.from_dict(meta["frontend"])
+    method_cls = methods.get_method(meta["method"])
+    input_shape = methods.input_shape(method_cls, frontend, meta["crop_frames"])
+    method = method_cls(config.model, input_shape=input_shape)
     schedule = optim.learning_rate_schedule(config.optim, global_batch_size=config.batch_size, total_steps=1,
                                             warmup_steps=0)
     abstract = jax.eval_shape(lambda rng: train.init_train_state(method, config.optim, schedule, rng),
@@ -148,9 +191,8 @@ def _from_workdir(workdir: str, step: int | None) -> AudioEncoder:
     manager = checkpointing.make_manager(workdir, every_steps=1, read_only=True)
     state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
     manager.close()
-    return AudioEncoder(meta["method"], config.model, input_shape,
-                        frontend_lib.LogMelParams.from_dict(meta["frontend"]), tuple(meta["norm_stats"]),
-                        {"encoder": state["params"]["encoder"]})
+    return AudioEncoder(meta["method"], config.model, input_shape, frontend, tuple(meta["norm_stats"]),
+                        methods.encoder_params(method, state["params"], state["target_params"]))
 
 
 def load_encoder(path: str, *, step: int | None = None) -> AudioEncoder:

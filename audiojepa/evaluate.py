@@ -97,8 +97,10 @@ def run(encoder_spec: str, task_specs: list[str], output_dir: str, *, baselines:
 def _random_encoder_params(enc) -> dict:
     import jax
 
-    params, _ = enc.method.init(jax.random.key(0))
-    return {"encoder": params["encoder"]}
+    from audiojepa import methods
+
+    params, target_params = enc.method.init(jax.random.key(0))
+    return methods.encoder_params(enc.method, params, target_params)
 
 
 def main(argv):

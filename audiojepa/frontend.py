@@ -169,6 +169,10 @@ PRESETS: Mapping[str, LogMelParams] = types.MappingProxyType({
     # setting. (Its public code uses a Kaldi fbank with 96 mels instead, which is not reproduced here.)
     "audiojepa": LogMelParams(sample_rate=32000, n_fft=800, win_length=800, hop_length=320, n_mels=128,
                               f_max=16000.0),
+    # EnCodec's frame grid (24 kHz, 320-sample hop = 75 Hz, no padding): waveform methods (EncodecMAE)
+    # crop on it (crop_frames=300 -> 96,000 samples, 4 s); its log-mel is only the evaluation floor.
+    "encodec": LogMelParams(sample_rate=24000, n_fft=320, win_length=320, hop_length=320, center=False,
+                            f_max=12000.0),
 })
 
 

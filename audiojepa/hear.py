@@ -27,8 +27,6 @@ import functools
 import os
 import sys
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from audiojepa import encoder as encoder_lib
@@ -41,10 +39,7 @@ ENCODER_ENV = "AUDIOJEPA_ENCODER"
 
 def frame_feature_dim(audio_encoder: encoder_lib.AudioEncoder) -> int:
     """D of `frame_features` ([batch, T', D]): n_freq_patches x token width, from shapes only (no compile)."""
-    n_mels, chunk_frames = audio_encoder.input_shape
-    lms = jax.ShapeDtypeStruct((1, n_mels, chunk_frames), jnp.float32)
-    tokens = jax.eval_shape(audio_encoder.method.encode, audio_encoder.params, lms)
-    return int(n_mels // audio_encoder.patch_size[0]) * int(tokens.shape[-1])
+    return audio_encoder.feature_dim
 
 
 def resolve_encoder_path(path: str | None) -> str:

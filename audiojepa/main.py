@@ -2,10 +2,16 @@
 
 Kept short on purpose: flags, multi-host start-up, then one call into the trainer.
 `--config.key=value` overrides any config field, e.g. `--config.batch_size=512`.
+
+Exit status: 0 when the run is complete (or was already), 143 (128 + SIGTERM, what a killed
+process reports) when a preemption signal stopped it after committing a checkpoint: re-running the
+same command resumes. Process 0 logs progress; the others log warnings and errors only.
 """
 
 import logging as std_logging
+import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -15,6 +21,7 @@ config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/m2d.p
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs; a run resumes from it.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
+EXIT_PREEMPTED = 143
 
 
 def main(argv):
@@ -24,7 +31,12 @@ def main(argv):
     # so the trainer's progress lines stay readable.
     std_logging.getLogger("absl").setLevel(std_logging.WARNING)
     distributed.maybe_initialize()
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    if jax.process_index() > 0:  # one copy of the progress lines, from process 0
+        std_logging.getLogger().setLevel(std_logging.WARNING)
+    result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    if result.get("preempted"):
+        logging.warning("preempted: checkpoint committed in %s; re-run the same command to resume", FLAGS.workdir)
+        sys.exit(EXIT_PREEMPTED)
     logging.info("done: %s", FLAGS.workdir)
 
 

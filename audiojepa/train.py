@@ -19,11 +19,57 @@ import numpy as np
 import optax
 
 from audiojepa import checkpointing, frontend, methods, metrics as metrics_lib, optim, sharding
-from audiojepa.data import pipeline, stats
+from audiojepa.data import pipeline, records, stats
+
+# config.nonfinite_policy: "stop" raises NonFiniteLossError at the first NaN/Inf loss or gradient;
+# "skip" drops that batch (the state is not updated) and goes on, unless this many steps in a row fail.
+NONFINITE_POLICIES = ("stop", "skip")
+MAX_CONSECUTIVE_NONFINITE = 20
+SUMMARY_FILE = "run_summary.json"
 
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN/Inf loss or gradient; the last checkpoint predates it."""
+
+
+class RunCounters:
+    """Data and stability counts over the whole run (carried across restarts in checkpoint meta).
+
+    `skipped_records`: unusable records stepped over (a record is counted each time a read steps over
+    it), split by reason in `skipped_by_reason` (records.SKIP_REASONS); `nonfinite_skipped_batches`:
+    batches dropped under `config.nonfinite_policy="skip"`.
+    """
+
+    def __init__(self, saved: dict | None = None):
+        saved = saved or {}
+        self.skipped_records = int(saved.get("skipped_records", 0))
+        self.skipped_by_reason = {r: int(saved.get("skipped_by_reason", {}).get(r, 0)) for r in records.SKIP_REASONS}
+        self.nonfinite_skipped_batches = int(saved.get("nonfinite_skipped_batches", 0))
+
+    def add(self, row: dict) -> None:
+        """Adds one logged row's counts (its `skipped_records`, `skipped/<reason>`, `nonfinite_skipped`)."""
+        self.skipped_records += int(row.get("skipped_records", 0))
+        for r in records.SKIP_REASONS:
+            self.skipped_by_reason[r] += int(row.get(f"skipped/{r}", 0))
+        self.nonfinite_skipped_batches += int(row.get("nonfinite_skipped", 0))
+
+    def as_dict(self) -> dict:
+        return {"skipped_records": self.skipped_records, "skipped_by_reason": dict(self.skipped_by_reason),
+                "nonfinite_skipped_batches": self.nonfinite_skipped_batches}
+
+    def write_summary(self, workdir: str, *, step: int, total_steps: int, global_batch_size: int,
+                      preempted: bool) -> None:
+        """Writes `workdir/run_summary.json` and logs one line with the counts."""
+        summary = {"step": step, "total_steps": total_steps, "finished": step >= total_steps,
+                   "preempted": preempted, "examples_seen": step * global_batch_size, **self.as_dict()}
+        tmp = os.path.join(workdir, SUMMARY_FILE + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(summary, f, indent=1)
+        os.replace(tmp, os.path.join(workdir, SUMMARY_FILE))
+        reasons = ", ".join(f"{r} {n}" for r, n in self.skipped_by_reason.items() if n)
+        logging.info("run summary at step %d/%d: %d records skipped%s, %d non-finite batches skipped (%s)",
+                     step, total_steps, self.skipped_records, f" ({reasons})" if reasons else "",
+                     self.nonfinite_skipped_batches, os.path.join(workdir, SUMMARY_FILE))
 
 
 def steps_and_warmup(config, num_clips: int) -> tuple[int, int, int]:
@@ -58,15 +104,17 @@ def make_train_step(method, tx, schedule, spec: pipeline.DataSpec, *, device_fro
     def step_fn(state, batch, rng, mask_variant=None):
         step = state["step"]
         rng = jax.random.fold_in(rng, step)
-        if device_frontend:
-            lms = stats.normalize(frontend.logmel_device(batch["waveform"], spec.frontend),
-                                  spec.norm_mean, spec.norm_std)
+        if methods.input_kind(method) == "waveform":
+            inputs = {"waveform": batch["waveform"]}
+        elif device_frontend:
+            inputs = {"lms": stats.normalize(frontend.logmel_device(batch["waveform"], spec.frontend),
+                                             spec.norm_mean, spec.norm_std)}
         else:
-            lms = batch["lms"]
+            inputs = {"lms": batch["lms"]}
 
         def loss_fn(params):
             kwargs = {} if mask_variant is None else {"mask_variant": mask_variant}
-            return method.loss(params, state["target_params"], {"lms": lms}, rng, step, **kwargs)
+            return method.loss(params, state["target_params"], inputs, rng, step, **kwargs)
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         aux = dict(aux)
@@ -82,6 +130,9 @@ def make_train_step(method, tx, schedule, spec: pipeline.DataSpec, *, device_fro
         new_state["step"] = step + 1
         out = {**aux, "loss": loss, "grad_norm": grad_norm, "lr": schedule(step),
                "skipped_records": jnp.sum(batch["skipped_records"]), "nonfinite": 1 - finite.astype(jnp.int32)}
+        if "skipped_by_reason" in batch:  # [batch, reasons]: summed over the global batch, i.e. all processes
+            by_reason = jnp.sum(batch["skipped_by_reason"], axis=0)
+            out.update({f"skipped/{r}": by_reason[i] for i, r in enumerate(records.SKIP_REASONS)})
         return new_state, out
 
     return step_fn
@@ -117,9 +168,17 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None, n
       num_devices: use only the first N local devices (single process; tests and benchmarks).
 
     Returns:
-      The last logged metrics.
+      The last logged metrics, plus `preempted` = 1.0 if a preemption signal (SIGTERM) stopped the
+      run early, after committing a checkpoint.
     """
     method_cls = methods.get_method(config.method)  # fail on an unknown method before touching data
+    nonfinite_policy = config.get("nonfinite_policy", "stop")
+    if nonfinite_policy not in NONFINITE_POLICIES:
+        raise ValueError(f"config.nonfinite_policy={nonfinite_policy!r}; valid: {NONFINITE_POLICIES} (stop the run, "
+                         "or skip the batch and go on)")
+    if "://" in workdir:
+        raise ValueError(f"--workdir={workdir}: URLs are not supported yet (metrics and run files use local file "
+                         "APIs); use a path every process sees, e.g. an NFS share or a Cloud Storage FUSE mount")
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
     if is_main:
@@ -130,8 +189,8 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None, n
     local_batch = sharding.check_batch_size(config.batch_size, mesh)
     spec = pipeline.resolve_data_spec(config.data)
     total_steps, warmup_steps, steps_per_epoch = steps_and_warmup(config, spec.num_clips)
-    method = method_cls(config.model, input_shape=(spec.frontend.n_mels, spec.crop_frames),
-                        steps_per_epoch=steps_per_epoch or None)
+    input_shape = methods.input_shape(method_cls, spec.frontend, spec.crop_frames)
+    method = method_cls(config.model, input_shape=input_shape, steps_per_epoch=steps_per_epoch or None)
     logging.info("%s on %d devices (%d processes): %d steps (%d per epoch), batch %d, %d clips",
                  config.method, mesh.devices.size, jax.process_count(), total_steps, steps_per_epoch,
                  config.batch_size, spec.num_clips)
@@ -150,30 +209,37 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None, n
     n_params = sum(x.size for x in jax.tree.leaves(abstract_state["params"]))
     logging.info("trainable parameters: %.2fM", n_params / 1e6)
 
-    device_frontend = bool(config.data.get("device_frontend", False))
+    # Waveform methods (EncodecMAE) take raw crops, as the device front end does.
+    device_frontend = bool(config.data.get("device_frontend", False)) or methods.input_kind(method) == "waveform"
+    num_workers = config.data.get("num_workers", 0)
+    manager = checkpointing.manager_from_config(workdir, config)
+    latest = manager.latest_step()
+    saved_meta = checkpointing.restore_meta_item(manager, latest) if latest is not None else {}
+    # The data position is decided before the iterator is built: after a change of process count the
+    # Grain state cannot be restored and the stream is rebuilt from the step (see pipeline.plan_resume).
+    position, restore_iterator = pipeline.plan_resume(
+        saved_meta.get("data_position"), latest or 0, global_batch_size=config.batch_size,
+        process_count=jax.process_count(), num_workers=num_workers)
     ds = pipeline.make_dataset(spec, batch_size=local_batch, seed=config.seed, process_index=jax.process_index(),
-                               process_count=jax.process_count(), device_frontend=device_frontend)
-    data_iter = pipeline.make_iterator(ds, num_workers=config.data.get("num_workers", 0),
+                               process_count=jax.process_count(), device_frontend=device_frontend,
+                               start_batch=position["start_batch"])
+    data_iter = pipeline.make_iterator(ds, num_workers=num_workers,
                                        worker_buffer_size=config.data.get("worker_buffer_size", 2),
                                        read_threads=config.data.get("read_threads", 0))
-
-    manager = checkpointing.make_manager(workdir, every_steps=config.checkpoint_every_steps,
-                                         keep=config.get("keep_checkpoints", 2),
-                                         async_save=config.get("async_checkpoints", True))
-    latest = manager.latest_step()
     if latest is not None:
         state, _ = checkpointing.restore(manager, latest, checkpointing.abstract_like(abstract_state, repl),
-                                         data_iter)
+                                         data_iter if restore_iterator else None)
         logging.info("resumed from step %d in %s", latest, checkpointing.checkpoint_dir(workdir))
     else:
         state = jax.jit(init_state, out_shardings=repl)(init_rng)
     start_step = int(state["step"])
+    counters = RunCounters(saved_meta.get("counters"))
 
     train_step = jax.jit(
         make_train_step(method, tx, schedule, spec, device_frontend=device_frontend, total_steps=total_steps),
         donate_argnums=(0,), out_shardings=(repl, repl), static_argnums=(3,))
     mask_variant = getattr(method, "mask_variant", lambda step: None)
-    meta = _run_meta(config, spec, total_steps)
+    meta = {**_run_meta(config, spec, total_steps), "data_position": position}
     periodic_evals, eval_encoder = [], None
     if is_main and config.get("evals"):
         from audiojepa import encoder as encoder_lib
@@ -182,8 +248,8 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None, n
         periodic_evals = evaluators.from_config(config.evals, sample_rate=spec.frontend.sample_rate)
         # Built once (one compile); its params are swapped for the current ones at each evaluation.
         eval_encoder = encoder_lib.AudioEncoder(
-            config.method, config.model, (spec.frontend.n_mels, spec.crop_frames), spec.frontend,
-            (spec.norm_mean, spec.norm_std), {"encoder": abstract_state["params"]["encoder"]})
+            config.method, config.model, input_shape, spec.frontend, (spec.norm_mean, spec.norm_std),
+            jax.device_get(methods.encoder_params(method, state["params"], state["target_params"])))
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main, tensorboard=config.get("tensorboard", True))
     progress = metrics_lib.Progress(first_step=start_step, total_steps=total_steps,
                                     global_batch_size=config.batch_size)
@@ -191,7 +257,10 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None, n
     last_logged: dict = {}
     data_wait = 0.0
     pending = []  # device metrics since the last check, for non-finite detection and averaging
+    nonfinite_in_a_row = 0
     step = start_step
+    preempted = False
+    watcher = checkpointing.PreemptionWatcher().install()
     logging.info("compiling the train step (the first step takes longer)")
     try:
         while step < total_steps:
@@ -201,19 +270,36 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None, n
             state, step_metrics = train_step(state, batch, train_rng, mask_variant(step))
             pending.append(step_metrics)
             step += 1
-            last_step = step == total_steps or step == stop_after
+            # (A signal during the final step is not a preemption: the run is complete.)
+            preempted = step < total_steps and (watcher.requested or manager.reached_preemption(step))
+            last_step = step == total_steps or step == stop_after or preempted
             if step % log_every == 0 or last_step or manager.should_save(step):
                 host = jax.device_get(pending)
                 pending = []
                 first = step - len(host) + 1
                 bad = [first + i for i, m in enumerate(host) if m["nonfinite"]]
-                if bad:
+                for m in host:
+                    nonfinite_in_a_row = nonfinite_in_a_row + 1 if m["nonfinite"] else 0
+                if bad and (nonfinite_policy == "stop" or nonfinite_in_a_row > MAX_CONSECUTIVE_NONFINITE):
+                    manager.wait_until_finished()  # so that the checkpoint named below is committed
+                    why = (f"{nonfinite_in_a_row} steps in a row up to step {bad[-1]}" if nonfinite_policy == "skip"
+                           else f"step {bad[0]}")
+                    latest = manager.latest_step()
+                    kept = (f"the latest checkpoint ({latest}) is intact" if latest is not None
+                            else "no checkpoint had been written yet")
                     raise NonFiniteLossError(
-                        f"non-finite loss or gradient at step {bad[0]}; "
-                        f"the state was not updated and the latest checkpoint ({manager.latest_step()}) "
-                        "is intact. Lower config.optim.base_lr or check the data.")
-                row = {k: float(np.mean([m[k] for m in host])) for k in host[-1] if k != "nonfinite"}
-                row["skipped_records"] = float(sum(m["skipped_records"] for m in host))
+                        f"non-finite loss or gradient at {why}; the state was not updated and {kept}. "
+                        "Lower config.optim.base_lr or check the data; "
+                        "config.nonfinite_policy='skip' drops such batches and goes on.")
+                if bad:
+                    logging.warning("non-finite loss or gradient at step(s) %s: batch skipped, state not updated "
+                                    "(config.nonfinite_policy='skip')", bad)
+                good = [m for m in host if not m["nonfinite"]] or host
+                row = {k: float(np.mean([m[k] for m in good])) for k in host[-1]
+                       if k != "nonfinite" and not k.startswith("skipped")}
+                row.update({k: float(sum(m[k] for m in host)) for k in host[-1] if k.startswith("skipped")})
+                row["nonfinite_skipped"] = float(len(bad))
+                counters.add(row)
                 row["data_wait_s"] = data_wait
                 row["epoch"] = step / steps_per_epoch if steps_per_epoch else 0.0
                 if hasattr(method, "ema_decay"):
@@ -224,20 +310,29 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None, n
                     writer.write(step, row)
                     metrics_lib.log_progress(progress, step, row)
                 last_logged = row
-            due = [(name, ev) for name, every, ev in periodic_evals if step % every == 0 or last_step]
+            # No evaluation on preemption: the grace period before SIGKILL is for the checkpoint.
+            due = [(name, ev) for name, every, ev in periodic_evals
+                   if (step % every == 0 or last_step) and not preempted]
             if due:
-                eval_encoder.params = {"encoder": jax.device_get(state["params"]["encoder"])}
+                manager.wait_until_finished()  # an evaluation never overlaps a checkpoint write
+                eval_encoder.params = jax.device_get(methods.encoder_params(method, state["params"],
+                                                                            state["target_params"]))
                 row = {f"eval/{name}/{key}": value for name, ev in due for key, value in ev.run(eval_encoder)}
                 writer.write(step, row)
                 logging.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in row.items()))
-            checkpointing.save(manager, step, state, data_iter, meta, force=last_step)
-            if manager.reached_preemption(step):
+            checkpointing.save(manager, step, state, data_iter, {**meta, "counters": counters.as_dict()},
+                               force=last_step)
+            if preempted:
                 logging.warning("preemption signal at step %d: checkpoint saved, exiting", step)
                 break
             if stop_after is not None and step >= stop_after:
                 break
     finally:
-        manager.wait_until_finished()
+        watcher.uninstall()
+        manager.wait_until_finished()  # async saves are committed before the process exits
         manager.close()
         writer.close()
-    return last_logged
+        if is_main:
+            counters.write_summary(workdir, step=step, total_steps=total_steps, global_batch_size=config.batch_size,
+                                   preempted=preempted)
+    return {**last_logged, "preempted": 1.0} if preempted else last_logged

@@ -42,8 +42,10 @@ def get_config(arg=None):
     config.warmup_steps = -1  # >= 0 overrides warmup_epochs
     config.log_every_steps = 100
     config.checkpoint_every_steps = 2000
-    config.keep_checkpoints = 2
+    config.keep_checkpoints = 2  # the latest N checkpoints are kept
+    config.keep_every_steps = 0  # > 0: also keep every checkpoint whose step is a multiple of this
     config.async_checkpoints = True
+    config.nonfinite_policy = "stop"  # NaN/Inf loss: "stop" the run, or "skip" the batch and go on
     config.tensorboard = True
 
     config.data = ml_collections.ConfigDict()

@@ -3,13 +3,23 @@ r"""Expands a config's `get_sweep()` into one training command per setting, and 
     python launch/sweep.py --config=configs/m2d.py:runlocal --workdir_root=/tmp/m2d_sweep --dry_run
 
 Each run gets its own workdir (`workdir_root/<key=value,...>`), so re-running the sweep resumes
-every unfinished run. With `--dry_run` the commands are printed, e.g. to paste into a cluster
-launcher; otherwise they run one after another here. With `--evaluate_task TASK` (repeatable) each
-finished run is evaluated (`python -m audiojepa.evaluate`, into `<workdir>/eval`) and one table
-comparing all runs is written to `workdir_root/sweep_results.md`:
+every unfinished run. With `--dry_run` the commands are printed; otherwise they run one after another
+here. With `--evaluate_task TASK` (repeatable) each finished run is evaluated (`python -m
+audiojepa.evaluate`, into `<workdir>/eval`) and one table comparing all runs is written to
+`workdir_root/sweep_results.md`:
 
     python launch/sweep.py --config=configs/jepa.py:runlocal --workdir_root=/tmp/jepa_grid \
         --evaluate_task=embedded
+
+`--launcher` turns each run into a cluster job instead (`--launcher_arg` passes options through):
+`slurm` submits one `sbatch launch/slurm_gpu.sbatch` job per run, `tpu` runs each in turn on a TPU VM
+through `launch/tpu_pod.py`, `local` through `launch/local.py` (several processes on this machine):
+
+    python launch/sweep.py --config=configs/m2d.py --workdir_root=/shared/ckpt/m2d_sweep \
+        --launcher=slurm --launcher_arg=--nodes=2 --config.data.shards=/shared/shards/as2m
+
+Once the jobs have finished, the same sweep without `--launcher` and with `--evaluate_task` finds every
+run complete (each resumes and stops at once) and writes the comparison table.
 """
 
 import argparse
@@ -40,6 +50,27 @@ def commands(config_arg: str, workdir_root: str, extra: list[str]) -> list[list[
     return out
 
 
+LAUNCHERS = ("none", "slurm", "tpu", "local")
+LAUNCH_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def cluster_command(cmd: list[str], launcher: str, launcher_args: list[str]) -> list[str]:
+    """One run's `python -m audiojepa.main ...` command as a job for `launcher`."""
+    if launcher == "none":
+        return cmd
+    main_args = cmd[cmd.index("audiojepa.main") + 1:]
+    workdir = next(a.split("=", 1)[1] for a in main_args if a.startswith("--workdir="))
+    if launcher == "slurm":
+        name = "aj-" + os.path.basename(workdir)
+        return ["sbatch", f"--job-name={name}", *launcher_args, os.path.join(LAUNCH_DIR, "slurm_gpu.sbatch"),
+                *main_args]
+    if launcher == "tpu":
+        return [sys.executable, os.path.join(LAUNCH_DIR, "tpu_pod.py"), *launcher_args, "--", *main_args]
+    if launcher == "local":
+        return [sys.executable, os.path.join(LAUNCH_DIR, "local.py"), *launcher_args, "--", *cmd]
+    raise ValueError(f"--launcher={launcher!r}; valid: {LAUNCHERS}")
+
+
 def evaluate_runs(workdirs: list[str], tasks: list[str], workdir_root: str) -> str:
     """Evaluates each run's latest checkpoint on `tasks`; writes and returns a markdown comparison."""
     lines = ["| run | task | linear probe | kNN |", "|---|---|---:|---:|"]
@@ -67,14 +98,22 @@ def main():
     parser.add_argument("--evaluate_task", action="append", default=[],
                         help="evaluate every finished run on this task (repeatable)")
     parser.add_argument("--limit", type=int, default=0, help="run only the first N settings")
+    parser.add_argument("--launcher", default="none", choices=LAUNCHERS,
+                        help="run here (none), or as SLURM jobs, on a TPU VM, or as local multi-process runs")
+    parser.add_argument("--launcher_arg", action="append", default=[],
+                        help="an option for the launcher, e.g. --launcher_arg=--nodes=2 (repeatable)")
     args, extra = parser.parse_known_args()
+    if args.evaluate_task and args.launcher != "none":
+        parser.error("--evaluate_task needs the runs finished: run the sweep again without --launcher when the "
+                     "jobs are done")
     cmds = commands(args.config, args.workdir_root, extra)
     if args.limit:
         cmds = cmds[:args.limit]
     for cmd in cmds:
-        print(shlex.join(cmd), flush=True)
+        job = cluster_command(cmd, args.launcher, args.launcher_arg)
+        print(shlex.join(job), flush=True)
         if not args.dry_run:
-            subprocess.run(cmd, check=True)
+            subprocess.run(job, check=True)
     if args.evaluate_task and not args.dry_run:
         workdirs = [next(a.split("=", 1)[1] for a in cmd if a.startswith("--workdir=")) for cmd in cmds]
         print(evaluate_runs(workdirs, args.evaluate_task, args.workdir_root), flush=True)

@@ -1,10 +1,10 @@
 """The training input pipeline: ArrayRecord shards -> fixed-size batches of log-mel crops.
 
     shards -> seeded global shuffle (reshuffled every epoch) -> repeat -> decode
-           -> random crop / zero-pad -> this process's slice -> log-mel (host) -> normalise
-           -> batch -> multiprocessing prefetch
+           -> random crop / zero-pad -> log-mel (host) -> normalise -> batch
+           -> this process's rows of each global batch -> multiprocessing prefetch
 
-(All lazy: a process decodes and crops only the elements of its own slice.)
+(All lazy: a process decodes and crops only the elements of its own rows.)
 
 With `device_frontend=True` the pipeline stops after the crop and yields raw waveforms; the
 trainer computes log-mels on the accelerator with the same front end (`frontend.logmel_device`).
@@ -34,15 +34,19 @@ MAX_CONSECUTIVE_BAD_RECORDS = 256
 
 
 class ClipSource(grain.sources.RandomAccessDataSource):
-    """Decoded clips from ArrayRecord shards; element i is `{"waveform", "skipped_records", "record_index"}`.
+    """Decoded clips from ArrayRecord shards; element i is
+    `{"waveform", "skipped_records", "skipped_by_reason", "record_index"}`.
 
-    A record that fails to decode is skipped: the read moves on to the next record (wrapping
-    around) and the element carries how many were skipped, so the trainer can log a count and a
-    corrupt record never stops a run. `waveform`: [samples] float32; `skipped_records`: int32.
+    A record that cannot be used (corrupt or truncated bytes, NaN/Inf samples, silence, or a sample
+    rate other than `sample_rate`) is skipped: the read moves on to the next record (wrapping
+    around) and the element carries how many were stepped over, so the trainer can count them and a
+    bad record never stops a run. `waveform`: [samples] float32; `skipped_records`: int32;
+    `skipped_by_reason`: [len(records.SKIP_REASONS)] int32, the same count split by reason.
     """
 
-    def __init__(self, paths: list[str]):
+    def __init__(self, paths: list[str], sample_rate: int | None = None):
         self._paths = list(paths)
+        self._sample_rate = sample_rate
         self._source = grain.sources.ArrayRecordDataSource(self._paths)
         sizes = []
         for p in self._paths:
@@ -64,18 +68,24 @@ class ClipSource(grain.sources.RandomAccessDataSource):
 
     def __getitem__(self, index: int) -> dict:
         index = int(index)
+        by_reason = np.zeros(len(records.SKIP_REASONS), np.int32)
         for skipped in range(min(MAX_CONSECUTIVE_BAD_RECORDS, self._len)):
             i = (index + skipped) % self._len
             try:
-                waveform = records.decode_waveform(self._source[i])
+                waveform = records.decode_waveform(self._source[i], sample_rate=self._sample_rate,
+                                                   silence_peak=records.SILENCE_PEAK)
             except Exception as e:  # corrupt bytes, bad codec, I/O error on one record
+                reason = getattr(e, "reason", "corrupt")
+                by_reason[records.SKIP_REASONS.index(reason)] += 1
                 path, j = self.locate(i)
-                logging.warning("skipping undecodable record %d of %s: %s", j, path, e)
+                logging.warning("skipping record %d of %s (%s): %s", j, path, reason, e)
                 continue
-            return {"waveform": waveform, "skipped_records": np.int32(skipped), "record_index": np.int64(i)}
+            return {"waveform": waveform, "skipped_records": np.int32(skipped), "skipped_by_reason": by_reason,
+                    "record_index": np.int64(i)}
         path, j = self.locate(index)
         raise RuntimeError(f"{MAX_CONSECUTIVE_BAD_RECORDS} consecutive records from record {j} of {path} "
-                           "failed to decode; the shard set looks corrupt (re-run tools/make_shards.py)")
+                           "could not be used; the shard set looks corrupt or was written at another sample "
+                           "rate (re-run tools/make_shards.py)")
 
     def __repr__(self) -> str:  # Grain stores this in iterator checkpoints as a sanity check.
         return f"ClipSource({len(self._paths)} shards, {self._len} records, first={self._paths[0]!r})"
@@ -193,6 +203,7 @@ def make_dataset(
     device_frontend: bool = False,
     normalize: bool = True,
     num_epochs: int | None = None,
+    start_batch: int = 0,
 ) -> grain.MapDataset:
     """The per-process dataset of batches (before prefetching), indexable and deterministic.
 
@@ -204,22 +215,29 @@ def make_dataset(
       device_frontend: yield `waveform` [batch, crop_samples] instead of `lms`.
       normalize: apply (lms - mean) / std (off when computing the statistics themselves).
       num_epochs: None repeats forever.
+      start_batch: skip this process's first `start_batch` batches (resuming at global batch
+        `start_batch` without an iterator state, e.g. after the process count changed).
 
     Each batch is a dict: `lms` [batch, n_mels, crop_frames] float32 (or `waveform`
-    [batch, crop_samples] float32), `skipped_records` [batch] int32 (undecodable records stepped
-    over) and `record_index` [batch] int64 (which record each example came from).
+    [batch, crop_samples] float32), `skipped_records` [batch] int32 (unusable records stepped
+    over), `skipped_by_reason` [batch, len(records.SKIP_REASONS)] int32 (the same, by reason) and
+    `record_index` [batch] int64 (which record each example came from).
     """
-    source = ClipSource(list(spec.shard_paths))
+    source = ClipSource(list(spec.shard_paths), sample_rate=spec.frontend.sample_rate)
     ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(num_epochs)
-    # The crop is drawn before slicing so that its RNG is keyed on the global element index: element g
-    # is the same crop of the same clip whatever the process count (still computed lazily, per slice).
+    # The crop is drawn on the global stream so that its RNG is keyed on the global element index:
+    # element g is the same crop of the same clip whatever the process count.
     ds = ds.random_map(RandomCrop(spec.crop_samples))
-    ds = ds[process_index::process_count]
     if not device_frontend:
         ds = ds.map(LogMel(spec.frontend))
         if normalize:
             ds = ds.map(Normalize(spec.norm_mean, spec.norm_std))
-    return ds.batch(batch_size, drop_remainder=True)
+    # Global batch k is elements [k * B, (k + 1) * B) of the global stream, and process p feeds rows
+    # [p * b, (p + 1) * b) of it (b = B / process_count): consecutive blocks of b elements go round-robin
+    # to the processes. The global batch is then the same array, row for row, for any process count, so
+    # multi-host runs reproduce single-host ones. MapDataset is lazy: a process decodes only its blocks.
+    ds = ds.batch(batch_size, drop_remainder=True)[process_index::process_count]
+    return ds[start_batch:] if start_batch else ds
 
 
 def make_iterator(
@@ -244,3 +262,49 @@ def make_iterator(
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=num_workers, per_worker_buffer_size=worker_buffer_size))
     return iter(it_ds)
+
+
+def data_position(*, global_batch_size: int, process_count: int, num_workers: int, start_batch: int = 0,
+                  first_step: int = 0) -> dict:
+    """Where a run's data stream stands; stored (JSON) in every checkpoint's meta.
+
+    The iterator built with `make_dataset(..., start_batch=start_batch)` yields global batch
+    `start_batch + step - first_step` (of `global_batch_size` examples) at train step `step`.
+    """
+    return {"global_batch_size": int(global_batch_size), "process_count": int(process_count),
+            "num_workers": int(num_workers), "start_batch": int(start_batch), "first_step": int(first_step)}
+
+
+def plan_resume(saved: dict | None, step: int, **current) -> tuple[dict, bool]:
+    """How to resume the data stream from a checkpoint at `step`.
+
+    Args:
+      saved: the checkpoint's `data_position` (None for checkpoints that predate it).
+      step: the checkpoint's train step.
+      current: this run's `global_batch_size`, `process_count` and `num_workers`.
+
+    Returns:
+      (position, restore_iterator): the position to build this run's iterator at (its
+      `start_batch`), and whether the checkpoint's Grain iterator state applies to it.
+
+    Grain saves one iterator state per process (`process_<i>-of-<n>.json`), shaped by the number of
+    workers, so it can be restored only by the same number of processes with the same workers. When
+    either changed, the stream is rebuilt from the step instead: global batches are a function of
+    (seed, global index) whatever the process count, so with an unchanged global batch size this is
+    exactly the stream the original run would have read; with another batch size it restarts at the
+    first new batch that holds no example seen before. Either way a warning says what happened.
+    """
+    if saved is None:
+        return data_position(**current), True
+    if all(saved.get(k) == v for k, v in current.items()):
+        return dict(saved), True
+    next_example = (saved["start_batch"] + step - saved["first_step"]) * saved["global_batch_size"]
+    start_batch = -(-next_example // current["global_batch_size"])
+    changed = ", ".join(f"{k} {saved.get(k)} -> {v}" for k, v in current.items() if saved.get(k) != v)
+    exact = "the same stream" if saved["global_batch_size"] == current["global_batch_size"] else \
+        "the first batch after the examples already seen (the global batch size changed)"
+    logging.warning("data iterator: the checkpoint at step %d was written with a different setup (%s). Grain's "
+                    "per-process iterator state does not apply, so the stream restarts at global batch %d "
+                    "computed from the step: %s.", step, changed, start_batch, exact)
+    return data_position(**current, start_batch=start_batch, first_step=step), False
+

@@ -51,11 +51,12 @@ def random_encoder(config_arg: str, *, seed: int = 0) -> encoder_lib.AudioEncode
 
     config = config_utils.load_config(config_arg)
     spec = pipeline.resolve_data_spec(config.data)
-    input_shape = (spec.frontend.n_mels, spec.crop_frames)
-    method = methods.get_method(config.method)(config.model, input_shape=input_shape)
-    params, _ = method.init(jax.random.key(seed))
+    method_cls = methods.get_method(config.method)
+    input_shape = methods.input_shape(method_cls, spec.frontend, spec.crop_frames)
+    method = method_cls(config.model, input_shape=input_shape)
+    params, target_params = method.init(jax.random.key(seed))
     return encoder_lib.AudioEncoder(config.method, config.model, input_shape, spec.frontend,
-                                    (spec.norm_mean, spec.norm_std), {"encoder": params["encoder"]})
+                                    (spec.norm_mean, spec.norm_std), methods.encoder_params(method, params, target_params))
 
 
 def make_embedder(spec: str, *, frontend: str = "m2d") -> EncoderEmbedder | LogMelEmbedder:

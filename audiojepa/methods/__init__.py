@@ -1,13 +1,19 @@
 """Pretraining methods. Each is a plain class built as
-`Method(config.model, input_shape=(n_mels, frames), steps_per_epoch=None)` with init / loss /
-update_targets / weight_decay_mask / encode (see audiojepa.methods.m2d.M2D)."""
+`Method(config.model, input_shape=..., steps_per_epoch=None)` with init / loss / update_targets /
+weight_decay_mask / encode (see audiojepa.methods.m2d.M2D).
 
+Log-mel methods (the default, `input_kind = "logmel"`) take input_shape (n_mels, frames) and
+batch["lms"]; waveform methods (`input_kind = "waveform"`, EncodecMAE) take (num_samples,) and
+batch["waveform"]. A method may define `encoder_params(params, target_params)`: the tree its `encode`
+needs (default {"encoder": params["encoder"]}), which is what an exported encoder holds."""
+
+from audiojepa.methods.encodecmae import EncodecMAE
 from audiojepa.methods.jepa import JEPA
 from audiojepa.methods.m2d import M2D
 from audiojepa.methods.matpac import MATPAC
 
 # Audio-JEPA (Tuncay et al.) is a configuration of "jepa" (configs/audio_jepa.py).
-METHODS = {"m2d": M2D, "jepa": JEPA, "matpac": MATPAC}
+METHODS = {"m2d": M2D, "jepa": JEPA, "matpac": MATPAC, "encodecmae": EncodecMAE}
 
 
 def get_method(name: str):
@@ -17,4 +23,25 @@ def get_method(name: str):
     return METHODS[name]
 
 
-__all__ = ["JEPA", "M2D", "MATPAC", "METHODS", "get_method"]
+__all__ = ["JEPA", "M2D", "MATPAC", "EncodecMAE", "METHODS", "get_method", "input_kind", "input_shape",
+           "encoder_params"]
+
+
+def input_kind(method) -> str:
+    """"logmel" or "waveform": what the method's loss and encode take (a class or an instance)."""
+    return getattr(method, "input_kind", "logmel")
+
+
+def input_shape(method, frontend, crop_frames: int) -> tuple[int, ...]:
+    """The method's `input_shape` for training crops of `crop_frames` frames of `frontend`:
+    (n_mels, crop_frames) for log-mel methods, (num_samples,) for waveform methods."""
+    if input_kind(method) == "waveform":
+        return (frontend.num_samples_for_frames(crop_frames),)
+    return (frontend.n_mels, int(crop_frames))
+
+
+def encoder_params(method, params, target_params=None):
+    """The params `method.encode` needs, as an exported encoder stores them."""
+    if hasattr(method, "encoder_params"):
+        return method.encoder_params(params, target_params)
+    return {"encoder": params["encoder"]}

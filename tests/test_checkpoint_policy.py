@@ -1,0 +1,34 @@
+"""Checkpoint hygiene from the config: keep the latest N, keep every M-th step, reject bad values by name.
+(A half-written checkpoint never being picked is in test_preemption.py.)"""
+
+import os
+
+import ml_collections
+import pytest
+
+from audiojepa import checkpointing, train
+import run_helpers as rh
+
+
+@pytest.mark.slow
+def test_keep_last_n_and_keep_every_m_steps(tmp_path):
+    workdir = str(tmp_path / "run")
+    config = rh.tiny_config(checkpoint_every_steps=1, keep_checkpoints=2, keep_every_steps=3, async_checkpoints=True)
+    train.train_and_evaluate(config, workdir)
+    kept = sorted(int(d) for d in os.listdir(checkpointing.checkpoint_dir(workdir)) if d.isdigit())
+    assert kept == [3, 5, 6]  # 5, 6: the latest two; 3: a multiple of 3 (6 is both)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("checkpoint_every_steps", 0, "config.checkpoint_every_steps=0"),
+    ("keep_checkpoints", 0, "config.keep_checkpoints=0"),
+    ("keep_every_steps", -5, "config.keep_every_steps=-5"),
+    ("keep_every_steps", 4, "config.keep_every_steps=4 is not a multiple of config.checkpoint_every_steps=3"),
+    ("keep_every_steps", 1.5, "config.keep_every_steps=1.5"),
+    ("async_checkpoints", "yes", "config.async_checkpoints='yes'"),
+])
+def test_bad_checkpoint_values_name_the_key(tmp_path, key, value, message):
+    config = ml_collections.ConfigDict({"checkpoint_every_steps": 3, "keep_checkpoints": 2, "keep_every_steps": 0,
+                                        "async_checkpoints": True, key: value})
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        checkpointing.manager_from_config(str(tmp_path), config)
