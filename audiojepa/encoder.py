@@ -170,8 +170,12 @@ class AudioEncoder:
         return output_dir
 
 
-def _from_workdir(workdir: str, step: int | None) -> AudioEncoder:
-    """The online encoder of a training run's latest (or given) checkpoint."""
+def restore_train_state(workdir: str, step: int | None = None):
+    """(method, state, meta) of a training run's latest (or given) checkpoint, on the first local device.
+
+    `state` is the whole train state {"step", "params", "target_params", "opt_state"}; `method` is built
+    from the run's config and input shape.
+    """
     import orbax.checkpoint as ocp
 
     from audiojepa import checkpointing, optim, train
@@ -191,7 +195,15 @@ def _from_workdir(workdir: str, step: int | None) -> AudioEncoder:
     manager = checkpointing.make_manager(workdir, every_steps=1, read_only=True)
     state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
     manager.close()
-    return AudioEncoder(meta["method"], config.model, input_shape, frontend, tuple(meta["norm_stats"]),
+    return method, state, meta
+
+
+def _from_workdir(workdir: str, step: int | None) -> AudioEncoder:
+    """The online encoder of a training run's latest (or given) checkpoint."""
+    method, state, meta = restore_train_state(workdir, step)
+    frontend = frontend_lib.LogMelParams.from_dict(meta["frontend"])
+    return AudioEncoder(meta["method"], method.config, methods.input_shape(method, frontend, meta["crop_frames"]),
+                        frontend, tuple(meta["norm_stats"]),
                         methods.encoder_params(method, state["params"], state["target_params"]))
 
 

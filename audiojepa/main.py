@@ -8,36 +8,22 @@ process reports) when a preemption signal stopped it after committing a checkpoi
 same command resumes. Process 0 logs progress; the others log warnings and errors only.
 """
 
-import logging as std_logging
-import sys
-
-import jax
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from audiojepa import distributed, train
+from audiojepa import process
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/m2d.py:runlocal.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs; a run resumes from it.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
-EXIT_PREEMPTED = 143
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    # Orbax and Grain log every checkpoint step at INFO through absl's logger; keep their warnings only,
-    # so the trainer's progress lines stay readable.
-    std_logging.getLogger("absl").setLevel(std_logging.WARNING)
-    distributed.maybe_initialize()
-    if jax.process_index() > 0:  # one copy of the progress lines, from process 0
-        std_logging.getLogger().setLevel(std_logging.WARNING)
-    result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    if result.get("preempted"):
-        logging.warning("preempted: checkpoint committed in %s; re-run the same command to resume", FLAGS.workdir)
-        sys.exit(EXIT_PREEMPTED)
-    logging.info("done: %s", FLAGS.workdir)
+    process.setup()
+    process.train_and_exit(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -231,7 +231,10 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None, n
                                          data_iter if restore_iterator else None)
         logging.info("resumed from step %d in %s", latest, checkpointing.checkpoint_dir(workdir))
     else:
-        state = jax.jit(init_state, out_shardings=repl)(init_rng)
+        if getattr(method, "jit_init", True):
+            state = jax.jit(init_state, out_shardings=repl)(init_rng)
+        else:  # a method whose init holds large host arrays (frozen networks) that should not become constants
+            state = jax.device_put(init_state(init_rng), repl)
     start_step = int(state["step"])
     counters = RunCounters(saved_meta.get("counters"))
 

@@ -346,8 +346,10 @@ def test_encodec_checkpoint_from_a_state_dict_or_a_converted_folder(tmp_path):
         loaded = method.encodec_params
         np.testing.assert_array_equal(loaded["codebooks"], converted["codebooks"][:8])  # only the n_q used
         jax.tree.map(np.testing.assert_array_equal, loaded["encoder"], converted["encoder"])
+    # The checkpoint is read on first use (an exported encoder brings its own EnCodec and never reads it).
+    missing = EncodecMAE(tiny_config(encodec_checkpoint=str(tmp_path / "missing")), input_shape=(TEST_SAMPLES,))
     with pytest.raises(FileNotFoundError, match="encodec_checkpoint"):
-        EncodecMAE(tiny_config(encodec_checkpoint=str(tmp_path / "missing")), input_shape=(TEST_SAMPLES,))
+        missing.encodec_params
 
 
 # -- the method: jitted loss + grad -----------------------------------------------------------------

@@ -172,7 +172,7 @@ def test_center_false_matches_librosa_and_inner_frames(impl):
 
 
 def test_presets_exist_and_validate():
-    assert set(frontend.PRESETS) == {"m2d", "matpac", "riou", "m2d_32k", "audiojepa"}
+    assert set(frontend.PRESETS) == {"m2d", "matpac", "riou", "m2d_32k", "audiojepa", "encodec"}
     for name, params in frontend.PRESETS.items():
         assert frontend.get_preset(name) is params
         assert params.n_fft == params.win_length and params.f_min == 50.0

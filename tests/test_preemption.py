@@ -77,7 +77,7 @@ def interrupted(tmp_path_factory, seed):
 
 
 def test_sigterm_commits_a_checkpoint_at_the_step_it_stops(interrupted):
-    assert interrupted["sigterm_status"] == 143, interrupted  # audiojepa.main.EXIT_PREEMPTED (128 + SIGTERM)
+    assert interrupted["sigterm_status"] == 143, interrupted  # audiojepa.process.EXIT_PREEMPTED (128 + SIGTERM)
     step = interrupted["sigterm_committed"]
     assert step == interrupted["sigterm_logged"] < TOTAL, interrupted
     assert interrupted["sigterm_summary"]["preempted"] and interrupted["sigterm_summary"]["step"] == step

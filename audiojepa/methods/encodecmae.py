@@ -53,6 +53,8 @@ Model config keys (`config.model`; `default_config()` has the reference values):
     num_clusters: k of the k-means stream (1024).
     kmeans_weight: weight of the k-means stream; None: Σ γ_q with "codes+kmeans", 1.0 with "kmeans".
     kmeans_centroids: "" or a .npy file of [num_clusters, D] centroids, loaded by `init`.
+    stage1_params (optional): "" or a file written by `save_params` with the stage-1 params; with k-means
+        targets, `init` then builds the stage-2 state (`start_self_training`). audiojepa.selftrain sets it.
     encodec_checkpoint: "" (random EnCodec, smoke tests only) or a path (above).
     encodec_seed: seed of the random EnCodec weights.
     decay_all_params: weight decay on every param, LayerNorm, biases and position scales included
@@ -75,6 +77,7 @@ import logging
 import os
 from typing import Any
 
+import flax.serialization
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -175,6 +178,21 @@ def random_encodec_params(seed: int, num_codebooks: int) -> dict:
     return {"encoder": traverse_util.unflatten_dict(encoder), "codebooks": codebooks.astype(np.float32)}
 
 
+def save_params(path: str, params: Params) -> str:
+    """Writes a params tree (e.g. stage-1 params for self-training) as msgpack; returns the path."""
+    with open(path, "wb") as f:
+        f.write(flax.serialization.msgpack_serialize(jax.tree.map(np.asarray, params)))
+    return path
+
+
+def load_params(path: str) -> Params:
+    """Reads `save_params`' file (config.model.stage1_params)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"config.model.stage1_params={path!r} does not exist (audiojepa.selftrain writes it).")
+    with open(path, "rb") as f:
+        return flax.serialization.msgpack_restore(f.read())
+
+
 class EncodecMAE:
     """The EncodecMAE method: params, loss, (no) target update, weight-decay mask, encoder.
 
@@ -183,6 +201,7 @@ class EncodecMAE:
     """
 
     input_kind = "waveform"  # the trainer feeds batch["waveform"] [batch, samples] at 24 kHz, no log-mel
+    jit_init = False  # init embeds the frozen EnCodec (and stage-1) arrays: run it eagerly, not as jit constants
     num_prefix_tokens = 0  # `encode` returns frame tokens only
     frame_hop_samples = encodec.HOP_LENGTH  # one output frame per 320 samples (75 Hz)
 
@@ -273,6 +292,9 @@ class EncodecMAE:
         placeholder (a copy of the fresh encoder) that `start_self_training`, or restoring a checkpoint,
         must replace. A warning says so.
         """
+        stage1_path = self.config.get("stage1_params", "")
+        if self.uses_kmeans and stage1_path:
+            return self.start_self_training(load_params(stage1_path), self._load_centroids(), rng)
         params = self._init_model(rng)
         target_params = {"encodec": jax.tree.map(jnp.asarray, self.encodec_params)}
         if self.uses_kmeans:

@@ -230,6 +230,16 @@ def squared_distances(vectors: jax.Array, codebook: jax.Array) -> jax.Array:
     return (jnp.sum(vectors ** 2, axis=-1, keepdims=True) - 2 * cross) + jnp.sum(codebook ** 2, axis=-1)
 
 
+def _lookup(codebook: jax.Array, codes: jax.Array) -> jax.Array:
+    """codebook[codes] as a one-hot matmul, exact in float32 at HIGHEST precision: [K, D], [...] int → [..., D].
+
+    A gather of a replicated codebook with batch-sharded indices has no unambiguous output sharding
+    under an Explicit mesh (the trainer's); a matmul with the one-hot codes inherits the batch sharding.
+    """
+    one_hot = jax.nn.one_hot(codes, codebook.shape[0], dtype=codebook.dtype)
+    return jnp.matmul(one_hot, codebook, precision=PRECISION)
+
+
 def rvq_encode(codebooks: jax.Array, embeddings: jax.Array, num_codebooks: int) -> tuple[jax.Array, jax.Array]:
     """Residual vector quantization with the first `num_codebooks` codebooks (frozen, no updates).
 
@@ -250,7 +260,7 @@ def rvq_encode(codebooks: jax.Array, embeddings: jax.Array, num_codebooks: int) 
     def stage(carry, codebook):
         residual, quantized = carry
         codes = jnp.argmin(squared_distances(residual, codebook), axis=-1).astype(jnp.int32)
-        chosen = codebook[codes]
+        chosen = _lookup(codebook, codes)
         return (residual - chosen, quantized + chosen), codes
 
     embeddings = embeddings.astype(jnp.float32)
@@ -263,7 +273,7 @@ def rvq_decode(codebooks: jax.Array, codes: jax.Array) -> jax.Array:
     """Σ_q codebooks[q][codes[..., q]]. codebooks [n_total, K, D], codes [..., n_q] int → [..., D]."""
     num_codebooks = codes.shape[-1]
     _check_num_codebooks(codebooks, num_codebooks)
-    picked = jax.vmap(lambda codebook, idx: codebook[idx], in_axes=(0, -1), out_axes=0)(
+    picked = jax.vmap(_lookup, in_axes=(0, -1), out_axes=0)(
         codebooks[:num_codebooks], codes)
     return jnp.sum(picked, axis=0)
 

@@ -1,0 +1,99 @@
+r"""EncodecMAE (Pepino et al.): a masked autoencoder over EnCodec frames predicting EnCodec's RVQ codes.
+
+The reference recipe (shared/reference/encodecmae.md §1.10-1.11): base model (10 encoder layers,
+768 wide, 12 heads, 2-layer decoder), random 4 s crops of 24 kHz mono audio (300 EnCodec frames),
+50% of frames masked in spans of 15, 8 codebooks (6 kbps) as targets with the reference γ_q and
+δ = 0.9, AdamW lr 1e-4 constant (no warm-up, no decay), betas (0.9, 0.95), wd 0.05 on every
+parameter, batch 128, 500k steps; then 150k steps of self-training on k-means targets.
+
+EnCodec's weights are not downloaded: get the 24 kHz checkpoint of `encodec` 0.1.1 yourself
+(`encodec_24khz-d7cc33bc.th`, the file `EncodecModel.encodec_model_24khz(pretrained=True)` fetches
+into torch's hub cache), convert it once and point the config at it:
+
+    python tools/convert_encodec.py --input encodec_24khz-d7cc33bc.th --output /ckpt/encodec24k
+    python tools/make_shards.py --input /data/audioset --output /data/shards/as_24k --sample_rate 24000
+    python -m audiojepa.main --config=configs/encodecmae.py --workdir=/ckpt/encodecmae_base \
+        --config.data.shards=/data/shards/as_24k --config.model.encodec_checkpoint=/ckpt/encodec24k
+
+Self-training (k-means of the stage-1 encoder's last-layer features on 10,000 frames, then 150k
+steps with the k-means stream added as a target), one command:
+
+    python -m audiojepa.selftrain --config=configs/encodecmae.py --stage1_workdir=/ckpt/encodecmae_base \
+        --workdir=/ckpt/encodecmae_base_st --config.data.shards=/data/shards/as_24k \
+        --config.model.encodec_checkpoint=/ckpt/encodec24k
+
+CPU smoke run on the embedded corpus (tiny model, 1 s crops, batch 16, 300 steps) with seeded RANDOM
+EnCodec weights: it proves the pipeline runs end to end, but the representations are meaningless
+without the real EnCodec checkpoint:
+
+    python -m audiojepa.main --config=configs/encodecmae.py:runlocal --workdir=/tmp/encodecmae_runlocal
+    python -m audiojepa.selftrain --config=configs/encodecmae.py:runlocal \
+        --stage1_workdir=/tmp/encodecmae_runlocal --workdir=/tmp/encodecmae_selftrain
+
+  RUNLOCAL_NUMBERS
+
+Arguments (`:arg`): `runlocal`, `size=tiny|small|base|large`, `targets=codes|codes+kmeans|kmeans`.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+from audiojepa.config_utils import adamw_config, parse_arg
+from audiojepa.methods import encodecmae
+
+
+def get_config(arg=None):
+    arg = parse_arg(arg, size="base", runlocal=False, targets="codes")
+    config = ml_collections.ConfigDict()
+    config.method = "encodecmae"
+    config.seed = 42
+
+    config.batch_size = 128
+    config.total_steps = 500_000
+    config.warmup_steps = 0
+    config.log_every_steps = 100
+    config.checkpoint_every_steps = 10_000
+    config.keep_checkpoints = 2
+    config.keep_every_steps = 50_000  # the reference checkpoints every 50k steps
+    config.async_checkpoints = True
+    config.tensorboard = True
+    config.nonfinite_policy = "stop"
+
+    config.data = ml_collections.ConfigDict()
+    config.data.shards = config_dict.placeholder(str)  # 24 kHz shard folder or glob; unset = embedded corpus
+    config.data.frontend = "encodec"  # EnCodec's 75 Hz frame grid at 24 kHz (waveforms go to the model)
+    config.data.crop_frames = 300  # 4 s = 96,000 samples
+    config.data.norm_stats = "0,1"  # unused: EnCodec takes the raw waveform
+    config.data.device_frontend = False
+    config.data.num_workers = 8
+    config.data.worker_buffer_size = 2
+    config.data.read_threads = 0
+    config.data.embedded = ml_collections.ConfigDict({"num_clips": 3000, "duration_s": 3.0, "seed": 0})
+
+    config.model = encodecmae.default_config(arg.size)
+    config.model.targets = arg.targets
+    config.model.stage1_params = ""  # set by audiojepa.selftrain: the stage-1 params the student starts from
+
+    # Constant lr 1e-4 (the reference has no scheduler): no warm-up and min_lr = lr.
+    config.optim = adamw_config(lr=1e-4, min_lr=1e-4, weight_decay=0.05)
+    config.optim.grad_clip_norm = None
+
+    if arg.runlocal:  # the shared CPU smoke schedule (config_utils.apply_runlocal) minus its ViT sizes
+        config.batch_size = 16
+        config.total_steps = 300
+        config.log_every_steps = 20
+        config.checkpoint_every_steps = 100
+        config.keep_every_steps = 0
+        config.data.num_workers = 0
+        config.data.crop_frames = 75  # 1 s
+        config.data.embedded = ml_collections.ConfigDict({"num_clips": 1000, "duration_s": 2.0, "seed": 0})
+        config.model.size = "tiny"
+        config.model.num_clusters = 64  # k of the self-training stage
+        config.optim.lr = config.optim.min_lr = 1e-3
+    return config
+
+
+def get_sweep(arg=None):
+    """Overrides for `launch/sweep.py`: the masked-loss weight δ."""
+    del arg
+    return [{"model.masked_loss_weight": d} for d in (0.8, 0.9, 1.0)]
