@@ -30,7 +30,13 @@ without the real EnCodec checkpoint:
     python -m audiojepa.selftrain --config=configs/encodecmae.py:runlocal \
         --stage1_workdir=/tmp/encodecmae_runlocal --workdir=/tmp/encodecmae_selftrain
 
-  RUNLOCAL_NUMBERS
+  Measured on 2 CPU cores: stage 1 took 4m24s (~20 clips/s; the 24 kHz corpus is generated once,
+  ~20 s), loss 6.84 at step 20 -> 6.53 at step 300 (ln 1024 = 6.93), masked code accuracy 0.9% ->
+  2.5%; self-training (100 steps, --config.total_steps=100) took 2m03s with the k-means (64 clusters,
+  10,000 frames) in seconds: loss_kmeans 3.82 -> 2.54, masked k-means accuracy 9% -> 28%.
+  `python -m audiojepa.evaluate --encoder=/tmp/encodecmae_selftrain --task=embedded:num_clips=600,duration_s=2
+  --output=/tmp/encodecmae_eval` reports it: linear 12.5 +- 4.4, kNN 16.1 (random init 13.7 / 8.9,
+  log-mel 32.7 / 26.8): chance level, as expected from random EnCodec weights.
 
 Arguments (`:arg`): `runlocal`, `size=tiny|small|base|large`, `targets=codes|codes+kmeans|kmeans`.
 """

@@ -1,13 +1,18 @@
 """Test setup: simulated devices, a compilation cache and absl flags, before JAX or Grain is imported."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
 # Several CPU devices so sharding code paths run as on a multi-chip host.
 os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
 # Many tests build the same tiny models; JAX's persistent cache turns repeat compiles (~10 s each on
 # 2 cores) into cache reads. One fresh folder per test session, so no state leaks between runs.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="audiojepa-jax-cache-"))
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache_dir = tempfile.mkdtemp(prefix="audiojepa-jax-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
+    atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)  # subprocesses of the session are done by then
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
