@@ -61,6 +61,47 @@ def load_config(config_arg: str) -> ml_collections.ConfigDict:
     return load_config_module(path).get_config(arg or None)
 
 
+def run_config(method: str, *, batch_size: int, seed: int = 0) -> ml_collections.ConfigDict:
+    """The run-level keys every method config shares, with the M2D-family defaults (300 epochs, 20 of
+    warm-up, logs every 100 steps, a checkpoint every 2000); each config sets its own values on top and
+    adds `data` (data_config), `model` and `optim` (adamw_config)."""
+    return ml_collections.ConfigDict({
+        "method": method,
+        "seed": seed,
+        "batch_size": batch_size,  # global, over all devices and processes
+        "num_epochs": 300,
+        "warmup_epochs": 20,
+        "total_steps": 0,  # > 0 overrides num_epochs x steps per epoch
+        "warmup_steps": -1,  # >= 0 overrides warmup_epochs
+        "log_every_steps": 100,
+        "checkpoint_every_steps": 2000,
+        "keep_checkpoints": 2,  # the latest N checkpoints are kept
+        "keep_every_steps": 0,  # > 0: also keep every checkpoint whose step is a multiple of this
+        "async_checkpoints": True,
+        "nonfinite_policy": "stop",  # NaN/Inf loss: "stop" the run, or "skip" the batch and go on
+        "tensorboard": True,
+    })
+
+
+def data_config(frontend: str, crop_frames: int, *, norm_stats: str = "shards", **embedded) -> ml_collections.ConfigDict:
+    """`config.data`: unset `shards` = the embedded corpus (3000 clips of 3 s unless `embedded` overrides);
+    `norm_stats`: "shards" (tools/compute_stats.py), "m2d" (-7.1, 4.2) or "MEAN,STD"; `device_frontend`:
+    log-mels on the accelerator from raw waveforms; the worker keys tune the Grain pipeline."""
+    from ml_collections import config_dict
+
+    data = ml_collections.ConfigDict()
+    data.shards = config_dict.placeholder(str)  # shard folder or glob
+    data.frontend = frontend  # a preset of audiojepa.frontend.PRESETS
+    data.crop_frames = crop_frames
+    data.norm_stats = norm_stats
+    data.device_frontend = False
+    data.num_workers = 8
+    data.worker_buffer_size = 2
+    data.read_threads = 0
+    data.embedded = ml_collections.ConfigDict({"num_clips": 3000, "duration_s": 3.0, "seed": 0, **embedded})
+    return data
+
+
 def adamw_config(**overrides) -> ml_collections.ConfigDict:
     """`config.optim` for M2D's recipe: AdamW (0.9, 0.95), wd 0.05, lr = 3e-4 x batch / 256, clip 3.0.
 

@@ -37,11 +37,9 @@ Where the paper and the public code differ (`recipe=code` switches all of these 
   and this config use 128 mels, frequency first.
 """
 
-import ml_collections
-from ml_collections import config_dict
 
 from audiojepa import frontend
-from audiojepa.config_utils import adamw_config, apply_runlocal, parse_arg
+from audiojepa.config_utils import adamw_config, apply_runlocal, data_config, parse_arg, run_config
 from audiojepa.methods import jepa
 
 CLIP_SECONDS = 10.0
@@ -61,36 +59,14 @@ def get_config(arg=None):
     arg = parse_arg(arg, variant="B", runlocal=False, recipe="paper")
     if arg.recipe not in RECIPES:
         raise ValueError(f"config arg recipe={arg.recipe!r}; valid: {RECIPES}.")
-    config = ml_collections.ConfigDict()
-    config.method = "jepa"
-    config.seed = 0
-
-    config.batch_size = 256  # global; the code's 4 GPUs x 64
+    config = run_config("jepa", batch_size=256)  # the code's 4 GPUs x 64
     config.num_epochs = 0
     config.warmup_epochs = 0
     config.total_steps = 100_000
     config.warmup_steps = 1000
-    config.log_every_steps = 100
-    config.checkpoint_every_steps = 2000
-    config.keep_checkpoints = 2  # the latest N checkpoints are kept
-    config.keep_every_steps = 0  # > 0: also keep every checkpoint whose step is a multiple of this
-    config.async_checkpoints = True
-    config.nonfinite_policy = "stop"  # NaN/Inf loss: "stop" the run, or "skip" the batch and go on
-    config.tensorboard = True
-
-    config.data = ml_collections.ConfigDict()
-    config.data.shards = config_dict.placeholder(str)  # shard folder or glob; unset = embedded corpus
-    config.data.frontend = "audiojepa"  # 32 kHz, 128 mels 50-16000 Hz, 25 ms window, 10 ms hop
-    config.data.crop_frames = crop_frames_for(CLIP_SECONDS)  # 992
-    config.data.norm_stats = "shards"  # "shards" (tools/compute_stats.py) or "MEAN,STD"
-    config.data.device_frontend = False
-    config.data.num_workers = 8
-    config.data.worker_buffer_size = 2
-    config.data.read_threads = 0
-    # Unset data.shards = the embedded corpus, generated at 32 kHz; its stored log-mel statistics must
-    # include this front end for norm_stats="shards".
-    config.data.embedded = ml_collections.ConfigDict({"num_clips": 3000, "duration_s": 3.0, "seed": 0,
-                                                      "stats_frontends": ("audiojepa",)})
+    # 32 kHz, 128 mels 50-16000 Hz, 25 ms window, 10 ms hop. Unset data.shards = the embedded corpus,
+    # generated at 32 kHz with statistics for this front end (norm_stats="shards").
+    config.data = data_config("audiojepa", crop_frames_for(CLIP_SECONDS), stats_frontends=("audiojepa",))  # 992
 
     config.model = jepa.default_config(arg.variant)  # keys: audiojepa/methods/jepa.py docstring
     config.model.masking = "unstructured"

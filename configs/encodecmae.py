@@ -42,39 +42,21 @@ Arguments (`:arg`): `runlocal`, `size=tiny|small|base|large`, `targets=codes|cod
 """
 
 import ml_collections
-from ml_collections import config_dict
 
-from audiojepa.config_utils import adamw_config, parse_arg
+from audiojepa.config_utils import adamw_config, data_config, parse_arg, run_config
 from audiojepa.methods import encodecmae
 
 
 def get_config(arg=None):
     arg = parse_arg(arg, size="base", runlocal=False, targets="codes")
-    config = ml_collections.ConfigDict()
-    config.method = "encodecmae"
-    config.seed = 42
-
-    config.batch_size = 128
+    config = run_config("encodecmae", batch_size=128, seed=42)
     config.total_steps = 500_000
     config.warmup_steps = 0
-    config.log_every_steps = 100
     config.checkpoint_every_steps = 10_000
-    config.keep_checkpoints = 2
     config.keep_every_steps = 50_000  # the reference checkpoints every 50k steps
-    config.async_checkpoints = True
-    config.tensorboard = True
-    config.nonfinite_policy = "stop"
-
-    config.data = ml_collections.ConfigDict()
-    config.data.shards = config_dict.placeholder(str)  # 24 kHz shard folder or glob; unset = embedded corpus
-    config.data.frontend = "encodec"  # EnCodec's 75 Hz frame grid at 24 kHz (waveforms go to the model)
-    config.data.crop_frames = 300  # 4 s = 96,000 samples
-    config.data.norm_stats = "0,1"  # unused: EnCodec takes the raw waveform
-    config.data.device_frontend = False
-    config.data.num_workers = 8
-    config.data.worker_buffer_size = 2
-    config.data.read_threads = 0
-    config.data.embedded = ml_collections.ConfigDict({"num_clips": 3000, "duration_s": 3.0, "seed": 0})
+    # EnCodec's 75 Hz frame grid at 24 kHz (the model takes raw waveforms, so no normalisation);
+    # 300 frames = 4 s = 96,000 samples.
+    config.data = data_config("encodec", 300, norm_stats="0,1")
 
     config.model = encodecmae.default_config(arg.size)
     config.model.targets = arg.targets

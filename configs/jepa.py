@@ -39,10 +39,9 @@ Where the paper and the public code differ (the code is an option, the paper the
 - The code applies weight decay to every parameter; here biases and norms are not decayed.
 """
 
-import ml_collections
 from ml_collections import config_dict
 
-from audiojepa.config_utils import adamw_config, apply_runlocal, parse_arg
+from audiojepa.config_utils import adamw_config, apply_runlocal, data_config, parse_arg, run_config
 from audiojepa.methods import jepa
 
 FRAMES_PER_SECOND = 100  # the m2d front end's 10 ms hop
@@ -67,33 +66,8 @@ def get_config(arg=None):
         raise ValueError(f"config arg masking={arg.masking!r}; valid: {MASKINGS}.")
     if arg.target_domain not in TARGET_DOMAINS:
         raise ValueError(f"config arg target_domain={arg.target_domain!r}; valid: {TARGET_DOMAINS}.")
-    config = ml_collections.ConfigDict()
-    config.method = "jepa"
-    config.seed = 0
-
-    config.batch_size = 2048  # global, over all devices and processes
-    config.num_epochs = 300
-    config.warmup_epochs = 20
-    config.total_steps = 0  # > 0 overrides num_epochs x steps per epoch
-    config.warmup_steps = -1  # >= 0 overrides warmup_epochs
-    config.log_every_steps = 100
-    config.checkpoint_every_steps = 2000
-    config.keep_checkpoints = 2  # the latest N checkpoints are kept
-    config.keep_every_steps = 0  # > 0: also keep every checkpoint whose step is a multiple of this
-    config.async_checkpoints = True
-    config.nonfinite_policy = "stop"  # NaN/Inf loss: "stop" the run, or "skip" the batch and go on
-    config.tensorboard = True
-
-    config.data = ml_collections.ConfigDict()
-    config.data.shards = config_dict.placeholder(str)  # shard folder or glob; unset = embedded corpus
-    config.data.frontend = "m2d"  # 16 kHz, 80 mels 50-8000 Hz, 25 ms window, 10 ms hop
-    config.data.crop_frames = crop_frames_for(arg.duration)
-    config.data.norm_stats = "shards"  # "shards" (tools/compute_stats.py), "m2d" (-7.1, 4.2) or "MEAN,STD"
-    config.data.device_frontend = False
-    config.data.num_workers = 8
-    config.data.worker_buffer_size = 2
-    config.data.read_threads = 0
-    config.data.embedded = ml_collections.ConfigDict({"num_clips": 3000, "duration_s": 3.0, "seed": 0})
+    config = run_config("jepa", batch_size=2048)
+    config.data = data_config("m2d", crop_frames_for(arg.duration))  # M2D's front end, 16 kHz 80 mels
 
     config.model = jepa.default_config(arg.variant)  # keys: audiojepa/methods/jepa.py docstring
     config.model.masking = arg.masking
