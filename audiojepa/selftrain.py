@@ -34,11 +34,16 @@ from audiojepa.methods import encodecmae
 CENTROIDS_FILE = "kmeans_centroids.npy"
 STAGE1_PARAMS_FILE = "stage1_params.msgpack"
 
-config_flags.DEFINE_config_file("config", None, "Config file (configs/encodecmae.py[:arg]).", lock_config=False)
-flags.DEFINE_string("stage1_workdir", None, "Workdir of the stage-1 EncodecMAE run.")
-flags.DEFINE_string("workdir", None, "Workdir of the self-training run.")
-flags.DEFINE_integer("num_frames", 10_000, "Teacher frames the k-means is fitted on.")
-flags.DEFINE_integer("kmeans_iters", 100, "Maximum Lloyd iterations.")
+
+def define_flags() -> None:
+    """The command-line flags, defined only when this module is the program (`python -m
+    audiojepa.selftrain`), so that importing its functions never claims absl's global --config."""
+    config_flags.DEFINE_config_file("config", None, "Config file (configs/encodecmae.py[:arg]).", lock_config=False)
+    flags.DEFINE_string("stage1_workdir", None, "Workdir of the stage-1 EncodecMAE run.")
+    flags.DEFINE_string("workdir", None, "Workdir of the self-training run.")
+    flags.DEFINE_integer("num_frames", 10_000, "Teacher frames the k-means is fitted on.")
+    flags.DEFINE_integer("kmeans_iters", 100, "Maximum Lloyd iterations.")
+    flags.mark_flags_as_required(["config", "stage1_workdir", "workdir"])
 
 
 def collect_teacher_features(method, stage1_params, spec, *, num_frames: int, batch_size: int, seed: int) -> np.ndarray:
@@ -47,10 +52,15 @@ def collect_teacher_features(method, stage1_params, spec, *, num_frames: int, ba
     ds = pipeline.make_dataset(spec, batch_size=batch_size, seed=seed, device_frontend=True)
     frames_fn = jax.jit(lambda params, encodec_params, waveform: method.cluster_features(
         params, method.encodec_features(encodec_params, waveform)))
+    precomputed_fn = jax.jit(method.cluster_features)  # shards of precomputed EnCodec features
     encodec_params = jax.tree.map(np.asarray, method.encodec_params)
     features, collected, start = [], 0, time.time()
     for i in range(len(ds)):
-        out = np.asarray(frames_fn(stage1_params, encodec_params, ds[i]["waveform"]))
+        batch = ds[i]
+        if "features" in batch:
+            out = np.asarray(precomputed_fn(stage1_params, batch["features"]))
+        else:
+            out = np.asarray(frames_fn(stage1_params, encodec_params, batch["waveform"]))
         features.append(out.reshape(-1, out.shape[-1]))
         collected += features[-1].shape[0]
         logging.info("teacher features: %d / %d frames (%.0f s)", min(collected, num_frames), num_frames,
@@ -124,5 +134,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["config", "stage1_workdir", "workdir"])
+    define_flags()
     app.run(main)

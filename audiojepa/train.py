@@ -19,7 +19,7 @@ import numpy as np
 import optax
 
 from audiojepa import checkpointing, frontend, methods, metrics as metrics_lib, optim, sharding
-from audiojepa.data import pipeline, records, stats
+from audiojepa.data import pipeline, records, stats, target_records
 
 # config.nonfinite_policy: "stop" raises NonFiniteLossError at the first NaN/Inf loss or gradient;
 # "skip" drops that batch (the state is not updated) and goes on, unless this many steps in a row fail.
@@ -99,12 +99,17 @@ def make_train_step(method, tx, schedule, spec: pipeline.DataSpec, *, device_fro
     A method whose target update needs values computed in the loss (e.g. MATPAC's teacher centre)
     returns them under the metrics key "state_update" (any pytree); it is passed on as
     `update_targets(..., state_update=...)` and never logged.
+
+    Precomputed EnCodec targets (`spec.kind == "encodec_targets"`) go to the method as they come:
+    {"features", "codes"}, no EnCodec in the step (`methods.check_data` has checked the method takes them).
     """
 
     def step_fn(state, batch, rng, mask_variant=None):
         step = state["step"]
         rng = jax.random.fold_in(rng, step)
-        if methods.input_kind(method) == "waveform":
+        if spec.kind == target_records.KIND:
+            inputs = {"features": batch["features"], "codes": batch["codes"]}
+        elif methods.input_kind(method) == "waveform":
             inputs = {"waveform": batch["waveform"]}
         elif device_frontend:
             inputs = {"lms": stats.normalize(frontend.logmel_device(batch["waveform"], spec.frontend),
@@ -191,6 +196,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None, n
     total_steps, warmup_steps, steps_per_epoch = steps_and_warmup(config, spec.num_clips)
     input_shape = methods.input_shape(method_cls, spec.frontend, spec.crop_frames)
     method = method_cls(config.model, input_shape=input_shape, steps_per_epoch=steps_per_epoch or None)
+    methods.check_data(config.method, method, spec)  # e.g. precomputed EnCodec targets for EncodecMAE only
     logging.info("%s on %d devices (%d processes): %d steps (%d per epoch), batch %d, %d clips",
                  config.method, mesh.devices.size, jax.process_count(), total_steps, steps_per_epoch,
                  config.batch_size, spec.num_clips)

@@ -22,6 +22,20 @@ steps with the k-means stream added as a target), one command:
         --workdir=/ckpt/encodecmae_base_st --config.data.shards=/data/shards/as_24k \
         --config.model.encodec_checkpoint=/ckpt/encodec24k
 
+Precomputed targets: EnCodec runs once over the shards instead of in every step (the step then trains
+the MAE only; tools/bench_encodecmae_targets.py measures the saving). Point data.shards at the output,
+with the EnCodec that made it (a mismatch, or num_codebooks beyond the stored ones, is an error):
+
+    python tools/precompute_encodec_targets.py --input=/data/shards/as_24k --output=/data/targets/as_24k \
+        --encodec_checkpoint=/ckpt/encodec24k
+    python -m audiojepa.main --config=configs/encodecmae.py --workdir=/ckpt/encodecmae_base \
+        --config.data.shards=/data/targets/as_24k --config.model.encodec_checkpoint=/ckpt/encodec24k
+
+  Crops are whole 75 Hz frames of clips encoded whole (up to 30 s chunks): one starting at a clip's first
+  sample has exactly the on-device targets, a later one also sees the audio before it
+  (audiojepa/data/encodec_targets.py). `python tools/encodecmae_codebook_weights.py
+  --targets=/data/targets/as_24k` prints γ_q from the targets' quantization errors as a config override.
+
 CPU smoke run on the embedded corpus (tiny model, 1 s crops, batch 16, 300 steps) with seeded RANDOM
 EnCodec weights: it proves the pipeline runs end to end, but the representations are meaningless
 without the real EnCodec checkpoint:
@@ -38,10 +52,16 @@ without the real EnCodec checkpoint:
   --output=/tmp/encodecmae_eval` reports it: linear 12.5 +- 4.4, kNN 16.1 (random init 13.7 / 8.9,
   log-mel 32.7 / 26.8): chance level, as expected from random EnCodec weights.
 
+Speed and memory options (the param tree, hence checkpoints, is the same whatever they are set to):
+`--config.model.dtype=bfloat16`: bfloat16 matmuls; params, norms, softmax and loss stay float32.
+`--config.model.attention_impl=cudnn`: cuDNN's fused attention (NVIDIA GPU and bfloat16 only; default XLA).
+`--config.model.remat=block|dots`: recompute block activations in the backward pass (less memory, more compute).
+
 Arguments (`:arg`): `runlocal`, `size=tiny|small|base|large`, `targets=codes|codes+kmeans|kmeans`.
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 from audiojepa.config_utils import adamw_config, data_config, parse_arg, run_config
 from audiojepa.methods import encodecmae
@@ -61,6 +81,10 @@ def get_config(arg=None):
     config.model = encodecmae.default_config(arg.size)
     config.model.targets = arg.targets
     config.model.stage1_params = ""  # set by audiojepa.selftrain: the stage-1 params the student starts from
+    # Speed/memory only (audiojepa/models/vit.py); none of them changes the param tree:
+    config.model.dtype = "float32"  # compute dtype; "bfloat16" on accelerators (params stay float32)
+    config.model.attention_impl = config_dict.placeholder(str)  # None = XLA; "cudnn" (NVIDIA GPU, bfloat16)
+    config.model.remat = "none"  # "block" | "dots": rematerialise each transformer block to save memory
 
     # Constant lr 1e-4 (the reference has no scheduler): no warm-up and min_lr = lr.
     config.optim = adamw_config(lr=1e-4, min_lr=1e-4, weight_decay=0.05)

@@ -9,6 +9,10 @@
 With `device_frontend=True` the pipeline stops after the crop and yields raw waveforms; the
 trainer computes log-mels on the accelerator with the same front end (`frontend.logmel_device`).
 
+Shards of precomputed EnCodec targets (manifest kind "encodec_targets",
+tools/precompute_encodec_targets.py) take the same path with their own source and crop: they yield
+`features` and `codes` crops of whole 75 Hz frames (`TargetSource`, `RandomFrameCrop`) for EncodecMAE.
+
 Element order is a function of (seed, index) only: random crops draw from per-element RNGs, so
 batches are identical for any number of workers, and the iterator state (a position) is small
 and checkpointable with `grain.checkpoint.CheckpointSave`.
@@ -26,16 +30,18 @@ import numpy as np
 from array_record.python import array_record_module
 
 from audiojepa import frontend
-from audiojepa.data import records, shards, stats
+from audiojepa.data import records, shards, stats, target_records
 
 # How many consecutive undecodable records a read may step over before giving up: far beyond any
 # plausible local corruption, while a shard set that is wholesale unreadable still fails loudly.
 MAX_CONSECUTIVE_BAD_RECORDS = 256
+WAVEFORM = "waveform"  # DataSpec.kind of ordinary clip shards (their manifest has no "kind")
+KINDS = (WAVEFORM, target_records.KIND)
 
 
 class ClipSource(grain.sources.RandomAccessDataSource):
     """Decoded clips from ArrayRecord shards; element i is
-    `{"waveform", "skipped_records", "skipped_by_reason", "record_index"}`.
+    `{"waveform", "skipped_records", "skipped_by_reason", "record_index"}` (`_decode` gives the first keys).
 
     A record that cannot be used (corrupt or truncated bytes, NaN/Inf samples, silence, or a sample
     rate other than `sample_rate`) is skipped: the read moves on to the next record (wrapping
@@ -72,23 +78,44 @@ class ClipSource(grain.sources.RandomAccessDataSource):
         for skipped in range(min(MAX_CONSECUTIVE_BAD_RECORDS, self._len)):
             i = (index + skipped) % self._len
             try:
-                waveform = records.decode_waveform(self._source[i], sample_rate=self._sample_rate,
-                                                   silence_peak=records.SILENCE_PEAK)
+                decoded = self._decode(self._source[i])
             except Exception as e:  # corrupt bytes, bad codec, I/O error on one record
                 reason = getattr(e, "reason", "corrupt")
                 by_reason[records.SKIP_REASONS.index(reason)] += 1
                 path, j = self.locate(i)
                 logging.warning("skipping record %d of %s (%s): %s", j, path, reason, e)
                 continue
-            return {"waveform": waveform, "skipped_records": np.int32(skipped), "skipped_by_reason": by_reason,
+            return {**decoded, "skipped_records": np.int32(skipped), "skipped_by_reason": by_reason,
                     "record_index": np.int64(i)}
         path, j = self.locate(index)
         raise RuntimeError(f"{MAX_CONSECUTIVE_BAD_RECORDS} consecutive records from record {j} of {path} "
                            "could not be used; the shard set looks corrupt or was written at another sample "
                            "rate (re-run tools/make_shards.py)")
 
+    def _decode(self, raw: bytes) -> dict:
+        """Record bytes -> {"waveform": [samples] float32}; raises records.CorruptRecordError."""
+        return {"waveform": records.decode_waveform(raw, sample_rate=self._sample_rate,
+                                                    silence_peak=records.SILENCE_PEAK)}
+
     def __repr__(self) -> str:  # Grain stores this in iterator checkpoints as a sanity check.
         return f"ClipSource({len(self._paths)} shards, {self._len} records, first={self._paths[0]!r})"
+
+
+class TargetSource(ClipSource):
+    """Precomputed EnCodec targets (audiojepa.data.target_records); element i is `{"features" [T, 128] (stored
+    dtype), "codes" [T, num_codebooks] int16, "skipped_records", "skipped_by_reason", "record_index"}`, bad
+    records skipped and counted as in ClipSource."""
+
+    def __init__(self, paths: list[str], num_codebooks: int):
+        super().__init__(paths)
+        self._num_codebooks = int(num_codebooks)
+
+    def _decode(self, raw: bytes) -> dict:
+        record = target_records.decode_targets(raw, num_codebooks=self._num_codebooks)
+        return {"features": record["features"], "codes": record["codes"]}
+
+    def __repr__(self) -> str:
+        return f"TargetSource({len(self._paths)} shards, {self._len} records, first={self._paths[0]!r})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +133,31 @@ class RandomCrop(grain.transforms.RandomMap):
         elif n < self.num_samples:
             waveform = np.pad(waveform, (0, self.num_samples - n))
         return {**element, "waveform": np.ascontiguousarray(waveform, dtype=np.float32)}
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomFrameCrop(grain.transforms.RandomMap):
+    """Crops precomputed `features` [T, 128] and `codes` [T, n_q] to `num_frames` frames at a uniform random
+    whole-frame offset, or pads their end; yields float32 features and int32 codes.
+
+    A clip of at least `num_frames` frames is only sliced. A shorter one is padded with zero features
+    and code 0; the on-device path instead zero-pads the waveform and encodes it, so its padded frames
+    are EnCodec's output for silence after the clip (and their codes). Both score the padding, as the
+    reference does, but with different targets.
+    """
+
+    num_frames: int
+
+    def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+        features, codes = element["features"], element["codes"]
+        n = features.shape[0]
+        if n > self.num_frames:
+            start = int(rng.integers(0, n - self.num_frames + 1))
+            features, codes = features[start:start + self.num_frames], codes[start:start + self.num_frames]
+        elif n < self.num_frames:
+            features = np.pad(features, ((0, self.num_frames - n), (0, 0)))
+            codes = np.pad(codes, ((0, self.num_frames - n), (0, 0)))
+        return {**element, "features": features.astype(np.float32), "codes": codes.astype(np.int32)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,10 +193,18 @@ class DataSpec:
     norm_mean: float
     norm_std: float
     num_clips: int
+    kind: str = WAVEFORM  # or target_records.KIND: precomputed EnCodec features and codes
+    manifest_path: str = ""  # the shard set's manifest.json ("" without one), for error messages
+    manifest: dict | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def crop_samples(self) -> int:
         return self.frontend.num_samples_for_frames(self.crop_frames)
+
+    @property
+    def target_frames(self) -> int:
+        """Frames per crop of precomputed targets: crop_samples // hop_samples (4 s at 24 kHz -> 300)."""
+        return self.crop_samples // int(self.manifest["hop_samples"])
 
 
 def _frontend_from_config(value) -> frontend.LogMelParams:
@@ -162,6 +222,10 @@ def resolve_data_spec(data_config) -> DataSpec:
     corpus (generated and cached on first use). `data.norm_stats`: "shards" (the statistics
     `tools/compute_stats.py` wrote next to the shards), "m2d" (-7.1, 4.2), "MEAN,STD" or a
     (mean, std) pair.
+
+    A shard set of precomputed EnCodec targets (manifest kind "encodec_targets") gives kind
+    "encodec_targets": it needs a front end at the targets' 24 kHz whose crop is whole 320-sample
+    frames (the "encodec" preset), and no normalisation ("shards" then means none).
     """
     params = _frontend_from_config(data_config.frontend)
     spec = data_config.get("shards")
@@ -173,15 +237,38 @@ def resolve_data_spec(data_config) -> DataSpec:
         if data_config.get("norm_stats", "shards") == "shards":
             embedded.ensure_stats(spec, params)
     paths, manifest = shards.resolve_shards(spec)
+    folder = spec if isinstance(spec, str) and os.path.isdir(spec) else os.path.dirname(paths[0])
+    manifest_path = os.path.join(folder, shards.MANIFEST) if manifest is not None else ""
+    kind = (manifest or {}).get("kind", WAVEFORM)
+    if kind not in KINDS:
+        raise ValueError(f"{manifest_path} has kind={kind!r}; data.shards must be one of {KINDS}")
+    if kind == target_records.KIND:
+        crop_samples = params.num_samples_for_frames(int(data_config.crop_frames))
+        if params.sample_rate != manifest["sample_rate"] or crop_samples % manifest["hop_samples"]:
+            raise ValueError(f"data.frontend={data_config.frontend!r} with data.crop_frames={data_config.crop_frames} "
+                             f"gives {crop_samples} samples at {params.sample_rate} Hz, but the EnCodec targets in "
+                             f"{manifest_path} are {manifest['hop_samples']}-sample frames of "
+                             f"{manifest['sample_rate']} Hz audio; use data.frontend='encodec' (crop_frames in 75 Hz "
+                             "frames, e.g. 300 = 4 s)")
+        norm = data_config.get("norm_stats", "shards")
+        mean, std = (0.0, 1.0) if norm == "shards" else _norm_stats(norm, folder, params)
+        return DataSpec(tuple(paths), params, int(data_config.crop_frames), mean, std, manifest["num_clips"],
+                        kind=kind, manifest_path=manifest_path, manifest=manifest)
     if manifest is not None and manifest["sample_rate"] != params.sample_rate:
         raise ValueError(f"data.frontend expects {params.sample_rate} Hz audio but the shards in {spec} are "
                          f"{manifest['sample_rate']} Hz; re-shard with --sample_rate {params.sample_rate} "
                          "or pick a matching front-end preset")
-    norm = data_config.get("norm_stats", "shards")
+    mean, std = _norm_stats(data_config.get("norm_stats", "shards"), folder, params)
+    num_clips = manifest["num_clips"] if manifest else -1
+    return DataSpec(tuple(paths), params, int(data_config.crop_frames), mean, std, num_clips,
+                    manifest_path=manifest_path, manifest=manifest)
+
+
+def _norm_stats(norm, folder: str, params: frontend.LogMelParams) -> tuple[float, float]:
+    """(mean, std) for `data.norm_stats` (resolve_data_spec); "shards" reads the statistics in `folder`."""
     if norm == "m2d":
         mean, std = stats.M2D_DEFAULT_STATS
     elif norm == "shards":
-        folder = spec if isinstance(spec, str) and os.path.isdir(spec) else os.path.dirname(paths[0])
         mean, std = stats.read_stats(folder, params)
     else:
         try:
@@ -189,8 +276,7 @@ def resolve_data_spec(data_config) -> DataSpec:
         except (TypeError, ValueError):
             raise ValueError(f"data.norm_stats={norm!r}; valid: 'shards', 'm2d', 'MEAN,STD' or a (mean, std) "
                              "pair") from None
-    num_clips = manifest["num_clips"] if manifest else -1
-    return DataSpec(tuple(paths), params, int(data_config.crop_frames), float(mean), float(std), num_clips)
+    return float(mean), float(std)
 
 
 def make_dataset(
@@ -212,23 +298,32 @@ def make_dataset(
       batch_size: examples per batch *for this process* (global batch / process_count).
       seed: shuffle and crop seed.
       process_index, process_count: this process's slice of the global stream.
-      device_frontend: yield `waveform` [batch, crop_samples] instead of `lms`.
+      device_frontend: yield `waveform` [batch, crop_samples] instead of `lms` (waveform shards only).
       normalize: apply (lms - mean) / std (off when computing the statistics themselves).
       num_epochs: None repeats forever.
       start_batch: skip this process's first `start_batch` batches (resuming at global batch
         `start_batch` without an iterator state, e.g. after the process count changed).
 
     Each batch is a dict: `lms` [batch, n_mels, crop_frames] float32 (or `waveform`
-    [batch, crop_samples] float32), `skipped_records` [batch] int32 (unusable records stepped
-    over), `skipped_by_reason` [batch, len(records.SKIP_REASONS)] int32 (the same, by reason) and
-    `record_index` [batch] int64 (which record each example came from).
+    [batch, crop_samples] float32; or, for precomputed EnCodec targets, `features`
+    [batch, target_frames, 128] float32 and `codes` [batch, target_frames, stored n_q] int32),
+    `skipped_records` [batch] int32 (unusable records stepped over), `skipped_by_reason`
+    [batch, len(records.SKIP_REASONS)] int32 (the same, by reason) and `record_index` [batch] int64
+    (which record each example came from).
     """
-    source = ClipSource(list(spec.shard_paths), sample_rate=spec.frontend.sample_rate)
+    precomputed = spec.kind == target_records.KIND
+    if precomputed:
+        source = TargetSource(list(spec.shard_paths), num_codebooks=int(spec.manifest["num_codebooks"]))
+    else:
+        source = ClipSource(list(spec.shard_paths), sample_rate=spec.frontend.sample_rate)
     ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(num_epochs)
     # The crop is drawn on the global stream so that its RNG is keyed on the global element index:
     # element g is the same crop of the same clip whatever the process count.
-    ds = ds.random_map(RandomCrop(spec.crop_samples))
-    if not device_frontend:
+    if precomputed:
+        ds = ds.random_map(RandomFrameCrop(spec.target_frames))
+    else:
+        ds = ds.random_map(RandomCrop(spec.crop_samples))
+    if not device_frontend and not precomputed:
         ds = ds.map(LogMel(spec.frontend))
         if normalize:
             ds = ds.map(Normalize(spec.norm_mean, spec.norm_std))

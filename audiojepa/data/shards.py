@@ -113,8 +113,10 @@ class ShardWriter:
         self.num_written = 0
         self.total_samples = 0
 
-    def write(self, record: bytes, num_samples: int) -> None:
-        shard = self.num_written % len(self._writers)
+    def write(self, record: bytes, num_samples: int, shard: int | None = None) -> None:
+        """Appends `record` to shard `shard` (default: round-robin, clip j to shard j % num_shards)."""
+        if shard is None:
+            shard = self.num_written % len(self._writers)
         self._writers[shard].write(record)
         self.counts[shard] += 1
         self.num_written += 1
@@ -146,7 +148,8 @@ def _decode_one(item, *, sample_rate, codec, min_seconds):
             waveform.shape[0])
 
 
-def _clear_old_output(output_dir: str, overwrite: bool) -> None:
+def clear_old_output(output_dir: str, overwrite: bool) -> None:
+    """Removes a shard set (shards and manifest) from `output_dir`; raises unless `overwrite`."""
     old = glob.glob(os.path.join(output_dir, "shard-*" + SHARD_SUFFIX))
     manifest = os.path.join(output_dir, MANIFEST)
     if (old or os.path.exists(manifest)) and not overwrite:
@@ -222,7 +225,7 @@ def make_shards(
     inputs = list_inputs(input_path)
     num_shards = num_shards or default_num_shards(len(inputs.items))
     os.makedirs(output_dir, exist_ok=True)
-    _clear_old_output(output_dir, overwrite)
+    clear_old_output(output_dir, overwrite)
     skipped = list(inputs.skipped)
     decode = functools.partial(_decode_one, sample_rate=sample_rate, codec=codec, min_seconds=min_seconds)
     start = time.time()

@@ -4,7 +4,9 @@ weight_decay_mask / encode (see audiojepa.methods.m2d.M2D).
 
 Log-mel methods (the default, `input_kind = "logmel"`) take input_shape (n_mels, frames) and
 batch["lms"]; waveform methods (`input_kind = "waveform"`, EncodecMAE) take (num_samples,) and
-batch["waveform"]. A method may define `encoder_params(params, target_params)`: the tree its `encode`
+batch["waveform"]. A method that can also train on precomputed shards (EncodecMAE on EnCodec targets) lists
+their manifest kinds in `precomputed_kinds` and checks a manifest with `check_precomputed(manifest, path)`
+(`check_data`). A method may define `encoder_params(params, target_params)`: the tree its `encode`
 needs (default {"encoder": params["encoder"]}), which is what an exported encoder holds."""
 
 from audiojepa.methods.encodecmae import EncodecMAE
@@ -24,7 +26,7 @@ def get_method(name: str):
 
 
 __all__ = ["JEPA", "M2D", "MATPAC", "EncodecMAE", "METHODS", "get_method", "input_kind", "input_shape",
-           "encoder_params"]
+           "encoder_params", "check_data"]
 
 
 def input_kind(method) -> str:
@@ -45,3 +47,19 @@ def encoder_params(method, params, target_params=None):
     if hasattr(method, "encoder_params"):
         return method.encoder_params(params, target_params)
     return {"encoder": params["encoder"]}
+
+
+def check_data(name: str, method, spec) -> None:
+    """Raises unless method `name` (config.method) can train on the shards `spec` (a pipeline.DataSpec) describes.
+
+    Waveform shards suit every method; precomputed shards (spec.kind, e.g. "encodec_targets") only a
+    method whose `precomputed_kinds` holds that kind, after its `check_precomputed` accepts the manifest.
+    """
+    if spec.kind == "waveform":
+        return
+    if spec.kind not in getattr(method, "precomputed_kinds", ()):
+        takers = sorted(n for n, cls in METHODS.items() if spec.kind in getattr(cls, "precomputed_kinds", ()))
+        raise ValueError(f"config.method={name!r} cannot train on the precomputed {spec.kind!r} shards of "
+                         f"{spec.manifest_path} (config.data.shards); only {takers} can. Point config.data.shards "
+                         "at waveform shards (tools/make_shards.py) for this method.")
+    method.check_precomputed(spec.manifest, spec.manifest_path)

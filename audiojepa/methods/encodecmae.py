@@ -11,7 +11,8 @@ masked and 1 − δ on visible frames (`audiojepa.methods.encodecmae_loss`). Mod
 Inputs (`input_kind = "waveform"`: the trainer passes raw 24 kHz waveforms, not log-mels):
     batch["waveform"]: [batch, samples] float32 at 24 kHz, mono, not normalised. EnCodec features and
         codes are then computed on device inside the step, from the frozen params in target_params.
-    Precomputed ("tool" path), any subset of:
+    Precomputed ("tool" path: tools/precompute_encodec_targets.py writes shards whose pipeline yields
+    features and codes; the trainer passes them on, `precomputed_kinds`), any subset of:
     batch["features"]: [batch, T, 128] EnCodec frames (replaces the waveform);
     batch["codes"]: [batch, T, >= n_q] int codes (the first n_q are used; else RVQ of the features);
     batch["kmeans_ids"]: [batch, T] int cluster ids (self-training; else the teacher computes them).
@@ -90,7 +91,7 @@ from audiojepa.convert import encodec_torch
 from audiojepa.methods import encodecmae_loss
 from audiojepa.models import encodec
 from audiojepa.models import encodecmae as mae
-from audiojepa.models.vit import as_dtype
+from audiojepa.models.vit import performance_options
 
 Params = dict[str, Any]
 
@@ -204,6 +205,7 @@ class EncodecMAE:
     jit_init = False  # init embeds the frozen EnCodec (and stage-1) arrays: run it eagerly, not as jit constants
     num_prefix_tokens = 0  # `encode` returns frame tokens only
     frame_hop_samples = encodec.HOP_LENGTH  # one output frame per 320 samples (75 Hz)
+    precomputed_kinds = ("encodec_targets",)  # also trains on tools/precompute_encodec_targets.py shards
 
     def __init__(self, model_config, *, input_shape, steps_per_epoch: int | None = None):
         if isinstance(model_config, dict):
@@ -253,7 +255,7 @@ class EncodecMAE:
             **size, num_codebooks=self.num_codebooks if self.uses_codes else 0,
             codebook_size=encodec.CODEBOOK_SIZE, num_clusters=int(c.num_clusters) if self.uses_kmeans else 0,
             stack_type=c.stack_type, share_ffn=bool(c.share_ffn), learned_mask_token=bool(c.learned_mask_token),
-            dtype=as_dtype(c.dtype), attention_impl=c.attention_impl)
+            **performance_options(c))
 
         self._encodec_params = None  # read on first use: an exported encoder carries its own copy
 
@@ -356,6 +358,15 @@ class EncodecMAE:
         """The frozen EnCodec, teacher and centroids do not move: target_params unchanged."""
         del params, step, total_steps, unused
         return target_params
+
+    def check_precomputed(self, manifest: dict, where: str) -> None:
+        """Raises unless the precomputed targets of `manifest` (at `where`) fit this config: at least
+        config.model.num_codebooks stored, made by this run's EnCodec (encodec_targets.check_compatible)."""
+        from audiojepa.data import encodec_targets  # the precompute tool's library; only needed here
+
+        encodec_targets.check_compatible(manifest, where, num_codebooks=self.num_codebooks,
+                                         encodec_checkpoint=os.fspath(self.config.encodec_checkpoint or ""),
+                                         encodec_seed=int(self.config.encodec_seed))
 
     # -- targets --------------------------------------------------------------------------------------
 

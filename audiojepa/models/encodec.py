@@ -15,6 +15,12 @@ shared/reference/encodecmae.md §2):
 - ELU, conv 512→128, k7 → [batch, frames, 128] at 75 Hz (hop 320 samples).
 Every conv is causal with reflect padding (`causal_padding`), so frames = ceil(samples / 320).
 
+Batches of clips of different lengths: `EncodecEncoder(...)(waveform, num_samples)` zero-pads each row
+to a common static length and redoes every conv's reflect padding at that row's own valid length
+(`reflect_pad_valid`), so the first ceil(num_samples / 320) frames of a row equal encoding the clip
+alone. Plain zero-padding changes the last frame whenever num_samples is not a multiple of 320 (the
+right reflect padding then reads zeros); everything before it is causal and unaffected.
+
 Parameter names carry the index of the torch module they come from (`encoder.model.{i}`):
 `conv_0`, `resblock_1/{block_1, block_3, shortcut}`, `conv_3`, ..., `conv_12`, `lstm_13/layer_{l}`,
 `conv_15`. Conv kernels are [kernel, in, out] (torch [out, in, kernel] transposed, weight norm
@@ -84,6 +90,39 @@ def reflect_pad(x: jax.Array, left: int, right: int) -> jax.Array:
     return x[:, :x.shape[1] - zeros_appended]
 
 
+def reflect_pad_valid(x: jax.Array, lengths: jax.Array, left: int, right: int, stride: int) -> jax.Array:
+    """`reflect_pad` of each row's first `lengths[b]` steps, inside a buffer of static length.
+
+    Row b of the result starts with exactly what `reflect_pad(x[b:b+1, :lengths[b]], left, right_b)` gives
+    (short rows included: zeros appended before reflecting, as encodec does), where right_b =
+    ceil(lengths[b] / stride)·stride − lengths[b] is the causal right pad of that length (`causal_padding`
+    with left = kernel − stride). The rest of the row is zeros and only feeds outputs past the row's
+    ceil(lengths[b] / stride) valid ones.
+
+    Args:
+        x: [batch, time, channels]; steps at and after lengths[b] are ignored.
+        lengths: [batch] int valid steps per row, 0 <= lengths[b] <= time (dynamic).
+        left: left pad in steps (kernel − stride).
+        right: right pad of the full buffer (`causal_padding(time, ...)[1]`), static.
+        stride: the conv's stride.
+
+    Returns:
+        [batch, left + time + right, channels].
+    """
+    time = x.shape[1]
+    position = jnp.arange(-left, time + right)[None, :]  # padded step p ↔ input step p (negative: left pad)
+    length = lengths.astype(jnp.int32)[:, None]
+    right_b = -(-length // stride) * stride - length
+    # encodec's short-input rule: append zeros until the reflection fits, pad, cut them off again.
+    appended = jnp.maximum(0, jnp.maximum(left, right_b) - length + 1)
+    extended = length + appended  # the reflected sequence: the row, then `appended` zeros
+    source = jnp.where(position < 0, -position, jnp.where(position < extended, position,
+                                                          2 * extended - 2 - position))
+    keep = (source >= 0) & (source < length) & (position < length + right_b)
+    gathered = jnp.take_along_axis(x, jnp.clip(source, 0, time - 1)[..., None], axis=1)
+    return jnp.where(keep[..., None], gathered, jnp.zeros((), x.dtype))
+
+
 class CausalConv1d(nn.Module):
     """EnCodec's causal SConv1d: reflect padding (`causal_padding`), then a VALID strided conv.
 
@@ -97,12 +136,20 @@ class CausalConv1d(nn.Module):
     stride: int = 1
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x: [batch, time, in_channels] → [batch, ceil(time / stride), features]."""
+    def __call__(self, x: jax.Array, lengths: jax.Array | None = None) -> jax.Array:
+        """x: [batch, time, in_channels] → [batch, ceil(time / stride), features].
+
+        With `lengths` ([batch] valid steps per row), each row is padded at its own length
+        (`reflect_pad_valid`): output steps < ceil(lengths[b] / stride) equal the conv of that row alone.
+        """
         in_channels = x.shape[-1]
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (self.kernel_size, in_channels, self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        x = reflect_pad(x, *causal_padding(x.shape[1], self.kernel_size, self.stride))
+        left, right = causal_padding(x.shape[1], self.kernel_size, self.stride)
+        if lengths is None:
+            x = reflect_pad(x, left, right)
+        else:
+            x = reflect_pad_valid(x, lengths, left, right, self.stride)
         y = jax.lax.conv_general_dilated(x, kernel, window_strides=(self.stride,), padding="VALID",
                                          dimension_numbers=("NWC", "WIO", "NWC"), precision=PRECISION)
         return y + bias
@@ -118,12 +165,12 @@ class ResidualUnit(nn.Module):
     kernel_size: int = 3
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x: [batch, time, channels] → [batch, time, channels]."""
+    def __call__(self, x: jax.Array, lengths: jax.Array | None = None) -> jax.Array:
+        """x: [batch, time, channels] → [batch, time, channels]; `lengths` as in CausalConv1d."""
         hidden = self.channels // 2
-        y = CausalConv1d(hidden, self.kernel_size, name="block_1")(nn.elu(x))
-        y = CausalConv1d(self.channels, 1, name="block_3")(nn.elu(y))
-        return CausalConv1d(self.channels, 1, name="shortcut")(x) + y
+        y = CausalConv1d(hidden, self.kernel_size, name="block_1")(nn.elu(x), lengths)
+        y = CausalConv1d(self.channels, 1, name="block_3")(nn.elu(y), lengths)
+        return CausalConv1d(self.channels, 1, name="shortcut")(x, lengths) + y
 
 
 def _torch_lstm_init(hidden: int):
@@ -203,19 +250,28 @@ class EncodecEncoder(nn.Module):
     lstm_layers: int = 2
 
     @nn.compact
-    def __call__(self, waveform: jax.Array) -> jax.Array:
+    def __call__(self, waveform: jax.Array, num_samples: jax.Array | None = None) -> jax.Array:
         """waveform: [batch, samples] float32 at 24 kHz → embeddings [batch, frames, dimension] at 75 Hz,
-        frames = ceil(samples / 320) (`num_frames`)."""
-        x = CausalConv1d(self.n_filters, self.kernel_size, name="conv_0")(waveform.astype(jnp.float32)[..., None])
+        frames = ceil(samples / 320) (`num_frames`).
+
+        num_samples: optional [batch] int valid samples per row (the rest is padding): row b's first
+        ceil(num_samples[b] / 320) frames then equal encoding waveform[b, :num_samples[b]] alone (module
+        docstring); later frames are meaningless. The LSTM is causal, so it needs no lengths.
+        """
+        lengths = num_samples
+        x = CausalConv1d(self.n_filters, self.kernel_size, name="conv_0")(
+            waveform.astype(jnp.float32)[..., None], lengths)
         channels, index = self.n_filters, 1
         for stride in self.strides:
-            x = ResidualUnit(channels, self.residual_kernel_size, name=f"resblock_{index}")(x)
-            x = CausalConv1d(2 * channels, 2 * stride, stride, name=f"conv_{index + 2}")(nn.elu(x))
+            x = ResidualUnit(channels, self.residual_kernel_size, name=f"resblock_{index}")(x, lengths)
+            x = CausalConv1d(2 * channels, 2 * stride, stride, name=f"conv_{index + 2}")(nn.elu(x), lengths)
+            if lengths is not None:
+                lengths = -(-lengths // stride)
             channels, index = 2 * channels, index + 3
         if self.lstm_layers:
             x = LSTM(channels, self.lstm_layers, name=f"lstm_{index}")(x) + x
             index += 1
-        return CausalConv1d(self.dimension, self.last_kernel_size, name=f"conv_{index + 1}")(nn.elu(x))
+        return CausalConv1d(self.dimension, self.last_kernel_size, name=f"conv_{index + 1}")(nn.elu(x), lengths)
 
 
 def _check_num_codebooks(codebooks: jax.Array, num_codebooks: int) -> None:
