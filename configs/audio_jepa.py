@@ -23,6 +23,11 @@ predictor 64/2/4, 128x208 crops = 8x13 patches, batch 32, 300 steps):
   about 5 minutes at ~35 clips/s including 5 train-step compiles (one per ratio bucket); loss 1.20
   at step 20, 0.11 at step 300.
 
+Speed and memory options (the param tree, hence checkpoints, is the same whatever they are set to):
+`--config.model.dtype=bfloat16`: bfloat16 matmuls; params, norms, softmax and loss stay float32.
+`--config.model.attention_impl=cudnn`: cuDNN's fused attention (NVIDIA GPU and bfloat16 only; default XLA).
+`--config.model.remat=block|dots`: recompute block activations in the backward pass (less memory, more compute).
+
 Arguments (`:arg`): `runlocal`, `variant=tiny|S|B|L`, `recipe=paper|code`.
 
 Where the paper and the public code differ (`recipe=code` switches all of these to the code):
@@ -37,6 +42,8 @@ Where the paper and the public code differ (`recipe=code` switches all of these 
   and this config use 128 mels, frequency first.
 """
 
+
+from ml_collections import config_dict
 
 from audiojepa import frontend
 from audiojepa.config_utils import adamw_config, apply_runlocal, data_config, parse_arg, run_config
@@ -83,6 +90,10 @@ def get_config(arg=None):
     config.model.ema_schedule = "cosine"
     config.model.ema_decay_init = 0.996
     config.model.ema_decay = 1.0
+    # Speed/memory only (audiojepa/models/vit.py); none of them changes the param tree:
+    config.model.dtype = "float32"  # compute dtype; "bfloat16" on accelerators (params stay float32)
+    config.model.attention_impl = config_dict.placeholder(str)  # None = XLA; "cudnn" (NVIDIA GPU, bfloat16)
+    config.model.remat = "none"  # "block" | "dots": rematerialise each transformer block to save memory
 
     config.optim = adamw_config(lr=3e-4, grad_clip_norm=None)  # peak lr, not scaled with the batch; the code does not clip
 

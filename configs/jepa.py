@@ -26,6 +26,11 @@ CPU smoke run on the embedded corpus (tiny ViT, predictor 64/2/4, 300 steps of b
   with the corpus cached), target_std ~0.75 throughout. Other maskings: `:runlocal,masking=multiblock`,
   `:runlocal,masking=time,target_domain=latent`.
 
+Speed and memory options (the param tree, hence checkpoints, is the same whatever they are set to):
+`--config.model.dtype=bfloat16`: bfloat16 matmuls; params, norms, softmax and loss stay float32.
+`--config.model.attention_impl=cudnn`: cuDNN's fused attention (NVIDIA GPU and bfloat16 only; default XLA).
+`--config.model.remat=block|dots`: recompute block activations in the backward pass (less memory, more compute).
+
 Arguments (`:arg`, comma-separated): `runlocal`, `variant=tiny|S|B|L`,
 `masking=unstructured|multiblock|time`, `target_domain=input|latent`, `duration=2.1|3.2|6.4` (seconds
 of crop -> 208 / 320 / 640 frames, whole 16-frame patches).
@@ -75,6 +80,10 @@ def get_config(arg=None):
     # Not in the paper's text: I-JEPA's multi-block ranges, and time targets as 60% of the time columns
     # in spans of 2 patch columns (the unstructured ratio).
     config.model.mask_ratio_range = config_dict.placeholder(tuple)
+    # Speed/memory only (audiojepa/models/vit.py); none of them changes the param tree:
+    config.model.dtype = "float32"  # compute dtype; "bfloat16" on accelerators (params stay float32)
+    config.model.attention_impl = config_dict.placeholder(str)  # None = XLA; "cudnn" (NVIDIA GPU, bfloat16)
+    config.model.remat = "none"  # "block" | "dots": rematerialise each transformer block to save memory
 
     config.optim = adamw_config()  # their `effective_lr`: 3e-4 x batch / 256
 

@@ -20,10 +20,16 @@ CPU smoke run on the embedded corpus (tiny ViT, 300 steps of batch 32, 80x208 cr
   by step 300. Re-running the same command resumes (and immediately finishes). Evaluate with
   `python -m audiojepa.evaluate --encoder=/tmp/m2d_runlocal --task=embedded --output=/tmp/m2d_eval`.
 
+Speed and memory options (the param tree, hence checkpoints, is the same whatever they are set to):
+`--config.model.dtype=bfloat16`: bfloat16 matmuls; params, norms, softmax and loss stay float32.
+`--config.model.attention_impl=cudnn`: cuDNN's fused attention (NVIDIA GPU and bfloat16 only; default XLA).
+`--config.model.remat=block|dots`: recompute block activations in the backward pass (less memory, more compute).
+
 Arguments (`:arg`): `runlocal`, `variant=tiny|S|B|L`, `mask_ratio=0.6`.
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 from audiojepa.config_utils import adamw_config, apply_runlocal, data_config, parse_arg, run_config
 
@@ -46,7 +52,10 @@ def get_config(arg=None):
     config.model.ema_decay_init = 0.99995
     config.model.ema_decay = 0.99999
     config.model.init_target_from_online = False  # the official code initialises the target independently
+    # Speed/memory only (audiojepa/models/vit.py); none of them changes the param tree:
     config.model.dtype = "float32"  # compute dtype; "bfloat16" on accelerators (params stay float32)
+    config.model.attention_impl = config_dict.placeholder(str)  # None = XLA; "cudnn" (NVIDIA GPU, bfloat16)
+    config.model.remat = "none"  # "block" | "dots": rematerialise each transformer block to save memory
 
     config.optim = adamw_config()
 

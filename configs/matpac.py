@@ -24,6 +24,11 @@ CPU smoke run on the embedded corpus (tiny ViT, 256-prototype head, 300 steps of
   `python -m audiojepa.evaluate --encoder=/tmp/matpac_runlocal --task=embedded --output=/tmp/matpac_eval`
   (measured: linear probe 43.7 +- 5.1, kNN 33.8; random init 42.3 / 31.8; log-mel 42.5 / 42.2).
 
+Speed and memory options (the param tree, hence checkpoints, is the same whatever they are set to):
+`--config.model.dtype=bfloat16`: bfloat16 matmuls; params, norms, softmax and loss stay float32.
+`--config.model.attention_impl=cudnn`: cuDNN's fused attention (NVIDIA GPU and bfloat16 only; default XLA).
+`--config.model.remat=block|dots`: recompute block activations in the backward pass (less memory, more compute).
+
 Arguments (`:arg`): `runlocal`, `variant=tiny|S|B|L`, `mask_ratio=0.7`, `center_from=probabilities|logits`.
 """
 
@@ -34,7 +39,8 @@ from audiojepa.config_utils import load_config_module, parse_arg
 
 def get_config(arg=None):
     arg = parse_arg(arg, variant="B", runlocal=False, mask_ratio=0.7, center_from="probabilities")
-    # Everything M2D's recipe sets (data, schedule, optimizer, encoder, predictor), then MATPAC's changes.
+    # Everything M2D's recipe sets (data, schedule, optimizer, encoder, predictor, dtype/attention_impl/remat),
+    # then MATPAC's changes.
     m2d_config = load_config_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "m2d.py"))
     config = m2d_config.get_config(f"variant={arg.variant},mask_ratio={arg.mask_ratio},runlocal={arg.runlocal}")
     config.method = "matpac"

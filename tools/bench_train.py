@@ -1,43 +1,54 @@
-r"""M2D training-step throughput on simulated CPU devices: compile time, step time, clips/s, FLOP/s, MFU.
+r"""Training-step throughput of any method config on simulated CPU devices: compile time, step time,
+clips/s, FLOP/s, MFU, and (--data) the input pipeline's clips/s next to the step's.
 
-    python tools/bench_train.py                   # tiny and B, on 1 and 8 devices, 80x608 input
+    python tools/bench_train.py                                   # M2D: tiny and B, 1 and 8 devices, 80x608
     python tools/bench_train.py --variants=tiny --devices=1,2,4,8 --frames=208
+    python tools/bench_train.py --config=configs/matpac.py        # MATPAC: tiny and B, 80x608
+    python tools/bench_train.py --config=configs/jepa.py          # SonyCSL JEPA: tiny and B, 80x208
+    python tools/bench_train.py --config=configs/jepa.py:masking=multiblock,target_domain=latent
+    python tools/bench_train.py --config=configs/audio_jepa.py --batch_b=4   # 128x992, middle ratio bucket
+    python tools/bench_train.py --config=configs/encodecmae.py    # tiny and base, 4 s, targets on device
+                                                                  # and precomputed (--encodecmae_targets)
+    python tools/bench_train.py --config=configs/m2d.py --variants=tiny --devices=1 --data
+    python tools/bench_train.py --config=configs/encodecmae.py --encodecmae_targets=precomputed --data \
+        --config.data.shards=/data/targets/as_24k   # tools/precompute_encodec_targets.py output
 
-Each device count runs in its own subprocess of this script (`--_worker`, with JAX_NUM_CPU_DEVICES
-set before JAX starts) on `sharding.make_mesh(n)`. The step is `train.make_train_step` jitted as the
-trainer jits it (state donated, outputs replicated), fed one batch of random normalised log-mels
-[batch, n_mels, frames] that already sits on the devices, split over the `data` axis: this measures
-compute, not the input pipeline. Per row: trace + compile time, the mean of --steps timed steps after
---warmup untimed ones (each waited for with block_until_ready), clips/s, FLOP/s and MFU.
+What a row is. `--config=configs/<method>.py[:arg]` (with any `--config.key=value` overrides, as for
+audiojepa.main) gives the method and its settings; `--variants` the model sizes, one row each per
+device count: "tiny" is the config's `runlocal` preset (tiny model, small predictor or head), any other
+name the config built with `variant=<name>` (EncodecMAE: `size=<name>`), the paper's predictor and
+head. Every row uses the crop of the config as given (`--frames`, or --config.data.crop_frames,
+overrides it), batch --batch_tiny or --batch_b (--config.batch_size overrides both) and, with
+--mask_ratio, that config.model.mask_ratio. Audio-JEPA, whose mask ratio is drawn per batch from a few
+buckets, is timed at the middle bucket. EncodecMAE gets one row per --encodecmae_targets: "device" (the
+step takes 24 kHz waveforms and runs the frozen EnCodec encoder, the RVQ and, when self-training, the
+teacher inside: what the trainer does on waveform shards) and "precomputed" (the step the trainer runs
+on shards of tools/precompute_encodec_targets.py: it takes EnCodec features [batch, T, 128] float32
+and codes [batch, T, n_q] int32, here random; a self-training teacher still runs in it). Each row
+lists the options of its config that change speed: the compute dtype, the attention implementation,
+`model.remat` when the config has that key, and the device log-mel front end when it is on.
 
-Analytic FLOPs per step (matmuls only, 2·m·n·k each). One transformer block on N tokens of width D
-with MLP hidden width H costs, forward,
+How it is measured. Each device count runs in its own subprocess of this script (`--_worker`, with
+JAX_NUM_CPU_DEVICES set before JAX starts) on `sharding.make_mesh(n)`. The step is
+`train.make_train_step` jitted as the trainer jits it (state donated, outputs replicated, the mask
+variant static), fed one batch of random inputs (normalised log-mels [batch, n_mels, frames] ~ N(0, 1),
+or waveforms, or EnCodec targets) that already sits on the devices, split over the `data` axis: the step
+column measures compute, not the input pipeline. Per row: trace + compile time, the mean of --steps
+timed steps after --warmup untimed ones (each waited for with block_until_ready), clips/s, FLOP/s and
+MFU.
 
-    block(N, D, H) = 3·(2·N·D²)       qkv
-                   + 2·N²·D + 2·N²·D  attention scores and attention·V (all heads together)
-                   + 2·N·D²           output projection
-                   + 2·(2·N·D·H)      MLP fc1 and fc2
-
-With L patches, K = int(L·(1 - mask_ratio)) of them visible, encoder width D, depth d and MLP H,
-predictor width P, depth p and MLP 4·P, per example:
-
-    patch_embed   = 2·L·(patch_f·patch_t)·D                     (a 16x16 patch is 256 inputs)
-    online        = d·block(1 + K, D, H)                        (online encoder: CLS + visible)
-    predictor     = 2·(1 + K)·D·P + p·block(1 + L, P, 4P) + 2·(L - K)·P·D
-                    (in-projection of the context, stack over CLS + the whole grid, out-projection
-                    of the L - K predicted positions)
-    target        = d·block(1 + L - K, D, H)                    (EMA target encoder: CLS + masked)
-    step          = batch · (3·(patch_embed + online + predictor) + target)
-
-The target encoder runs under stop_gradient, so it has a forward only; everything else has a backward
-counted as twice its forward (input and weight gradients). That slightly overcounts the patch
-embedding, whose input (the log-mel) needs no gradient: 2·L·256·D per example, about 0.1% of a B
-step. For ViT-B on 80x608 (L = 190, K = 57) the step costs about 85 GFLOP per clip, 28% of it in the
-target encoder.
-
-LayerNorm, softmax, GELU, the loss and the AdamW update are not counted (MaxText's MFU convention);
-XLA's own count (`cost_analysis()["flops"]`, shown as a cross-check) includes them, so it reads a few
-percent higher (tests/test_bench_train.py checks that the two agree within 15%). On n devices XLA
+FLOPs. The analytic count is `audiojepa.flops.step_flops` (its docstring has every method's formula):
+matmuls and convolutions only, forward plus twice the forward of the trained parts, frozen parts (EMA
+targets, EnCodec, the teacher) forward only. For ViT-B M2D on 80x608 (L = 190, K = 57) that is about
+85 GFLOP per clip, 28% of it in the target encoder; the formula slightly overcounts the input layers
+(patch embedding, EncodecMAE's input projection), whose input needs no gradient. XLA's own count
+(`cost_analysis()["flops"]`, a cross-check) includes LayerNorm, softmax, GELU, the loss and the AdamW
+update, so it reads a few percent higher (tests/test_bench_train.py checks that the two agree within
+15% for every method config, loops accounted for as below). Two known differences: XLA counts the
+body of a loop once, so in an EncodecMAE step with targets on device it sees one of the LSTM's T
+recurrent matmuls and one of the n_q RVQ stages, and reads ~15% lower; and it counts the forward passes
+that rematerialisation (config.model.remat) repeats, which the analytic count leaves out (model FLOPs,
+not hardware FLOPs). On n devices XLA
 analyses one device's program and the table shows n × that, so work that every device repeats (the
 AdamW update of the replicated params) is counted n times there.
 
@@ -48,13 +59,22 @@ against n × the 1-device peak, the usual definition on real accelerators, and a
 peak. Simulated CPU devices share the machine's cores, so the first understates the use of the
 machine n-fold when one device alone can keep all cores busy; the second is the honest number here.
 
+Input pipeline (--data): after the workers, this process builds each row config's pipeline as the
+trainer does (`pipeline.make_dataset` + `make_iterator` on config.data: the configured shards or the
+embedded corpus, its front end, crop, worker processes) and reports the clips/s of --data_batches
+batches after --data_warmup, next to the step's clips/s and their ratio; the issue asks the pipeline
+to deliver at least 3× what the step consumes. The host-to-device copy of the batch is not included.
+For EncodecMAE the configured shards feed one kind of row: waveform shards (and the embedded corpus)
+the "device" rows, shards of precomputed targets (--config.data.shards=...) the "precomputed" ones.
+
 Memory: every simulated device holds its own replica of the train state in host RAM (ViT-B: params,
 EMA target and AdamW moments are ~1.7 GB, ~2.4 GB with a gradient and an update), so ViT-B on 8
 simulated devices needs ~20 GB. A row whose estimate exceeds --max_memory_fraction of MemAvailable is
 reported as skipped rather than run into the OOM killer.
 
-The table is printed and appended to --append_to with the command, date, machine and versions.
-Compile times are real compiles unless JAX_COMPILATION_CACHE_DIR points at a warm cache.
+The table (one per run, i.e. per method config) is printed and appended to --append_to with the
+command, date, machine and versions. Compile times are real compiles unless JAX_COMPILATION_CACHE_DIR
+points at a warm cache.
 """
 
 import datetime
@@ -70,28 +90,36 @@ import time
 from absl import app, flags
 import jax
 import jax.numpy as jnp
+from ml_collections import config_flags
 import numpy as np
 
 # `configs/` is not part of the installed package: make the repository root importable when this
 # file is run as a script (sys.path[0] is then tools/).
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
-from audiojepa import frontend, optim, sharding, train  # noqa: E402
+from audiojepa import config_utils, flops, frontend, methods, optim, sharding, train  # noqa: E402
+from audiojepa.data import pipeline, target_records  # noqa: E402
+from audiojepa.models import encodec  # noqa: E402
 from tools import bench_common  # noqa: E402
-from audiojepa.data import pipeline  # noqa: E402
-from audiojepa.methods.m2d import M2D  # noqa: E402
-from audiojepa.models import decode_variant  # noqa: E402
-from configs import m2d as m2d_config  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("variants", ["tiny", "B"],
-                  "Encoder variants (keys of audiojepa.models.VARIANTS). 'tiny' gets the runlocal predictor "
-                  "(64 wide, depth 2, 4 heads); the others the paper's (512 wide, depth 8, 16 heads).")
+config_flags.DEFINE_config_file(
+    "config", os.path.join(ROOT, "configs", "m2d.py"),
+    "Method config, e.g. configs/jepa.py:masking=time; --config.key=value overrides any field.", lock_config=True)
+flags.DEFINE_list("variants", None,
+                  "Model sizes, one row each: 'tiny' = the config's runlocal preset (tiny model, small predictor "
+                  "or head), others = config.model.variant (EncodecMAE: size) with the paper's predictor and head. "
+                  "Default: tiny,B (EncodecMAE: tiny,base).")
 flags.DEFINE_list("devices", ["1", "8"], "Simulated CPU device counts, one subprocess each.")
-flags.DEFINE_integer("frames", 608, "Input frames (80 mels; a multiple of 16). The paper uses 608.")
-flags.DEFINE_float("mask_ratio", 0.7, "M2D mask ratio.")
+flags.DEFINE_integer("frames", 0, "Input frames (a multiple of the patch frames; EncodecMAE: 75 Hz EnCodec frames). "
+                     "0: config.data.crop_frames of the config as given (M2D: 608).")
+flags.DEFINE_float("mask_ratio", None, "Sets config.model.mask_ratio (default: the config's).")
 flags.DEFINE_integer("batch_tiny", 64, "Global batch for 'tiny' (divisible by every device count).")
 flags.DEFINE_integer("batch_b", 8, "Global batch for the other variants (divisible by every device count).")
+flags.DEFINE_list("encodecmae_targets", ["device", "precomputed"],
+                  "EncodecMAE rows: 'device' (EnCodec, RVQ, teacher inside the step, from waveforms) and/or "
+                  "'precomputed' (the step on shards of precomputed targets: EnCodec features and codes in).")
 flags.DEFINE_integer("steps", 5, "Timed steps per row.")
 flags.DEFINE_integer("steps_b", 3, "Timed steps for the non-tiny variants (0: same as --steps).")
 flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling, before timing.")
@@ -100,107 +128,185 @@ flags.DEFINE_integer("gemm_repeats", 5, "Timed matmuls; the best is reported.")
 flags.DEFINE_float("max_memory_fraction", 0.7,
                    "Skip a row whose estimated host memory (n devices × replicated train state, gradients and "
                    "updates) exceeds this fraction of MemAvailable: simulated devices each hold a full copy.")
+flags.DEFINE_bool("data", False, "Also time each row config's input pipeline (clips/s) as the trainer builds it.")
+flags.DEFINE_integer("data_batches", 10, "Timed batches of the input pipeline (--data).")
+flags.DEFINE_integer("data_warmup", 2, "Untimed batches first (worker start-up, first fills) (--data).")
 flags.DEFINE_string("append_to", "BENCHMARKS.md", "Markdown file the table is appended to ('' to skip).")
 flags.DEFINE_bool("_worker", False, "Internal: measure in this process and print one JSON line per row.")
 
 RESULT_PREFIX = "BENCH_TRAIN_ROW "  # marks the worker's result lines on its stdout
+TARGETS = ("device", "precomputed")
+DEFAULT_VARIANTS = {"variant": ("tiny", "B"), "size": ("tiny", "base")}  # by the config's model-size key
+TITLES = {"m2d": "M2D", "matpac": "MATPAC", "jepa": "JEPA", "audio_jepa": "Audio-JEPA", "encodecmae": "EncodecMAE"}
+TOTAL_STEPS = 1000  # only shapes the lr and EMA schedules, which do not change the cost
+STEPS_PER_EPOCH = 100  # only shapes epoch-based schedules (MATPAC's teacher temperature)
 
 
-# -- analytic FLOPs ------------------------------------------------------------------------------------
+# -- configs -------------------------------------------------------------------------------------------
 
 
-def block_flops(tokens: int, width: int, mlp_dim: int) -> int:
-    """Forward matmul FLOPs of one pre-LN transformer block on one example of `tokens` tokens."""
-    n, d, h = tokens, width, mlp_dim
-    qkv = 3 * (2 * n * d * d)
-    attention = 2 * n * n * d + 2 * n * n * d  # scores q·kᵀ, then weights·v, summed over heads
-    proj = 2 * n * d * d
-    mlp = 2 * (2 * n * d * h)
-    return qkv + attention + proj + mlp
+def size_key(config) -> str:
+    """The config.model key naming the model size: "variant" (ViT methods) or "size" (EncodecMAE)."""
+    for key in ("variant", "size"):
+        if key in config.model:
+            return key
+    raise KeyError("config.model has neither 'variant' nor 'size'; tools/bench_train.py cannot pick model sizes.")
 
 
-def m2d_step_flops(method, batch_size: int) -> dict[str, int]:
-    """Analytic matmul FLOPs of one M2D train step (formula in the module docstring).
+def row_config(config_arg: str, variant: str, *, overrides: dict | None = None, frames: int = 0,
+               batch_size: int | None = None, mask_ratio: float | None = None):
+    """The config of one row: `config_arg` ("configs/x.py[:arg]") at model size `variant` ("tiny": the
+    config's runlocal preset), then `overrides` (dotted keys, as --config.key=value), the crop (`frames`;
+    0 keeps config.data.crop_frames of the config as given, overrides included), the batch (unless
+    overridden) and the mask ratio (when given).
 
-    Args:
-        method: an `audiojepa.methods.m2d.M2D` (its config, patch grid and number of visible patches).
-        batch_size: global batch.
-
-    Returns:
-        Per-step FLOPs: forward of each part ("patch_embed", "online_encoder", "predictor",
-        "target_encoder"), "forward" (their sum), "backward" and "total".
+    Raises:
+        ValueError: the variant conflicts with the config arg or an override (e.g. :runlocal with B).
     """
-    size = decode_variant(method.config.variant)
-    width, depth, mlp_dim = size["width"], size["depth"], size["mlp_dim"]
-    pred_width, pred_depth = int(method.config.predictor_width), int(method.config.predictor_depth)
-    num_patches, num_visible = method.num_patches, method.num_visible
-    num_masked = num_patches - num_visible
-    patch_inputs = method.patch_size[0] * method.patch_size[1]
+    path, _, arg = config_arg.partition(":")
+    module = config_utils.load_config_module(path)
+    overrides = dict(overrides or {})
 
-    per_example = {
-        "patch_embed": 2 * num_patches * patch_inputs * width,
-        "online_encoder": depth * block_flops(1 + num_visible, width, mlp_dim),
-        "predictor": (2 * (1 + num_visible) * width * pred_width
-                      + pred_depth * block_flops(1 + num_patches, pred_width, 4 * pred_width)
-                      + 2 * num_masked * pred_width * width),
-        "target_encoder": depth * block_flops(1 + num_masked, width, mlp_dim),
-    }
-    flops = {name: batch_size * value for name, value in per_example.items()}
-    trained = flops["patch_embed"] + flops["online_encoder"] + flops["predictor"]
-    flops["forward"] = trained + flops["target_encoder"]
-    flops["backward"] = 2 * trained
-    flops["total"] = flops["forward"] + flops["backward"]
-    return flops
+    def build(extra_arg: str | None):
+        config = module.get_config(",".join(a for a in (arg, extra_arg) if a) or None)
+        for key, value in overrides.items():
+            config_utils.set_by_path(config, key, value)
+        return config
+
+    base = build(None)
+    key = size_key(base)
+    config = build("runlocal" if variant == "tiny" else f"{key}={variant}")
+    if config.model[key] != variant:
+        raise ValueError(f"--variants={variant} gives config.model.{key}={config.model[key]!r}: the config arg "
+                         f"{arg!r} or an override of model.{key} sets the size; drop it or the variant.")
+    config.data.crop_frames = int(frames or base.data.crop_frames)
+    if "batch_size" not in overrides and batch_size is not None:
+        config.batch_size = int(batch_size)
+    if mask_ratio is not None:
+        if "mask_ratio" not in config.model:
+            raise ValueError(f"--mask_ratio: config.model of {path} has no mask_ratio.")
+        config.model.mask_ratio = float(mask_ratio)
+    return config
+
+
+def config_options(config) -> str:
+    """The config's settings that change the step's speed: dtype, attention, remat (when the key
+    exists), device front end (when on)."""
+    model = config.model
+    options = [model.get("dtype", "float32"), f"attention {model.get('attention_impl', None) or 'xla'}"]
+    if "remat" in model:
+        options.append(f"remat {model.remat}")
+    if config.data.get("device_frontend", False):
+        options.append("device log-mel")
+    return ", ".join(options)
 
 
 # -- the step ------------------------------------------------------------------------------------------
 
 
-def model_config(variant: str, mask_ratio: float):
-    """config.model for a variant: 'tiny' with the runlocal predictor, others with the paper's."""
-    config = m2d_config.get_config("runlocal" if variant == "tiny" else f"variant={variant}")
-    config.model.mask_ratio = mask_ratio
-    return config
+def timed_mask_variant(method) -> int | None:
+    """The mask variant a row times: the middle ratio bucket of a method with several, else None."""
+    count = getattr(method, "num_mask_variants", 1)
+    return count // 2 if count > 1 else None
 
 
-def build_step(config, *, frames: int, batch_size: int, mesh):
-    """The trainer's jitted M2D step for `config` on `mesh`, and how to make its state.
+def batch_keys(targets: str | None) -> tuple[str, ...]:
+    """What the trainer hands EncodecMAE.loss in a row's step (flops.encodecmae_step_flops' batch_keys):
+    waveforms, or the features and codes of precomputed shards (k-means ids are never precomputed)."""
+    return ("features", "codes") if targets == "precomputed" else flops.BATCH_KEYS_WAVEFORM
+
+
+def analytic_flops(method, batch_size: int, *, targets: str | None = None) -> dict[str, int]:
+    """flops.step_flops of the step a row times (its mask variant; EncodecMAE: its targets)."""
+    if methods.input_kind(method) == "waveform":
+        return flops.step_flops(method, batch_size, batch_keys=batch_keys(targets))
+    if isinstance(method, methods.JEPA):
+        return flops.step_flops(method, batch_size, mask_variant=timed_mask_variant(method))
+    return flops.step_flops(method, batch_size)
+
+
+def build_step(config, *, mesh, targets: str | None = None):
+    """The trainer's jitted step for `config` on `mesh`, and how to make its state.
+
+    Args:
+        config: a full method config (row_config); its batch_size and data.crop_frames are used.
+        mesh: sharding.make_mesh(n).
+        targets: EncodecMAE only: "device" (waveform shards: EnCodec in the step) or "precomputed"
+            (shards of precomputed EnCodec targets: the step takes features and codes).
 
     Returns:
-        (step, init_state, method): `step(state, batch, rng) -> (state, metrics)` is jitted as the
-        trainer jits it (state donated, outputs replicated); `init_state(rng)` builds a fresh train
-        state (jit it with replicated out_shardings, or pass it to jax.eval_shape).
+        (step, init_state, method, spec): `step(state, batch, rng, mask_variant) -> (state, metrics)` is
+        jitted as the trainer jits it (state donated, outputs replicated, mask_variant static);
+        `init_state(rng)` builds a fresh train state; `method` the built method; `spec` the DataSpec the
+        step reads (front end, crop and kind of shards; no shard is opened).
     """
     params = frontend.get_preset(config.data.frontend)
-    # The step reads a DataSpec only for the device front end, which is off: no shard is opened.
-    spec = pipeline.DataSpec((), params, frames, 0.0, 1.0, 0)
-    method = M2D(config.model, input_shape=(params.n_mels, frames))
+    kind = target_records.KIND if targets == "precomputed" else pipeline.WAVEFORM
+    spec = pipeline.DataSpec((), params, int(config.data.crop_frames), 0.0, 1.0, 0, kind=kind)
+    method_cls = methods.get_method(config.method)
+    method = method_cls(config.model, input_shape=methods.input_shape(method_cls, params, spec.crop_frames),
+                        steps_per_epoch=STEPS_PER_EPOCH)
+    waveform_method = methods.input_kind(method) == "waveform"
+    if waveform_method != (targets is not None):
+        raise ValueError(f"targets={targets!r}: give 'device' or 'precomputed' for EncodecMAE, None otherwise.")
+    if targets not in (None, *TARGETS):
+        raise ValueError(f"--encodecmae_targets={targets!r}; valid: {TARGETS}.")
+    batch_size = int(config.batch_size)
     sharding.check_batch_size(batch_size, mesh, key="batch size")
-    total_steps = 1000  # only shapes the lr and EMA schedules, which do not change the cost
-    schedule = optim.learning_rate_schedule(config.optim, global_batch_size=batch_size, total_steps=total_steps,
-                                            warmup_steps=total_steps // 10)
+    schedule = optim.learning_rate_schedule(config.optim, global_batch_size=batch_size, total_steps=TOTAL_STEPS,
+                                            warmup_steps=TOTAL_STEPS // 10)
 
     def init_state(rng):
         return train.init_train_state(method, config.optim, schedule, rng)
 
     abstract_params = jax.eval_shape(init_state, jax.random.key(0))["params"]
     tx = optim.make_optimizer(config.optim, schedule, method.weight_decay_mask(abstract_params))
+    device_frontend = bool(config.data.get("device_frontend", False)) or waveform_method
     repl = sharding.replicated(mesh)
-    step = jax.jit(train.make_train_step(method, tx, schedule, spec, device_frontend=False, total_steps=total_steps),
-                   donate_argnums=(0,), out_shardings=(repl, repl))
-    return step, init_state, method
+    step = jax.jit(train.make_train_step(method, tx, schedule, spec, device_frontend=device_frontend,
+                                         total_steps=TOTAL_STEPS),
+                   donate_argnums=(0,), out_shardings=(repl, repl), static_argnums=(3,))
+    return step, init_state, method, spec
 
 
-def random_batch(batch_size: int, input_shape: tuple[int, int], mesh, seed: int = 0) -> dict:
-    """{"lms": [batch, n_mels, frames] float32 ~ N(0, 1), "skipped_records": [batch] int32 zeros},
-    split over the mesh's `data` axis (normalised log-mels look like this on average)."""
-    lms = np.random.default_rng(seed).standard_normal((batch_size, *input_shape), dtype=np.float32)
-    return jax.device_put({"lms": lms, "skipped_records": np.zeros((batch_size,), np.int32)},
-                          sharding.batch_sharding(mesh))
+def random_batch(method, spec: pipeline.DataSpec, batch_size: int, mesh, *, device_frontend: bool = False,
+                 targets: str | None = None, seed: int = 0) -> dict:
+    """A random batch of what the row's step takes, split over the mesh's `data` axis:
+    "lms" [batch, n_mels, frames] ~ N(0, 1) (normalised log-mels look like this on average), or
+    "waveform" [batch, samples] ~ N(0, 0.1²) (device front end, EncodecMAE "device"), or for
+    EncodecMAE "precomputed" "features" [batch, T, 128] ~ N(0, 1) float32 and "codes" [batch, T, n_q]
+    int32, as the pipeline of precomputed shards yields them; and "skipped_records" [batch] int32 zeros."""
+    rng = np.random.default_rng(seed)
+    if targets == "precomputed":
+        frames = method.num_frames
+        batch = {"features": rng.standard_normal((batch_size, frames, encodec.DIMENSION), dtype=np.float32),
+                 "codes": rng.integers(0, encodec.CODEBOOK_SIZE, (batch_size, frames, method.num_codebooks),
+                                       dtype=np.int32)}
+    elif methods.input_kind(method) == "waveform" or device_frontend:
+        batch = {"waveform": 0.1 * rng.standard_normal((batch_size, spec.crop_samples), dtype=np.float32)}
+    else:
+        batch = {"lms": rng.standard_normal((batch_size, *method.input_shape), dtype=np.float32)}
+    batch["skipped_records"] = np.zeros((batch_size,), np.int32)
+    return jax.device_put(batch, sharding.batch_sharding(mesh))
+
+
+def describe_input(method, spec: pipeline.DataSpec) -> str:
+    """The input and token counts of a row, e.g. "80x608, 190 patches, 57 visible"."""
+    if methods.input_kind(method) == "waveform":
+        _, masked_idx = jax.eval_shape(lambda: method.sample_mask(jax.random.key(0), 1, method.num_frames))
+        return (f"{method.num_samples / encodec.SAMPLE_RATE:g} s at 24 kHz, {method.num_frames} frames, "
+                f"{method.num_frames - masked_idx.shape[1]} visible")
+    shape = "x".join(str(n) for n in method.input_shape)
+    if isinstance(method, methods.JEPA):
+        variant = timed_mask_variant(method)
+        context, target = flops.jepa_mask_counts(method, variant)
+        bucket = "" if variant is None else f" (mask ratio {method.mask_ratio_of(variant):g}, middle bucket)"
+        return f"{shape}, {method.num_patches} patches, {context} context, {target} targets{bucket}"
+    return f"{shape}, {method.num_patches} patches, {method.num_visible} visible"
 
 
 def xla_flops(compiled) -> float | None:
-    """XLA's FLOP count of a compiled computation (per device for a partitioned one), or None."""
+    """XLA's FLOP count of a compiled (or lowered) computation (per device for a partitioned one), or None."""
     analysis = compiled.cost_analysis()
     if isinstance(analysis, (list, tuple)):  # older JAX: one dict per computation
         analysis = analysis[0] if analysis else None
@@ -248,25 +354,52 @@ def estimated_memory_bytes(init_state, num_devices: int) -> int:
     return num_devices * (nbytes(abstract) + 2 * nbytes(abstract["params"]))
 
 
-def _measure_row(variant: str, mesh) -> dict:
-    batch_size = FLAGS.batch_tiny if variant == "tiny" else FLAGS.batch_b
+def row_configs() -> list[tuple[str, object]]:
+    """(variant, config) of every --variants entry, from the flags (the same in parent and workers)."""
+    config_arg = config_flags.get_config_filename(FLAGS["config"])
+    overrides = config_flags.get_override_values(FLAGS["config"])
+    variants = FLAGS.variants or DEFAULT_VARIANTS[size_key(FLAGS.config)]
+    return [(variant, row_config(config_arg, variant, overrides=overrides, frames=FLAGS.frames,
+                                 batch_size=FLAGS.batch_tiny if variant == "tiny" else FLAGS.batch_b,
+                                 mask_ratio=FLAGS.mask_ratio))
+            for variant in variants]
+
+
+def row_targets(config) -> list[str | None]:
+    """The --encodecmae_targets of a waveform method's config, [None] for the others."""
+    if methods.input_kind(methods.get_method(config.method)) != "waveform":
+        return [None]
+    for targets in FLAGS.encodecmae_targets:
+        if targets not in TARGETS:
+            raise ValueError(f"--encodecmae_targets={targets!r}; valid: {TARGETS}.")
+    return list(FLAGS.encodecmae_targets)
+
+
+def _measure_row(variant: str, config, targets: str | None, mesh) -> dict:
     steps = FLAGS.steps if variant == "tiny" or not FLAGS.steps_b else FLAGS.steps_b
     num_devices = mesh.devices.size
-    step, init_state, method = build_step(model_config(variant, FLAGS.mask_ratio), frames=FLAGS.frames,
-                                          batch_size=batch_size, mesh=mesh)
-    row = {"variant": variant, "devices": num_devices, "batch": batch_size, "frames": FLAGS.frames,
-           "num_patches": method.num_patches, "num_visible": method.num_visible, "steps": steps,
-           "flops": m2d_step_flops(method, batch_size)["total"], "backend": jax.default_backend()}
+    batch_size = int(config.batch_size)
+    step, init_state, method, spec = build_step(config, mesh=mesh, targets=targets)
+    mask_variant = timed_mask_variant(method)
+    row = {"variant": variant, "targets": targets, "devices": num_devices, "batch": batch_size,
+           "frames": spec.crop_frames, "input": describe_input(method, spec), "options": config_options(config),
+           "steps": steps, "flops": analytic_flops(method, batch_size, targets=targets)["total"],
+           "backend": jax.default_backend()}
     needed, available = estimated_memory_bytes(init_state, num_devices), _available_memory_bytes()
     if available is not None and needed > FLAGS.max_memory_fraction * available:
         row["skipped"] = (f"needs ~{needed / 2**30:.0f} GiB of host RAM ({num_devices} replicas of the train state), "
                           f"{available / 2**30:.0f} GiB available")
         return row
     init_rng, rng = jax.random.split(jax.random.key(0))
-    state = jax.jit(init_state, out_shardings=sharding.replicated(mesh))(init_rng)
-    batch = random_batch(batch_size, method.input_shape, mesh)
+    repl = sharding.replicated(mesh)
+    if getattr(method, "jit_init", True):
+        state = jax.jit(init_state, out_shardings=repl)(init_rng)
+    else:  # as the trainer: frozen host arrays (EnCodec) must not become jit constants
+        state = jax.device_put(init_state(init_rng), repl)
+    batch = random_batch(method, spec, batch_size, mesh, targets=targets,
+                         device_frontend=bool(config.data.get("device_frontend", False)))
     start = time.perf_counter()
-    compiled = step.lower(state, batch, rng).compile()
+    compiled = step.lower(state, batch, rng, mask_variant).compile()
     compile_s = time.perf_counter() - start
     per_device_flops = xla_flops(compiled)
     for _ in range(FLAGS.warmup):
@@ -294,19 +427,56 @@ def _worker() -> None:
     peak_all = _gemm_gflops(mesh, FLAGS.gemm_size, FLAGS.gemm_repeats) if n > 1 else peak_one
     print(f"[{n} devices] GEMM peak: {peak_one:.1f} GFLOP/s on one device, {peak_all:.1f} on all",
           file=sys.stderr, flush=True)
-    for variant in FLAGS.variants:
-        row = _measure_row(variant, mesh)
-        row.update(gemm_1dev_gflops=peak_one, gemm_all_gflops=peak_all)
-        print(RESULT_PREFIX + json.dumps(row), flush=True)
-        progress = (f"skipped: {row['skipped']}" if "skipped" in row
-                    else f"compile {row['compile_s']:.1f} s, step {row['step_s']:.3f} s")
-        print(f"[{n} devices] {variant}: {progress}", file=sys.stderr, flush=True)
+    for variant, config in row_configs():
+        for targets in row_targets(config):
+            row = _measure_row(variant, config, targets, mesh)
+            row.update(gemm_1dev_gflops=peak_one, gemm_all_gflops=peak_all)
+            print(RESULT_PREFIX + json.dumps(row), flush=True)
+            progress = (f"skipped: {row['skipped']}" if "skipped" in row
+                        else f"compile {row['compile_s']:.1f} s, step {row['step_s']:.3f} s")
+            name = variant if targets is None else f"{variant}, targets {targets}"
+            print(f"[{n} devices] {name}: {progress}", file=sys.stderr, flush=True)
+
+
+# -- input pipeline (parent) ---------------------------------------------------------------------------
+
+
+def data_clips_per_second(config, *, batches: int, warmup: int) -> tuple[float, str]:
+    """(clips/s, DataSpec.kind) of `config`'s input pipeline, built as the trainer builds it (one process)."""
+    spec = pipeline.resolve_data_spec(config.data)
+    method_cls = methods.get_method(config.method)
+    device_frontend = bool(config.data.get("device_frontend", False)) or methods.input_kind(method_cls) == "waveform"
+    ds = pipeline.make_dataset(spec, batch_size=int(config.batch_size), seed=config.seed,
+                               device_frontend=device_frontend)
+    data_iter = pipeline.make_iterator(ds, num_workers=config.data.get("num_workers", 0),
+                                       worker_buffer_size=config.data.get("worker_buffer_size", 2),
+                                       read_threads=config.data.get("read_threads", 0))
+    for _ in range(warmup):
+        next(data_iter)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(data_iter)
+    return batches * int(config.batch_size) / (time.perf_counter() - start), spec.kind
+
+
+def _add_data_rates(rows: list[dict]) -> None:
+    """Times each variant's pipeline once and puts its clips/s on that variant's rows that it feeds:
+    waveform shards all but EncodecMAE's "precomputed" rows, precomputed targets only those."""
+    rates = {}
+    for variant, config in row_configs():
+        print(f"[data] {variant}: timing the input pipeline ({config.data.get('shards') or 'embedded corpus'}, "
+              f"{config.data.get('num_workers', 0)} workers)", file=sys.stderr, flush=True)
+        rates[variant] = data_clips_per_second(config, batches=FLAGS.data_batches, warmup=FLAGS.data_warmup)
+    for row in rows:
+        rate, kind = rates[row["variant"]]
+        if (kind == target_records.KIND) == (row.get("targets") == "precomputed"):
+            row["data_clips_s"] = rate
 
 
 # -- orchestration and report (parent) -----------------------------------------------------------------
 
 
-def _run_worker(num_devices: int) -> list[dict]:
+def _run_worker(num_devices: int, expected_rows: int) -> list[dict]:
     """Runs this script with `num_devices` simulated CPU devices; returns its rows."""
     env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(num_devices), JAX_PLATFORMS="cpu")
     command = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--_worker"]
@@ -315,33 +485,51 @@ def _run_worker(num_devices: int) -> list[dict]:
         raise RuntimeError(f"the {num_devices}-device worker failed (exit {result.returncode}): {shlex.join(command)}")
     rows = [json.loads(line[len(RESULT_PREFIX):]) for line in result.stdout.splitlines()
             if line.startswith(RESULT_PREFIX)]
-    if len(rows) != len(FLAGS.variants):
+    if len(rows) != expected_rows:
         raise RuntimeError(f"the {num_devices}-device worker returned {len(rows)} rows, expected "
-                           f"{len(FLAGS.variants)}; its stdout:\n{result.stdout}")
+                           f"{expected_rows}; its stdout:\n{result.stdout}")
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
-    """Markdown table of worker rows (keys as produced by the worker)."""
-    lines = [
-        "| variant | devices | batch | compile s | step s mean (min) | clips/s | analytic GFLOP/step "
-        "| XLA GFLOP/step | achieved GFLOP/s | 1-device GEMM GFLOP/s | all-device GEMM GFLOP/s "
-        "| MFU vs n × 1-device | MFU vs all-device |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    """Markdown table of worker rows (keys as produced by the worker). A "targets" column appears when
+    rows have targets (EncodecMAE), the data columns when rows have "data_clips_s" (--data)."""
+    with_targets = any(r.get("targets") for r in rows)
+    with_data = any("data_clips_s" in r for r in rows)
+    header = ["variant", *(["targets"] if with_targets else []), "devices", "batch", "options", "compile s",
+              "step s mean (min)", "clips/s", *(["data clips/s", "data ÷ step"] if with_data else []),
+              "analytic GFLOP/step", "XLA GFLOP/step", "XLA ÷ analytic", "achieved GFLOP/s",
+              "1-device GEMM GFLOP/s", "all-device GEMM GFLOP/s", "MFU vs n × 1-device", "MFU vs all-device"]
+    left = {"variant", "targets", "options"}
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if h in left else "---:" for h in header) + "|"]
     for r in rows:
+        cell = {h: "" for h in header}
+        cell.update(variant=r["variant"], targets=r.get("targets") or "", devices=str(r["devices"]),
+                    batch=str(r["batch"]), options=r.get("options", ""))
+        cell["analytic GFLOP/step"] = f"{r['flops'] / 1e9:.1f}"
+        cell["1-device GEMM GFLOP/s"] = f"{r['gemm_1dev_gflops']:.1f}"
+        cell["all-device GEMM GFLOP/s"] = f"{r['gemm_all_gflops']:.1f}"
         if "skipped" in r:
-            lines.append(f"| {r['variant']} | {r['devices']} | {r['batch']} | skipped: {r['skipped']} "
-                         f"| | | {r['flops'] / 1e9:.1f} | | | {r['gemm_1dev_gflops']:.1f} "
-                         f"| {r['gemm_all_gflops']:.1f} | | |")
-            continue
-        achieved = r["flops"] / r["step_s"] / 1e9
-        xla = "n/a" if r["xla_flops"] is None else f"{r['xla_flops'] / 1e9:.1f}"
-        lines.append(
-            f"| {r['variant']} | {r['devices']} | {r['batch']} | {r['compile_s']:.1f} "
-            f"| {r['step_s']:.3f} ({r['step_s_min']:.3f}) | {r['batch'] / r['step_s']:.1f} | {r['flops'] / 1e9:.1f} | {xla} | {achieved:.1f} "
-            f"| {r['gemm_1dev_gflops']:.1f} | {r['gemm_all_gflops']:.1f} "
-            f"| {achieved / (r['devices'] * r['gemm_1dev_gflops']):.1%} | {achieved / r['gemm_all_gflops']:.1%} |")
+            cell["compile s"] = f"skipped: {r['skipped']}"
+        else:
+            clips_s = r["batch"] / r["step_s"]
+            achieved = r["flops"] / r["step_s"] / 1e9
+            cell["compile s"] = f"{r['compile_s']:.1f}"
+            cell["step s mean (min)"] = f"{r['step_s']:.3f} ({r['step_s_min']:.3f})"
+            cell["clips/s"] = f"{clips_s:.1f}"
+            if r.get("xla_flops") is None:
+                cell["XLA GFLOP/step"] = "n/a"
+            else:
+                cell["XLA GFLOP/step"] = f"{r['xla_flops'] / 1e9:.1f}"
+                cell["XLA ÷ analytic"] = f"{r['xla_flops'] / r['flops']:.2f}"
+            cell["achieved GFLOP/s"] = f"{achieved:.1f}"
+            cell["MFU vs n × 1-device"] = f"{achieved / (r['devices'] * r['gemm_1dev_gflops']):.1%}"
+            cell["MFU vs all-device"] = f"{achieved / r['gemm_all_gflops']:.1%}"
+            if "data_clips_s" in r:
+                cell["data ÷ step"] = f"{r['data_clips_s'] / clips_s:.1f}×"
+        if "data_clips_s" in r:
+            cell["data clips/s"] = f"{r['data_clips_s']:.1f}"
+        lines.append("| " + " | ".join(cell[h] for h in header) + " |")
     return "\n".join(lines)
 
 
@@ -363,29 +551,41 @@ def _total_memory_gib() -> float:
 
 
 def _report(rows: list[dict], load_at_start: float) -> str:
-    first = rows[0]
+    config_arg = config_flags.get_config_filename(FLAGS["config"])
+    path, _, arg = config_arg.partition(":")
+    name = os.path.splitext(os.path.basename(path))[0]
+    title = TITLES.get(name, name) + (f" ({arg})" if arg else "")
+    inputs = "; ".join(dict.fromkeys(f"{r['variant']}: {r['input']}" for r in rows))
     machine = (f"{_cpu_name()}, {os.cpu_count()} CPUs, {_total_memory_gib():.0f} GiB RAM; jax {jax.__version__}, "
                f"backend {rows[0]['backend']} (simulated devices); load average at start "
                f"{load_at_start:.1f} (other processes share the cores: timings are only as steady as that)")
     steps = ", ".join(sorted({f"{r['variant']}: {r['steps']}" for r in rows}))
-    return "\n".join([
-        f"### M2D training step on simulated CPU devices: 80x{first['frames']} input, "
-        f"{first['num_patches']} patches, {first['num_visible']} visible (mask {FLAGS.mask_ratio})",
+    lines = [
+        f"### {title} training step on simulated CPU devices",
         "",
         f"- Command: `{shlex.join(['python', *sys.argv])}`",
         f"- Date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
         f"- Machine: {machine}",
-        f"- Timed steps per row ({steps}) after {FLAGS.warmup} untimed ones, float32, random log-mels "
-        "already on the devices. Compile = trace + lower + XLA compile.",
-        "- What the numbers mean: compute only (no input pipeline). Analytic GFLOP counts matmuls "
-        "(forward + 2x backward, target encoder forward only; tools/bench_train.py docstring); XLA GFLOP is "
-        "cost_analysis() over all devices, non-matmul ops included. MFU vs n × 1-device is the usual "
-        "definition; the simulated devices share the same cores, so MFU vs all-device (a GEMM on every "
+        f"- Input: {inputs}",
+        f"- Timed steps per row ({steps}) after {FLAGS.warmup} untimed ones, random inputs already on the "
+        "devices. Compile = trace + lower + XLA compile.",
+        "- What the numbers mean: step columns are compute only (no input pipeline). Analytic GFLOP counts "
+        "matmuls (forward + 2x backward of the trained parts, frozen parts forward only; audiojepa/flops.py); "
+        "XLA GFLOP is cost_analysis() over all devices, non-matmul ops included. MFU vs n × 1-device is the "
+        "usual definition; the simulated devices share the same cores, so MFU vs all-device (a GEMM on every "
         "device at once in the same process) is the machine's real utilisation.",
-        "",
-        format_table(rows),
-        "",
-    ])
+    ]
+    if any(r.get("targets") for r in rows):
+        lines.append("- Targets: `device` = 24 kHz waveforms in, the frozen EnCodec encoder and RVQ (and a "
+                     "self-training teacher) run in the step; `precomputed` = EnCodec features and codes in. XLA "
+                     "counts a loop body once, so with targets on device it misses the LSTM's recurrence and "
+                     "all but one RVQ stage (XLA ÷ analytic < 1).")
+    if any("data_clips_s" in r for r in rows):
+        lines.append(f"- Data: the config's input pipeline as the trainer builds it, {FLAGS.data_batches} batches "
+                     f"after {FLAGS.data_warmup}, in this process (its worker processes: config.data.num_workers); "
+                     "data ÷ step should be at least 3 (issue 9).")
+    lines += ["", format_table(rows), ""]
+    return "\n".join(lines)
 
 
 def main(argv):
@@ -394,9 +594,12 @@ def main(argv):
         _worker()
         return
     load_at_start = os.getloadavg()[0]
+    expected_rows = sum(len(row_targets(config)) for _, config in row_configs())
     rows = []
     for num_devices in (int(n) for n in FLAGS.devices):
-        rows.extend(_run_worker(num_devices))
+        rows.extend(_run_worker(num_devices, expected_rows))
+    if FLAGS.data:
+        _add_data_rates(rows)
     report = _report(rows, load_at_start)
     print(report)
     bench_common.append_markdown(FLAGS.append_to, report)

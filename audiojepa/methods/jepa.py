@@ -46,6 +46,9 @@ Model config keys (`config.model`; `default_config()` gives the SonyCSL paper va
     init_target_from_online: start the target encoder as an exact copy of the context encoder (I-JEPA's
         deepcopy; True) or initialise it independently (False).
     dtype: compute dtype, "float32" or "bfloat16"; params are float32 either way.
+    attention_impl (optional, None): None/"xla" or "cudnn" (fused attention; NVIDIA GPU, bfloat16 only).
+    remat (optional, "none"): "none" | "block" | "dots", rematerialisation of every transformer block
+        (audiojepa.models.vit.REMAT_POLICIES); same params and values, less memory, more compute.
 
 Param trees:
     params = {"encoder": {"patch_embed", ["cls_token",] "stack"}, "predictor": {"embed", "mask_token",
@@ -57,10 +60,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+from ml_collections import config_dict
 
 from audiojepa import losses, masking
 from audiojepa.methods.m2d import ema_update, linear_ema_decay
-from audiojepa.models import Predictor, ViTEncoder, as_dtype, checked_grid_size, decode_variant
+from audiojepa.models import Predictor, ViTEncoder, checked_grid_size, decode_variant
+from audiojepa.models.vit import performance_options
 
 Params = dict[str, Any]
 
@@ -104,6 +109,8 @@ def default_config(variant: str = "B") -> ml_collections.ConfigDict:
         ema_decay=0.99999,
         init_target_from_online=True,
         dtype="float32",
+        attention_impl=config_dict.placeholder(str),  # None: XLA; typed so that --config...=cudnn parses
+        remat="none",
     ))
 
 
@@ -170,14 +177,14 @@ class JEPA:
             self._mask_counts(variant)  # fail now, naming the key, if a ratio leaves an empty side
 
         size = decode_variant(model_config.variant)
-        dtype = as_dtype(model_config.dtype)
+        options = performance_options(model_config)  # dtype, attention_impl, remat
         self.width = size["width"]
-        self.encoder = ViTEncoder(**size, patch_size=self.patch_size, dtype=dtype, use_cls=self.use_cls)
+        self.encoder = ViTEncoder(**size, patch_size=self.patch_size, use_cls=self.use_cls, **options)
         self.predictor = Predictor(grid_size=self.grid_size, width=int(model_config.predictor_width),
                                    depth=int(model_config.predictor_depth),
                                    num_heads=int(model_config.predictor_heads), out_dim=self.width,
                                    use_cls=self.use_cls, full_grid=bool(model_config.predictor_full_grid),
-                                   dtype=dtype)
+                                   **options)
 
     # -- masks ----------------------------------------------------------------------------------------
 

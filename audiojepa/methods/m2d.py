@@ -16,6 +16,9 @@ Model config keys (`config.model`; `default_config()` has the official values):
     init_target_from_online: start the target stack as a copy of the online stack (the official code
         initialises it independently, i.e. False).
     dtype: compute dtype, "float32" or "bfloat16"; params are float32 either way.
+    attention_impl (optional, None): None/"xla" or "cudnn" (fused attention; NVIDIA GPU, bfloat16 only).
+    remat (optional, "none"): "none" | "block" | "dots", rematerialisation of every transformer block
+        (audiojepa.models.vit.REMAT_POLICIES); same params and values, less memory, more compute.
 
 Param trees:
     params = {"encoder": {"patch_embed", "cls_token", "stack"}, "predictor": {"embed", "mask_token",
@@ -27,6 +30,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+from ml_collections import config_dict
 
 from audiojepa import masking
 # The loss helpers live in audiojepa.losses (shared with the JEPA family); re-exported under their M2D names.
@@ -38,7 +42,8 @@ from audiojepa.losses import (  # noqa: F401
     standardize_tokens,
 )
 from audiojepa.losses import token_spread as _spread  # noqa: F401
-from audiojepa.models import Predictor, TransformerStack, ViTEncoder, as_dtype, checked_grid_size, decode_variant
+from audiojepa.models import Predictor, TransformerStack, ViTEncoder, checked_grid_size, decode_variant
+from audiojepa.models.vit import performance_options
 
 Params = dict[str, Any]
 
@@ -62,6 +67,8 @@ def default_config(variant: str = "B") -> ml_collections.ConfigDict:
         ema_decay=0.99999,
         init_target_from_online=False,
         dtype="float32",
+        attention_impl=config_dict.placeholder(str),  # None: XLA; typed so that --config...=cudnn parses
+        remat="none",
     ))
 
 
@@ -112,13 +119,13 @@ class M2D:
                              f"{self.num_patches} patches visible; M2D needs both visible and masked patches.")
 
         size = decode_variant(model_config.variant)
-        dtype = as_dtype(model_config.dtype)
+        options = performance_options(model_config)  # dtype, attention_impl, remat
         self.width = size["width"]
-        self.encoder = ViTEncoder(**size, patch_size=self.patch_size, dtype=dtype)
-        self.target_stack = TransformerStack(size["depth"], size["num_heads"], size["mlp_dim"], dtype)
+        self.encoder = ViTEncoder(**size, patch_size=self.patch_size, **options)
+        self.target_stack = TransformerStack(size["depth"], size["num_heads"], size["mlp_dim"], **options)
         self.predictor = Predictor(grid_size=self.grid_size, width=int(model_config.predictor_width),
                                    depth=int(model_config.predictor_depth),
-                                   num_heads=int(model_config.predictor_heads), out_dim=self.width, dtype=dtype)
+                                   num_heads=int(model_config.predictor_heads), out_dim=self.width, **options)
 
     # -- params ---------------------------------------------------------------------------------------
 

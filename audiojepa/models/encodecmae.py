@@ -33,7 +33,8 @@ Layer outputs (`return_layers`): the ResiDual stack returns each layer's x0 (its
 reference's `get_activations`; the last of them is what the self-training stage clusters (§1.13).
 
 Mixed precision as in `audiojepa.models.vit`: `dtype` is the matmul dtype, params and the residual
-streams are float32, logits are returned in float32.
+streams are float32, logits are returned in float32. `attention_impl` and `remat` (rematerialisation of
+each layer of both stacks, `vit.REMAT_POLICIES`) are vit's too.
 """
 
 from typing import Any
@@ -45,7 +46,7 @@ import numpy as np
 
 from audiojepa.masking import gather_tokens
 from audiojepa.models.pos_embed import sincos_1d
-from audiojepa.models.vit import TransformerStack, dense_kernel_init, token_init
+from audiojepa.models.vit import TransformerStack, dense_kernel_init, dot_product_attention, remat_block, token_init
 
 # Encoder sizes (shared/reference/encodecmae.md §1.2). The decoder has decoder_depth layers of the same
 # width and heads. "tiny" is for CPU tests and smoke runs only.
@@ -148,8 +149,8 @@ class SelfAttention(nn.Module):
         def heads(name):
             return linear(inner, self.dtype, False, name)(x).reshape(batch, frames, self.num_heads, head_dim)
 
-        out = jax.nn.dot_product_attention(heads("query"), heads("key"), heads("value"), scale=head_dim ** -0.5,
-                                           implementation=self.attention_impl)
+        out = dot_product_attention(heads("query"), heads("key"), heads("value"), head_dim ** -0.5,
+                                    self.attention_impl)
         return linear(width, self.dtype, False, "out")(out.reshape(batch, frames, inner))
 
 
@@ -192,7 +193,7 @@ class ResiDualLayer(nn.Module):
 class ResiDualStack(nn.Module):
     """`depth` ResiDual layers (`layers_{i}`), one FeedForward `ffn` shared by all of them when
     `share_ffn` (else one per layer, `layers_{i}/ffn`), and `final_norm`. Both streams start at x;
-    the output is x0 + final_norm(x1).
+    the output is x0 + final_norm(x1). `remat` rematerialises each layer (vit.REMAT_POLICIES).
     """
     depth: int
     num_heads: int
@@ -200,6 +201,7 @@ class ResiDualStack(nn.Module):
     share_ffn: bool = True
     dtype: Any = jnp.float32
     attention_impl: str | None = None
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, x: jax.Array, return_layers: bool = False):
@@ -211,10 +213,11 @@ class ResiDualStack(nn.Module):
         """
         x0 = x1 = x.astype(jnp.float32)
         shared_ffn = FeedForward(self.ff_dim, self.dtype, name="ffn") if self.share_ffn else None
+        layer = remat_block(ResiDualLayer, self.remat)
         layers = []
         for i in range(self.depth):
-            x0, x1 = ResiDualLayer(self.num_heads, self.ff_dim, self.dtype, self.attention_impl,
-                                   name=f"layers_{i}")(x0, x1, shared_ffn)
+            x0, x1 = layer(self.num_heads, self.ff_dim, self.dtype, self.attention_impl,
+                           name=f"layers_{i}")(x0, x1, shared_ffn)
             layers.append(x0)
         out = x0 + _layer_norm("final_norm")(x1)
         if return_layers:
@@ -223,14 +226,14 @@ class ResiDualStack(nn.Module):
 
 
 def make_stack(stack_type: str, depth: int, num_heads: int, ff_dim: int, share_ffn: bool, dtype: Any,
-               attention_impl: str | None) -> nn.Module:
+               attention_impl: str | None, remat: str = "none") -> nn.Module:
     """A ResiDualStack ("residual") or a vit.TransformerStack ("pre_ln"; share_ffn must be False there)."""
     if stack_type == "residual":
-        return ResiDualStack(depth, num_heads, ff_dim, share_ffn, dtype, attention_impl)
+        return ResiDualStack(depth, num_heads, ff_dim, share_ffn, dtype, attention_impl, remat)
     if stack_type == "pre_ln":
         if share_ffn:
             raise ValueError("share_ffn=True needs stack_type='residual'; the pre-LN stack has one MLP per block.")
-        return TransformerStack(depth, num_heads, ff_dim, dtype, attention_impl)
+        return TransformerStack(depth, num_heads, ff_dim, dtype, attention_impl, remat)
     raise ValueError(f"Unknown stack_type {stack_type!r}; valid: {STACK_TYPES}.")
 
 
@@ -252,6 +255,7 @@ class EncodecMAEModel(nn.Module):
         learned_mask_token: a learned mask token instead of zeros.
         dtype: compute dtype; params float32.
         attention_impl: passed to jax.nn.dot_product_attention.
+        remat: rematerialisation of the encoder and decoder layers (vit.REMAT_POLICIES).
     """
     width: int
     encoder_depth: int
@@ -266,9 +270,10 @@ class EncodecMAEModel(nn.Module):
     learned_mask_token: bool = False
     dtype: Any = jnp.float32
     attention_impl: str | None = None
+    remat: str = "none"
 
     def setup(self):
-        stack_args = (self.num_heads, self.ff_dim, self.share_ffn, self.dtype, self.attention_impl)
+        stack_args = (self.num_heads, self.ff_dim, self.share_ffn, self.dtype, self.attention_impl, self.remat)
         self.input_proj = linear(self.width, self.dtype)
         self.encoder_positions = ScaledSinusoidalPositions()
         self.encoder = make_stack(self.stack_type, self.encoder_depth, *stack_args)

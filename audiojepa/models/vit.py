@@ -7,6 +7,13 @@ M2D/timm PyTorch names (`patch_embed/proj`, `blocks_{i}/{norm1,attn/qkv,attn/pro
 Mixed precision: `dtype` is the compute dtype of the matmuls, convolutions and attention; parameters
 are always float32. LayerNorm statistics, the attention softmax and the residual stream stay float32,
 so a bfloat16 model returns float32 activations that are close to the float32 model's.
+
+Performance options (`config.model`; they change speed and memory, never the param tree):
+    dtype: "float32" | "bfloat16" compute dtype (above).
+    attention_impl: None or "xla" (XLA's attention, any backend) | "cudnn" (cuDNN's fused kernel; an
+        NVIDIA GPU and dtype "bfloat16" only).
+    remat: what the backward pass keeps of each transformer block (REMAT_POLICIES).
+`performance_options(config.model)` checks them and gives the keyword arguments of the modules.
 """
 
 from typing import Any
@@ -42,6 +49,23 @@ def decode_variant(name: str) -> dict[str, int]:
     return dict(VARIANTS[name])
 
 
+# config.model.remat: rematerialisation of every transformer block (encoders, predictors, EncodecMAE's
+# stacks). Same params and the same values whatever the choice; only memory and compute change.
+#   "none":  the backward pass keeps every activation it needs (fastest, most memory).
+#   "block": it keeps each block's input only and recomputes the block (least memory, about one
+#            more forward pass of the blocks).
+#   "dots":  it keeps the outputs of matmuls without batch dimensions (the Dense layers: qkv, proj,
+#            MLP) and recomputes the rest (norms, attention logits and softmax, GELU).
+REMAT_POLICIES = {
+    "none": None,
+    "block": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+# config.model.attention_impl: the `implementation` of jax.nn.dot_product_attention (None = "xla").
+ATTENTION_IMPLS = (None, "xla", "cudnn")
+GPU_PLATFORMS = ("gpu", "cuda")
+
+
 def as_dtype(name: Any) -> jnp.dtype:
     """'float32' / 'bfloat16' (or a dtype) → a jnp dtype, with an error naming the valid choices."""
     valid = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -50,6 +74,52 @@ def as_dtype(name: Any) -> jnp.dtype:
             raise ValueError(f"Unknown dtype {name!r}; valid: {sorted(valid)}.")
         return jnp.dtype(valid[name])
     return jnp.dtype(name)
+
+
+def check_remat(remat: str) -> str:
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"config.model.remat={remat!r}; valid: {tuple(REMAT_POLICIES)}.")
+    return remat
+
+
+def remat_block(block_cls: type[nn.Module], remat: str) -> type[nn.Module]:
+    """block_cls, or block_cls wrapped in nn.remat with config.model.remat's policy (REMAT_POLICIES).
+
+    The wrapped class creates the same params under the same names.
+    """
+    if check_remat(remat) == "none":
+        return block_cls
+    return nn.remat(block_cls, policy=REMAT_POLICIES[remat])
+
+
+def performance_options(model_config) -> dict[str, Any]:
+    """config.model's dtype, attention_impl and remat, checked, as module keyword arguments
+    dict(dtype=jnp dtype, attention_impl=, remat=). Missing keys (configs written before they existed)
+    take the defaults "float32", None and "none"."""
+    name = model_config.get("dtype", "float32")
+    try:
+        dtype = as_dtype(name)
+    except ValueError:
+        raise ValueError(f"config.model.dtype={name!r}; valid: 'float32', 'bfloat16'.") from None
+    attention_impl = model_config.get("attention_impl", None)
+    if attention_impl not in ATTENTION_IMPLS:
+        raise ValueError(f"config.model.attention_impl={attention_impl!r}; valid: {ATTENTION_IMPLS}.")
+    if attention_impl == "cudnn" and dtype != jnp.bfloat16:
+        raise ValueError(f"config.model.attention_impl='cudnn' needs config.model.dtype='bfloat16' (cuDNN's fused "
+                         f"attention takes 16-bit inputs); got dtype={name!r}.")
+    return dict(dtype=dtype, attention_impl=attention_impl, remat=check_remat(model_config.get("remat", "none")))
+
+
+def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, scale: float,
+                          implementation: str | None) -> jax.Array:
+    """jax.nn.dot_product_attention of [batch, tokens, heads, head_dim] arrays (no mask, no bias).
+
+    "cudnn" off a GPU fails here, naming the config key, rather than deep inside JAX.
+    """
+    if implementation == "cudnn" and jax.default_backend() not in GPU_PLATFORMS:
+        raise ValueError(f"config.model.attention_impl='cudnn' needs an NVIDIA GPU with cuDNN; this JAX backend is "
+                         f"{jax.default_backend()!r}. Use attention_impl=None (XLA) here.")
+    return jax.nn.dot_product_attention(query, key, value, scale=scale, implementation=implementation)
 
 
 def grid_size(input_shape: tuple[int, int], patch_size: tuple[int, int]) -> tuple[int, int]:
@@ -133,8 +203,7 @@ class Attention(nn.Module):
         head_dim = width // self.num_heads
         qkv = dense(3 * width, self.dtype, "qkv")(x).reshape(batch, tokens, 3, self.num_heads, head_dim)
         query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        out = jax.nn.dot_product_attention(query, key, value, scale=head_dim ** -0.5,
-                                           implementation=self.attention_impl)
+        out = dot_product_attention(query, key, value, head_dim ** -0.5, self.attention_impl)
         return dense(width, self.dtype, "proj")(out.reshape(batch, tokens, width))
 
 
@@ -168,13 +237,14 @@ class Block(nn.Module):
 class TransformerStack(nn.Module):
     """`depth` blocks (params `blocks_0` … `blocks_{depth-1}`) and a final LayerNorm (`norm`).
 
-    The width is the input's last dimension.
+    The width is the input's last dimension. `remat` rematerialises each block (REMAT_POLICIES).
     """
     depth: int
     num_heads: int
     mlp_dim: int
     dtype: Any = jnp.float32
     attention_impl: str | None = None
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, x: jax.Array, return_layers: bool = False):
@@ -185,9 +255,10 @@ class TransformerStack(nn.Module):
             [depth, batch, tokens, width]: every block's output before the final norm. (The official
             runtime's `return_layers` list is these with the last entry replaced by the normed output.)
         """
+        block = remat_block(Block, self.remat)
         layers = []
         for i in range(self.depth):
-            x = Block(self.num_heads, self.mlp_dim, self.dtype, self.attention_impl, name=f"blocks_{i}")(x)
+            x = block(self.num_heads, self.mlp_dim, self.dtype, self.attention_impl, name=f"blocks_{i}")(x)
             layers.append(x)
         out = _layer_norm("norm")(x)
         if return_layers:
@@ -209,6 +280,7 @@ class ViTEncoder(nn.Module):
         patch_size: (frequency bins, frames) per patch.
         dtype: compute dtype; params stay float32.
         attention_impl: passed to jax.nn.dot_product_attention (None = XLA, "cudnn").
+        remat: rematerialisation of the blocks (REMAT_POLICIES).
         use_cls: prepend a learnable CLS token (M2D); False encodes the patch tokens alone (I-JEPA and
             the audio JEPAs), and outputs have no prefix token.
     """
@@ -220,12 +292,14 @@ class ViTEncoder(nn.Module):
     dtype: Any = jnp.float32
     attention_impl: str | None = None
     use_cls: bool = True
+    remat: str = "none"
 
     def setup(self):
         self.patch_embed = PatchEmbed(self.width, tuple(self.patch_size), self.dtype)
         if self.use_cls:
             self.cls_token = self.param("cls_token", token_init, (1, 1, self.width), jnp.float32)
-        self.stack = TransformerStack(self.depth, self.num_heads, self.mlp_dim, self.dtype, self.attention_impl)
+        self.stack = TransformerStack(self.depth, self.num_heads, self.mlp_dim, self.dtype, self.attention_impl,
+                                      self.remat)
 
     def embed(self, lms: jax.Array) -> jax.Array:
         """lms: [batch, n_mels, frames] → patch tokens with positions added, [batch, F·T', width] float32.
