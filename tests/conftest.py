@@ -14,6 +14,12 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
     atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)  # subprocesses of the session are done by then
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# One corpus cache (embedded corpora and their stats) for the whole session, never the user's
+# ~/.cache/audiojepa: each embedded corpus is generated once and shared by every test that trains on it.
+if "AUDIOJEPA_CACHE" not in os.environ:
+    _corpus_dir = tempfile.mkdtemp(prefix="audiojepa-corpus-cache-")
+    os.environ["AUDIOJEPA_CACHE"] = _corpus_dir
+    atexit.register(shutil.rmtree, _corpus_dir, ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 from absl import flags  # noqa: E402

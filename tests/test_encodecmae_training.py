@@ -33,7 +33,6 @@ def tiny_config(**overrides):
 
 @pytest.fixture(scope="module")
 def stage1(tmp_path_factory):
-    os.environ["AUDIOJEPA_CACHE"] = str(tmp_path_factory.getbasetemp() / "cache")
     workdir = str(tmp_path_factory.mktemp("encodecmae") / "stage1")
     train.train_and_evaluate(tiny_config(), workdir, num_devices=2)
     return workdir

@@ -61,12 +61,11 @@ def test_convert_cli_export_round_trip(tmp_path):
 
 
 @pytest.mark.slow
-def test_workdir_export_matches_the_checkpoint(tmp_path, monkeypatch):
-    from tests.test_train import tiny_config
+def test_workdir_export_matches_the_checkpoint(tmp_path):
+    import run_helpers as rh
 
-    monkeypatch.setenv("AUDIOJEPA_CACHE", str(tmp_path / "cache"))
     workdir = str(tmp_path / "run")
-    train.train_and_evaluate(tiny_config(None, total_steps=2), workdir, num_devices=1)
+    train.train_and_evaluate(rh.tiny_config(), workdir, num_devices=1)
     from_workdir = encoder.load_encoder(workdir)
     assert from_workdir.input_shape == (80, 48) and from_workdir.method_name == "m2d"
     exported = encoder.load_encoder(from_workdir.save(str(tmp_path / "export")))

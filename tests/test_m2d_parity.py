@@ -241,9 +241,14 @@ def test_one_training_step_with_the_project_optimizer(method, converted, grads, 
                                               "weight_decay": float(ref["step_weight_decay"]),
                                               "grad_clip_norm": 3.0})
     tx = optim.make_optimizer(optim_config, float(ref["step_lr"]), method.weight_decay_mask(params))
-    updates, _ = tx.update(grads, tx.init(params), params)
-    new_params = optax.apply_updates(params, updates)
-    new_target = method.update_targets(new_params, target_params, 0, 1000)
+
+    @jax.jit  # one compile instead of one eager dispatch (and compile) per optimizer op and leaf
+    def step(params, target_params, grads):
+        updates, _ = tx.update(grads, tx.init(params), params)
+        new_params = optax.apply_updates(params, updates)
+        return new_params, method.update_targets(new_params, target_params, 0, 1000)
+
+    new_params, new_target = step(params, target_params, grads)
     ours = {"params": new_params, "target_params": new_target}
     for name, value in ref.items():
         if not name.startswith("after_step/"):

@@ -42,11 +42,11 @@ def test_head_matches_numpy_and_weight_norm_gain():
     # A non-unit gain and a non-normalised direction: a missing normalisation or gain cannot hide.
     params["prototypes_gain"] = jnp.linspace(0.5, 2.0, 48)
     params["prototypes_direction"] = params["prototypes_direction"] * 3.0
-    np.testing.assert_allclose(head.apply({"params": params}, x), np_head(params, x), **TOL)
+    np.testing.assert_allclose(jax.jit(head.apply)({"params": params}, x), np_head(params, x), **TOL)
 
     def gain_grad(train_gain):
         module = head.clone(train_gain=train_gain)
-        return jax.grad(lambda p: module.apply({"params": p}, x).sum())(params)["prototypes_gain"]
+        return jax.jit(jax.grad(lambda p: module.apply({"params": p}, x).sum()))(params)["prototypes_gain"]
 
     assert np.abs(gain_grad(True)).max() > 0
     assert np.abs(gain_grad(False)).max() == 0  # DINO's frozen gain
@@ -179,22 +179,23 @@ MIN_MARGINAL_ENTROPY = 2.0  # nats
 
 
 @pytest.mark.slow
-def test_runlocal_trains_without_collapse(tmp_path, tmp_path_factory, monkeypatch):
-    """configs/matpac.py:runlocal, shortened to 60 steps on 1 s crops of a 256-clip corpus (~40 s on 2 cores).
+def test_runlocal_trains_without_collapse(tmp_path):
+    """configs/matpac.py:runlocal, shortened to 40 steps on 1 s crops of a 256-clip corpus, on one device
+    (~30 s on 2 cores; 8 simulated devices give the same losses at twice the time).
 
+    Measured at 40 steps: ~68 prototypes in use, teacher entropy ~4.4 nats, marginal entropy ~5.1 nats.
     The full 300-step runlocal (documented in the config) ends with ~40 prototypes in use and a teacher
     entropy of ~4 nats.
     """
-    monkeypatch.setenv("AUDIOJEPA_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))  # shared corpora
     config = load_config("configs/matpac.py:runlocal")
-    for key, value in {"total_steps": 60, "warmup_steps": 10, "log_every_steps": 10, "tensorboard": False,
-                       "checkpoint_every_steps": 60, "data.embedded.num_clips": 256,
+    for key, value in {"total_steps": 40, "warmup_steps": 10, "log_every_steps": 10, "tensorboard": False,
+                       "checkpoint_every_steps": 40, "data.embedded.num_clips": 256,
                        "data.embedded.duration_s": 1.0, "data.crop_frames": 96}.items():
         set_by_path(config, key, value)
-    train.train_and_evaluate(config, str(tmp_path / "run"))
+    train.train_and_evaluate(config, str(tmp_path / "run"), num_devices=1)
     rows = [r for r in metrics.read_metrics(str(tmp_path / "run")) if "loss_cls" in r]
     first, last = rows[0], rows[-1]
-    assert last["step"] == 60
+    assert last["step"] == 40
     assert last["loss"] < first["loss"]
     assert last["loss_pred"] < first["loss_pred"]
     assert last["prototypes_used"] >= MIN_PROTOTYPES_USED

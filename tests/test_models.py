@@ -334,3 +334,17 @@ def test_loss_options_reach_the_loss(method, initialized, monkeypatch):
     lms = jax.ShapeDtypeStruct((2, *INPUT_SHAPE), jnp.float32)
     jax.eval_shape(mse.loss, *initialized, {"lms": lms}, jax.random.key(0), 0)
     assert seen == {"loss_type": "mse", "norm_target": False, "shape": (2, 46, 192)}
+
+
+def test_attention_key_bias_gets_no_gradient():
+    """The key third of the qkv bias adds q·b_k to every score of a query, which softmax cancels: its
+    gradient is zero up to float32 rounding. (Adam turns that rounding noise into ±lr steps, so runs that
+    reduce in another order differ there, and only there: run_helpers.assert_states_close.)"""
+    block = Block(num_heads=3, mlp_dim=96)
+    x = jax.random.normal(jax.random.key(0), (2, 7, 48))
+    params = block.init(jax.random.key(1), x)["params"]
+    target = jax.random.normal(jax.random.key(2), x.shape)
+    grads = jax.jit(jax.grad(lambda p: ((block.apply({"params": p}, x) - target) ** 2).sum()))(params)
+    g = np.asarray(grads["attn"]["qkv"]["bias"]).reshape(3, 48)  # [q, k, v] thirds, as Attention splits them
+    assert np.abs(g[0]).max() > 1e-2 and np.abs(g[2]).max() > 1e-2
+    assert np.abs(g[1]).max() < 1e-5 * np.abs(g[0]).max()

@@ -7,8 +7,6 @@ import shutil
 import subprocess
 import sys
 
-import jax
-import numpy as np
 import pytest
 
 from audiojepa import train
@@ -39,10 +37,9 @@ def test_two_processes_give_the_same_losses_and_params_as_one(runs):
         assert two[step] == pytest.approx(one[step], rel=1e-5, abs=1e-6), step
     (step_two, state_two), (step_one, state_one) = rh.latest_state(runs["two"]), rh.latest_state(runs["one"])
     assert step_two == step_one == 6
-    for a, b in zip(jax.tree.leaves(state_two), jax.tree.leaves(state_one)):
-        # The 2-process run compiles with run_helpers.FAST_COMPILE_FLAGS and reduces over another device
-        # layout; Adam turns that into ~1e-5 differences in entries whose gradients are near zero.
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    # The 2-process run compiles with run_helpers.FAST_COMPILE_FLAGS and reduces over another device
+    # layout; Adam turns that into ~1e-5 differences in entries whose gradients are near zero.
+    rh.assert_states_close(state_two, state_one)
 
 
 def test_only_process_0_writes_logs(runs):
@@ -69,5 +66,4 @@ def test_two_process_checkpoint_resumes_on_one_process(runs, caplog):
     for step in (4, 5, 6):
         assert got[step] == pytest.approx(ref[step], rel=1e-5, abs=1e-6), step
     (_, a), (_, b) = rh.latest_state(resumed), rh.latest_state(runs["one"])
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-4)
+    rh.assert_states_close(a, b)

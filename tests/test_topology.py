@@ -54,7 +54,7 @@ def test_resumed_on_fewer_devices_continues_like_the_straight_run(runs):
     (step_a, a), (step_b, b) = rh.latest_state(runs["resumed4"]), rh.latest_state(runs["straight4"])
     assert step_a == step_b == 6
     # Device counts change the order of reductions; Adam's normalisation turns that into ~1e-5 differences
-    # in entries whose gradients are near zero, so parameters agree to 1e-4 (the losses, above, to 1e-5).
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-4)
+    # in entries whose gradients are near zero, so the state agrees to 1e-4 (the losses, above, to 1e-5),
+    # apart from the attention key biases, whose gradient is zero up to rounding (rh.assert_states_close).
+    rh.assert_states_close(a, b)
     assert os.path.exists(os.path.join(runs["resumed4"], "checkpoints", "6"))
