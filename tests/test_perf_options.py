@@ -50,15 +50,17 @@ def residual_bytes(fn, *args) -> int:
 
 
 def count_eqns(jaxpr, predicate) -> int:
-    """Equations of a (closed) jaxpr, and of the jaxprs nested in their params, for which predicate(eqn)."""
+    """Equations of a (closed) jaxpr, and of the jaxprs nested in their params, for which predicate(eqn),
+    as executed: an equation inside a scan body counts once per iteration (scanned transformer stacks)."""
     jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
     total = 0
     for eqn in jaxpr.eqns:
         total += bool(predicate(eqn))
+        repeats = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
         for value in eqn.params.values():
             for sub in value if isinstance(value, (tuple, list)) else (value,):
                 if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
-                    total += count_eqns(sub, predicate)
+                    total += repeats * count_eqns(sub, predicate)
     return total
 
 

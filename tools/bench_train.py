@@ -52,8 +52,8 @@ not hardware FLOPs). On n devices XLA
 analyses one device's program and the table shows n × that, so work that every device repeats (the
 AdamW update of the replicated params) is counted n times there.
 
-Peaks: each worker times a jitted --gemm_size³ float32 matmul (best of --gemm_repeats) on one device
-("1-device GEMM"), and, with several devices, the same matmul on every device at once, sharded over
+Peaks: each worker times a jitted --gemm_size³ float32 matmul (best of --gemm_repeats, before and
+after the rows, the higher kept) on one device ("1-device GEMM"), and, with several devices, the same matmul on every device at once, sharded over
 the mesh ("all-device GEMM", the most this process gets from the machine). MFU is reported both ways:
 against n × the 1-device peak, the usual definition on real accelerators, and against the all-device
 peak. Simulated CPU devices share the machine's cores, so the first understates the use of the
@@ -420,22 +420,33 @@ def _measure_row(variant: str, config, targets: str | None, mesh) -> dict:
     return row
 
 
+def _gemm_peaks(mesh) -> tuple[float, float]:
+    """(1-device, all-device) GEMM GFLOP/s (_gemm_gflops), logged."""
+    peak_one = _gemm_gflops(sharding.make_mesh(1), FLAGS.gemm_size, FLAGS.gemm_repeats)
+    peak_all = _gemm_gflops(mesh, FLAGS.gemm_size, FLAGS.gemm_repeats) if mesh.devices.size > 1 else peak_one
+    print(f"[{mesh.devices.size} devices] GEMM peak: {peak_one:.1f} GFLOP/s on one device, {peak_all:.1f} on all",
+          file=sys.stderr, flush=True)
+    return peak_one, peak_all
+
+
 def _worker() -> None:
     n = jax.device_count()
     mesh = sharding.make_mesh(n)
-    peak_one = _gemm_gflops(sharding.make_mesh(1), FLAGS.gemm_size, FLAGS.gemm_repeats)
-    peak_all = _gemm_gflops(mesh, FLAGS.gemm_size, FLAGS.gemm_repeats) if n > 1 else peak_one
-    print(f"[{n} devices] GEMM peak: {peak_one:.1f} GFLOP/s on one device, {peak_all:.1f} on all",
-          file=sys.stderr, flush=True)
+    # The peak is measured before and after the rows and the higher figure kept: a GEMM slowed by a
+    # passing process (e.g. the previous run's pipeline workers exiting) would otherwise inflate MFU.
+    peaks_before = _gemm_peaks(mesh)
+    rows = []
     for variant, config in row_configs():
         for targets in row_targets(config):
-            row = _measure_row(variant, config, targets, mesh)
-            row.update(gemm_1dev_gflops=peak_one, gemm_all_gflops=peak_all)
-            print(RESULT_PREFIX + json.dumps(row), flush=True)
-            progress = (f"skipped: {row['skipped']}" if "skipped" in row
-                        else f"compile {row['compile_s']:.1f} s, step {row['step_s']:.3f} s")
+            rows.append(_measure_row(variant, config, targets, mesh))
+            progress = (f"skipped: {rows[-1]['skipped']}" if "skipped" in rows[-1]
+                        else f"compile {rows[-1]['compile_s']:.1f} s, step {rows[-1]['step_s']:.3f} s")
             name = variant if targets is None else f"{variant}, targets {targets}"
             print(f"[{n} devices] {name}: {progress}", file=sys.stderr, flush=True)
+    peak_one, peak_all = (max(a, b) for a, b in zip(peaks_before, _gemm_peaks(mesh)))
+    for row in rows:
+        row.update(gemm_1dev_gflops=peak_one, gemm_all_gflops=peak_all)
+        print(RESULT_PREFIX + json.dumps(row), flush=True)
 
 
 # -- input pipeline (parent) ---------------------------------------------------------------------------

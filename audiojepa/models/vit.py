@@ -238,6 +238,14 @@ class TransformerStack(nn.Module):
     """`depth` blocks (params `blocks_0` … `blocks_{depth-1}`) and a final LayerNorm (`norm`).
 
     The width is the input's last dimension. `remat` rematerialises each block (REMAT_POLICIES).
+
+    `scan_layers` (default) runs the blocks as one `jax.lax.scan` over their params, stacked on the fly
+    from the per-block trees (the param tree, hence checkpoints, is the same either way): XLA compiles
+    one block instead of `depth`, and the backward pass materialises the residual-stream gradient
+    between blocks. Unrolled, XLA:CPU fuses that gradient's running sum into every block's weight-gradient
+    inputs, recomputing the chain of all later blocks each time (quadratic in depth; ~20% of a ViT-B M2D
+    step on CPU, tools/bench_train.py). False unrolls the Python loop (the same values up to float
+    rounding).
     """
     depth: int
     num_heads: int
@@ -245,6 +253,7 @@ class TransformerStack(nn.Module):
     dtype: Any = jnp.float32
     attention_impl: str | None = None
     remat: str = "none"
+    scan_layers: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, return_layers: bool = False):
@@ -255,15 +264,33 @@ class TransformerStack(nn.Module):
             [depth, batch, tokens, width]: every block's output before the final norm. (The official
             runtime's `return_layers` list is these with the last entry replaced by the normed output.)
         """
-        block = remat_block(Block, self.remat)
-        layers = []
-        for i in range(self.depth):
-            x = block(self.num_heads, self.mlp_dim, self.dtype, self.attention_impl, name=f"blocks_{i}")(x)
-            layers.append(x)
+        if self.scan_layers and not self.is_initializing():
+            x, layers = self._scanned_blocks(x, return_layers)
+        else:  # init always unrolls: it creates blocks_0 … blocks_{depth-1}
+            block = remat_block(Block, self.remat)
+            outputs = []
+            for i in range(self.depth):
+                x = block(self.num_heads, self.mlp_dim, self.dtype, self.attention_impl, name=f"blocks_{i}")(x)
+                outputs.append(x)
+            layers = jnp.stack(outputs) if return_layers else None
         out = _layer_norm("norm")(x)
         if return_layers:
-            return out, jnp.stack(layers)
+            return out, layers
         return out
+
+    def _scanned_blocks(self, x: jax.Array, return_layers: bool):
+        """(last block's output, [depth, ...] every block's output or None): the blocks as one scan."""
+        params = self.variables["params"]
+        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *(params[f"blocks_{i}"] for i in range(self.depth)))
+        block = Block(self.num_heads, self.mlp_dim, self.dtype, self.attention_impl)
+
+        def body(h, block_params):
+            h = block.apply({"params": block_params}, h)
+            return h, (h if return_layers else None)
+
+        if check_remat(self.remat) != "none":
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat])
+        return jax.lax.scan(body, x, stacked)
 
 
 class ViTEncoder(nn.Module):
