@@ -25,6 +25,7 @@ from audiojepa.data import encodec_targets, pipeline, records, shards, target_re
 from audiojepa.methods import encodecmae_loss
 from audiojepa.methods.encodecmae import EncodecMAE, default_config, random_encodec_params
 from audiojepa.models import encodec
+from batch_helpers import assert_batches_equal, take
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SR = encodec.SAMPLE_RATE
@@ -254,18 +255,6 @@ def _spec(folder, crop_frames=CROP_FRAMES, frontend="encodec"):
     return pipeline.resolve_data_spec(config)
 
 
-def _take(it, n):
-    return [jax.tree.map(np.array, next(it)) for _ in range(n)]
-
-
-def _assert_batches_equal(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for k in x:
-            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
-
-
 def test_pipeline_crops_are_frame_slices_of_the_stored_targets(targets16):
     spec = _spec(targets16)
     assert spec.kind == "encodec_targets" and spec.target_frames == CROP_FRAMES and spec.num_clips == 5
@@ -301,19 +290,19 @@ def test_random_frame_crop_pads_short_clips():
 def test_pipeline_is_seeded_worker_independent_and_resumable(targets16):
     spec = _spec(targets16)
     ds = pipeline.make_dataset(spec, batch_size=2, seed=3)
-    serial = _take(pipeline.make_iterator(ds, num_workers=0), 6)  # 12 elements: crosses an epoch boundary
-    _assert_batches_equal(serial, _take(pipeline.make_iterator(pipeline.make_dataset(spec, batch_size=2, seed=3)), 6))
-    _assert_batches_equal(serial, _take(pipeline.make_iterator(ds, num_workers=2), 6))
-    other = _take(pipeline.make_iterator(pipeline.make_dataset(spec, batch_size=2, seed=4)), 1)
+    serial = take(pipeline.make_iterator(ds, num_workers=0), 6)  # 12 elements: crosses an epoch boundary
+    assert_batches_equal(serial, take(pipeline.make_iterator(pipeline.make_dataset(spec, batch_size=2, seed=3)), 6))
+    assert_batches_equal(serial, take(pipeline.make_iterator(ds, num_workers=2), 6))
+    other = take(pipeline.make_iterator(pipeline.make_dataset(spec, batch_size=2, seed=4)), 1)
     assert not np.array_equal(other[0]["features"], serial[0]["features"])
     it = pipeline.make_iterator(ds)
-    _take(it, 2)
+    take(it, 2)
     state = it.get_state()
     fresh = pipeline.make_iterator(ds)
     fresh.set_state(state)
-    _assert_batches_equal(_take(fresh, 3), serial[2:5])
+    assert_batches_equal(take(fresh, 3), serial[2:5])
     # Resuming without an iterator state (pipeline.plan_resume after a topology change) starts at batch 2.
-    _assert_batches_equal(_take(pipeline.make_iterator(pipeline.make_dataset(spec, batch_size=2, seed=3,
+    assert_batches_equal(take(pipeline.make_iterator(pipeline.make_dataset(spec, batch_size=2, seed=3,
                                                                             start_batch=2)), 3), serial[2:5])
 
 

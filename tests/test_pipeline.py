@@ -11,6 +11,7 @@ from array_record.python import array_record_module
 
 from audiojepa import frontend
 from audiojepa.data import pipeline, records, shards, stats
+from batch_helpers import assert_batches_equal, take
 
 SR = 16000
 PARAMS = frontend.get_preset("m2d")
@@ -39,18 +40,6 @@ def _spec(folder, crop_frames=CROP_FRAMES, mean=-5.0, std=3.0):
     return pipeline.DataSpec(tuple(paths), PARAMS, crop_frames, mean, std, manifest["num_clips"])
 
 
-def _take(it, n):
-    return [jax.tree.map(np.array, next(it)) for _ in range(n)]
-
-
-def _assert_batches_equal(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for k in x:
-            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
-
-
 def test_batch_shapes_and_normalisation(shard_dir):
     spec = _spec(shard_dir)
     batch = next(pipeline.make_iterator(pipeline.make_dataset(spec, batch_size=4, seed=0)))
@@ -62,13 +51,13 @@ def test_batch_shapes_and_normalisation(shard_dir):
 
 def test_same_batches_for_0_and_2_workers(shard_dir):
     ds = pipeline.make_dataset(_spec(shard_dir), batch_size=4, seed=3)
-    serial = _take(pipeline.make_iterator(ds, num_workers=0), 12)  # 48 elements: crosses an epoch boundary
-    parallel = _take(pipeline.make_iterator(ds, num_workers=2), 12)
-    threaded = _take(pipeline.make_iterator(ds, read_threads=2), 12)
-    _assert_batches_equal(serial, parallel)
-    _assert_batches_equal(serial, threaded)
+    serial = take(pipeline.make_iterator(ds, num_workers=0), 12)  # 48 elements: crosses an epoch boundary
+    parallel = take(pipeline.make_iterator(ds, num_workers=2), 12)
+    threaded = take(pipeline.make_iterator(ds, read_threads=2), 12)
+    assert_batches_equal(serial, parallel)
+    assert_batches_equal(serial, threaded)
     # Different seeds give different streams.
-    other = _take(pipeline.make_iterator(pipeline.make_dataset(_spec(shard_dir), batch_size=4, seed=4)), 1)
+    other = take(pipeline.make_iterator(pipeline.make_dataset(_spec(shard_dir), batch_size=4, seed=4)), 1)
     assert not np.array_equal(other[0]["lms"], serial[0]["lms"])
 
 
@@ -76,26 +65,26 @@ def test_same_batches_for_0_and_2_workers(shard_dir):
 def test_iterator_state_restores_exactly(shard_dir, num_workers):
     ds = pipeline.make_dataset(_spec(shard_dir), batch_size=4, seed=1)
     it = pipeline.make_iterator(ds, num_workers=num_workers)
-    _take(it, 5)
+    take(it, 5)
     state = it.get_state()
-    expected = _take(it, 4)
+    expected = take(it, 4)
     fresh = pipeline.make_iterator(ds, num_workers=num_workers)
     fresh.set_state(state)
-    _assert_batches_equal(_take(fresh, 4), expected)
+    assert_batches_equal(take(fresh, 4), expected)
 
 
 def test_iterator_state_through_orbax(shard_dir, tmp_path):
     ds = pipeline.make_dataset(_spec(shard_dir), batch_size=4, seed=2)
     it = pipeline.make_iterator(ds, num_workers=2)
-    _take(it, 3)
+    take(it, 3)
     with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
         mngr.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
         mngr.wait_until_finished()
-    expected = _take(it, 3)
+    expected = take(it, 3)
     fresh = pipeline.make_iterator(ds, num_workers=2)
     with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
         mngr.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
-    _assert_batches_equal(_take(fresh, 3), expected)
+    assert_batches_equal(take(fresh, 3), expected)
 
 
 @pytest.mark.parametrize("process_count", [2, 3])
