@@ -176,7 +176,9 @@ def test_step_flops_dispatch():
 
 
 def _analytic_and_xla(config, targets=None, batch_size=8):
-    """(analytic FLOPs dict, XLA FLOPs of the lowered step, method) for `config` on one device."""
+    """(analytic FLOPs dict, XLA FLOPs of the lowered step, method) for `config` on one device. The stacks
+    are unrolled: XLA's cost analysis counts a scan body once (bench_train.unrolled)."""
+    config = bench_train.unrolled(config)
     config.batch_size = batch_size
     mesh = sharding.make_mesh(1)
     step, init_state, method, spec = bench_train.build_step(config, mesh=mesh, targets=targets)

@@ -140,7 +140,9 @@ def test_unknown_remat_is_an_error_naming_the_key():
 
 def test_performance_option_errors_and_defaults():
     assert performance_options(ml_collections.ConfigDict()) == dict(dtype=jnp.float32, attention_impl=None,
-                                                                     remat="none")
+                                                                     remat="none", scan_layers=True)
+    with pytest.raises(ValueError, match=r"config\.model\.scan_layers='yes'"):
+        performance_options(ml_collections.ConfigDict(dict(scan_layers="yes")))
     with pytest.raises(ValueError, match=r"config\.model\.dtype='float16'"):
         performance_options(ml_collections.ConfigDict(dict(dtype="float16")))
     with pytest.raises(ValueError, match=r"config\.model\.attention_impl='flash'.*'cudnn'"):
@@ -285,3 +287,19 @@ def test_every_config_passes_the_options_to_every_stack(config_name):
 def test_every_config_sends_cudnn_to_the_attention(config_name):
     with pytest.raises(ValueError, match=r"attention_impl='cudnn' needs an NVIDIA GPU"):
         traced_loss(config_name, dtype="bfloat16", attention_impl="cudnn")
+
+
+@pytest.mark.parametrize("remat", ["none", "dots"])
+def test_scanned_and_unrolled_stacks_agree(remat):
+    """TransformerStack.scan_layers changes how the blocks run, not the params or (beyond float32
+    rounding, 1e-5) the outputs, every layer's output and the gradients."""
+    x = jax.random.normal(jax.random.key(0), (2, 5, 32))
+    stacks = {scan: TransformerStack(3, 4, 64, remat=remat, scan_layers=scan) for scan in (True, False)}
+    params = stacks[False].init(jax.random.key(1), x)["params"]
+    assert jax.tree.structure(stacks[True].init(jax.random.key(1), x)["params"]) == jax.tree.structure(params)
+    outputs = {scan: jax.jit(lambda p, s=s: s.apply({"params": p}, x, return_layers=True))(params)
+               for scan, s in stacks.items()}
+    grads = {scan: jax.jit(jax.grad(lambda p, s=s: (s.apply({"params": p}, x) ** 2).sum()))(params)
+             for scan, s in stacks.items()}
+    for a, b in zip(jax.tree.leaves((outputs[True], grads[True])), jax.tree.leaves((outputs[False], grads[False]))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

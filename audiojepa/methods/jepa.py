@@ -49,6 +49,8 @@ Model config keys (`config.model`; `default_config()` gives the SonyCSL paper va
     attention_impl (optional, None): None/"xla" or "cudnn" (fused attention; NVIDIA GPU, bfloat16 only).
     remat (optional, "none"): "none" | "block" | "dots", rematerialisation of every transformer block
         (audiojepa.models.vit.REMAT_POLICIES); same params and values, less memory, more compute.
+    scan_layers (optional, True): run every transformer stack as one lax.scan over its blocks (False
+        unrolls them; same params, values equal up to float rounding).
 
 Param trees:
     params = {"encoder": {"patch_embed", ["cls_token",] "stack"}, "predictor": {"embed", "mask_token",

@@ -29,7 +29,7 @@ class Predictor(nn.Module):
         use_cls: the context starts with one CLS token, which is kept at the front of the sequence (its
             position code is zero).
         full_grid: see the module docstring.
-        dtype, attention_impl, remat: as in ViTEncoder.
+        dtype, attention_impl, remat, scan_layers: as in ViTEncoder.
     """
     grid_size: tuple[int, int]
     width: int
@@ -42,6 +42,7 @@ class Predictor(nn.Module):
     dtype: Any = jnp.float32
     attention_impl: str | None = None
     remat: str = "none"
+    scan_layers: bool = True
 
     @nn.compact
     def __call__(self, context_tokens: jax.Array, context_idx: jax.Array, target_idx: jax.Array) -> jax.Array:
@@ -81,7 +82,7 @@ class Predictor(nn.Module):
             sequence = jnp.concatenate([prefix, context, queries], axis=1)
 
         stack = TransformerStack(self.depth, self.num_heads, self.mlp_dim or 4 * self.width, self.dtype,
-                                 self.attention_impl, self.remat, name="stack")
+                                 self.attention_impl, self.remat, self.scan_layers, name="stack")
         x = stack(sequence)[:, prefix.shape[1]:]
         if self.full_grid:
             x = gather_tokens(x, target_idx)

@@ -13,6 +13,8 @@ Performance options (`config.model`; they change speed and memory, never the par
     attention_impl: None or "xla" (XLA's attention, any backend) | "cudnn" (cuDNN's fused kernel; an
         NVIDIA GPU and dtype "bfloat16" only).
     remat: what the backward pass keeps of each transformer block (REMAT_POLICIES).
+    scan_layers: True (default) runs each pre-LN TransformerStack as one lax.scan over its blocks;
+        False unrolls them (TransformerStack).
 `performance_options(config.model)` checks them and gives the keyword arguments of the modules.
 """
 
@@ -93,9 +95,9 @@ def remat_block(block_cls: type[nn.Module], remat: str) -> type[nn.Module]:
 
 
 def performance_options(model_config) -> dict[str, Any]:
-    """config.model's dtype, attention_impl and remat, checked, as module keyword arguments
-    dict(dtype=jnp dtype, attention_impl=, remat=). Missing keys (configs written before they existed)
-    take the defaults "float32", None and "none"."""
+    """config.model's dtype, attention_impl, remat and scan_layers, checked, as module keyword arguments
+    dict(dtype=jnp dtype, attention_impl=, remat=, scan_layers=). Missing keys (configs written before
+    they existed) take the defaults "float32", None, "none" and True."""
     name = model_config.get("dtype", "float32")
     try:
         dtype = as_dtype(name)
@@ -107,7 +109,11 @@ def performance_options(model_config) -> dict[str, Any]:
     if attention_impl == "cudnn" and dtype != jnp.bfloat16:
         raise ValueError(f"config.model.attention_impl='cudnn' needs config.model.dtype='bfloat16' (cuDNN's fused "
                          f"attention takes 16-bit inputs); got dtype={name!r}.")
-    return dict(dtype=dtype, attention_impl=attention_impl, remat=check_remat(model_config.get("remat", "none")))
+    scan_layers = model_config.get("scan_layers", True)
+    if not isinstance(scan_layers, bool):
+        raise ValueError(f"config.model.scan_layers={scan_layers!r}; valid: True, False.")
+    return dict(dtype=dtype, attention_impl=attention_impl, remat=check_remat(model_config.get("remat", "none")),
+                scan_layers=scan_layers)
 
 
 def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, scale: float,
@@ -308,6 +314,7 @@ class ViTEncoder(nn.Module):
         dtype: compute dtype; params stay float32.
         attention_impl: passed to jax.nn.dot_product_attention (None = XLA, "cudnn").
         remat: rematerialisation of the blocks (REMAT_POLICIES).
+        scan_layers: run the blocks as one lax.scan (TransformerStack).
         use_cls: prepend a learnable CLS token (M2D); False encodes the patch tokens alone (I-JEPA and
             the audio JEPAs), and outputs have no prefix token.
     """
@@ -320,13 +327,14 @@ class ViTEncoder(nn.Module):
     attention_impl: str | None = None
     use_cls: bool = True
     remat: str = "none"
+    scan_layers: bool = True
 
     def setup(self):
         self.patch_embed = PatchEmbed(self.width, tuple(self.patch_size), self.dtype)
         if self.use_cls:
             self.cls_token = self.param("cls_token", token_init, (1, 1, self.width), jnp.float32)
         self.stack = TransformerStack(self.depth, self.num_heads, self.mlp_dim, self.dtype, self.attention_impl,
-                                      self.remat)
+                                      self.remat, self.scan_layers)
 
     def embed(self, lms: jax.Array) -> jax.Array:
         """lms: [batch, n_mels, frames] → patch tokens with positions added, [batch, F·T', width] float32.
