@@ -30,7 +30,7 @@ setuptools.setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest"],
+        "test": ["pytest", "pytest-xdist"],  # the suite runs on 2 workers (README)
         # Only for converting released PyTorch checkpoints; never imported by the core package.
         "torch": ["torch==2.13.0"],
         # TFDS audio tasks; reading prepared ArrayRecord datasets works without TensorFlow.

@@ -11,14 +11,16 @@ epochs, AdamW 0.9/0.95, lr 3e-4 x batch/256, EMA 0.99995 -> 0.99999):
   About 300k steps on AudioSet-2M (~1k steps per epoch at batch 2048); the official code needs
   4x 48 GB GPUs for about two days. Loss (2 - 2 cos) starts near 2 and falls below ~0.5.
 
-CPU smoke run on the embedded corpus (tiny ViT, 300 steps of batch 32, 80x208 crops):
+CPU smoke run on the embedded corpus (tiny ViT, 1500 steps of batch 32, 80x208 crops):
 
     python -m audiojepa.main --config=configs/m2d.py:runlocal --workdir=/tmp/m2d_runlocal
 
-  On 2 CPU cores: the first run generates the embedded corpus (3000 clips, ~25 s), then about
-  2 minutes of training at ~100 clips/s; the logged loss falls from ~2.0 (step 20: ~1.6) to ~0.2
-  by step 300. Re-running the same command resumes (and immediately finishes). Evaluate with
-  `python -m audiojepa.evaluate --encoder=/tmp/m2d_runlocal --task=embedded --output=/tmp/m2d_eval`.
+  On 2 CPU cores: the first run generates the embedded corpus (3000 clips, ~15 s), then about
+  6 minutes of training at ~120 clips/s; the logged loss falls from ~1.65 at step 20 to ~0.9 by
+  step 40 and ~0.17 by step 1500. Re-running the same command resumes (and immediately finishes).
+  Evaluate with `python -m audiojepa.evaluate --encoder=/tmp/m2d_runlocal --task=embedded
+  --output=/tmp/m2d_eval`: linear 73.2 +- 2.9, kNN 54.1 (log-mel baseline 42.2 / 51.7, random init
+  52.0 / 35.5; README "Evaluate").
 
 Speed and memory options (the param tree, hence checkpoints, is the same whatever they are set to):
 `--config.model.dtype=bfloat16`: bfloat16 matmuls; params, norms, softmax and loss stay float32.
@@ -64,6 +66,11 @@ def get_config(arg=None):
     if arg.runlocal:
         apply_runlocal(config)
         config.data.crop_frames = 208
+        # M2D's smoke run trains 1500 steps, not the shared 300: the embedded task's kNN score (the bar
+        # the run must clear) was 38.5 after 250 steps, 47.0 after 500, 52.4 after 1000, 54.1 after 1500,
+        # against 51.7 for the log-mel baseline and 35.5 at random init.
+        config.total_steps = 1500
+        config.checkpoint_every_steps = 250
         # A 300-step run needs a target that moves: the paper's 0.99995 would keep it at its init.
         config.model.ema_decay_init = 0.99
         config.model.ema_decay = 0.999

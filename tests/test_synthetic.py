@@ -165,3 +165,19 @@ def test_classes_learnable_from_log_mel():
     classifier = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=3000))
     accuracy = cross_val_score(classifier, np.array(features), np.array(labels), cv=4).mean()
     assert accuracy > 0.3, accuracy
+
+
+@pytest.mark.parametrize("duration_s", [3.0, 1.0])
+def test_main_event_covers_most_of_the_clip(duration_s):
+    """Every class's event spans >= 60 % of the clip, so time-pooled embeddings describe the event;
+    noise bursts come at >= 1 per second. (The waveform follows the drawn spans: see the chirp and
+    harmonic-tone tests above.)"""
+    for index in range(4 * N_CLASSES):
+        params = synthetic.describe_clip(index, duration_s=duration_s)
+        events = params["components"] if params["class_name"] == "mixture" else [params]
+        for event in events:
+            if event["class_name"] == "noise_burst":
+                assert len(event["bursts"]) >= max(1, round(duration_s)), (index, event)
+                continue
+            assert event["length_s"] >= 0.6 * duration_s - 1e-3, (index, event)
+            assert 0.0 <= event["start_s"] and event["start_s"] + event["length_s"] <= duration_s + 1e-9, (index, event)

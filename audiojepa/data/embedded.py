@@ -17,7 +17,7 @@ import time
 
 from audiojepa.data import shards, stats, synthetic
 
-CORPUS_VERSION = 1
+CORPUS_VERSION = 2
 DEFAULT_NUM_CLIPS = 3000
 DEFAULT_DURATION_S = 3.0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 
 import numpy as np
 
@@ -46,9 +47,12 @@ def write_stats(folder: str, params, *, mean: float, std: float, **info) -> str:
     entries = [e for e in _read_entries(folder) if e["frontend"] != params.to_dict()]
     entries.append({"frontend": params.to_dict(), "mean": float(mean), "std": float(std), **info})
     path = os.path.join(folder, STATS_FILE)
-    with open(path + ".tmp", "w") as f:
+    # A temporary file of its own, so concurrent writers (test workers, processes of one job) never
+    # replace each other's half-written file.
+    fd, tmp = tempfile.mkstemp(prefix=STATS_FILE + ".", suffix=".tmp", dir=folder)
+    with os.fdopen(fd, "w") as f:
         json.dump({"entries": entries}, f, indent=1)
-    os.replace(path + ".tmp", path)
+    os.replace(tmp, path)
     return path
 
 

@@ -1,27 +1,31 @@
 """Procedural sound clips: the embedded default corpus, needing no download.
 
-Each clip is one sound event (or a few) of a single class, placed at a random onset over
-low-level coloured background noise, then scaled to a random peak level. Classes, in the
-order of `CLASS_NAMES` (clip `index` has class `CLASS_NAMES[index % len(CLASS_NAMES)]`):
+Each clip is one sound event of a single class (a burst pattern or a mixture for two of the
+classes) over low-level coloured background noise, then scaled to a random peak level. The main
+event of every class covers 60-100 % of the clip (`_EVENT_COVER_MIN`), as in a sound-event
+dataset whose clips are cut around their events, so a time-pooled clip embedding describes the
+event rather than the background. Classes, in the order of `CLASS_NAMES` (clip `index` has class
+`CLASS_NAMES[index % len(CLASS_NAMES)]`):
 
 - `harmonic_tone`: one note, f0 80-1000 Hz (log-uniform), 2-12 harmonics with power-law
-  rolloff k**-alpha (alpha 0.5-2.5), ADSR envelope, 0.3-2.8 s long.
-- `noise_burst`: 1-5 bursts of band-pass noise, centre 150-6000 Hz, bandwidth 0.1-1 octave,
-  0.03-0.6 s each, ADSR or exponential-decay envelope.
+  rolloff k**-alpha (alpha 0.5-2.5), ADSR envelope.
+- `noise_burst`: 1-4 bursts per second of clip (at least one) of band-pass noise, centre
+  150-6000 Hz, bandwidth 0.1-1 octave, 0.03-0.6 s each, ADSR or exponential-decay envelope.
 - `chirp_up` / `chirp_down`: a linear or exponential sweep between a low frequency of
-  80-1500 Hz and 1.5-10x that, 0-3 extra harmonics, 0.3-2.5 s long.
+  80-1500 Hz and 1.5-10x that, 0-3 extra harmonics.
 - `am_tone`: carrier 150-3000 Hz with 1-4 harmonics, sinusoidal amplitude modulation at
-  2-20 Hz with depth 0.3-1, 0.8-3 s long.
+  2-20 Hz with depth 0.3-1.
 - `fm_tone`: carrier 150-2500 Hz with 1-5 harmonics, vibrato at 2-12 Hz with a deviation of
-  2-20 % of the carrier, 0.8-3 s long.
+  2-20 % of the carrier.
 - `click_train`: damped-sinusoid clicks (resonance 300-6000 Hz, decay 1-20 ms) at 2-40 Hz
-  with 0-30 % timing jitter, a train 0.5-3 s long.
+  with 0-30 % timing jitter.
 - `mixture`: 2 or 3 distinct classes from the above, each peak-normalized, summed with gains
   0.3-1.
 
 Every clip: background noise with spectral tilt f**-beta (beta 0-1.5) at an SNR of 10-40 dB
 against the clip's RMS, then a peak of 0.1-0.9 (log-uniform). All frequencies stay below
 0.45 * sample_rate. A clip depends only on (index, sample_rate, duration_s, seed).
+(`embedded.CORPUS_VERSION` 1 drew events of fixed lengths in seconds, often a tenth of a clip.)
 """
 
 from collections.abc import Callable, Iterator
@@ -47,6 +51,9 @@ _MASK_FRACTION = 0.45
 _DRAW_FRACTION = 0.4
 _MIN_SAMPLE_RATE = 8000
 _MIN_DURATION_S = 0.1
+# A clip's main event covers at least this fraction of it, so a time-pooled clip embedding
+# describes the event rather than the background noise around it.
+_EVENT_COVER_MIN = 0.6
 
 Params = dict[str, Any]
 
@@ -57,9 +64,16 @@ def _log_uniform(rng: np.random.Generator, low: float, high: float) -> float:
 
 def _event_span(rng: np.random.Generator, n_samples: int, sample_rate: int,
                 min_s: float, max_s: float) -> tuple[int, int]:
-    """Draws (start, length) in samples of one event inside a clip of `n_samples`."""
+    """Draws (start, length) in samples of one event of min_s..max_s seconds inside a clip of `n_samples`."""
     length = int(rng.uniform(min_s, max_s) * sample_rate)
     length = int(np.clip(length, 1, n_samples))
+    start = int(rng.integers(0, n_samples - length + 1))
+    return start, length
+
+
+def _main_event_span(rng: np.random.Generator, n_samples: int) -> tuple[int, int]:
+    """Draws (start, length) in samples of a clip's main event: it covers 60-100 % of the clip."""
+    length = int(np.clip(round(rng.uniform(_EVENT_COVER_MIN, 1.0) * n_samples), 1, n_samples))
     start = int(rng.integers(0, n_samples - length + 1))
     return start, length
 
@@ -153,7 +167,7 @@ def _place(n_samples: int, start: int, event: np.ndarray) -> np.ndarray:
 
 
 def _harmonic_tone(rng, n_samples, sample_rate):
-    start, length = _event_span(rng, n_samples, sample_rate, 0.3, 2.8)
+    start, length = _main_event_span(rng, n_samples)
     f0 = _log_uniform(rng, 80.0, min(1000.0, _DRAW_FRACTION * sample_rate))
     amplitudes, alpha = _rolloff(rng, int(rng.integers(2, 13)))
     phase = 2 * np.pi * f0 * np.arange(length) / sample_rate
@@ -167,7 +181,9 @@ def _harmonic_tone(rng, n_samples, sample_rate):
 def _noise_burst(rng, n_samples, sample_rate):
     out = np.zeros(n_samples)
     bursts = []
-    for _ in range(int(rng.integers(1, 6))):
+    # 1-4 bursts per second of clip, at least one.
+    n_bursts = max(1, round(rng.uniform(1.0, 4.0) * n_samples / sample_rate))
+    for _ in range(n_bursts):
         start, length = _event_span(rng, n_samples, sample_rate, 0.03, 0.6)
         centre_hz = _log_uniform(rng, 150.0, min(6000.0, _DRAW_FRACTION * sample_rate))
         bandwidth_oct = rng.uniform(0.1, 1.0)
@@ -189,7 +205,7 @@ def _noise_burst(rng, n_samples, sample_rate):
 
 
 def _chirp(rng, n_samples, sample_rate, upward: bool):
-    start, length = _event_span(rng, n_samples, sample_rate, 0.3, 2.5)
+    start, length = _main_event_span(rng, n_samples)
     f_max = _DRAW_FRACTION * sample_rate
     f_low = _log_uniform(rng, 80.0, 1500.0)
     f_high = min(f_low * rng.uniform(1.5, 10.0), f_max)
@@ -210,7 +226,7 @@ def _chirp(rng, n_samples, sample_rate, upward: bool):
 
 
 def _am_tone(rng, n_samples, sample_rate):
-    start, length = _event_span(rng, n_samples, sample_rate, 0.8, 3.0)
+    start, length = _main_event_span(rng, n_samples)
     carrier_hz = _log_uniform(rng, 150.0, min(3000.0, _DRAW_FRACTION * sample_rate))
     rate_hz, depth = _log_uniform(rng, 2.0, 20.0), rng.uniform(0.3, 1.0)
     t = np.arange(length) / sample_rate
@@ -226,7 +242,7 @@ def _am_tone(rng, n_samples, sample_rate):
 
 
 def _fm_tone(rng, n_samples, sample_rate):
-    start, length = _event_span(rng, n_samples, sample_rate, 0.8, 3.0)
+    start, length = _main_event_span(rng, n_samples)
     carrier_hz = _log_uniform(rng, 150.0, min(2500.0, _DRAW_FRACTION * sample_rate / 1.2))
     rate_hz, deviation = _log_uniform(rng, 2.0, 12.0), rng.uniform(0.02, 0.2)
     t = np.arange(length) / sample_rate
@@ -243,7 +259,7 @@ def _fm_tone(rng, n_samples, sample_rate):
 
 
 def _click_train(rng, n_samples, sample_rate):
-    start, length = _event_span(rng, n_samples, sample_rate, 0.5, 3.0)
+    start, length = _main_event_span(rng, n_samples)
     rate_hz, jitter = _log_uniform(rng, 2.0, 40.0), rng.uniform(0.0, 0.3)
     resonance_hz = _log_uniform(rng, 300.0, min(6000.0, _DRAW_FRACTION * sample_rate))
     decay_s = _log_uniform(rng, 0.001, 0.02)
