@@ -62,20 +62,21 @@ def _log_uniform(rng: np.random.Generator, low: float, high: float) -> float:
     return float(np.exp(rng.uniform(np.log(low), np.log(high))))
 
 
+def _span(rng: np.random.Generator, n_samples: int, length: int) -> tuple[int, int]:
+    """(start, length) in samples: `length` clipped to 1..n_samples, at a uniformly drawn start."""
+    length = int(np.clip(length, 1, n_samples))
+    return int(rng.integers(0, n_samples - length + 1)), length
+
+
 def _event_span(rng: np.random.Generator, n_samples: int, sample_rate: int,
                 min_s: float, max_s: float) -> tuple[int, int]:
     """Draws (start, length) in samples of one event of min_s..max_s seconds inside a clip of `n_samples`."""
-    length = int(rng.uniform(min_s, max_s) * sample_rate)
-    length = int(np.clip(length, 1, n_samples))
-    start = int(rng.integers(0, n_samples - length + 1))
-    return start, length
+    return _span(rng, n_samples, int(rng.uniform(min_s, max_s) * sample_rate))
 
 
 def _main_event_span(rng: np.random.Generator, n_samples: int) -> tuple[int, int]:
     """Draws (start, length) in samples of a clip's main event: it covers 60-100 % of the clip."""
-    length = int(np.clip(round(rng.uniform(_EVENT_COVER_MIN, 1.0) * n_samples), 1, n_samples))
-    start = int(rng.integers(0, n_samples - length + 1))
-    return start, length
+    return _span(rng, n_samples, round(rng.uniform(_EVENT_COVER_MIN, 1.0) * n_samples))
 
 
 def _adsr(rng: np.random.Generator, length: int, sample_rate: int) -> np.ndarray:
