@@ -19,7 +19,7 @@ predictor 64/2/4, 128x208 crops = 8x13 patches, batch 32, 300 steps):
 
     python -m audiojepa.main --config=configs/audio_jepa.py:runlocal --workdir=/tmp/audio_jepa_runlocal
 
-  On 2 CPU cores (measured with other jobs sharing them): 30 s to generate the 32 kHz corpus, then
+  On 2 CPU cores (measured on embedded corpus version 1, with other jobs sharing the cores): 30 s to generate the 32 kHz corpus, then
   about 5 minutes at ~35 clips/s including 5 train-step compiles (one per ratio bucket); loss 1.20
   at step 20, 0.11 at step 300.
 
