@@ -80,6 +80,9 @@ def run_config(method: str, *, batch_size: int, seed: int = 0) -> ml_collections
         "async_checkpoints": True,
         "nonfinite_policy": "stop",  # NaN/Inf loss: "stop" the run, or "skip" the batch and go on
         "tensorboard": True,
+        # Periodic evaluators (audiojepa/evaluation/evaluators.py), none by default; from the command line:
+        # --config.evals='{"knn": {"type": "knn", "task": "embedded", "every_steps": 250}}'
+        "evals": {},
     })
 
 

@@ -86,3 +86,20 @@ def test_periodic_evaluation_is_logged_with_training_metrics(tmp_path):
     rows = [r for r in metrics.read_metrics(workdir) if "eval/knn_embedded/knn" in r]
     assert [r["step"] for r in rows] == [3, 6]
     assert all(0.0 <= r["eval/knn_embedded/knn"] <= 1.0 for r in rows)
+
+
+def test_periodic_evaluators_can_be_set_from_the_command_line():
+    """Every config has an empty `evals` (no evaluation), which `--config.evals=...` on audiojepa.main's
+    command line fills (parsed as main parses it, in a fresh interpreter: absl flags are global)."""
+    script = ("import json, sys; from absl import flags; from audiojepa import main; flags.FLAGS(sys.argv); "
+              "print(json.dumps(flags.FLAGS.config.evals.to_dict()))")
+
+    def parsed_evals(*argv):
+        result = subprocess.run([sys.executable, "-c", script, "--workdir=unused", *argv], cwd=REPO, capture_output=True, text=True,
+                                timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        assert result.returncode == 0, result.stderr[-2000:]
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    assert parsed_evals("--config=configs/encodecmae.py:runlocal") == {}  # every config, through run_config
+    knn = {"type": "knn", "task": "embedded", "every_steps": 250}
+    assert parsed_evals("--config=configs/m2d.py:runlocal", f"--config.evals={json.dumps({'knn': knn})}") == {"knn": knn}
