@@ -20,7 +20,6 @@ import numpy as np
 from absl import app, flags
 from tqdm import tqdm
 
-from audiojepa import host_memory
 from audiojepa.data import audio_io
 from audiojepa.evaluation import embedders, probes, report, tasks
 
@@ -108,7 +107,6 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's restore chatter
-    host_memory.retain_freed_memory()  # before JAX's backend starts its threads
     run(FLAGS.encoder, FLAGS.task, FLAGS.output, baselines=FLAGS.baselines, seeds=[int(s) for s in FLAGS.seeds],
         batch_size=FLAGS.batch_size)
     print(f"report: {os.path.join(FLAGS.output, 'results.md')}")

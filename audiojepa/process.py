@@ -6,14 +6,13 @@ import sys
 import jax
 from absl import logging
 
-from audiojepa import distributed, host_memory, train
+from audiojepa import distributed, train
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: what a killed process reports; re-running resumes
 
 
 def setup() -> None:
-    """Host allocator, logging and multi-host start-up shared by audiojepa.main and audiojepa.selftrain."""
-    host_memory.retain_freed_memory()  # before JAX's backend starts its threads (audiojepa/host_memory.py)
+    """Logging and multi-host start-up shared by the entry points (this one and audiojepa.selftrain)."""
     # Orbax and Grain log every checkpoint step at INFO through absl's logger; keep their warnings only,
     # so the trainer's progress lines stay readable.
     std_logging.getLogger("absl").setLevel(std_logging.WARNING)

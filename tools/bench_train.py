@@ -101,7 +101,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from audiojepa import config_utils, flops, frontend, host_memory, methods, optim, sharding, train  # noqa: E402
+from audiojepa import config_utils, flops, frontend, methods, optim, sharding, train  # noqa: E402
 from audiojepa.data import pipeline, target_records  # noqa: E402
 from audiojepa.models import encodec  # noqa: E402
 from tools import bench_common  # noqa: E402
@@ -445,7 +445,6 @@ def _gemm_peaks(mesh) -> tuple[float, float]:
 
 
 def _worker() -> None:
-    retained = host_memory.retain_freed_memory()  # before the backend's threads start, as the trainer does
     n = jax.device_count()
     mesh = sharding.make_mesh(n)
     # The peak is measured before and after the rows and the higher figure kept: a GEMM slowed by a
@@ -461,7 +460,7 @@ def _worker() -> None:
             print(f"[{n} devices] {name}: {progress}", file=sys.stderr, flush=True)
     peak_one, peak_all = (max(a, b) for a, b in zip(peaks_before, _gemm_peaks(mesh)))
     for row in rows:
-        row.update(gemm_1dev_gflops=peak_one, gemm_all_gflops=peak_all, host_memory_retained=retained)
+        row.update(gemm_1dev_gflops=peak_one, gemm_all_gflops=peak_all)
         print(RESULT_PREFIX + json.dumps(row), flush=True)
 
 
@@ -601,10 +600,6 @@ def _report(rows: list[dict], load_at_start: float) -> str:
         "XLA GFLOP is cost_analysis() over all devices, non-matmul ops included. MFU vs n × 1-device is the "
         "usual definition; the simulated devices share the same cores, so MFU vs all-device (a GEMM on every "
         "device at once in the same process) is the machine's real utilisation.",
-        "- Host allocator: " + ("freed memory kept for reuse (audiojepa.host_memory, as the trainer runs)"
-                                if all(r.get("host_memory_retained") for r in rows) else
-                                f"glibc default in some rows ({host_memory.ENV_VAR}=0 or not glibc): XLA:CPU "
-                                "page-faults its temporaries in on every step"),
     ]
     if any(r.get("targets") for r in rows):
         lines.append("- Targets: `device` = 24 kHz waveforms in, the frozen EnCodec encoder and RVQ (and a "
