@@ -229,8 +229,8 @@ def report(result: dict, config, variant: str, top: int) -> str:
     ]
     if any(g["flops"] / g["seconds"] / 1e9 > IMPLAUSIBLE * peak for g in matmuls[:top]):
         lines += [f"† Above {IMPLAUSIBLE:g}x the GEMM peak: the op's trace events cannot cover all of its dot's work "
-                  "(seen for dots XLA fused with a transpose); the rest is counted under other ops. Cause not "
-                  "established.", ""]
+                  "(seen for weight gradients XLA fused with a transpose); the rest runs on under the next ops' "
+                  "events, which then look slow. Totals are not affected.", ""]
     return "\n".join(lines)
 
 
