@@ -1,0 +1,121 @@
+r"""Paired A/B of one training step: the config as given (A) against the same config with overrides or XLA
+compiler options (B), both compiled in one process on one device, their steps alternated.
+
+    python tools/bench_pair.py --b_overrides='{"model.remat": "dots"}'          # M2D ViT-B, 80x608
+    python tools/bench_pair.py --frames=208 --b_overrides='{"model.remat": "dots"}' --rounds=8
+    python tools/bench_pair.py --b_compiler_options='{"xla_cpu_use_multi_output_fusion": true}'
+
+Why paired: on a shared machine the speed drifts by more than most effects worth testing (here the
+same 2048³ GEMM measured 163-202 GFLOP/s within 10 minutes). Alternating A and B step by step puts both
+under the same drift, so the ratio of each pair (B ÷ A) is steadier than either time. It reports every
+pair, the median ratio and how many pairs B won; a process-wide setting (an environment variable, the
+allocator) cannot be paired this way.
+
+The row is the one tools/bench_train.py times (same flags: --config with overrides, --variants (the
+first one; default the config's largest size), --frames, --batch_b / --batch_tiny, --mask_ratio). B's
+overrides must leave the train state's shapes as they are (e.g. remat, attention_impl, scan_layers=False
+do; a different model size does not). --append_to=BENCHMARKS.md appends the result.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+import jax  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from audiojepa import sharding  # noqa: E402
+from tools import bench_common, bench_train  # noqa: E402  (bench_train defines the row flags used here)
+
+flags.DEFINE_string("b_overrides", "{}", 'JSON dict of dotted config keys for B, e.g. {"model.remat": "dots"}.')
+flags.DEFINE_string("b_compiler_options", "{}", "JSON dict of XLA compiler options for B's compile.")
+flags.DEFINE_integer("rounds", 5, "Timed A,B pairs, after one untimed round.")
+FLAGS = flags.FLAGS
+
+
+def _json_flag(name: str) -> dict:
+    try:
+        value = json.loads(FLAGS[name].value)
+    except json.JSONDecodeError as e:
+        raise app.UsageError(f"--{name} is not valid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise app.UsageError(f"--{name} must be a JSON object, got {FLAGS[name].value!r}")
+    return value
+
+
+def compare(config_a, config_b, compiler_options: dict, rounds: int) -> dict:
+    """Compiles A and B (same state and batch) and times `rounds` alternated pairs after one untimed round."""
+    mesh = sharding.make_mesh(1)
+    compiled, state, batch = [], None, None
+    for config, options in ((config_a, {}), (config_b, compiler_options)):
+        step, init_state, method, spec = bench_train.build_step(config, mesh=mesh)
+        if state is None:
+            state = jax.jit(init_state, out_shardings=sharding.replicated(mesh))(jax.random.key(0))
+            batch = bench_train.random_batch(method, spec, int(config.batch_size), mesh)
+            variant = bench_train.timed_mask_variant(method)
+        elif jax.tree.structure(jax.eval_shape(init_state, jax.random.key(0))) != jax.tree.structure(state):
+            raise app.UsageError("--b_overrides change the train state's structure: A and B cannot share a state")
+        compiled.append(step.lower(state, batch, jax.random.key(1), variant).compile(options or None))
+    times = ([], [])
+    for r in range(rounds + 1):
+        for i, step in enumerate(compiled):
+            start = time.perf_counter()
+            state, out = step(state, batch, jax.random.key(1))
+            jax.block_until_ready(out)
+            if r:
+                times[i].append(time.perf_counter() - start)
+    ratios = [b / a for a, b in zip(*times)]
+    return {"a": times[0], "b": times[1], "ratios": ratios, "median_ratio": statistics.median(ratios),
+            "b_faster": sum(r < 1 for r in ratios)}
+
+
+def report(result: dict, variant: str, config, b_overrides: dict, compiler_options: dict) -> str:
+    b_desc = ", ".join([f"--config.{k}={v}" for k, v in b_overrides.items()]
+                       + [f"compiler option {k}={v}" for k, v in compiler_options.items()])
+    lines = [
+        f"### Paired A/B, {config.method} {variant}, batch {config.batch_size}, {config.data.crop_frames} frames: "
+        f"B = {b_desc or 'same as A'}",
+        "",
+        f"- Command: `{shlex.join(['python', *sys.argv])}`",
+        f"- Date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        f"- Machine: {bench_train._cpu_name()}, {os.cpu_count()} CPUs; jax {jax.__version__}; 1 device",
+        f"- Median B ÷ A over {len(result['ratios'])} alternated pairs: **{result['median_ratio']:.3f}**; "
+        f"B faster in {result['b_faster']} of {len(result['ratios'])}.",
+        "",
+        "| pair | A s | B s | B ÷ A |",
+        "|---:|---:|---:|---:|",
+        *(f"| {i + 1} | {a:.3f} | {b:.3f} | {r:.3f} |"
+          for i, (a, b, r) in enumerate(zip(result["a"], result["b"], result["ratios"]))),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv):
+    del argv
+    b_overrides, compiler_options = _json_flag("b_overrides"), _json_flag("b_compiler_options")
+    if not FLAGS.variants:
+        FLAGS.variants = [bench_train.DEFAULT_VARIANTS[bench_train.size_key(FLAGS.config)][-1]]
+    variant, config_a = bench_train.row_configs()[0]
+    config_arg = config_flags.get_config_filename(FLAGS["config"])
+    overrides = {**config_flags.get_override_values(FLAGS["config"]), **b_overrides}
+    config_b = bench_train.row_config(config_arg, variant, overrides=overrides, frames=FLAGS.frames,
+                                      batch_size=int(config_a.batch_size), mask_ratio=FLAGS.mask_ratio)
+    result = compare(config_a, config_b, compiler_options, FLAGS.rounds)
+    text = report(result, variant, config_a, b_overrides, compiler_options)
+    print(text)
+    bench_common.append_markdown(FLAGS.append_to, text)
+
+
+if __name__ == "__main__":
+    FLAGS.set_default("append_to", "")
+    app.run(main)
