@@ -1,5 +1,5 @@
 """tools/bench_pair.py: a real paired run of the tiny M2D step (A: remat none, B: remat dots) in a
-subprocess, and its refusal of a B that changes the train state."""
+subprocess, and its refusal of a B that changes the train state or of compiler options XLA does not know."""
 
 import os
 import re
@@ -32,3 +32,9 @@ def test_a_b_that_changes_the_state_is_refused():
     out = _run('--b_overrides={"model.predictor_depth": 1}', "--rounds=1")
     assert out.returncode != 0
     assert "change the train state's structure" in out.stderr
+
+
+def test_unknown_compiler_options_name_the_flag():
+    out = _run('--b_compiler_options={"xla_no_such_option": true}', "--rounds=1")
+    assert out.returncode != 0
+    assert "--b_compiler_options=" in out.stderr and "xla_no_such_option" in out.stderr

@@ -64,7 +64,13 @@ def compare(config_a, config_b, compiler_options: dict, rounds: int) -> dict:
             variant = bench_train.timed_mask_variant(method)
         elif jax.tree.structure(jax.eval_shape(init_state, jax.random.key(0))) != jax.tree.structure(state):
             raise app.UsageError("--b_overrides change the train state's structure: A and B cannot share a state")
-        compiled.append(step.lower(state, batch, jax.random.key(1), variant).compile(options or None))
+        lowered = step.lower(state, batch, jax.random.key(1), variant)
+        try:
+            compiled.append(lowered.compile(options or None))
+        except jax.errors.JaxRuntimeError as e:
+            if not options:
+                raise
+            raise app.UsageError(f"--b_compiler_options={json.dumps(options)}: XLA refused them: {e}") from e
     times = ([], [])
     for r in range(rounds + 1):
         for i, step in enumerate(compiled):
