@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -136,11 +137,27 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iter
     on a different number of devices. `data_iterator`, if given, is moved to the saved position.
     Returns (state, meta).
     """
+    _check_block_layout(manager, step)
     args = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
     if data_iterator is not None:
         args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     restored = manager.restore(step, args=ocp.args.Composite(**args))
     return restored["state"], restored["meta"]
+
+
+def _check_block_layout(manager: ocp.CheckpointManager, step: int) -> None:
+    """Raises a ValueError naming the checkpoint when it stores transformer blocks per block (`blocks_<i>`,
+    audiojepa before 2026-11-30) rather than stacked (vit.TransformerStack), instead of Orbax's long list
+    of missing keys."""
+    metadata = manager.item_metadata(step)["state"]
+    paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(metadata)[0]]
+    old = next((path for path in paths if re.search(r"\['blocks_\d+'\]", path)), None)
+    if old is not None:
+        raise ValueError(
+            f"checkpoint {step} in {manager.directory} stores transformer blocks one by one (e.g. state{old}), "
+            f"the layout of audiojepa before 2026-11-30; this code stores them stacked (params .../blocks/... "
+            f"with a leading [depth] axis) and cannot resume it. Start a new workdir, or export the encoder "
+            f"with the code that wrote it (tools/export_encoder.py); exported encoders of that layout still load.")
 
 
 def restore_meta_item(manager: ocp.CheckpointManager, step: int) -> dict:

@@ -31,10 +31,13 @@ import numpy as np
 from audiojepa import frontend as frontend_lib
 from audiojepa import methods
 from audiojepa.data import stats
+from audiojepa.models.vit import stack_all_blocks
 
 ENCODER_JSON = "encoder.json"
 PARAMS_FILE = "params.msgpack"
-FORMAT_VERSION = 1
+# 2: transformer blocks stored stacked (vit.TransformerStack); 1 (per-block blocks_<i>) is read and stacked.
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
 
 
 @dataclasses.dataclass
@@ -212,11 +215,14 @@ def load_encoder(path: str, *, step: int | None = None) -> AudioEncoder:
     if os.path.exists(os.path.join(path, ENCODER_JSON)):
         with open(os.path.join(path, ENCODER_JSON)) as f:
             meta = json.load(f)
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{path}/{ENCODER_JSON}: format_version {meta.get('format_version')!r}, "
-                             f"this code reads {FORMAT_VERSION}")
+        version = meta.get("format_version")
+        if version not in READABLE_FORMAT_VERSIONS:
+            raise ValueError(f"{path}/{ENCODER_JSON}: format_version {version!r}, this code reads "
+                             f"{READABLE_FORMAT_VERSIONS}")
         with open(os.path.join(path, PARAMS_FILE), "rb") as f:
             params = flax.serialization.msgpack_restore(f.read())
+        if version == 1:
+            params = stack_all_blocks(params)
         return AudioEncoder(meta["method"], ml_collections.ConfigDict(meta["model"]), tuple(meta["input_shape"]),
                             frontend_lib.LogMelParams.from_dict(meta["frontend"]), tuple(meta["norm_stats"]),
                             params)

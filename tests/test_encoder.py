@@ -3,17 +3,21 @@
 Tolerance: 1e-4 absolute on features (float32; the fixture README's bound for ports).
 """
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import flax.serialization
+import jax
 import numpy as np
 import pytest
 
 from audiojepa import encoder, frontend, train
 from audiojepa.convert import m2d_torch
 from audiojepa.methods import m2d
+from audiojepa.models import vit
 
 ATOL = 1e-4
 FIXTURES = Path(os.environ.get("AUDIOJEPA_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures"))
@@ -77,6 +81,35 @@ def test_workdir_export_matches_the_checkpoint(tmp_path):
     np.testing.assert_array_equal(frames_a, frames_b)
     np.testing.assert_array_equal(clip_a, clip_b)
     assert from_workdir.frame_hop_seconds == pytest.approx(0.16)
+
+
+def _per_block_layout(tree):
+    """The params as audiojepa wrote them before the stacked layout (format_version 1): blocks_<i>."""
+    if not isinstance(tree, dict):
+        return tree
+    tree = {key: _per_block_layout(value) if key != "blocks" else value for key, value in tree.items()}
+    return vit.unstack_blocks(tree) if "blocks" in tree else tree
+
+
+@needs_fixtures
+def test_format_version_1_export_loads_in_the_stacked_layout(tmp_path):
+    enc = _fixture_encoder()
+    folder = enc.save(str(tmp_path / "export"))
+    meta = json.loads((tmp_path / "export" / encoder.ENCODER_JSON).read_text())
+    assert meta["format_version"] == 2
+    (tmp_path / "export" / encoder.ENCODER_JSON).write_text(json.dumps({**meta, "format_version": 1}))
+    old_params = _per_block_layout(jax.tree.map(np.asarray, enc.params))
+    assert "blocks_1" in old_params["encoder"]["stack"] and "blocks" not in old_params["encoder"]["stack"]
+    (tmp_path / "export" / encoder.PARAMS_FILE).write_bytes(flax.serialization.msgpack_serialize(old_params))
+
+    loaded = encoder.load_encoder(folder)
+    assert jax.tree.structure(loaded.params) == jax.tree.structure(enc.params)
+    ref = np.load(OUTPUTS)
+    np.testing.assert_allclose(loaded.frame_features(ref["runtime_input_lms"][:, 0]), ref["runtime_features"],
+                               atol=ATOL)
+    (tmp_path / "export" / encoder.ENCODER_JSON).write_text(json.dumps({**meta, "format_version": 7}))
+    with pytest.raises(ValueError, match="format_version 7"):
+        encoder.load_encoder(folder)
 
 
 def test_load_encoder_error_names_the_path(tmp_path):

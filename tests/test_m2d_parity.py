@@ -92,6 +92,28 @@ def test_converter_rejects_unknown_names(state_dict):
         m2d_torch.state_dict_to_params({**state_dict, "blocks.0.attn.qkv.scale": np.zeros(3)})
 
 
+def test_converted_block_rows_are_the_torch_blocks(state_dict, converted):
+    """Row i of every stacked leaf is torch's blocks.i tensor (transposed for kernels), for all three stacks."""
+    params, target_params = converted
+    trees = {"params": params, "target_params": target_params}
+    checked = 0
+    for name, value in state_dict.items():
+        where = m2d_torch.torch_name_to_path(name)
+        if where is None or not isinstance(where[1][-1], int):
+            continue
+        tree, path = where
+        expected = value.T if path[-2] == "kernel" else value
+        np.testing.assert_array_equal(_leaf(trees[tree], path), expected, err_msg=name)
+        checked += 1
+    assert checked == 3 * 2 * 12  # encoder, predictor and target stacks of depth 2, 12 tensors per block
+
+
+def test_converter_needs_every_block_of_a_stack(state_dict):
+    partial = {name: value for name, value in state_dict.items() if not name.startswith("decoder_blocks.0.")}
+    with pytest.raises(ValueError, match="blocks_0 missing among blocks_0 … blocks_1"):
+        m2d_torch.state_dict_to_params(partial)
+
+
 def test_position_tables_match(state_dict):
     m2d_torch.check_pos_table("pos_embed", state_dict["pos_embed"], GRID)
     m2d_torch.check_pos_table("decoder_pos_embed", state_dict["decoder_pos_embed"], GRID)
@@ -218,13 +240,16 @@ def test_one_training_step(method, converted, grads, ref):
     after = {name[len("after_step/"):]: value for name, value in ref.items() if name.startswith("after_step/")}
     ours = {"params": new_params, "target_params": new_target}
     for name, value in after.items():
-        tree, path = m2d_torch.torch_name_to_path(name)
-        expected = m2d_torch.state_dict_to_params({name: value})[tree == "target_params"]
-        assert max_abs(_leaf(ours[tree], path), _leaf(expected, path)) < ATOL, name
+        tree, path, expected = m2d_torch.convert_tensor(name, value)
+        assert max_abs(_leaf(ours[tree], path), expected) < ATOL, name
 
 
 def _leaf(tree, path):
+    """The entry at path (m2d_torch.torch_name_to_path); a trailing block index picks the row of a stacked
+    array, and a per-leaf value (a mask's bool) applies to every row."""
     for key in path:
+        if isinstance(key, int) and np.ndim(tree) == 0:
+            continue
         tree = tree[key]
     return tree
 
@@ -253,6 +278,5 @@ def test_one_training_step_with_the_project_optimizer(method, converted, grads, 
     for name, value in ref.items():
         if not name.startswith("after_step/"):
             continue
-        tree, path = m2d_torch.torch_name_to_path(name[len("after_step/"):])
-        expected = m2d_torch.state_dict_to_params({name[len("after_step/"):]: value})[tree == "target_params"]
-        assert max_abs(_leaf(ours[tree], path), _leaf(expected, path)) < ATOL, name
+        tree, path, expected = m2d_torch.convert_tensor(name[len("after_step/"):], value)
+        assert max_abs(_leaf(ours[tree], path), expected) < ATOL, name

@@ -12,6 +12,7 @@ from jax.sharding import AxisType, PartitionSpec as P
 from audiojepa import masking
 from audiojepa.methods import m2d
 from audiojepa.models import VARIANTS, Block, TransformerStack, ViTEncoder, decode_variant, sincos_2d
+from audiojepa.models.vit import unstack_blocks
 
 INPUT_SHAPE = (80, 208)  # 5 × 13 patches
 
@@ -98,8 +99,9 @@ def test_encoder_shapes_and_param_counts(variant):
     assert count == encoder_param_count(**size) == EXPECTED_ENCODER_PARAMS[variant]
     assert out.shape == (2, 1 + 5 * 38, size["width"]) and out.dtype == jnp.float32
     assert layers.shape == (size["depth"], 2, 1 + 5 * 38, size["width"])
-    block_params = params["stack"]["blocks_0"]
-    assert block_params["attn"]["qkv"]["kernel"].shape == (size["width"], 3 * size["width"])
+    block_params = params["stack"]["blocks"]  # stacked: a leading [depth] axis on every leaf
+    assert block_params["attn"]["qkv"]["kernel"].shape == (size["depth"], size["width"], 3 * size["width"])
+    assert block_params["attn"]["qkv"]["bias"].shape == (size["depth"], 3 * size["width"])
     assert params["patch_embed"]["proj"]["kernel"].shape == (16, 16, 1, size["width"])
 
 
@@ -142,7 +144,7 @@ def test_block_matches_numpy_reference(initialized):
     x = rng.standard_normal((2, 7, size["width"])).astype(np.float32)
     # Perturb so zero biases and unit LayerNorm scales cannot hide a layout bug.
     params = jax.tree.map(lambda p: np.asarray(p) + 0.1 * rng.standard_normal(p.shape).astype(np.float32),
-                          initialized[1]["blocks_0"])
+                          unstack_blocks(initialized[1])["blocks_0"])
     out = jax.jit(block.apply)({"params": params}, x)
     expected = _np_block(x.astype(np.float64), jax.tree.map(lambda p: p.astype(np.float64), params),
                          num_heads=size["num_heads"])
@@ -243,8 +245,10 @@ def test_m2d_param_trees(method, initialized):
     assert jax.tree.structure(target_params) == jax.tree.structure(params["encoder"]["stack"])
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves((params, target_params)))
     # Independent init: the target stack is not a copy of the online stack.
-    online_qkv = params["encoder"]["stack"]["blocks_0"]["attn"]["qkv"]["kernel"]
-    assert not np.allclose(target_params["blocks_0"]["attn"]["qkv"]["kernel"], online_qkv)
+    online_qkv = params["encoder"]["stack"]["blocks"]["attn"]["qkv"]["kernel"]
+    assert not np.allclose(target_params["blocks"]["attn"]["qkv"]["kernel"], online_qkv)
+    # Each block gets its own init: no two rows of a stacked kernel are equal.
+    assert not np.allclose(online_qkv[0], online_qkv[1])
     # Official init: CLS and mask tokens N(0, 0.02); zero Linear biases; LayerNorm 1/0.
     assert 0.01 < float(jnp.std(params["encoder"]["cls_token"])) < 0.03
     np.testing.assert_array_equal(params["predictor"]["embed"]["bias"], 0.0)

@@ -5,6 +5,8 @@ ckpt["model"]). Layout changes: Linear weight [out, in] → kernel [in, out]; th
 HWIO; qkv needs no split because our fused qkv kernel is the transpose of torch's [q; k; v] rows.
 The frozen position tables are not parameters here: they are checked against `sincos_2d` when
 `grid_size` is given, and otherwise ignored; `norm_stats` belongs to the front end and is ignored.
+Per-block tensors (`blocks.<i>.…`) land stacked in the TransformerStack layout: `blocks.3.attn.qkv.weight`
+is row 3 of `stack/blocks/attn/qkv/kernel [depth, in, out]`.
 """
 
 import re
@@ -12,6 +14,7 @@ import re
 import numpy as np
 
 from audiojepa.models.pos_embed import sincos_2d
+from audiojepa.models.vit import STACKED_BLOCKS, stack_all_blocks
 
 # torch module prefix → (tree, path prefix). "params" paths start with encoder / predictor.
 _PREFIXES = (
@@ -33,11 +36,35 @@ POS_TABLES = ("pos_embed", "decoder_pos_embed")
 IGNORED = ("norm_stats",)
 
 
-def torch_name_to_path(name: str) -> tuple[str, tuple[str, ...]] | None:
+def torch_name_to_path(name: str) -> tuple[str, tuple[str | int, ...]] | None:
     """("params" | "target_params", path in that tree) of a trainable/EMA torch tensor, or None.
 
-    E.g. "blocks.3.attn.qkv.weight" → ("params", ("encoder", "stack", "blocks_3", "attn", "qkv", "kernel")).
+    A block tensor's path ends with its block index, the row of the stacked leaf it fills:
+    "blocks.3.attn.qkv.weight" → ("params", ("encoder", "stack", "blocks", "attn", "qkv", "kernel", 3)).
     """
+    where = _per_block_path(name)
+    if where is None:
+        return None
+    tree, path = where
+    for i, key in enumerate(path):
+        if key.startswith("blocks_"):
+            return tree, path[:i] + (STACKED_BLOCKS,) + path[i + 1:] + (int(key[len("blocks_"):]),)
+    return tree, path
+
+
+def convert_tensor(name: str, value) -> tuple[str, tuple[str | int, ...], np.ndarray]:
+    """One torch tensor → (tree, path as torch_name_to_path, value in our layout); for a block tensor,
+    the value of one row of the stacked leaf. Raises ValueError on a name this converter does not know."""
+    where = torch_name_to_path(name)
+    if where is None:
+        raise ValueError(f"Unrecognised M2D state-dict entry {name!r}.")
+    tree, path = where
+    leaf = path[-2] if isinstance(path[-1], int) else path[-1]
+    return tree, path, _to_flax_layout(leaf, np.asarray(value))
+
+
+def _per_block_path(name: str) -> tuple[str, tuple[str, ...]] | None:
+    """Like torch_name_to_path, with blocks as per-block subtrees "blocks_<i>"."""
     if name in _TOKENS:
         return _TOKENS[name]
     for prefix, (tree, path) in _PREFIXES:
@@ -58,8 +85,8 @@ def torch_name_to_path(name: str) -> tuple[str, tuple[str, ...]] | None:
     return None
 
 
-def _to_flax_layout(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
-    if path[-1] != "kernel":
+def _to_flax_layout(leaf_name: str, value: np.ndarray) -> np.ndarray:
+    if leaf_name != "kernel":
         return value
     if value.ndim == 4:  # conv [out, in, h, w] → [h, w, in, out]
         return np.transpose(value, (2, 3, 1, 0))
@@ -96,10 +123,12 @@ def state_dict_to_params(state_dict: dict[str, np.ndarray], *,
         (params, target_params) as numpy arrays in the trees of audiojepa.methods.m2d.M2D.
         params holds "encoder" and, if the dict has a decoder, "predictor"; target_params is None when
         the dict has no target_blocks (encoder-only checkpoints). A partial dict (e.g. gradients) gives
-        partial trees.
+        partial trees, but a stack's blocks must all be there (they are stored as one stacked tree);
+        convert_tensor converts a single tensor.
 
     Raises:
-        ValueError: on names this converter does not know (listed), or a position table mismatch.
+        ValueError: on names this converter does not know (listed), a position table mismatch, or a
+            stack whose blocks are not 0 … n-1 with the same tensors each.
     """
     trees: dict[str, dict] = {"params": {}, "target_params": {}}
     unknown = []
@@ -111,13 +140,13 @@ def state_dict_to_params(state_dict: dict[str, np.ndarray], *,
             continue
         if name in IGNORED:
             continue
-        where = torch_name_to_path(name)
+        where = _per_block_path(name)
         if where is None:
             unknown.append(name)
             continue
         tree, path = where
-        _set(trees[tree], path, _to_flax_layout(path, value))
+        _set(trees[tree], path, _to_flax_layout(path[-1], value))
     if unknown:
         raise ValueError(f"Unrecognised M2D state-dict entries: {unknown}. Known: patch_embed, cls_token, "
                          f"blocks, norm, decoder_*, mask_token, target_*, {POS_TABLES + IGNORED}.")
-    return trees["params"], trees["target_params"] or None
+    return stack_all_blocks(trees["params"]), stack_all_blocks(trees["target_params"]) or None

@@ -91,7 +91,7 @@ from audiojepa.convert import encodec_torch
 from audiojepa.methods import encodecmae_loss
 from audiojepa.models import encodec
 from audiojepa.models import encodecmae as mae
-from audiojepa.models.vit import performance_options
+from audiojepa.models.vit import per_block_ndim, performance_options
 
 Params = dict[str, Any]
 
@@ -349,10 +349,11 @@ class EncodecMAE:
         return params, target_params
 
     def weight_decay_mask(self, params: Params) -> Params:
-        """All True with decay_all_params (the reference decays every param); else True for ndim > 1."""
+        """All True with decay_all_params (the reference decays every param); else True for ndim > 1 per block
+        (vit.per_block_ndim)."""
         if self.config.decay_all_params:
             return jax.tree.map(lambda p: True, params)
-        return jax.tree.map(lambda p: p.ndim > 1, params)
+        return jax.tree.map(lambda ndim: ndim > 1, per_block_ndim(params))
 
     def update_targets(self, params: Params, target_params: Params, step, total_steps: int, **unused) -> Params:
         """The frozen EnCodec, teacher and centroids do not move: target_params unchanged."""

@@ -67,7 +67,7 @@ from ml_collections import config_dict
 from audiojepa import losses, masking
 from audiojepa.methods.m2d import ema_update, linear_ema_decay
 from audiojepa.models import Predictor, ViTEncoder, checked_grid_size, decode_variant
-from audiojepa.models.vit import performance_options
+from audiojepa.models.vit import per_block_ndim, performance_options
 
 Params = dict[str, Any]
 
@@ -255,9 +255,10 @@ class JEPA:
         return params, target_params
 
     def weight_decay_mask(self, params: Params) -> Params:
-        """True for tensors with ndim > 1 (kernels, CLS and mask tokens); False for biases and LayerNorm
+        """True for tensors with ndim > 1 per block (kernels, CLS and mask tokens; vit.per_block_ndim); False
+        for biases and LayerNorm
         (I-JEPA / Audio-JEPA's param groups; the SonyCSL code decays everything)."""
-        return jax.tree.map(lambda p: p.ndim > 1, params)
+        return jax.tree.map(lambda ndim: ndim > 1, per_block_ndim(params))
 
     # -- forward --------------------------------------------------------------------------------------
 

@@ -45,7 +45,7 @@ from audiojepa.losses import (  # noqa: F401
 )
 from audiojepa.losses import token_spread as _spread  # noqa: F401
 from audiojepa.models import Predictor, TransformerStack, ViTEncoder, checked_grid_size, decode_variant
-from audiojepa.models.vit import performance_options
+from audiojepa.models.vit import per_block_ndim, performance_options
 
 Params = dict[str, Any]
 
@@ -151,11 +151,12 @@ class M2D:
         return self.target_stack.init(rng, jnp.zeros((1, 1 + num_masked, self.width), jnp.float32))["params"]
 
     def weight_decay_mask(self, params: Params) -> Params:
-        """True for tensors with ndim > 1 (kernels, CLS and mask tokens); False for biases and LayerNorm.
+        """True for tensors with ndim > 1 per block (kernels, CLS and mask tokens; vit.per_block_ndim); False
+        for biases and LayerNorm.
 
         Same set as the official timm rule (no decay if ndim == 1 or the name ends in '.bias').
         """
-        return jax.tree.map(lambda p: p.ndim > 1, params)
+        return jax.tree.map(lambda ndim: ndim > 1, per_block_ndim(params))
 
     # -- forward --------------------------------------------------------------------------------------
 

@@ -1,8 +1,9 @@
 """ViT pieces for log-mel spectrograms: size table, patch embedding, transformer blocks, encoder.
 
 Flax Linen modules, applied as pure functions of their params. Parameter names mirror the official
-M2D/timm PyTorch names (`patch_embed/proj`, `blocks_{i}/{norm1,attn/qkv,attn/proj,norm2,mlp/fc1,mlp/fc2}`,
-`norm`, `cls_token`) so that `audiojepa.convert` is a table of renames and transposes.
+M2D/timm PyTorch names (`patch_embed/proj`, `blocks/{norm1,attn/qkv,attn/proj,norm2,mlp/fc1,mlp/fc2}`,
+`norm`, `cls_token`) so that `audiojepa.convert` is a table of renames and transposes; the transformer
+blocks' params are stored stacked (`blocks/...` leaves [depth, ...], TransformerStack).
 
 Mixed precision: `dtype` is the compute dtype of the matmuls, convolutions and attention; parameters
 are always float32. LayerNorm statistics, the attention softmax and the residual stream stay float32,
@@ -18,6 +19,7 @@ Performance options (`config.model`; they change speed and memory, never the par
 `performance_options(config.model)` checks them and gives the keyword arguments of the modules.
 """
 
+import re
 from typing import Any
 
 import flax.linen as nn
@@ -42,6 +44,8 @@ TOKEN_INIT_STD = 0.02
 
 dense_kernel_init = nn.initializers.xavier_uniform()
 token_init = nn.initializers.normal(stddev=TOKEN_INIT_STD)
+# Name of a TransformerStack's stacked block params (every leaf [depth, ...]).
+STACKED_BLOCKS = "blocks"
 
 
 def decode_variant(name: str) -> dict[str, int]:
@@ -241,17 +245,21 @@ class Block(nn.Module):
 
 
 class TransformerStack(nn.Module):
-    """`depth` blocks (params `blocks_0` … `blocks_{depth-1}`) and a final LayerNorm (`norm`).
+    """`depth` pre-LN blocks and a final LayerNorm (`norm`).
 
-    The width is the input's last dimension. `remat` rematerialises each block (REMAT_POLICIES).
+    Params: `blocks`, the `depth` blocks' params stacked: the tree of one Block
+    (`{norm1, attn/qkv, attn/proj, norm2, mlp/fc1, mlp/fc2}`) with a leading [depth] axis on every leaf
+    (e.g. `blocks/attn/qkv/kernel [depth, width, 3·width]`), and `norm`. `stack_blocks`/`unstack_blocks`
+    convert to and from the per-block `blocks_0` … `blocks_{depth-1}` trees. The width is the input's
+    last dimension. `remat` rematerialises each block (REMAT_POLICIES).
 
-    `scan_layers` (default) runs the blocks as one `jax.lax.scan` over their params, stacked on the fly
-    from the per-block trees (the param tree, hence checkpoints, is the same either way): XLA compiles
+    `scan_layers` (default) runs the blocks as one `jax.lax.scan` over the stacked params: XLA compiles
     one block instead of `depth`, and the backward pass materialises the residual-stream gradient
     between blocks. Unrolled, XLA:CPU fuses that gradient's running sum into every block's weight-gradient
     inputs, recomputing the chain of all later blocks each time (quadratic in depth; ~20% of a ViT-B M2D
-    step on CPU, tools/bench_train.py). False unrolls the Python loop (the same values up to float
-    rounding).
+    step on CPU, tools/bench_train.py). False unrolls the Python loop over slices of the same params (the
+    same values up to float rounding). Storing the params stacked, rather than stacking per-block trees
+    in every step, saves a copy of every block param (and of its gradient) per step.
     """
     depth: int
     num_heads: int
@@ -270,25 +278,15 @@ class TransformerStack(nn.Module):
             [depth, batch, tokens, width]: every block's output before the final norm. (The official
             runtime's `return_layers` list is these with the last entry replaced by the normed output.)
         """
-        if self.scan_layers and not self.is_initializing():
-            x, layers = self._scanned_blocks(x, return_layers)
-        else:  # init always unrolls: it creates blocks_0 … blocks_{depth-1}
-            block = remat_block(Block, self.remat)
-            outputs = []
-            for i in range(self.depth):
-                x = block(self.num_heads, self.mlp_dim, self.dtype, self.attention_impl, name=f"blocks_{i}")(x)
-                outputs.append(x)
-            layers = jnp.stack(outputs) if return_layers else None
-        out = _layer_norm("norm")(x)
-        if return_layers:
-            return out, layers
-        return out
+        block = Block(self.num_heads, self.mlp_dim, self.dtype, self.attention_impl, parent=None)
+        width = x.shape[-1]
 
-    def _scanned_blocks(self, x: jax.Array, return_layers: bool):
-        """(last block's output, [depth, ...] every block's output or None): the blocks as one scan."""
-        params = self.variables["params"]
-        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *(params[f"blocks_{i}"] for i in range(self.depth)))
-        block = Block(self.num_heads, self.mlp_dim, self.dtype, self.attention_impl)
+        def init_blocks(rng: jax.Array) -> dict:
+            def init_one(key):
+                return block.init(key, jnp.zeros((1, 1, width), jnp.float32))["params"]
+            return jax.vmap(init_one)(jax.random.split(rng, self.depth))
+
+        blocks = self.param(STACKED_BLOCKS, init_blocks)
 
         def body(h, block_params):
             h = block.apply({"params": block_params}, h)
@@ -296,7 +294,68 @@ class TransformerStack(nn.Module):
 
         if check_remat(self.remat) != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat])
-        return jax.lax.scan(body, x, stacked)
+        if self.scan_layers:
+            x, layers = jax.lax.scan(body, x, blocks)
+        else:
+            outputs = []
+            for i in range(self.depth):
+                x, _ = body(x, jax.tree.map(lambda leaf: leaf[i], blocks))
+                outputs.append(x)
+            layers = jnp.stack(outputs) if return_layers else None
+        out = _layer_norm("norm")(x)
+        if return_layers:
+            return out, layers
+        return out
+
+
+def stack_blocks(tree: dict) -> dict:
+    """A TransformerStack's params with per-block subtrees `blocks_0` … `blocks_{n-1}` (any other keys
+    kept) → the stored layout, one `blocks` subtree with every leaf stacked on a new leading axis.
+
+    Raises ValueError when the block indices are not 0 … n-1 or the blocks' trees differ.
+    """
+    indices = sorted(int(key[len("blocks_"):]) for key in tree if re.fullmatch(r"blocks_\d+", key))
+    if not indices:
+        raise ValueError(f"no blocks_<i> params to stack among {sorted(tree)}.")
+    missing = sorted(set(range(indices[-1] + 1)) - set(indices))
+    if missing:
+        raise ValueError(f"{', '.join(f'blocks_{i}' for i in missing)} missing among blocks_0 … blocks_{indices[-1]}; "
+                         f"a stack's params are stored stacked, so every block is needed.")
+    per_block = [tree[f"blocks_{i}"] for i in indices]
+    structure = jax.tree.structure(per_block[0])
+    for i, block_params in enumerate(per_block):
+        if jax.tree.structure(block_params) != structure:
+            raise ValueError(f"blocks_{i} has params {jax.tree.structure(block_params)}; blocks_0 has {structure}.")
+    rest = {key: value for key, value in tree.items() if not re.fullmatch(r"blocks_\d+", key)}
+    return {**rest, STACKED_BLOCKS: jax.tree.map(lambda *leaves: np.stack([np.asarray(v) for v in leaves]),
+                                                  *per_block)}
+
+
+def stack_all_blocks(tree: dict) -> dict:
+    """stack_blocks applied to every dict in `tree` that holds per-block subtrees blocks_<i> (e.g. an
+    M2D param tree in the per-block layout of audiojepa before 2026-11-30, or converted per block)."""
+    tree = {key: stack_all_blocks(value) if isinstance(value, dict) else value for key, value in tree.items()}
+    if any(re.fullmatch(r"blocks_\d+", key) for key in tree):
+        return stack_blocks(tree)
+    return tree
+
+
+def unstack_blocks(tree: dict) -> dict:
+    """Inverse of stack_blocks: `blocks` (leaves [depth, ...]) → `blocks_0` … `blocks_{depth-1}`."""
+    blocks = tree[STACKED_BLOCKS]
+    depth = len(jax.tree.leaves(blocks)[0])
+    rest = {key: value for key, value in tree.items() if key != STACKED_BLOCKS}
+    return {**rest, **{f"blocks_{i}": jax.tree.map(lambda leaf: leaf[i], blocks) for i in range(depth)}}
+
+
+def per_block_ndim(params) -> Any:
+    """The tree of params with each leaf replaced by its ndim per block: a leaf under a stacked
+    `blocks` subtree (TransformerStack) counts without its leading [depth] axis. Weight-decay masks use
+    it, so a stacked bias [depth, width] is still a vector."""
+    def ndim(path, leaf):
+        stacked = any(isinstance(key, jax.tree_util.DictKey) and key.key == STACKED_BLOCKS for key in path)
+        return jnp.ndim(leaf) - int(stacked)
+    return jax.tree_util.tree_map_with_path(ndim, params)
 
 
 class ViTEncoder(nn.Module):
