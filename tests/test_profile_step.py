@@ -29,6 +29,21 @@ def test_dot_flops_of_compiled_hlo_match_hand_counts():
     assert all(re.match(r"f32\[", out) for _, out, _ in found.values())
 
 
+def test_other_ops_are_grouped_with_their_output_bytes():
+    def f(x):
+        return jnp.transpose(x, (1, 0, 2)) * 2.0  # one copy-like fusion, no dot
+
+    hlo = jax.jit(f).lower(jnp.ones((4, 6, 8), jnp.float32)).compile().as_text()
+    instructions = profile_step.hlo_instructions(hlo)
+    name = next(n for n, (out_type, _) in instructions.items() if out_type.startswith("f32[6,4,8]"))
+    result = {"seconds": {name: 0.5, "ynn_fusion.3": 2.0}, "calls": {name: 10, "ynn_fusion.3": 1},
+              "dots": {"ynn_fusion.3": (1, "f32[2]", "")}, "instructions": instructions}
+    (row,) = profile_step.other_ops_table(result)
+    assert row["shape"] == "f32[6,4,8]" and row["calls"] == 10 and row["seconds"] == 0.5
+    assert row["bytes"] == 10 * 6 * 4 * 8 * 4
+    assert profile_step._type_bytes("(f32[2,3]{1,0}, bf16[4]{0})") == 2 * 3 * 4 + 4 * 2
+
+
 def test_op_kinds_drop_numeric_suffixes_and_keep_calls():
     rows, total = profile_step.kind_table({"copy.1": 1.0, "copy.22": 0.5, "ynn_fusion": 2.0},
                                           {"copy.1": 2, "copy.22": 1, "ynn_fusion": 4}, top=5)
@@ -44,7 +59,7 @@ def test_profile_of_the_tiny_m2d_step():
                          env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert out.returncode == 0, out.stderr[-3000:]
     text = out.stdout
-    assert "| op kind |" in text and "| matmul (JAX op) |" in text
+    assert "| op kind |" in text and "| matmul (JAX op) |" in text and "| other op (kind) |" in text
     found, analytic = map(float, re.search(r"([\d.]+) GFLOP found in the HLO \(analytic count ([\d.]+)\)", text).groups())
     # The analytic count also charges the patch embedding's unneeded input gradient (flops.py), so it
     # reads a little higher; every other matmul of the step must be found in the traced HLO.

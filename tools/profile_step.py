@@ -21,6 +21,9 @@ Tables:
   call, from the compiled HLO) and GFLOP/s, as a fraction of the GEMM peak. A dot that XLA fused with
   what follows it is named after the fusion's last op (e.g. attention logits fused with the softmax show
   as `attn/vmap()/reduce_sum`).
+- "Other ops": the instructions without dots, grouped by kind, output type and model op, by time, with
+  their output bytes per second (what they write; reads come on top), to tell memory-bound copies and
+  scan buffers from real work.
 The dot GFLOP it finds are printed next to the analytic count of audiojepa/flops.py as a check.
 Op times overlap when XLA runs independent ops concurrently, so shares are of summed op time, not of the
 step's wall time (both are printed).
@@ -48,6 +51,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
 from audiojepa import sharding  # noqa: E402
 from tools import bench_common, bench_train  # noqa: E402  (bench_train defines the row flags used here)
@@ -168,8 +172,50 @@ def profile(config, *, warmup: int) -> dict:
             raise RuntimeError(f"jax.profiler wrote no perfetto trace under {trace_dir}")
         seconds, calls = op_times(traces[0])
     return {"step_s": step_s, "seconds": seconds, "calls": calls, "dots": hlo_dot_flops(hlo),
+            "instructions": hlo_instructions(hlo),
             "analytic_flops": bench_train.analytic_flops(method, int(config.batch_size))["total"],
             "peak_gflops": bench_train._gemm_peaks(mesh)[0]}
+
+
+def hlo_instructions(hlo_text: str) -> dict[str, tuple[str, str]]:
+    """Instruction name -> (output type, JAX op name) for every instruction of the compiled HLO text
+    outside fused computations (the ones with their own trace events)."""
+    fused = set(re.findall(r"fusion\(.*?calls=%([\w.\-]+)", hlo_text))
+    result, current = {}, None
+    for line in hlo_text.splitlines():
+        header = re.match(r"^(?:ENTRY )?%([\w.\-]+) .*\{\s*$", line)
+        if header:
+            current = header.group(1)
+            continue
+        m = _INSTRUCTION.match(line)
+        if m and current not in fused:
+            op_name = re.search(r'op_name="([^"]*)"', line)
+            result[m.group(1)] = (m.group(2), op_name.group(1) if op_name else "")
+    return result
+
+
+def _type_bytes(type_text: str) -> int:
+    """Bytes of an HLO array type ('f32[8,58,768]{2,1,0}'); tuples count all their elements."""
+    width = {"f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "pred": 1, "s8": 1, "u8": 1, "f64": 8, "s64": 8}
+    return sum(width.get(dtype, 4) * int(np.prod(_dims(dims)) if dims else 1)
+               for dtype, dims in re.findall(r"([a-z]\w*)\[([\d,]*)\]", type_text))
+
+
+def other_ops_table(result: dict) -> list[dict]:
+    """The instructions without dots, grouped by (op kind, output type, model op), by time; with the
+    output bytes written per second (a lower bound on the memory traffic)."""
+    groups: dict[tuple[str, str, str], dict] = {}
+    for name, s in result["seconds"].items():
+        if name in result["dots"] or name not in result["instructions"]:
+            continue
+        out_type, op_name = result["instructions"][name]
+        key = (_SUFFIX.sub("", name), out_type.split("{")[0], "/".join(op_name.split("/")[-3:]))
+        g = groups.setdefault(key, {"kind": key[0], "shape": key[1], "op": key[2], "seconds": 0.0, "calls": 0,
+                                    "bytes": 0})
+        g["seconds"] += s
+        g["calls"] += result["calls"][name]
+        g["bytes"] += _type_bytes(out_type) * result["calls"][name]
+    return sorted(groups.values(), key=lambda g: -g["seconds"])
 
 
 def kind_table(seconds: dict[str, float], calls: dict[str, int], top: int) -> tuple[list[tuple], float]:
@@ -225,6 +271,14 @@ def report(result: dict, config, variant: str, top: int) -> str:
           f"{g['flops'] / g['seconds'] / 1e9:.1f} | {g['flops'] / g['seconds'] / 1e9 / peak:.0%}"
           f"{' †' if g['flops'] / g['seconds'] / 1e9 > IMPLAUSIBLE * peak else ''} |"
           for g in matmuls[:top]),
+        "",
+    ]
+    others = other_ops_table(result)
+    lines += [
+        "| other op (kind) | output | JAX op | s | calls | output GB/s |",
+        "|---|---|---|---:|---:|---:|",
+        *(f"| {g['kind']} | {g['shape']} | {g['op'] or '-'} | {g['seconds']:.3f} | {g['calls']} | "
+          f"{g['bytes'] / max(g['seconds'], 1e-9) / 1e9:.1f} |" for g in others[:top]),
         "",
     ]
     if any(g["flops"] / g["seconds"] / 1e9 > IMPLAUSIBLE * peak for g in matmuls[:top]):

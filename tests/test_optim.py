@@ -1,0 +1,99 @@
+"""audiojepa.optim's gradient clipping against optax's, and the trainer's update step (a branch on a
+finite loss and gradient norm) against a plain optax reference step.
+
+Tolerances: the clip multiplies by one scalar where optax divides and multiplies, so values agree to a
+few float32 ulps (rtol 1e-6); the trainer's step uses the same ops as the reference apart from that
+clip, so params agree to 1e-6 absolute after one step of lr 1e-3 (with AdamW's eps at 1e-3, see setup).
+"""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from audiojepa import frontend, optim, train
+from audiojepa.data import pipeline
+from audiojepa.methods import m2d
+
+INPUT_SHAPE = (32, 64)  # 2 x 4 patches
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 3.0, 1e6])  # clipped hard, clipped a little, not clipped
+def test_clip_by_global_norm_matches_optax(max_norm):
+    rng = np.random.default_rng(0)
+    grads = {"a": rng.standard_normal((3, 4)).astype(np.float32), "b": {"c": rng.standard_normal(7).astype(np.float32)}}
+    norm = float(np.sqrt(sum(np.sum(np.square(g, dtype=np.float64)) for g in jax.tree.leaves(grads))))
+    ours, theirs = optim.clip_by_global_norm(max_norm), optax.clip_by_global_norm(max_norm)
+    assert jax.tree.structure(ours.init(grads)) == jax.tree.structure(theirs.init(grads))
+    clipped, _ = jax.jit(ours.update)(grads, ours.init(grads))
+    expected, _ = theirs.update(grads, theirs.init(grads))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), clipped, expected)
+    clipped_norm = float(np.sqrt(sum(np.sum(np.square(g, dtype=np.float64)) for g in jax.tree.leaves(clipped))))
+    assert clipped_norm == pytest.approx(min(norm, max_norm), rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    config = m2d.default_config("tiny")
+    config.update(dict(predictor_width=64, predictor_depth=1, predictor_heads=4))
+    method = m2d.M2D(config, input_shape=INPUT_SHAPE)
+    params, target_params = jax.jit(method.init)(jax.random.key(0))
+    # grad_clip_norm small enough to clip. eps 1e-3 (not 1e-8) keeps AdamW's first step, lr·g/(|g| + eps),
+    # from amplifying rounding-level gradient differences (the two steps are compiled differently) for
+    # gradients near zero.
+    optim_config = ml_collections.ConfigDict(dict(lr=1e-3, min_lr=0.0, b1=0.9, b2=0.95, eps=1e-3, weight_decay=0.05,
+                                                  grad_clip_norm=0.5))
+    schedule = optax.constant_schedule(1e-3)
+    tx = optim.make_optimizer(optim_config, schedule, method.weight_decay_mask(params))
+    spec = pipeline.DataSpec((), frontend.get_preset("m2d"), INPUT_SHAPE[1], 0.0, 1.0, 0)
+    step = jax.jit(train.make_train_step(method, tx, schedule, spec, device_frontend=False, total_steps=10),
+                   donate_argnums=0)
+    state = {"step": jnp.asarray(3, jnp.int32), "params": params, "target_params": target_params,
+             "opt_state": tx.init(params)}
+    lms = jax.random.normal(jax.random.key(3), (2, *INPUT_SHAPE))
+    return method, step, state, lms
+
+
+def _batch(lms):
+    return {"lms": lms, "skipped_records": jnp.zeros((lms.shape[0],), jnp.int32)}
+
+
+def test_train_step_matches_a_plain_optax_step(setup):
+    method, step, state, lms = setup
+    expected_state = jax.device_get(state)
+    rng = jax.random.key(4)
+    new_state, metrics = step(jax.tree.map(jnp.copy, state), _batch(lms), rng)
+
+    # Reference: the same loss and gradients, then optax's own clip and AdamW, apply, EMA.
+    @jax.jit  # one compile rather than an eager dispatch per op and leaf
+    def reference(state):
+        loss_fn = lambda p: method.loss(p, state["target_params"], {"lms": lms}, jax.random.fold_in(rng, 3), 3)
+        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        tx = optax.chain(optax.clip_by_global_norm(0.5),
+                         optax.adamw(1e-3, b1=0.9, b2=0.95, eps=1e-3, weight_decay=0.05,
+                                     mask=method.weight_decay_mask(state["params"])))
+        updates, _ = tx.update(grads, tx.init(state["params"]), state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        return loss, grads, params, method.update_targets(params, state["target_params"], 3, 10)
+
+    loss, grads, params, target = reference(state)
+    assert float(optax.tree.norm(grads)) > 0.5  # the clip was active
+    np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-6)
+    assert int(metrics["nonfinite"]) == 0 and int(new_state["step"]) == 4
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6),
+                 (new_state["params"], new_state["target_params"]), (params, target))
+    moved = [float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(new_state["params"]),
+                                                            jax.tree.leaves(expected_state["params"]))]
+    assert min(moved) > 0  # every param leaf changed
+
+
+def test_nonfinite_step_keeps_params_moments_and_target_bit_for_bit(setup):
+    _, step, state, lms = setup
+    before = jax.device_get(state)
+    lms = lms.at[0, 0, 0].set(jnp.nan)
+    new_state, metrics = step(jax.tree.map(jnp.copy, state), _batch(lms), jax.random.key(4))
+    assert int(metrics["nonfinite"]) == 1 and int(new_state["step"]) == 4
+    for key in ("params", "target_params", "opt_state"):
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(new_state[key]), before[key])
