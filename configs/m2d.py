@@ -26,7 +26,7 @@ Speed and memory options (the param tree, hence checkpoints, is the same whateve
 `--config.model.dtype=bfloat16`: bfloat16 matmuls; params, norms, softmax and loss stay float32.
 `--config.model.attention_impl=cudnn`: cuDNN's fused attention (NVIDIA GPU and bfloat16 only; default XLA).
 `--config.model.remat=block|dots`: recompute block activations in the backward pass (less memory, more compute;
-on XLA:CPU `dots` is also the faster step, ~8% for ViT-B at 80x608: BENCHMARKS.md).
+on XLA:CPU `dots` is also a slightly faster step, ~3% for ViT-B at 80x608: BENCHMARKS.md).
 `--config.model.scan_layers=False`: unroll the transformer blocks instead of one lax.scan over them (default True).
 
 Arguments (`:arg`): `runlocal`, `variant=tiny|S|B|L`, `mask_ratio=0.6`.

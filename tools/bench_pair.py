@@ -94,7 +94,7 @@ def report(result: dict, variant: str, config, b_overrides: dict, compiler_optio
         "",
         f"- Command: `{shlex.join(['python', *sys.argv])}`",
         f"- Date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
-        f"- Machine: {bench_train._cpu_name()}, {os.cpu_count()} CPUs; jax {jax.__version__}; 1 device",
+        f"- Machine: {bench_train.cpu_name()}, {os.cpu_count()} CPUs; jax {jax.__version__}; 1 device",
         f"- Median B ÷ A over {len(result['ratios'])} alternated pairs: **{result['median_ratio']:.3f}**; "
         f"B faster in {result['b_faster']} of {len(result['ratios'])}.",
         "",
@@ -110,9 +110,7 @@ def report(result: dict, variant: str, config, b_overrides: dict, compiler_optio
 def main(argv):
     del argv
     b_overrides, compiler_options = _json_flag("b_overrides"), _json_flag("b_compiler_options")
-    if not FLAGS.variants:
-        FLAGS.variants = [bench_train.DEFAULT_VARIANTS[bench_train.size_key(FLAGS.config)][-1]]
-    variant, config_a = bench_train.row_configs()[0]
+    variant, config_a = bench_train.first_row_config()
     config_arg = config_flags.get_config_filename(FLAGS["config"])
     overrides = {**config_flags.get_override_values(FLAGS["config"]), **b_overrides}
     config_b = bench_train.row_config(config_arg, variant, overrides=overrides, frames=FLAGS.frames,

@@ -148,6 +148,14 @@ STEPS_PER_EPOCH = 100  # only shapes epoch-based schedules (MATPAC's teacher tem
 # -- configs -------------------------------------------------------------------------------------------
 
 
+def first_row_config():
+    """(variant, config) of the first --variants entry; without --variants, of the config's largest
+    default size (M2D: B). For tools that time one row (profile_step, bench_pair)."""
+    if not FLAGS.variants:
+        FLAGS.variants = [DEFAULT_VARIANTS[size_key(FLAGS.config)][-1]]
+    return row_configs()[0]
+
+
 def size_key(config) -> str:
     """The config.model key naming the model size: "variant" (ViT methods) or "size" (EncodecMAE)."""
     for key in ("variant", "size"):
@@ -435,7 +443,7 @@ def _measure_row(variant: str, config, targets: str | None, mesh) -> dict:
     return row
 
 
-def _gemm_peaks(mesh) -> tuple[float, float]:
+def gemm_peaks(mesh) -> tuple[float, float]:
     """(1-device, all-device) GEMM GFLOP/s (_gemm_gflops), logged."""
     peak_one = _gemm_gflops(sharding.make_mesh(1), FLAGS.gemm_size, FLAGS.gemm_repeats)
     peak_all = _gemm_gflops(mesh, FLAGS.gemm_size, FLAGS.gemm_repeats) if mesh.devices.size > 1 else peak_one
@@ -449,7 +457,7 @@ def _worker() -> None:
     mesh = sharding.make_mesh(n)
     # The peak is measured before and after the rows and the higher figure kept: a GEMM slowed by a
     # passing process (e.g. the previous run's pipeline workers exiting) would otherwise inflate MFU.
-    peaks_before = _gemm_peaks(mesh)
+    peaks_before = gemm_peaks(mesh)
     rows = []
     for variant, config in row_configs():
         for targets in row_targets(config):
@@ -458,7 +466,7 @@ def _worker() -> None:
                         else f"compile {rows[-1]['compile_s']:.1f} s, step {rows[-1]['step_s']:.3f} s")
             name = variant if targets is None else f"{variant}, targets {targets}"
             print(f"[{n} devices] {name}: {progress}", file=sys.stderr, flush=True)
-    peak_one, peak_all = (max(a, b) for a, b in zip(peaks_before, _gemm_peaks(mesh)))
+    peak_one, peak_all = (max(a, b) for a, b in zip(peaks_before, gemm_peaks(mesh)))
     for row in rows:
         row.update(gemm_1dev_gflops=peak_one, gemm_all_gflops=peak_all)
         print(RESULT_PREFIX + json.dumps(row), flush=True)
@@ -559,7 +567,7 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     """platform.processor(), or the model name from /proc/cpuinfo where that is empty (Linux)."""
     name = platform.processor()
     if not name or name == platform.machine():
@@ -582,7 +590,7 @@ def _report(rows: list[dict], load_at_start: float) -> str:
     name = os.path.splitext(os.path.basename(path))[0]
     title = TITLES.get(name, name) + (f" ({arg})" if arg else "")
     inputs = "; ".join(dict.fromkeys(f"{r['variant']}: {r['input']}" for r in rows))
-    machine = (f"{_cpu_name()}, {os.cpu_count()} CPUs, {_total_memory_gib():.0f} GiB RAM; jax {jax.__version__}, "
+    machine = (f"{cpu_name()}, {os.cpu_count()} CPUs, {_total_memory_gib():.0f} GiB RAM; jax {jax.__version__}, "
                f"backend {rows[0]['backend']} (simulated devices); load average at start "
                f"{load_at_start:.1f} (other processes share the cores: timings are only as steady as that)")
     steps = ", ".join(sorted({f"{r['variant']}: {r['steps']}" for r in rows}))

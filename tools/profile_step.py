@@ -174,7 +174,7 @@ def profile(config, *, warmup: int) -> dict:
     return {"step_s": step_s, "seconds": seconds, "calls": calls, "dots": hlo_dot_flops(hlo),
             "instructions": hlo_instructions(hlo),
             "analytic_flops": bench_train.analytic_flops(method, int(config.batch_size))["total"],
-            "peak_gflops": bench_train._gemm_peaks(mesh)[0]}
+            "peak_gflops": bench_train.gemm_peaks(mesh)[0]}
 
 
 def hlo_instructions(hlo_text: str) -> dict[str, tuple[str, str]]:
@@ -254,7 +254,7 @@ def report(result: dict, config, variant: str, top: int) -> str:
         "",
         f"- Command: `{shlex.join(['python', *sys.argv])}`",
         f"- Date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
-        f"- Machine: {bench_train._cpu_name()}, {os.cpu_count()} CPUs; jax {jax.__version__}; float32 GEMM peak "
+        f"- Machine: {bench_train.cpu_name()}, {os.cpu_count()} CPUs; jax {jax.__version__}; float32 GEMM peak "
         f"{peak:.1f} GFLOP/s (measured in this run)",
         f"- Traced step: {result['step_s']:.3f} s wall (the profiler adds a little); summed op time {total:.3f} s.",
         f"- Instructions with dots: {dot_s:.3f} s, {dot_flops / 1e9:.1f} GFLOP found in the HLO (analytic count "
@@ -292,9 +292,7 @@ def main(argv):
     del argv
     if TRACEME_FLAG not in os.environ.get("XLA_FLAGS", ""):
         raise app.UsageError(f"XLA_FLAGS must contain {TRACEME_FLAG} before JAX starts (run this file as a script)")
-    if not FLAGS.variants:  # the config's largest default size (M2D: B)
-        FLAGS.variants = [bench_train.DEFAULT_VARIANTS[bench_train.size_key(FLAGS.config)][-1]]
-    variant, config = bench_train.row_configs()[0]
+    variant, config = bench_train.first_row_config()
     result = profile(config, warmup=FLAGS.warmup)
     text = report(result, config, variant, FLAGS.top)
     print(text)
