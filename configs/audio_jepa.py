@@ -19,11 +19,11 @@ predictor 64/2/4, 128x208 crops = 8x13 patches, batch 32, 300 steps):
 
     python -m audiojepa.main --config=configs/audio_jepa.py:runlocal --workdir=/tmp/audio_jepa_runlocal
 
-  On 2 CPU cores (measured on embedded corpus version 2): 24 s to generate the 32 kHz corpus, then
-  about 3 minutes at ~73 clips/s including 5 train-step compiles (one per ratio bucket); loss 1.21
-  at step 20, 0.13 at step 300. `python -m audiojepa.evaluate --encoder=/tmp/audio_jepa_runlocal
-  --task=embedded --output=/tmp/audio_jepa_eval`: linear 57.4 +- 3.0, kNN 34.1 (random init 55.1 /
-  32.1, log-mel at 32 kHz 44.4 / 42.6).
+  On 2 CPU cores (measured on embedded corpus version 2, 2026-11-30): 24 s to generate the 32 kHz
+  corpus, then about 3.5 minutes at ~77 clips/s including 5 train-step compiles (one per ratio bucket);
+  loss 1.13 at step 20, 0.13 at step 300. `python -m audiojepa.evaluate --encoder=/tmp/audio_jepa_runlocal
+  --task=embedded --output=/tmp/audio_jepa_eval`: linear 57.1 +- 6.1, kNN 37.8 (random init 53.4 /
+  33.8, log-mel at 32 kHz 44.4 / 42.6).
 
 Speed and memory options (the param tree, hence checkpoints, is the same whatever they are set to):
 `--config.model.dtype=bfloat16`: bfloat16 matmuls; params, norms, softmax and loss stay float32.

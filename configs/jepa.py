@@ -22,10 +22,10 @@ CPU smoke run on the embedded corpus (tiny ViT, predictor 64/2/4, 300 steps of b
     python -m audiojepa.main --config=configs/jepa.py:runlocal --workdir=/tmp/jepa_runlocal
 
   On 2 CPU cores: the embedded corpus is generated once (3000 clips, ~15 s), then under 2 minutes
-  of training; measured (corpus version 2): loss 0.49 at step 20, 0.30 at 40, 0.12 at 80, 0.073 at
-  300 (101 s wall with the corpus cached), target_std ~0.76. `python -m audiojepa.evaluate
-  --encoder=/tmp/jepa_runlocal --task=embedded --output=/tmp/jepa_eval`: linear 51.9 +- 1.3, kNN 37.8
-  (random init 50.2 / 35.1, log-mel 42.2 / 51.7): 300 steps are not enough to pass the log-mel kNN,
+  of training; measured (corpus version 2, 2026-11-30): loss 0.46 at step 20, 0.26 at 40, 0.053 at
+  300 (93 s wall with the corpus cached), target_std ~0.64. `python -m audiojepa.evaluate
+  --encoder=/tmp/jepa_runlocal --task=embedded --output=/tmp/jepa_eval`: linear 53.2 +- 2.7, kNN 39.5
+  (random init 55.4 / 37.8, log-mel 42.2 / 51.7): 300 steps are not enough to pass the log-mel kNN,
   which M2D's 1500-step runlocal does. Other maskings: `:runlocal,masking=multiblock`,
   `:runlocal,masking=time,target_domain=latent`.
 
