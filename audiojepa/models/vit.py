@@ -257,9 +257,10 @@ class TransformerStack(nn.Module):
     one block instead of `depth`, and the backward pass materialises the residual-stream gradient
     between blocks. Unrolled, XLA:CPU fuses that gradient's running sum into every block's weight-gradient
     inputs, recomputing the chain of all later blocks each time (quadratic in depth; unrolled, a ViT-B M2D
-    step on CPU is ~9% slower, tools/bench_pair.py and BENCHMARKS.md). False unrolls the Python loop over slices of the same params (the
-    same values up to float rounding). Storing the params stacked, rather than stacking per-block trees
-    in every step, saves a copy of every block param (and of its gradient) per step.
+    step on CPU is ~9% slower, tools/bench_pair.py and BENCHMARKS.md). False unrolls the Python loop
+    over slices of the same params (the same values up to float rounding). Storing the params stacked,
+    rather than stacking per-block trees in every step, saves a copy of every block param (and of its
+    gradient) per step.
     """
     depth: int
     num_heads: int
