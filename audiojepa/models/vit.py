@@ -320,8 +320,9 @@ def stack_blocks(tree: dict) -> dict:
         raise ValueError(f"no blocks_<i> params to stack among {sorted(tree)}.")
     missing = sorted(set(range(indices[-1] + 1)) - set(indices))
     if missing:
-        raise ValueError(f"{', '.join(f'blocks_{i}' for i in missing)} missing among blocks_0 … blocks_{indices[-1]}; "
-                         f"a stack's params are stored stacked, so every block is needed.")
+        names = ", ".join(f"blocks_{i}" for i in missing)
+        raise ValueError(f"{names} missing among blocks_0 … blocks_{indices[-1]}; a stack's params are stored "
+                         f"stacked, so every block is needed.")
     per_block = [tree[f"blocks_{i}"] for i in indices]
     structure = jax.tree.structure(per_block[0])
     for i, block_params in enumerate(per_block):
