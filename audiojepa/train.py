@@ -129,7 +129,7 @@ def make_train_step(method, tx, schedule, spec: pipeline.DataSpec, *, device_fro
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
         def apply_update(state):
-            updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+            updates, opt_state = tx.update(grads, state["opt_state"], state["params"], grad_norm=grad_norm)
             params = optax.apply_updates(state["params"], updates)
             target_params = method.update_targets(params, state["target_params"], step, total_steps,
                                                   **update_kwargs)

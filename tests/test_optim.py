@@ -32,6 +32,15 @@ def test_clip_by_global_norm_matches_optax(max_norm):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), clipped, expected)
     clipped_norm = float(np.sqrt(sum(np.sum(np.square(g, dtype=np.float64)) for g in jax.tree.leaves(clipped))))
     assert clipped_norm == pytest.approx(min(norm, max_norm), rel=1e-6)
+    # A norm passed in (as the trainer does) gives the same result, in make_optimizer's chain too.
+    given, _ = jax.jit(ours.update)(grads, ours.init(grads), grad_norm=jnp.float32(norm))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), given, clipped)
+    for clip_norm in (max_norm, 0.0):  # 0: no clip in the chain; the extra argument is ignored
+        config = ml_collections.ConfigDict(dict(b1=0.9, b2=0.95, weight_decay=0.0, grad_clip_norm=clip_norm))
+        tx = optim.make_optimizer(config, 1e-3, jax.tree.map(lambda _: False, grads))
+        with_norm, _ = tx.update(grads, tx.init(grads), grads, grad_norm=jnp.float32(norm))
+        without, _ = tx.update(grads, tx.init(grads), grads)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), with_norm, without)
 
 
 @pytest.fixture(scope="module")
