@@ -1,6 +1,7 @@
-"""Shared by the tools/bench_*.py scripts: appending a result section to BENCHMARKS.md."""
+"""Shared by the tools/bench_*.py scripts: the machine's name, appending a result section to BENCHMARKS.md."""
 
 import os
+import platform
 
 
 def append_markdown(path: str, section: str) -> None:
@@ -11,3 +12,16 @@ def append_markdown(path: str, section: str) -> None:
     with open(path, "a") as f:
         f.write("# Benchmarks\n\n" if new_file else "\n")
         f.write(section if section.endswith("\n") else section + "\n")
+
+
+def cpu_name() -> str:
+    """platform.processor(), or the model name from /proc/cpuinfo where that is empty (Linux)."""
+    name = platform.processor()
+    if not name or name == platform.machine():
+        try:
+            with open("/proc/cpuinfo") as f:
+                models = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+            name = f"{models[0]} ({platform.machine()})" if models else name
+        except OSError:
+            pass
+    return name or platform.machine()

@@ -3,7 +3,7 @@ compiler options (B), both compiled in one process on one device, their steps al
 
     python tools/bench_pair.py --b_overrides='{"model.remat": "dots"}'          # M2D ViT-B, 80x608
     python tools/bench_pair.py --frames=208 --b_overrides='{"model.remat": "dots"}' --rounds=8
-    python tools/bench_pair.py --b_compiler_options='{"xla_cpu_use_multi_output_fusion": true}'
+    python tools/bench_pair.py --frames=208 --b_compiler_options='{"xla_cpu_enable_concurrency_optimized_scheduler": true}'
 
 Why paired: on a shared machine the speed drifts by more than most effects worth testing (here the
 same 2048³ GEMM measured 163-202 GFLOP/s within 10 minutes). Alternating A and B step by step puts both
@@ -94,7 +94,7 @@ def report(result: dict, variant: str, config, b_overrides: dict, compiler_optio
         "",
         f"- Command: `{shlex.join(['python', *sys.argv])}`",
         f"- Date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
-        f"- Machine: {bench_train.cpu_name()}, {os.cpu_count()} CPUs; jax {jax.__version__}; 1 device",
+        f"- Machine: {bench_common.cpu_name()}, {os.cpu_count()} CPUs; jax {jax.__version__}; 1 device",
         f"- Median B ÷ A over {len(result['ratios'])} alternated pairs: **{result['median_ratio']:.3f}**; "
         f"B faster in {result['b_faster']} of {len(result['ratios'])}.",
         "",

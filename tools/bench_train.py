@@ -83,7 +83,6 @@ import copy
 import datetime
 import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -567,19 +566,6 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def cpu_name() -> str:
-    """platform.processor(), or the model name from /proc/cpuinfo where that is empty (Linux)."""
-    name = platform.processor()
-    if not name or name == platform.machine():
-        try:
-            with open("/proc/cpuinfo") as f:
-                models = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-            name = f"{models[0]} ({platform.machine()})" if models else name
-        except OSError:
-            pass
-    return name or platform.machine()
-
-
 def _total_memory_gib() -> float:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
 
@@ -590,7 +576,7 @@ def _report(rows: list[dict], load_at_start: float) -> str:
     name = os.path.splitext(os.path.basename(path))[0]
     title = TITLES.get(name, name) + (f" ({arg})" if arg else "")
     inputs = "; ".join(dict.fromkeys(f"{r['variant']}: {r['input']}" for r in rows))
-    machine = (f"{cpu_name()}, {os.cpu_count()} CPUs, {_total_memory_gib():.0f} GiB RAM; jax {jax.__version__}, "
+    machine = (f"{bench_common.cpu_name()}, {os.cpu_count()} CPUs, {_total_memory_gib():.0f} GiB RAM; jax {jax.__version__}, "
                f"backend {rows[0]['backend']} (simulated devices); load average at start "
                f"{load_at_start:.1f} (other processes share the cores: timings are only as steady as that)")
     steps = ", ".join(sorted({f"{r['variant']}: {r['steps']}" for r in rows}))

@@ -254,7 +254,7 @@ def report(result: dict, config, variant: str, top: int) -> str:
         "",
         f"- Command: `{shlex.join(['python', *sys.argv])}`",
         f"- Date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
-        f"- Machine: {bench_train.cpu_name()}, {os.cpu_count()} CPUs; jax {jax.__version__}; float32 GEMM peak "
+        f"- Machine: {bench_common.cpu_name()}, {os.cpu_count()} CPUs; jax {jax.__version__}; float32 GEMM peak "
         f"{peak:.1f} GFLOP/s (measured in this run)",
         f"- Traced step: {result['step_s']:.3f} s wall (the profiler adds a little); summed op time {total:.3f} s.",
         f"- Instructions with dots: {dot_s:.3f} s, {dot_flops / 1e9:.1f} GFLOP found in the HLO (analytic count "
