@@ -3,7 +3,7 @@ compiler options (B), both compiled in one process on one device, their steps al
 
     python tools/bench_pair.py --b_overrides='{"model.remat": "dots"}'          # M2D ViT-B, 80x608
     python tools/bench_pair.py --frames=208 --b_overrides='{"model.remat": "dots"}' --rounds=8
-    python tools/bench_pair.py --frames=208 --b_compiler_options='{"xla_cpu_enable_concurrency_optimized_scheduler": true}'
+    python tools/bench_pair.py --b_compiler_options='{"xla_cpu_enable_concurrency_optimized_scheduler": true}'
 
 Why paired: on a shared machine the speed drifts by more than most effects worth testing (here the
 same 2048³ GEMM measured 163-202 GFLOP/s within 10 minutes). Alternating A and B step by step puts both

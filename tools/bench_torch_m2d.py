@@ -59,13 +59,15 @@ def m2d_sizes(config) -> dict:
     n_mels = frontend.get_preset(config.data.frontend).n_mels
     method = methods.get_method("m2d")(model_config, input_shape=(n_mels, int(config.data.crop_frames)))
     size = decode_variant(model_config.variant)
-    return dict(grid=tuple(method.grid_size), patch=tuple(method.patch_size), num_patches=method.num_patches,
-                num_visible=method.num_visible, width=size["width"], depth=size["depth"], heads=size["num_heads"],
-                mlp_dim=size["mlp_dim"], predictor_width=int(model_config.predictor_width),
-                predictor_depth=int(model_config.predictor_depth), predictor_heads=int(model_config.predictor_heads),
-                clip_norm=config.optim.get("grad_clip_norm"), betas=(float(config.optim.b1), float(config.optim.b2)),
-                weight_decay=float(config.optim.weight_decay), n_mels=n_mels, frames=int(config.data.crop_frames), batch=int(config.batch_size),
-                flops=flops.m2d_step_flops(method, int(config.batch_size))["total"])
+    batch = int(config.batch_size)
+    return dict(
+        grid=tuple(method.grid_size), patch=tuple(method.patch_size), num_patches=method.num_patches,
+        num_visible=method.num_visible, width=size["width"], depth=size["depth"], heads=size["num_heads"],
+        mlp_dim=size["mlp_dim"], predictor_width=int(model_config.predictor_width),
+        predictor_depth=int(model_config.predictor_depth), predictor_heads=int(model_config.predictor_heads),
+        clip_norm=config.optim.get("grad_clip_norm"), betas=(float(config.optim.b1), float(config.optim.b2)),
+        weight_decay=float(config.optim.weight_decay), n_mels=n_mels, frames=int(config.data.crop_frames),
+        batch=batch, flops=flops.m2d_step_flops(method, batch)["total"])
 
 
 def build(sizes: dict, seed: int = 0):
