@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from audiojepa import config_utils, flops, sharding
@@ -304,3 +305,35 @@ def test_cli_smoke_encodecmae_precomputed():
     cells = lambda line: [cell.strip() for cell in line.strip("|").split("|")]
     ratio = float(dict(zip(cells(header), cells(row)))["XLA ÷ analytic"])
     assert ratio == pytest.approx(1.0, abs=XLA_TOLERANCE)
+
+
+def test_worker_env_simulates_cpu_devices_or_leaves_the_accelerators_alone():
+    base = {"PATH": "/bin", "JAX_NUM_CPU_DEVICES": "4"}
+    cpu = bench_train.worker_env(8, "cpu", environ=base)
+    assert (cpu["JAX_PLATFORMS"], cpu["JAX_NUM_CPU_DEVICES"], cpu["PATH"]) == ("cpu", "8", "/bin")
+    gpu = bench_train.worker_env(1, "gpu", environ=base)
+    assert gpu["JAX_PLATFORMS"] == "gpu" and "JAX_NUM_CPU_DEVICES" not in gpu
+    assert base == {"PATH": "/bin", "JAX_NUM_CPU_DEVICES": "4"}  # the caller's environment is untouched
+
+
+def test_datasheet_peaks_only_for_known_chips_in_bfloat16():
+    assert bench_train.datasheet_tflops("NVIDIA H200", "bfloat16") == 989.4
+    assert bench_train.datasheet_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == 989.4
+    assert bench_train.datasheet_tflops("NVIDIA H100 80GB HBM3", "float32") is None
+    assert bench_train.datasheet_tflops("cpu", "bfloat16") is None
+
+
+def test_table_adds_mfu_against_the_datasheet_for_accelerator_rows():
+    row = dict(variant="B", devices=2, batch=256, options="bfloat16", flops=200e12, compile_s=30.0, step_s=0.5,
+               step_s_min=0.49, xla_flops=None, gemm_1dev_gflops=700e3, gemm_all_gflops=1400e3,
+               datasheet_tflops=1000.0)
+    lines = bench_train.format_table([row]).splitlines()
+    assert lines[0].endswith("| MFU vs datasheet |")
+    # 200 TFLOP in 0.5 s = 400 TFLOP/s: 28.6% of 2 x 700 measured, 20.0% of 2 x 1000 on the datasheet.
+    assert lines[2].endswith("| 28.6% | 28.6% | 20.0% |")
+    assert "MFU vs datasheet" not in bench_train.format_table([dict(row, datasheet_tflops=None)])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gemm_peak_runs_in_the_rows_dtype(dtype):
+    assert bench_train._gemm_gflops(sharding.make_mesh(1), 64, 1, dtype) > 0

@@ -244,7 +244,7 @@ def main(argv):
     except ValueError as e:
         raise app.UsageError(str(e)) from e
     steps = FLAGS.steps if variant == "tiny" or not FLAGS.steps_b else FLAGS.steps_b
-    result = measure(sizes, steps, FLAGS.warmup, FLAGS.gemm_size, FLAGS.gemm_repeats)
+    result = measure(sizes, steps, FLAGS.warmup, bench_train.gemm_size(), FLAGS.gemm_repeats)
     text = report(result, variant, sizes)
     print(text)
     bench_common.append_markdown(FLAGS.append_to, text)

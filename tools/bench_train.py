@@ -1,5 +1,6 @@
-r"""Training-step throughput of any method config on simulated CPU devices: compile time, step time,
-clips/s, FLOP/s, MFU, and (--data) the input pipeline's clips/s next to the step's.
+r"""Training-step throughput of any method config on simulated CPU devices (or, with --platform, a
+machine's accelerators): compile time, step time, clips/s, FLOP/s, MFU, and (--data) the input
+pipeline's clips/s next to the step's.
 
     python tools/bench_train.py                                   # M2D: tiny and B, 1 and 8 devices, 80x608
     python tools/bench_train.py --variants=tiny --devices=1,2,4,8 --frames=208
@@ -10,6 +11,8 @@ clips/s, FLOP/s, MFU, and (--data) the input pipeline's clips/s next to the step
     python tools/bench_train.py --config=configs/encodecmae.py    # tiny and base, 4 s, targets on device
                                                                   # and precomputed (--encodecmae_targets)
     python tools/bench_train.py --config=configs/m2d.py --variants=tiny --devices=1 --data
+    python tools/bench_train.py --platform=gpu --variants=B --devices=1 --batch_b=256 \
+        --config.model.dtype=bfloat16 [--config.model.attention_impl=cudnn]   # issue 9's GPU row
     python tools/bench_train.py --config=configs/encodecmae.py --encodecmae_targets=precomputed --data \
         --config.data.shards=/data/targets/as_24k   # tools/precompute_encodec_targets.py output
 
@@ -54,12 +57,19 @@ not hardware FLOPs). On n devices XLA
 analyses one device's program and the table shows n × that, so work that every device repeats (the
 AdamW update of the replicated params) is counted n times there.
 
-Peaks: each worker times a jitted --gemm_size³ float32 matmul (best of --gemm_repeats, before and
-after the rows, the higher kept) on one device ("1-device GEMM"), and, with several devices, the same matmul on every device at once, sharded over
-the mesh ("all-device GEMM", the most this process gets from the machine). MFU is reported both ways:
-against n × the 1-device peak, the usual definition on real accelerators, and against the all-device
-peak. Simulated CPU devices share the machine's cores, so the first understates the use of the
-machine n-fold when one device alone can keep all cores busy; the second is the honest number here.
+Peaks: each worker times a jitted --gemm_size³ matmul in the rows' compute dtype (config.model.dtype:
+float32, or bfloat16) (best of --gemm_repeats, before and after the rows, the higher kept) on one
+device ("1-device GEMM"), and, with several devices, the same matmul on every device at once, sharded
+over the mesh ("all-device GEMM", the most this process gets from the machine). MFU is reported both
+ways: against n × the 1-device peak, and against the all-device peak. Simulated CPU devices share the
+machine's cores, so the first understates the use of the machine n-fold when one device alone can
+keep all cores busy; the second is the honest number here.
+
+Accelerators (--platform=gpu|tpu): each --devices entry n runs on the first n of the machine's
+devices (the worker gets JAX_PLATFORMS=<platform> and no simulated-device setting), the peak matmul
+is 8192³ unless --gemm_size says otherwise, the host-memory skip does not apply, and for bfloat16
+rows on a chip in DATASHEET_BF16_TFLOPS (H100, H200, A100, TPU v4/v5e/v5p/v6e) a last column gives
+MFU against n × the vendor's dense bfloat16 figure: the usual accelerator MFU, as in issue 9's target.
 
 Input pipeline (--data): after the workers, this process builds each row config's pipeline as the
 trainer does (`pipeline.make_dataset` + `make_iterator` on config.data: the configured shards or the
@@ -113,7 +123,10 @@ flags.DEFINE_list("variants", None,
                   "Model sizes, one row each: 'tiny' = the config's runlocal preset (tiny model, small predictor "
                   "or head), others = config.model.variant (EncodecMAE: size) with the paper's predictor and head. "
                   "Default: tiny,B (EncodecMAE: tiny,base).")
-flags.DEFINE_list("devices", ["1", "8"], "Simulated CPU device counts, one subprocess each.")
+flags.DEFINE_list("devices", ["1", "8"], "Device counts, one subprocess each (simulated CPU devices, or the first n "
+                  "accelerators with --platform).")
+flags.DEFINE_string("platform", "cpu", "'cpu': simulated CPU devices (JAX_NUM_CPU_DEVICES); 'gpu', 'cuda' or 'tpu' "
+                    "(any JAX_PLATFORMS value): the machine's real accelerators.")
 flags.DEFINE_integer("frames", 0, "Input frames (a multiple of the patch frames; EncodecMAE: 75 Hz EnCodec frames). "
                      "0: config.data.crop_frames of the config as given (M2D: 608).")
 flags.DEFINE_float("mask_ratio", None, "Sets config.model.mask_ratio (default: the config's).")
@@ -125,7 +138,8 @@ flags.DEFINE_list("encodecmae_targets", ["device", "precomputed"],
 flags.DEFINE_integer("steps", 5, "Timed steps per row.")
 flags.DEFINE_integer("steps_b", 3, "Timed steps for the non-tiny variants (0: same as --steps).")
 flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling, before timing.")
-flags.DEFINE_integer("gemm_size", 2048, "Side of the square float32 matmul that measures the peak.")
+flags.DEFINE_integer("gemm_size", 0, "Side of the square matmul that measures the peak, in the rows' compute dtype "
+                     "(0: 2048 on CPU, 8192 on accelerators, where a small one times mostly the launch).")
 flags.DEFINE_integer("gemm_repeats", 5, "Timed matmuls; the best is reported.")
 flags.DEFINE_float("max_memory_fraction", 0.7,
                    "Skip a row whose estimated host memory (n devices × replicated train state, gradients and "
@@ -135,6 +149,7 @@ flags.DEFINE_integer("data_batches", 10, "Timed batches of the input pipeline (-
 flags.DEFINE_integer("data_warmup", 2, "Untimed batches first (worker start-up, first fills) (--data).")
 flags.DEFINE_string("append_to", "BENCHMARKS.md", "Markdown file the table is appended to ('' to skip).")
 flags.DEFINE_bool("_worker", False, "Internal: measure in this process and print one JSON line per row.")
+flags.DEFINE_integer("_worker_devices", 0, "Internal: the worker's device count (0: all it sees).")
 
 RESULT_PREFIX = "BENCH_TRAIN_ROW "  # marks the worker's result lines on its stdout
 TARGETS = ("device", "precomputed")
@@ -142,6 +157,10 @@ DEFAULT_VARIANTS = {"variant": ("tiny", "B"), "size": ("tiny", "base")}  # by th
 TITLES = {"m2d": "M2D", "matpac": "MATPAC", "jepa": "JEPA", "audio_jepa": "Audio-JEPA", "encodecmae": "EncodecMAE"}
 TOTAL_STEPS = 1000  # only shapes the lr and EMA schedules, which do not change the cost
 STEPS_PER_EPOCH = 100  # only shapes epoch-based schedules (MATPAC's teacher temperature)
+# Dense bfloat16 TFLOP/s per chip from the vendors' datasheets (no sparsity), by a substring of
+# jax.Device.device_kind: the denominator of the usual accelerator MFU (issue 9's "≥ 35% MFU").
+DATASHEET_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "TPU v4": 275.0, "TPU v5 lite": 197.0,
+                         "TPU v5p": 459.0, "TPU v6 lite": 918.0}
 
 
 # -- configs -------------------------------------------------------------------------------------------
@@ -336,12 +355,12 @@ def xla_flops(compiled) -> float | None:
 # -- measurement (worker) ------------------------------------------------------------------------------
 
 
-def _gemm_gflops(mesh, size: int, repeats: int) -> float:
-    """Best-of-`repeats` GFLOP/s of one size³ float32 matmul per device of `mesh`, all devices at once."""
+def _gemm_gflops(mesh, size: int, repeats: int, dtype=jnp.float32) -> float:
+    """Best-of-`repeats` GFLOP/s of one size³ `dtype` matmul per device of `mesh`, all devices at once."""
     n = mesh.devices.size
     spec = sharding.batch_sharding(mesh)
-    a = jax.device_put(np.random.default_rng(0).standard_normal((n, size, size), dtype=np.float32), spec)
-    b = jax.device_put(np.random.default_rng(1).standard_normal((n, size, size), dtype=np.float32), spec)
+    a = jax.device_put(np.random.default_rng(0).standard_normal((n, size, size), dtype=np.float32).astype(dtype), spec)
+    b = jax.device_put(np.random.default_rng(1).standard_normal((n, size, size), dtype=np.float32).astype(dtype), spec)
     matmul = jax.jit(lambda x, y: jnp.einsum("nij,njk->nik", x, y), out_shardings=spec)
     matmul(a, b).block_until_ready()
     best = float("inf")
@@ -404,7 +423,7 @@ def _measure_row(variant: str, config, targets: str | None, mesh) -> dict:
            "steps": steps, "flops": analytic_flops(method, batch_size, targets=targets)["total"],
            "backend": jax.default_backend()}
     needed, available = estimated_memory_bytes(init_state, num_devices), _available_memory_bytes()
-    if available is not None and needed > FLAGS.max_memory_fraction * available:
+    if FLAGS.platform == "cpu" and available is not None and needed > FLAGS.max_memory_fraction * available:
         row["skipped"] = (f"needs ~{needed / 2**30:.0f} GiB of host RAM ({num_devices} replicas of the train state), "
                           f"{available / 2**30:.0f} GiB available")
         return row
@@ -442,21 +461,42 @@ def _measure_row(variant: str, config, targets: str | None, mesh) -> dict:
     return row
 
 
-def gemm_peaks(mesh) -> tuple[float, float]:
-    """(1-device, all-device) GEMM GFLOP/s (_gemm_gflops), logged."""
-    peak_one = _gemm_gflops(sharding.make_mesh(1), FLAGS.gemm_size, FLAGS.gemm_repeats)
-    peak_all = _gemm_gflops(mesh, FLAGS.gemm_size, FLAGS.gemm_repeats) if mesh.devices.size > 1 else peak_one
-    print(f"[{mesh.devices.size} devices] GEMM peak: {peak_one:.1f} GFLOP/s on one device, {peak_all:.1f} on all",
-          file=sys.stderr, flush=True)
+def gemm_size() -> int:
+    """--gemm_size, or its default for the platform: 2048 on CPU, 8192 on accelerators."""
+    return FLAGS.gemm_size or (2048 if FLAGS.platform == "cpu" else 8192)
+
+
+def gemm_dtype():
+    """The compute dtype of the rows (config.model.dtype, the same for every row): the peak's dtype."""
+    from audiojepa.models.vit import as_dtype
+
+    return as_dtype(row_configs()[0][1].model.get("dtype", "float32"))
+
+
+def gemm_peaks(mesh, dtype=jnp.float32) -> tuple[float, float]:
+    """(1-device, all-device) GEMM GFLOP/s (_gemm_gflops) in `dtype`, logged."""
+    size = gemm_size()
+    peak_one = _gemm_gflops(sharding.make_mesh(1), size, FLAGS.gemm_repeats, dtype)
+    peak_all = _gemm_gflops(mesh, size, FLAGS.gemm_repeats, dtype) if mesh.devices.size > 1 else peak_one
+    print(f"[{mesh.devices.size} devices] {jnp.dtype(dtype).name} GEMM peak: {peak_one:.1f} GFLOP/s on one device, "
+          f"{peak_all:.1f} on all", file=sys.stderr, flush=True)
     return peak_one, peak_all
 
 
+def datasheet_tflops(device_kind: str, dtype_name: str) -> float | None:
+    """DATASHEET_BF16_TFLOPS for a device kind (e.g. "NVIDIA H200") and "bfloat16"; None otherwise."""
+    if dtype_name != "bfloat16":
+        return None
+    return next((tflops for key, tflops in DATASHEET_BF16_TFLOPS.items() if key in device_kind), None)
+
+
 def _worker() -> None:
-    n = jax.device_count()
+    n = FLAGS._worker_devices or jax.device_count()
     mesh = sharding.make_mesh(n)
+    dtype = gemm_dtype()
     # The peak is measured before and after the rows and the higher figure kept: a GEMM slowed by a
     # passing process (e.g. the previous run's pipeline workers exiting) would otherwise inflate MFU.
-    peaks_before = gemm_peaks(mesh)
+    peaks_before = gemm_peaks(mesh, dtype)
     rows = []
     for variant, config in row_configs():
         for targets in row_targets(config):
@@ -465,9 +505,11 @@ def _worker() -> None:
                         else f"compile {rows[-1]['compile_s']:.1f} s, step {rows[-1]['step_s']:.3f} s")
             name = variant if targets is None else f"{variant}, targets {targets}"
             print(f"[{n} devices] {name}: {progress}", file=sys.stderr, flush=True)
-    peak_one, peak_all = (max(a, b) for a, b in zip(peaks_before, gemm_peaks(mesh)))
+    peak_one, peak_all = (max(a, b) for a, b in zip(peaks_before, gemm_peaks(mesh, dtype)))
+    device_kind = jax.devices()[0].device_kind
     for row in rows:
-        row.update(gemm_1dev_gflops=peak_one, gemm_all_gflops=peak_all)
+        row.update(gemm_1dev_gflops=peak_one, gemm_all_gflops=peak_all, gemm_dtype=jnp.dtype(dtype).name,
+                   device_kind=device_kind, datasheet_tflops=datasheet_tflops(device_kind, jnp.dtype(dtype).name))
         print(RESULT_PREFIX + json.dumps(row), flush=True)
 
 
@@ -509,10 +551,22 @@ def _add_data_rates(rows: list[dict]) -> None:
 # -- orchestration and report (parent) -----------------------------------------------------------------
 
 
+def worker_env(num_devices: int, platform: str, environ=None) -> dict:
+    """The environment of a worker: `num_devices` simulated CPU devices for platform "cpu"; otherwise
+    JAX_PLATFORMS=platform and no simulated-device setting (the worker meshes its first n devices)."""
+    env = dict(os.environ if environ is None else environ, JAX_PLATFORMS=platform)
+    if platform == "cpu":
+        env["JAX_NUM_CPU_DEVICES"] = str(num_devices)
+    else:
+        env.pop("JAX_NUM_CPU_DEVICES", None)
+    return env
+
+
 def _run_worker(num_devices: int, expected_rows: int) -> list[dict]:
-    """Runs this script with `num_devices` simulated CPU devices; returns its rows."""
-    env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(num_devices), JAX_PLATFORMS="cpu")
-    command = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--_worker"]
+    """Runs this script as a worker on `num_devices` devices (worker_env); returns its rows."""
+    env = worker_env(num_devices, FLAGS.platform)
+    command = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--_worker",
+               f"--_worker_devices={num_devices}"]
     result = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True)  # stderr: progress, shown live
     if result.returncode:
         raise RuntimeError(f"the {num_devices}-device worker failed (exit {result.returncode}): {shlex.join(command)}")
@@ -529,10 +583,12 @@ def format_table(rows: list[dict]) -> str:
     rows have targets (EncodecMAE), the data columns when rows have "data_clips_s" (--data)."""
     with_targets = any(r.get("targets") for r in rows)
     with_data = any("data_clips_s" in r for r in rows)
+    with_datasheet = any(r.get("datasheet_tflops") for r in rows)
     header = ["variant", *(["targets"] if with_targets else []), "devices", "batch", "options", "compile s",
               "step s mean (min)", "clips/s", *(["data clips/s", "data ÷ step"] if with_data else []),
               "analytic GFLOP/step", "XLA GFLOP/step", "XLA ÷ analytic", "achieved GFLOP/s",
-              "1-device GEMM GFLOP/s", "all-device GEMM GFLOP/s", "MFU vs n × 1-device", "MFU vs all-device"]
+              "1-device GEMM GFLOP/s", "all-device GEMM GFLOP/s", "MFU vs n × 1-device", "MFU vs all-device",
+              *(["MFU vs datasheet"] if with_datasheet else [])]
     left = {"variant", "targets", "options"}
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if h in left else "---:" for h in header) + "|"]
     for r in rows:
@@ -558,6 +614,8 @@ def format_table(rows: list[dict]) -> str:
             cell["achieved GFLOP/s"] = f"{achieved:.1f}"
             cell["MFU vs n × 1-device"] = f"{achieved / (r['devices'] * r['gemm_1dev_gflops']):.1%}"
             cell["MFU vs all-device"] = f"{achieved / r['gemm_all_gflops']:.1%}"
+            if r.get("datasheet_tflops"):
+                cell["MFU vs datasheet"] = f"{achieved / (r['devices'] * r['datasheet_tflops'] * 1e3):.1%}"
             if "data_clips_s" in r:
                 cell["data ÷ step"] = f"{r['data_clips_s'] / clips_s:.1f}×"
         if "data_clips_s" in r:
@@ -576,12 +634,15 @@ def _report(rows: list[dict], load_at_start: float) -> str:
     name = os.path.splitext(os.path.basename(path))[0]
     title = TITLES.get(name, name) + (f" ({arg})" if arg else "")
     inputs = "; ".join(dict.fromkeys(f"{r['variant']}: {r['input']}" for r in rows))
+    simulated = FLAGS.platform == "cpu"
+    devices = "simulated devices" if simulated else f"{rows[0].get('device_kind', '?')} devices"
     machine = (f"{bench_common.cpu_name()}, {os.cpu_count()} CPUs, {_total_memory_gib():.0f} GiB RAM; jax {jax.__version__}, "
-               f"backend {rows[0]['backend']} (simulated devices); load average at start "
+               f"backend {rows[0]['backend']} ({devices}); load average at start "
                f"{load_at_start:.1f} (other processes share the cores: timings are only as steady as that)")
     steps = ", ".join(sorted({f"{r['variant']}: {r['steps']}" for r in rows}))
+    where = "simulated CPU devices" if simulated else rows[0].get("device_kind", FLAGS.platform)
     lines = [
-        f"### {title} training step on simulated CPU devices",
+        f"### {title} training step on {where}",
         "",
         f"- Command: `{shlex.join(['python', *sys.argv])}`",
         f"- Date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
@@ -594,6 +655,9 @@ def _report(rows: list[dict], load_at_start: float) -> str:
         "XLA GFLOP is cost_analysis() over all devices, non-matmul ops included. MFU vs n × 1-device is the "
         "usual definition; the simulated devices share the same cores, so MFU vs all-device (a GEMM on every "
         "device at once in the same process) is the machine's real utilisation.",
+        f"- Peaks: a {gemm_size()}³ {rows[0].get('gemm_dtype', 'float32')} matmul, the rows' compute dtype"
+        + ("; MFU vs datasheet divides by n × the vendor's dense bfloat16 figure (DATASHEET_BF16_TFLOPS)."
+           if any(r.get("datasheet_tflops") for r in rows) else "."),
     ]
     if any(r.get("targets") for r in rows):
         lines.append("- Targets: `device` = 24 kHz waveforms in, the frozen EnCodec encoder and RVQ (and a "
