@@ -337,3 +337,14 @@ def test_table_adds_mfu_against_the_datasheet_for_accelerator_rows():
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_gemm_peak_runs_in_the_rows_dtype(dtype):
     assert bench_train._gemm_gflops(sharding.make_mesh(1), 64, 1, dtype) > 0
+
+
+def test_a_failing_device_count_keeps_the_rows_of_the_others():
+    def run_worker(n):
+        if n == 8:
+            raise RuntimeError("the 8-device worker failed (exit 1): ...")
+        return [dict(devices=n)]
+
+    rows, failures = bench_train.collect_rows([1, 8, 2], run_worker)
+    assert rows == [dict(devices=1), dict(devices=2)]
+    assert failures == ["the 8-device worker failed (exit 1): ..."]

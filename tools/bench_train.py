@@ -679,14 +679,32 @@ def main(argv):
         return
     load_at_start = os.getloadavg()[0]
     expected_rows = sum(len(row_targets(config)) for _, config in row_configs())
-    rows = []
-    for num_devices in (int(n) for n in FLAGS.devices):
-        rows.extend(_run_worker(num_devices, expected_rows))
+    rows, failures = collect_rows([int(n) for n in FLAGS.devices], lambda n: _run_worker(n, expected_rows))
+    if not rows:
+        raise RuntimeError("; ".join(failures))
     if FLAGS.data:
         _add_data_rates(rows)
     report = _report(rows, load_at_start)
+    if failures:
+        report += "\n" + "\n".join(f"- Failed: {failure}" for failure in failures) + "\n"
     print(report)
     bench_common.append_markdown(FLAGS.append_to, report)
+    if failures:
+        raise SystemExit(f"bench_train: {len(failures)} of {len(FLAGS.devices)} device counts failed (listed in "
+                         "the report); the rows of the others are reported above.")
+
+
+def collect_rows(device_counts: list[int], run_worker) -> tuple[list[dict], list[str]]:
+    """Rows of `run_worker(n)` for each device count, and one message per count whose worker failed: a
+    failing count (e.g. 8 devices on a 1-GPU machine) does not lose the rows measured before it."""
+    rows, failures = [], []
+    for num_devices in device_counts:
+        try:
+            rows.extend(run_worker(num_devices))
+        except RuntimeError as e:
+            print(f"[{num_devices} devices] {e}", file=sys.stderr, flush=True)
+            failures.append(str(e))
+    return rows, failures
 
 
 if __name__ == "__main__":
