@@ -113,6 +113,7 @@ sys.path.insert(0, ROOT)
 from audiojepa import config_utils, flops, frontend, methods, optim, sharding, train  # noqa: E402
 from audiojepa.data import pipeline, target_records  # noqa: E402
 from audiojepa.models import encodec  # noqa: E402
+from audiojepa.models.vit import as_dtype  # noqa: E402
 from tools import bench_common  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -468,8 +469,6 @@ def gemm_size() -> int:
 
 def gemm_dtype():
     """The compute dtype of the rows (config.model.dtype, the same for every row): the peak's dtype."""
-    from audiojepa.models.vit import as_dtype
-
     return as_dtype(row_configs()[0][1].model.get("dtype", "float32"))
 
 
@@ -506,10 +505,10 @@ def _worker() -> None:
             name = variant if targets is None else f"{variant}, targets {targets}"
             print(f"[{n} devices] {name}: {progress}", file=sys.stderr, flush=True)
     peak_one, peak_all = (max(a, b) for a, b in zip(peaks_before, gemm_peaks(mesh, dtype)))
-    device_kind = jax.devices()[0].device_kind
+    device_kind, dtype_name = jax.devices()[0].device_kind, jnp.dtype(dtype).name
     for row in rows:
-        row.update(gemm_1dev_gflops=peak_one, gemm_all_gflops=peak_all, gemm_dtype=jnp.dtype(dtype).name,
-                   device_kind=device_kind, datasheet_tflops=datasheet_tflops(device_kind, jnp.dtype(dtype).name))
+        row.update(gemm_1dev_gflops=peak_one, gemm_all_gflops=peak_all, gemm_dtype=dtype_name,
+                   device_kind=device_kind, datasheet_tflops=datasheet_tflops(device_kind, dtype_name))
         print(RESULT_PREFIX + json.dumps(row), flush=True)
 
 
