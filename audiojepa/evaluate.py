@@ -13,15 +13,20 @@ report shows the floor. Writes OUTPUT/results.json (`{task: {"linear": {"mean", 
 
 from __future__ import annotations
 
-import logging
-import os
+from audiojepa import host_memory
 
-import numpy as np
-from absl import app, flags
-from tqdm import tqdm
+if __name__ == "__main__":  # glibc reads GLIBC_TUNABLES only at start-up: re-execute before the heavy imports
+    host_memory.reexec_with_hugepage_malloc()
 
-from audiojepa.data import audio_io
-from audiojepa.evaluation import embedders, probes, report, tasks
+import logging  # noqa: E402
+import os  # noqa: E402
+
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from audiojepa.data import audio_io  # noqa: E402
+from audiojepa.evaluation import embedders, probes, report, tasks  # noqa: E402
 
 flags.DEFINE_string("encoder", None, "Exported encoder, training workdir, 'logmel' or 'random:<config>'.")
 flags.DEFINE_multi_string("task", None, "Task folder (labels.csv), shard set with labels, 'embedded', or 'tfds:NAME'.")

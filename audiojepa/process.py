@@ -1,12 +1,11 @@
 """Process set-up and exit shared by the entry points (audiojepa.main, audiojepa.selftrain)."""
 
-import logging as std_logging
+import logging
 import sys
 
 import jax
-from absl import logging
 
-from audiojepa import distributed, train
+from audiojepa import distributed, host_memory, train
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: what a killed process reports; re-running resumes
 
@@ -15,10 +14,11 @@ def setup() -> None:
     """Logging and multi-host start-up shared by the entry points (this one and audiojepa.selftrain)."""
     # Orbax and Grain log every checkpoint step at INFO through absl's logger; keep their warnings only,
     # so the trainer's progress lines stay readable.
-    std_logging.getLogger("absl").setLevel(std_logging.WARNING)
+    logging.getLogger("absl").setLevel(logging.WARNING)
     distributed.maybe_initialize()
     if jax.process_index() > 0:  # one copy of the progress lines, from process 0
-        std_logging.getLogger().setLevel(std_logging.WARNING)
+        logging.getLogger().setLevel(logging.WARNING)
+    logging.info("host memory: %s", host_memory.describe())
 
 
 def train_and_exit(config, workdir: str) -> None:

@@ -18,18 +18,23 @@ Re-running the same command resumes stage 2 (the k-means is not fitted again).
 
 from __future__ import annotations
 
-import logging
-import os
-import time
+from audiojepa import host_memory
 
-import jax
-import numpy as np
-from absl import app, flags
-from ml_collections import config_flags
+if __name__ == "__main__":  # glibc reads GLIBC_TUNABLES only at start-up: re-execute before the heavy imports
+    host_memory.reexec_with_hugepage_malloc()
 
-from audiojepa import encoder as encoder_lib, kmeans, process
-from audiojepa.data import pipeline
-from audiojepa.methods import encodecmae
+import logging  # noqa: E402
+import os  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from audiojepa import encoder as encoder_lib, kmeans, process  # noqa: E402
+from audiojepa.data import pipeline  # noqa: E402
+from audiojepa.methods import encodecmae  # noqa: E402
 
 CENTROIDS_FILE = "kmeans_centroids.npy"
 STAGE1_PARAMS_FILE = "stage1_params.msgpack"

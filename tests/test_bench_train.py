@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from audiojepa import config_utils, flops, sharding
+from audiojepa import config_utils, flops, host_memory, sharding
 from audiojepa.methods import JEPA, M2D, MATPAC, EncodecMAE
 from audiojepa.models import encodec
 from audiojepa.models.cls_head import ClassificationHead
@@ -314,6 +314,10 @@ def test_worker_env_simulates_cpu_devices_or_leaves_the_accelerators_alone():
     gpu = bench_train.worker_env(1, "gpu", environ=base)
     assert gpu["JAX_PLATFORMS"] == "gpu" and "JAX_NUM_CPU_DEVICES" not in gpu
     assert base == {"PATH": "/bin", "JAX_NUM_CPU_DEVICES": "4"}  # the caller's environment is untouched
+    # Workers allocate as `python -m audiojepa.main` does: huge pages where glibc and the kernel allow them.
+    assert cpu.get("GLIBC_TUNABLES") == (host_memory.hugepage_env(base) or {}).get("GLIBC_TUNABLES")
+    opted_out = bench_train.worker_env(1, "cpu", environ={**base, host_memory.OPT_OUT: "0"})
+    assert "GLIBC_TUNABLES" not in opted_out
 
 
 def test_datasheet_peaks_only_for_known_chips_in_bfloat16():

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from audiojepa import checkpointing, train
+from audiojepa import checkpointing, host_memory, train
 import run_helpers as rh
 
 pytestmark = pytest.mark.slow  # five training subprocesses (about a minute on 2 cores)
@@ -43,6 +43,8 @@ def interrupted(tmp_path_factory, seed):
     reference = str(root / "uninterrupted")
     assert rh.start(rh.main_command(reference, **SETTINGS), str(root / "uninterrupted.log"), **ENV).wait(600) == 0
     seen["reference"] = reference
+    with open(root / "uninterrupted.log", errors="replace") as f:
+        seen["reference_log"] = f.read()
     for _ in range(2):
         committed = rh.committed_step(workdir) or 0
         target = rng.randint(committed + 1, max(committed + 1, TOTAL - 5))
@@ -96,3 +98,14 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one_bitwise(interrupted)
         np.testing.assert_array_equal(x, y, err_msg=f"seed {interrupted['seed']}, kills {interrupted['kills']}")
     # Every step's loss, including those re-run after a kill, equals the uninterrupted run's.
     assert rh.losses(interrupted["workdir"]) == rh.losses(interrupted["reference"])
+
+
+def test_the_trainer_reexecutes_with_huge_page_malloc_and_says_so(interrupted):
+    """`python -m audiojepa.main` replaces itself once with glibc's huge-page tunable (audiojepa.host_memory,
+    whose own tests check the page faults) and logs which malloc it runs with, then that it is done."""
+    parent = rh.subprocess_env()
+    child_env = host_memory.hugepage_env(parent) or parent
+    log = interrupted["reference_log"]
+    assert f"host memory: {host_memory.describe(child_env)}" in log, log[-3000:]
+    assert log.count("host memory: ") == 1  # one re-exec, not a loop
+    assert f"done: {interrupted['reference']}" in log

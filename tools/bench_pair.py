@@ -29,6 +29,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from audiojepa import host_memory  # noqa: E402
+
+if __name__ == "__main__":  # as `python -m audiojepa.main` runs: huge pages for large allocations
+    host_memory.reexec_with_hugepage_malloc()
+
 from absl import app, flags  # noqa: E402
 import jax  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -94,7 +99,8 @@ def report(result: dict, variant: str, config, b_overrides: dict, compiler_optio
         "",
         f"- Command: `{shlex.join(['python', *sys.argv])}`",
         f"- Date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
-        f"- Machine: {bench_common.cpu_name()}, {os.cpu_count()} CPUs; jax {jax.__version__}; 1 device",
+        f"- Machine: {bench_common.cpu_name()}, {os.cpu_count()} CPUs; jax {jax.__version__}; 1 device; "
+        f"{host_memory.describe()}",
         f"- Median B ÷ A over {len(result['ratios'])} alternated pairs: **{result['median_ratio']:.3f}**; "
         f"B faster in {result['b_faster']} of {len(result['ratios'])}.",
         "",

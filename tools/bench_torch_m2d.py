@@ -38,6 +38,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from audiojepa import host_memory  # noqa: E402
+
+if __name__ == "__main__":  # as `python -m audiojepa.main` runs: huge pages for large allocations
+    host_memory.reexec_with_hugepage_malloc()
+
 from absl import app, flags  # noqa: E402
 
 from audiojepa import sharding  # noqa: E402
@@ -216,7 +221,7 @@ def report(result: dict, variant: str, sizes: dict) -> str:
         f"- Command: `{shlex.join(['python', *sys.argv])}`",
         f"- Date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
         f"- Machine: {bench_common.cpu_name()}, {os.cpu_count()} CPUs; torch {result['torch_version']}, "
-        f"{result['threads']} threads",
+        f"{result['threads']} threads; {host_memory.describe()}",
         f"- {result['steps']} timed steps after {result['warmup']}; analytic GFLOP as bench_train's "
         "(audiojepa.flops.m2d_step_flops); peaks: a float32 torch.matmul and bench_train's jitted XLA matmul, "
         "both in this run (the XLA one is the denominator of bench_train's MFU, hence of issue 9's targets).",

@@ -110,7 +110,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from audiojepa import config_utils, flops, frontend, methods, optim, sharding, train  # noqa: E402
+from audiojepa import config_utils, flops, frontend, host_memory, methods, optim, sharding, train  # noqa: E402
 from audiojepa.data import pipeline, target_records  # noqa: E402
 from audiojepa.models import encodec  # noqa: E402
 from audiojepa.models.vit import as_dtype  # noqa: E402
@@ -508,7 +508,8 @@ def _worker() -> None:
     device_kind, dtype_name = jax.devices()[0].device_kind, jnp.dtype(dtype).name
     for row in rows:
         row.update(gemm_1dev_gflops=peak_one, gemm_all_gflops=peak_all, gemm_dtype=dtype_name,
-                   device_kind=device_kind, datasheet_tflops=datasheet_tflops(device_kind, dtype_name))
+                   device_kind=device_kind, datasheet_tflops=datasheet_tflops(device_kind, dtype_name),
+                   host_memory=host_memory.describe())
         print(RESULT_PREFIX + json.dumps(row), flush=True)
 
 
@@ -552,8 +553,11 @@ def _add_data_rates(rows: list[dict]) -> None:
 
 def worker_env(num_devices: int, platform: str, environ=None) -> dict:
     """The environment of a worker: `num_devices` simulated CPU devices for platform "cpu"; otherwise
-    JAX_PLATFORMS=platform and no simulated-device setting (the worker meshes its first n devices)."""
+    JAX_PLATFORMS=platform and no simulated-device setting (the worker meshes its first n devices). Huge
+    pages for glibc's large allocations as `python -m audiojepa.main` has them (audiojepa.host_memory;
+    AUDIOJEPA_HUGEPAGE_MALLOC=0 turns them off)."""
     env = dict(os.environ if environ is None else environ, JAX_PLATFORMS=platform)
+    env = host_memory.hugepage_env(env) or env
     if platform == "cpu":
         env["JAX_NUM_CPU_DEVICES"] = str(num_devices)
     else:
@@ -637,7 +641,8 @@ def _report(rows: list[dict], load_at_start: float) -> str:
     devices = "simulated devices" if simulated else f"{rows[0].get('device_kind', '?')} devices"
     machine = (f"{bench_common.cpu_name()}, {os.cpu_count()} CPUs, {_total_memory_gib():.0f} GiB RAM; jax {jax.__version__}, "
                f"backend {rows[0]['backend']} ({devices}); load average at start "
-               f"{load_at_start:.1f} (other processes share the cores: timings are only as steady as that)")
+               f"{load_at_start:.1f} (other processes share the cores: timings are only as steady as that); "
+               f"{rows[0].get('host_memory', 'default malloc')}")
     steps = ", ".join(sorted({f"{r['variant']}: {r['steps']}" for r in rows}))
     where = "simulated CPU devices" if simulated else rows[0].get("device_kind", FLAGS.platform)
     lines = [

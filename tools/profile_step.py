@@ -49,6 +49,11 @@ if __name__ == "__main__" and TRACEME_FLAG not in os.environ.get("XLA_FLAGS", ""
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from audiojepa import host_memory  # noqa: E402
+
+if __name__ == "__main__":  # as `python -m audiojepa.main` runs: huge pages for large allocations
+    host_memory.reexec_with_hugepage_malloc()
+
 from absl import app, flags  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -255,7 +260,7 @@ def report(result: dict, config, variant: str, top: int) -> str:
         f"- Command: `{shlex.join(['python', *sys.argv])}`",
         f"- Date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
         f"- Machine: {bench_common.cpu_name()}, {os.cpu_count()} CPUs; jax {jax.__version__}; float32 GEMM peak "
-        f"{peak:.1f} GFLOP/s (measured in this run)",
+        f"{peak:.1f} GFLOP/s (measured in this run); {host_memory.describe()}",
         f"- Traced step: {result['step_s']:.3f} s wall (the profiler adds a little); summed op time {total:.3f} s.",
         f"- Instructions with dots: {dot_s:.3f} s, {dot_flops / 1e9:.1f} GFLOP found in the HLO (analytic count "
         f"{result['analytic_flops'] / 1e9:.1f}), {dot_flops / max(dot_s, 1e-9) / 1e9:.1f} GFLOP/s = "
