@@ -24,7 +24,9 @@ GFLOP/step and GFLOP/s, and two fractions: of a --gemm_size³ float32 torch.matm
 --gemm_repeats, before and after the steps, the higher kept) and of bench_train's jitted XLA matmul
 peak, both measured in the same run. The second is the denominator of bench_train's MFU, so that
 column compares with bench_train's row for row. Run it alternately with bench_train (separate
-processes): this machine's speed drifts by more than 10% within minutes.
+processes): this machine's speed drifts by more than 10% within minutes. Unlike the JAX tools, it keeps
+the malloc it is started with: glibc's huge pages made this step slower (3.9 s against 2.7 s at 80x208,
+BENCHMARKS.md), so the yardstick runs with the default unless GLIBC_TUNABLES says otherwise.
 """
 
 from __future__ import annotations
@@ -39,9 +41,6 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from audiojepa import host_memory  # noqa: E402
-
-if __name__ == "__main__":  # as `python -m audiojepa.main` runs: huge pages for large allocations
-    host_memory.reexec_with_hugepage_malloc()
 
 from absl import app, flags  # noqa: E402
 
