@@ -3,15 +3,15 @@ r"""Log-mel throughput: librosa vs the host (NumPy) and device (JAX) front ends,
     python tools/bench_frontend.py                       # 256 clips of 6.08 s, m2d preset
     python tools/bench_frontend.py --preset audiojepa --batch 32
 
-Every implementation processes the same random clips; each is run --repeats times, interleaved
-with the others so that load from other processes affects all of them alike, and the median
-throughput is reported, with the throughput per CPU-second of this process (less sensitive to
-other load; above clips/s where an implementation keeps several cores busy). The device rows time jitted calls on batches already on the device,
-after a warm-up call that compiles; each batch is waited for with block_until_ready. The last
-column checks that the numbers agree: the largest log-mel difference from librosa on the first
-clip. The last row is the floor of any FFT front end on the machine: |rfft|^2 alone, on frames cut
-and windowed beforehand. The table is printed and appended to --append_to with the command, date,
-machine and versions.
+Every implementation processes the same random clips; each is run --repeats times, interleaved with
+the others so that load from other processes affects all of them alike, and the median throughput is
+reported, with the throughput per CPU-second of this process (less sensitive to other load; above
+clips/s where an implementation keeps several cores busy). The device rows time jitted calls on
+batches already on the device, after a warm-up call that compiles; each batch is waited for with
+block_until_ready. The last column checks that the numbers agree: the largest log-mel difference
+from librosa on the first clip. The last row is the floor of any FFT front end on the machine:
+|rfft|^2 alone, on frames cut and windowed beforehand. The table is printed and appended to
+--append_to with the command, date, machine and versions.
 """
 
 import os
@@ -162,7 +162,8 @@ def main(argv):
     ]
     for name, (batch, _, _) in impls.items():
         lines.append(f"| {name} | {batch} | {clips_per_s[name]:.0f} | {clips_per_s[name] / baseline:.1f} "
-                     f"| {clips_per_cpu_s[name]:.0f} | {'n/a' if max_diff[name] is None else f'{max_diff[name]:.1e}'} |")
+                     f"| {clips_per_cpu_s[name]:.0f} "
+                     f"| {'n/a' if max_diff[name] is None else f'{max_diff[name]:.1e}'} |")
     table = "\n".join(lines) + "\n"
     print(table)
     bench_common.append_markdown(FLAGS.append_to, table)

@@ -639,8 +639,8 @@ def _report(rows: list[dict], load_at_start: float) -> str:
     inputs = "; ".join(dict.fromkeys(f"{r['variant']}: {r['input']}" for r in rows))
     simulated = FLAGS.platform == "cpu"
     devices = "simulated devices" if simulated else f"{rows[0].get('device_kind', '?')} devices"
-    machine = (f"{bench_common.cpu_name()}, {os.cpu_count()} CPUs, {_total_memory_gib():.0f} GiB RAM; jax {jax.__version__}, "
-               f"backend {rows[0]['backend']} ({devices}); load average at start "
+    machine = (f"{bench_common.cpu_name()}, {os.cpu_count()} CPUs, {_total_memory_gib():.0f} GiB RAM; "
+               f"jax {jax.__version__}, backend {rows[0]['backend']} ({devices}); load average at start "
                f"{load_at_start:.1f} (other processes share the cores: timings are only as steady as that); "
                f"{rows[0].get('host_memory', 'default malloc')}")
     steps = ", ".join(sorted({f"{r['variant']}: {r['steps']}" for r in rows}))

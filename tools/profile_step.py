@@ -6,10 +6,11 @@ per kind of XLA op, and every matmul's achieved GFLOP/s against a float32 GEMM p
     python tools/profile_step.py --config=configs/matpac.py --variants=tiny
     python tools/profile_step.py --append_to=BENCHMARKS.md        # also append the tables there
 
-The row is the one tools/bench_train.py times (same flags: --config with overrides, --variants (the first
-one; default the config's largest size, M2D's B), --frames, --batch_b / --batch_tiny, --mask_ratio, --warmup), on one CPU device. The step is run
---warmup times, then once under the profiler with XLA:CPU's per-op trace events
-(`--xla_cpu_enable_xprof_traceme=true`, added to XLA_FLAGS before JAX starts its backend).
+The row is the one tools/bench_train.py times (same flags: --config with overrides, --variants (the
+first one; default the config's largest size, M2D's B), --frames, --batch_b / --batch_tiny,
+--mask_ratio, --warmup), on one CPU device. The step is run --warmup times, then once under the profiler
+with XLA:CPU's per-op trace events (`--xla_cpu_enable_xprof_traceme=true`, added to XLA_FLAGS before JAX
+starts its backend).
 
 Tables:
 - "Op kinds": trace time per kind of op (an XLA instruction name without its numeric suffix, e.g.
