@@ -54,14 +54,17 @@ def with_hugepage_tunable(tunables: str) -> str:
     return ":".join([*entries, f"{TUNABLE}=1"])
 
 
+_THIS_MACHINE = object()
+
+
 def hugepage_env(environ, *, system: str | None = None, libc: tuple[str, str] | None = None,
-                 thp: str | None = "unknown") -> dict[str, str] | None:
+                 thp=_THIS_MACHINE) -> dict[str, str] | None:
     """The environment to re-execute with, or None when there is nothing to change (see the module
-    docstring). `system`, `libc` and `thp` default to this machine's (platform.system(),
-    platform.libc_ver(), thp_mode())."""
+    docstring). `system`, `libc` and `thp` (a THP mode, None: no THP) default to this machine's
+    (platform.system(), platform.libc_ver(), thp_mode())."""
     system = platform.system() if system is None else system
     libc = platform.libc_ver() if libc is None else libc
-    thp = thp_mode() if thp == "unknown" else thp
+    thp = thp_mode() if thp is _THIS_MACHINE else thp
     if environ.get(OPT_OUT, "1") == "0" or system != "Linux" or thp in (None, "never"):
         return None
     version = _glibc_version(libc)
