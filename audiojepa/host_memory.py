@@ -10,6 +10,10 @@ anything else and the process replaces itself (same PID, arguments and environme
 
 Nothing happens when the tunable is already set (a user's `glibc.malloc.hugetlb=0` wins), off Linux,
 without glibc >= 2.35, when the kernel's THP mode is `never`, or with `AUDIOJEPA_HUGEPAGE_MALLOC=0`.
+The cost to watch: with THP defrag `madvise` (the usual default) a fault in an advised region may compact
+memory first, so a host short of free 2 MiB blocks can stall (`compact_stall` rising in /proc/vmstat);
+`AUDIOJEPA_HUGEPAGE_MALLOC=0` goes back to 4 KiB pages. Not every program gains: the PyTorch step of
+tools/bench_torch_m2d.py was slower with it (BENCHMARKS.md), so that tool does not re-execute.
 """
 
 from __future__ import annotations
