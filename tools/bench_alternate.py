@@ -27,6 +27,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 from tools import bench_common, bench_train  # noqa: E402  (bench_train defines the row flags passed on)
 
@@ -81,12 +82,12 @@ def alternate(run_a, run_b, rounds: int) -> dict:
             "b_faster": sum(ratio < 1 for ratio in ratios)}
 
 
-def report(result: dict, b_env: dict, b_flags: str) -> str:
+def report(result: dict, b_env: dict, b_flags: str, config_arg: str = "") -> str:
     first = result["a"][0]
     b_desc = ", ".join([*(f"{k}={v}" for k, v in b_env.items()), *shlex.split(b_flags)]) or "same as A"
     lines = [
-        f"### Alternated processes, {first['variant']}, batch {first['batch']}, {first['frames']} frames: "
-        f"B = {b_desc}",
+        f"### Alternated processes, {config_arg or 'config'} {first['variant']}, batch {first['batch']}, "
+        f"{first['frames']} frames: B = {b_desc}",
         "",
         f"- Command: `{shlex.join(['python', *sys.argv])}`",
         f"- Date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
@@ -123,7 +124,7 @@ def main(argv):
     args_b = worker_args(sys.argv[1:], variant, shlex.split(FLAGS.b_flags))
     env_a, env_b = side_env({}, FLAGS.platform), side_env(b_env, FLAGS.platform)
     result = alternate(lambda: run_side(args_a, env_a), lambda: run_side(args_b, env_b), FLAGS.process_pairs)
-    text = report(result, b_env, FLAGS.b_flags)
+    text = report(result, b_env, FLAGS.b_flags, config_flags.get_config_filename(FLAGS["config"]))
     print(text)
     bench_common.append_markdown(FLAGS.append_to, text)
 

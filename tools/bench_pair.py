@@ -10,8 +10,9 @@ same 2048³ GEMM measured 163-202 GFLOP/s within 10 minutes). Alternating A and 
 under the same drift, so the ratio of each pair (B ÷ A) is steadier than either time. It reports every
 pair, the median ratio and how many pairs B won; a process-wide setting (an environment variable, the
 allocator) cannot be paired this way. Sharing the process is not neutral either: A and B allocate
-around each other, so confirm a win with bench_train in separate processes (remat=dots paired 0.871 at
-80x608, 6 of 6, yet ran level with remat none in alternated processes; A against A paired 1.000).
+around each other, so confirm a win in separate processes with tools/bench_alternate.py (remat=dots
+paired 0.871 at 80x608, 6 of 6, yet ran level with remat none in alternated processes; A against A
+paired 1.000).
 
 The row is the one tools/bench_train.py times (same flags: --config with overrides, --variants (the
 first one; default the config's largest size), --frames, --batch_b / --batch_tiny, --mask_ratio). B's
