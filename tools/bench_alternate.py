@@ -10,7 +10,8 @@ bench_train's worker for A, then for B, each in its own process (compile, --warm
 --steps_b timed ones, its own GEMM peak), so both sides see the same drift of a shared machine at
 round granularity. The row flags are bench_train's, as given here (--config with overrides,
 --variants (the first one), --frames, --batch_b, --steps_b, ...; in --flag=value form); B adds
---b_flags to them and --b_env to its environment. Reported: each round's mean step time and MFU of A
+--b_flags to them, and its environment is this one with --b_env's variables set (replaced, not
+appended to: give XLA_FLAGS whole). Reported: each round's mean step time and MFU of A
 and B, B ÷ A, the median ratio and how many rounds B won; --append_to=BENCHMARKS.md appends it.
 """
 
