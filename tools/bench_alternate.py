@@ -125,7 +125,10 @@ def main(argv):
     args_b = worker_args(sys.argv[1:], variant, shlex.split(FLAGS.b_flags))
     env_a, env_b = side_env({}, FLAGS.platform), side_env(b_env, FLAGS.platform)
     result = alternate(lambda: run_side(args_a, env_a), lambda: run_side(args_b, env_b), FLAGS.process_pairs)
-    text = report(result, b_env, FLAGS.b_flags, config_flags.get_config_filename(FLAGS["config"]))
+    config_arg = config_flags.get_config_filename(FLAGS["config"])
+    if os.path.isabs(config_arg) and config_arg.startswith(bench_train.ROOT + os.sep):  # the default config
+        config_arg = os.path.relpath(config_arg, bench_train.ROOT)
+    text = report(result, b_env, FLAGS.b_flags, config_arg)
     print(text)
     bench_common.append_markdown(FLAGS.append_to, text)
 
