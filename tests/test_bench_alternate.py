@@ -6,9 +6,10 @@ import subprocess
 import sys
 
 import pytest
+from absl import app, flags
 
 from audiojepa import host_memory
-from tools import bench_alternate, bench_train
+from tools import bench_alternate, bench_common, bench_train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,6 +32,21 @@ def test_b_env_reaches_the_worker_before_the_huge_page_decision():
     assert a.get("GLIBC_TUNABLES") == (host_memory.hugepage_env(base) or {}).get("GLIBC_TUNABLES")
     assert "GLIBC_TUNABLES" not in b and b["XLA_FLAGS"] == "--xla_foo"
     assert base == {"PATH": "/bin"}
+
+
+def test_json_flags_are_parsed_or_named_in_the_error():
+    saved = flags.FLAGS.b_env
+    try:
+        flags.FLAGS.b_env = '{"AUDIOJEPA_HUGEPAGE_MALLOC": "0"}'
+        assert bench_common.json_dict_flag("b_env") == {"AUDIOJEPA_HUGEPAGE_MALLOC": "0"}
+        flags.FLAGS.b_env = '["AUDIOJEPA_HUGEPAGE_MALLOC"]'
+        with pytest.raises(app.UsageError, match="--b_env must be a JSON object"):
+            bench_common.json_dict_flag("b_env")
+        flags.FLAGS.b_env = "{AUDIOJEPA_HUGEPAGE_MALLOC: 0}"
+        with pytest.raises(app.UsageError, match="--b_env is not valid JSON"):
+            bench_common.json_dict_flag("b_env")
+    finally:
+        flags.FLAGS.b_env = saved
 
 
 def _row(step_s, peak=100.0):

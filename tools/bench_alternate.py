@@ -111,13 +111,7 @@ def report(result: dict, b_env: dict, b_flags: str, config_arg: str = "") -> str
 
 def main(argv):
     del argv
-    try:
-        b_env = json.loads(FLAGS.b_env)
-    except json.JSONDecodeError as e:
-        raise app.UsageError(f"--b_env is not valid JSON: {e}") from e
-    if not isinstance(b_env, dict):
-        raise app.UsageError(f"--b_env must be a JSON object, got {FLAGS.b_env!r}")
-    b_env = {str(k): str(v) for k, v in b_env.items()}
+    b_env = {str(k): str(v) for k, v in bench_common.json_dict_flag("b_env").items()}
     if any(" " in arg.split("=", 1)[0] or not arg.startswith("--") for arg in sys.argv[1:]):
         raise app.UsageError("give every flag as --flag=value (they are passed on to bench_train's workers)")
     variant, _ = bench_train.first_row_config()

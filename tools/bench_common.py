@@ -1,7 +1,11 @@
-"""Shared by the tools/bench_*.py scripts: the machine's name, appending a result section to BENCHMARKS.md."""
+"""Shared by the tools/bench_*.py scripts: the machine's name, appending a result section to BENCHMARKS.md,
+JSON-object flags."""
 
+import json
 import os
 import platform
+
+from absl import app, flags
 
 
 def append_markdown(path: str, section: str) -> None:
@@ -25,3 +29,15 @@ def cpu_name() -> str:
         except OSError:
             pass
     return name or platform.machine()
+
+
+def json_dict_flag(name: str) -> dict:
+    """The absl flag --`name`, a JSON object, parsed; a UsageError naming the flag if it is not one."""
+    text = flags.FLAGS[name].value
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise app.UsageError(f"--{name} is not valid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise app.UsageError(f"--{name} must be a JSON object, got {text!r}")
+    return value

@@ -50,16 +50,6 @@ flags.DEFINE_integer("rounds", 5, "Timed A,B pairs, after one untimed round.")
 FLAGS = flags.FLAGS
 
 
-def _json_flag(name: str) -> dict:
-    try:
-        value = json.loads(FLAGS[name].value)
-    except json.JSONDecodeError as e:
-        raise app.UsageError(f"--{name} is not valid JSON: {e}") from e
-    if not isinstance(value, dict):
-        raise app.UsageError(f"--{name} must be a JSON object, got {FLAGS[name].value!r}")
-    return value
-
-
 def compare(config_a, config_b, compiler_options: dict, rounds: int) -> dict:
     """Compiles A and B (same state and batch) and times `rounds` alternated pairs after one untimed round.
     B is checked and compiled first, so a B that cannot run fails before A's compile."""
@@ -118,7 +108,8 @@ def report(result: dict, variant: str, config, b_overrides: dict, compiler_optio
 
 def main(argv):
     del argv
-    b_overrides, compiler_options = _json_flag("b_overrides"), _json_flag("b_compiler_options")
+    b_overrides = bench_common.json_dict_flag("b_overrides")
+    compiler_options = bench_common.json_dict_flag("b_compiler_options")
     variant, config_a = bench_train.first_row_config()
     config_arg = config_flags.get_config_filename(FLAGS["config"])
     overrides = {**config_flags.get_override_values(FLAGS["config"]), **b_overrides}
