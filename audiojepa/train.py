@@ -184,6 +184,15 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None, n
       The last logged metrics, plus `preempted` = 1.0 if a preemption signal (SIGTERM) stopped the
       run early, after committing a checkpoint.
     """
+    mesh = sharding.make_mesh(num_devices)
+    # Explicit-sharding ops that create arrays (zeros_like, broadcasts) take their mesh from this context
+    # on newer JAX (0.11+); without it they come out replicated and meet batch-sharded operands.
+    with jax.set_mesh(mesh):
+        return _train_on_mesh(config, workdir, mesh, stop_after=stop_after)
+
+
+def _train_on_mesh(config, workdir: str, mesh, *, stop_after: int | None) -> dict:
+    """train_and_evaluate's body, run inside `jax.set_mesh(mesh)`."""
     method_cls = methods.get_method(config.method)  # fail on an unknown method before touching data
     nonfinite_policy = config.get("nonfinite_policy", "stop")
     if nonfinite_policy not in NONFINITE_POLICIES:
@@ -198,7 +207,6 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None, n
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=1))
 
-    mesh = sharding.make_mesh(num_devices)
     local_batch = sharding.check_batch_size(config.batch_size, mesh)
     spec = pipeline.resolve_data_spec(config.data)
     total_steps, warmup_steps, steps_per_epoch = steps_and_warmup(config, spec.num_clips)

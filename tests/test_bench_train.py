@@ -189,7 +189,8 @@ def _analytic_and_xla(config, targets=None, batch_size=8):
     batch = abstract(jax.eval_shape(lambda: bench_train.random_batch(method, spec, batch_size, mesh, targets=targets)),
                      split)
     rng = abstract(jax.eval_shape(lambda: jax.random.key(0)), repl)
-    xla = bench_train.xla_flops(step.lower(state, batch, rng, bench_train.timed_mask_variant(method)))
+    with jax.set_mesh(mesh):  # as the trainer traces its step (train.train_and_evaluate)
+        xla = bench_train.xla_flops(step.lower(state, batch, rng, bench_train.timed_mask_variant(method)))
     if xla is None:
         pytest.skip("this backend's cost_analysis() has no 'flops' entry")
     return bench_train.analytic_flops(method, batch_size, targets=targets), xla, method

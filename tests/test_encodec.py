@@ -339,3 +339,27 @@ def test_encode_is_jittable_and_compiles_once(params):
     np.testing.assert_allclose(emb, eager_emb, rtol=0, atol=1e-6)
     # Rows of a batch are independent: the second row alone gives the same embeddings.
     np.testing.assert_allclose(emb[1:], np.asarray(_embed(params["encoder"], batches[1][1:])), atol=1e-6)
+
+
+def test_lstm_keeps_the_batch_sharding_of_its_input_on_a_mesh():
+    """Traced inside the trainer's mesh (jax.set_mesh, Explicit axis), the LSTM's scan carry starts with
+    the input's batch sharding; a replicated zero carry is a type error in the scan. Values match the
+    same layer run unsharded (float32, 1e-6)."""
+    from jax.sharding import PartitionSpec as P
+
+    from audiojepa import sharding
+
+    layer = encodec.LSTMLayer(8)
+    x = np.random.default_rng(0).standard_normal((4, 3, 5)).astype(np.float32)
+    params = layer.init(jax.random.key(0), x)
+    specs = []
+
+    def run(params, x):
+        out = layer.apply(params, x)
+        specs.append(jax.typeof(out).sharding.spec)
+        return out
+
+    with jax.set_mesh(sharding.make_mesh(2)):
+        out = jax.jit(run)(jax.device_put(params, P()), jax.device_put(x, P(sharding.DATA_AXIS)))
+    assert specs == [P(sharding.DATA_AXIS, None, None)]
+    np.testing.assert_allclose(np.asarray(out), np.asarray(layer.apply(params, x)), rtol=0, atol=1e-6)

@@ -8,8 +8,10 @@ import os
 import jax
 import numpy as np
 import pytest
+from jax.sharding import get_abstract_mesh
 
 from audiojepa import checkpointing, metrics, train
+from audiojepa.methods import m2d
 import run_helpers as rh
 
 pytestmark = pytest.mark.slow  # each test trains for a few steps (tens of seconds on 2 cores)
@@ -31,11 +33,21 @@ def test_interrupted_run_resumes_exactly(tmp_path):
     assert [la[s] for s in (4, 5, 6)] == [lb[s] for s in (4, 5, 6)]
 
 
-def test_one_and_many_devices_give_the_same_loss(tmp_path):
+def test_one_and_many_devices_give_the_same_loss(tmp_path, monkeypatch):
     n = jax.device_count()
     assert n >= 4, "conftest should simulate several CPU devices"
+    # The step is traced inside the run's mesh (jax.set_mesh): newer JAX (0.11+) takes the mesh of
+    # arrays that explicit-sharding ops create (zeros_like, broadcasts) from that context only.
+    meshes, loss = [], m2d.M2D.loss
+
+    def loss_recording_the_mesh(self, *args, **kwargs):
+        meshes.append(get_abstract_mesh())  # runs once per trace
+        return loss(self, *args, **kwargs)
+
+    monkeypatch.setattr(m2d.M2D, "loss", loss_recording_the_mesh)
     one = train.train_and_evaluate(rh.tiny_config(), str(tmp_path / "one"), num_devices=1)
     many = train.train_and_evaluate(rh.tiny_config(), str(tmp_path / "many"), num_devices=n)
+    assert [(m.axis_names, m.axis_sizes) for m in meshes] == [(("data",), (1,)), (("data",), (n,))]
     rows_one, rows_many = metrics.read_metrics(str(tmp_path / "one")), metrics.read_metrics(str(tmp_path / "many"))
     for a, b in zip(rows_one, rows_many):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)

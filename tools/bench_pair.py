@@ -54,33 +54,34 @@ def compare(config_a, config_b, compiler_options: dict, rounds: int) -> dict:
     """Compiles A and B (same state and batch) and times `rounds` alternated pairs after one untimed round.
     B is checked and compiled first, so a B that cannot run fails before A's compile."""
     mesh = sharding.make_mesh(1)
-    (step_a, init_a, method, spec), (step_b, init_b, _, _) = (bench_train.build_step(c, mesh=mesh)
-                                                              for c in (config_a, config_b))
-    shapes_a, shapes_b = (jax.eval_shape(init, jax.random.key(0)) for init in (init_a, init_b))
-    if (jax.tree.structure(shapes_a) != jax.tree.structure(shapes_b)
-            or jax.tree.leaves(shapes_a) != jax.tree.leaves(shapes_b)):
-        raise app.UsageError("--b_overrides change the train state's structure: A and B cannot share a state")
-    state = jax.jit(init_a, out_shardings=sharding.replicated(mesh))(jax.random.key(0))
-    batch = bench_train.random_batch(method, spec, int(config_a.batch_size), mesh)
-    variant = bench_train.timed_mask_variant(method)
-    try:
-        compiled_b = step_b.lower(state, batch, jax.random.key(1), variant).compile(compiler_options or None)
-    except jax.errors.JaxRuntimeError as e:
-        if not compiler_options:
-            raise
-        raise app.UsageError(f"--b_compiler_options={json.dumps(compiler_options)}: XLA refused them: {e}") from e
-    compiled = [step_a.lower(state, batch, jax.random.key(1), variant).compile(), compiled_b]
-    times = ([], [])
-    for r in range(rounds + 1):
-        for i, step in enumerate(compiled):
-            start = time.perf_counter()
-            state, out = step(state, batch, jax.random.key(1))
-            jax.block_until_ready(out)
-            if r:
-                times[i].append(time.perf_counter() - start)
-    ratios = [b / a for a, b in zip(*times)]
-    return {"a": times[0], "b": times[1], "ratios": ratios, "median_ratio": statistics.median(ratios),
-            "b_faster": sum(r < 1 for r in ratios)}
+    with jax.set_mesh(mesh):  # see train.train_and_evaluate
+        (step_a, init_a, method, spec), (step_b, init_b, _, _) = (bench_train.build_step(c, mesh=mesh)
+                                                                  for c in (config_a, config_b))
+        shapes_a, shapes_b = (jax.eval_shape(init, jax.random.key(0)) for init in (init_a, init_b))
+        if (jax.tree.structure(shapes_a) != jax.tree.structure(shapes_b)
+                or jax.tree.leaves(shapes_a) != jax.tree.leaves(shapes_b)):
+            raise app.UsageError("--b_overrides change the train state's structure: A and B cannot share a state")
+        state = jax.jit(init_a, out_shardings=sharding.replicated(mesh))(jax.random.key(0))
+        batch = bench_train.random_batch(method, spec, int(config_a.batch_size), mesh)
+        variant = bench_train.timed_mask_variant(method)
+        try:
+            compiled_b = step_b.lower(state, batch, jax.random.key(1), variant).compile(compiler_options or None)
+        except jax.errors.JaxRuntimeError as e:
+            if not compiler_options:
+                raise
+            raise app.UsageError(f"--b_compiler_options={json.dumps(compiler_options)}: XLA refused them: {e}") from e
+        compiled = [step_a.lower(state, batch, jax.random.key(1), variant).compile(), compiled_b]
+        times = ([], [])
+        for r in range(rounds + 1):
+            for i, step in enumerate(compiled):
+                start = time.perf_counter()
+                state, out = step(state, batch, jax.random.key(1))
+                jax.block_until_ready(out)
+                if r:
+                    times[i].append(time.perf_counter() - start)
+        ratios = [b / a for a, b in zip(*times)]
+        return {"a": times[0], "b": times[1], "ratios": ratios, "median_ratio": statistics.median(ratios),
+                "b_faster": sum(r < 1 for r in ratios)}
 
 
 def report(result: dict, variant: str, config, b_overrides: dict, compiler_options: dict) -> str:

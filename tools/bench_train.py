@@ -499,7 +499,8 @@ def _worker() -> None:
     rows = []
     for variant, config in row_configs():
         for targets in row_targets(config):
-            rows.append(_measure_row(variant, config, targets, mesh))
+            with jax.set_mesh(mesh):  # see train.train_and_evaluate
+                rows.append(_measure_row(variant, config, targets, mesh))
             progress = (f"skipped: {rows[-1]['skipped']}" if "skipped" in rows[-1]
                         else f"compile {rows[-1]['compile_s']:.1f} s, step {rows[-1]['step_s']:.3f} s")
             name = variant if targets is None else f"{variant}, targets {targets}"

@@ -158,29 +158,30 @@ def op_times(trace_path: str) -> tuple[dict[str, float], dict[str, int]]:
 def profile(config, *, warmup: int) -> dict:
     """Traces one step of `config` on one device; returns the step time, op times, dot FLOPs and GEMM peak."""
     mesh = sharding.make_mesh(1)
-    step, init_state, method, spec = bench_train.build_step(config, mesh=mesh)
-    state = jax.jit(init_state, out_shardings=sharding.replicated(mesh))(jax.random.key(0))
-    batch = bench_train.random_batch(method, spec, int(config.batch_size), mesh)
-    rng, variant = jax.random.key(1), bench_train.timed_mask_variant(method)
-    hlo = step.lower(state, batch, rng, variant).compile().as_text()
-    for _ in range(max(warmup, 1)):
-        state, out = step(state, batch, rng, variant)
-        jax.block_until_ready(out)
-    with tempfile.TemporaryDirectory() as trace_dir:
-        jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
-        start = time.perf_counter()
-        state, out = step(state, batch, rng, variant)
-        jax.block_until_ready(out)
-        step_s = time.perf_counter() - start
-        jax.profiler.stop_trace()
-        traces = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
-        if not traces:
-            raise RuntimeError(f"jax.profiler wrote no perfetto trace under {trace_dir}")
-        seconds, calls = op_times(traces[0])
-    return {"step_s": step_s, "seconds": seconds, "calls": calls, "dots": hlo_dot_flops(hlo),
-            "instructions": hlo_instructions(hlo),
-            "analytic_flops": bench_train.analytic_flops(method, int(config.batch_size))["total"],
-            "peak_gflops": bench_train.gemm_peaks(mesh)[0]}
+    with jax.set_mesh(mesh):  # see train.train_and_evaluate
+        step, init_state, method, spec = bench_train.build_step(config, mesh=mesh)
+        state = jax.jit(init_state, out_shardings=sharding.replicated(mesh))(jax.random.key(0))
+        batch = bench_train.random_batch(method, spec, int(config.batch_size), mesh)
+        rng, variant = jax.random.key(1), bench_train.timed_mask_variant(method)
+        hlo = step.lower(state, batch, rng, variant).compile().as_text()
+        for _ in range(max(warmup, 1)):
+            state, out = step(state, batch, rng, variant)
+            jax.block_until_ready(out)
+        with tempfile.TemporaryDirectory() as trace_dir:
+            jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+            start = time.perf_counter()
+            state, out = step(state, batch, rng, variant)
+            jax.block_until_ready(out)
+            step_s = time.perf_counter() - start
+            jax.profiler.stop_trace()
+            traces = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+            if not traces:
+                raise RuntimeError(f"jax.profiler wrote no perfetto trace under {trace_dir}")
+            seconds, calls = op_times(traces[0])
+        return {"step_s": step_s, "seconds": seconds, "calls": calls, "dots": hlo_dot_flops(hlo),
+                "instructions": hlo_instructions(hlo),
+                "analytic_flops": bench_train.analytic_flops(method, int(config.batch_size))["total"],
+                "peak_gflops": bench_train.gemm_peaks(mesh)[0]}
 
 
 def hlo_instructions(hlo_text: str) -> dict[str, tuple[str, str]]:

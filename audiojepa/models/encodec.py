@@ -211,7 +211,9 @@ class LSTMLayer(nn.Module):
             h = jax.nn.sigmoid(o) * jnp.tanh(c)
             return (h, c), h
 
-        zeros = jnp.zeros((x.shape[0], self.hidden), x.dtype)
+        # Sliced from the inputs so that the carry keeps their batch sharding under an Explicit mesh (scan
+        # requires the carry's type, sharding included, to be the same in and out).
+        zeros = jnp.zeros_like(input_gates[:, 0, :self.hidden])
         _, hs = jax.lax.scan(step, (zeros, zeros), jnp.swapaxes(input_gates, 0, 1))
         return jnp.swapaxes(hs, 0, 1)
 
