@@ -45,10 +45,19 @@ def test_one_and_many_devices_give_the_same_loss(tmp_path, monkeypatch):
         return loss(self, *args, **kwargs)
 
     monkeypatch.setattr(m2d.M2D, "loss", loss_recording_the_mesh)
-    one = train.train_and_evaluate(rh.tiny_config(), str(tmp_path / "one"), num_devices=1)
-    many = train.train_and_evaluate(rh.tiny_config(), str(tmp_path / "many"), num_devices=n)
+    # A periodic evaluation at the last step runs inside that mesh too (16 test clips).
+    config = rh.tiny_config(evals={"knn": {"type": "knn", "task": "embedded:num_clips=160,duration_s=1",
+                                           "every_steps": 6}})
+    one = train.train_and_evaluate(config, str(tmp_path / "one"), num_devices=1)
+    many = train.train_and_evaluate(config, str(tmp_path / "many"), num_devices=n)
     assert [(m.axis_names, m.axis_sizes) for m in meshes] == [(("data",), (1,)), (("data",), (n,))]
     rows_one, rows_many = metrics.read_metrics(str(tmp_path / "one")), metrics.read_metrics(str(tmp_path / "many"))
+    knn_one, knn_many = ([(r["step"], r["eval/knn/knn"]) for r in rows if "eval/knn/knn" in r]
+                         for rows in (rows_one, rows_many))
+    assert [s for s, _ in knn_one] == [s for s, _ in knn_many] == [6]
+    assert knn_one[0][1] == pytest.approx(knn_many[0][1], abs=1 / 16 + 1e-9)  # near-equal params: at most 1 clip flips
+    rows_one, rows_many = ([r for r in rows if "loss" in r] for rows in (rows_one, rows_many))
+    assert len(rows_one) == len(rows_many) == 6
     for a, b in zip(rows_one, rows_many):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
