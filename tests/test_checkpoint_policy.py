@@ -14,7 +14,7 @@ import run_helpers as rh
 def test_keep_last_n_and_keep_every_m_steps(tmp_path):
     workdir = str(tmp_path / "run")
     config = rh.tiny_config(checkpoint_every_steps=1, keep_checkpoints=2, keep_every_steps=3, async_checkpoints=True)
-    train.train_and_evaluate(config, workdir)
+    train.train_and_evaluate(config, workdir, num_devices=1)  # the policy is the point, not the devices
     kept = sorted(int(d) for d in os.listdir(checkpointing.checkpoint_dir(workdir)) if d.isdigit())
     assert kept == [3, 5, 6]  # 5, 6: the latest two; 3: a multiple of 3 (6 is both)
 
