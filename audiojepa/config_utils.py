@@ -106,7 +106,8 @@ def data_config(frontend: str, crop_frames: int, *, norm_stats: str = "shards", 
 
 
 def adamw_config(**overrides) -> ml_collections.ConfigDict:
-    """`config.optim` for M2D's recipe: AdamW (0.9, 0.95), wd 0.05, lr = 3e-4 x batch / 256, clip 3.0.
+    """`config.optim` for M2D's recipe: AdamW (0.9, 0.95), eps 1e-8, wd 0.05, lr = 3e-4 x batch / 256,
+    clip 3.0.
 
     `lr` set (not None) overrides the batch scaling; `grad_clip_norm` None disables clipping.
     """
@@ -119,6 +120,7 @@ def adamw_config(**overrides) -> ml_collections.ConfigDict:
         "min_lr": 0.0,
         "b1": 0.9,
         "b2": 0.95,
+        "eps": 1e-8,  # Adam's epsilon (torch's and optax's default)
         "weight_decay": 0.05,
         "grad_clip_norm": config_dict.placeholder(float),
     })

@@ -1,8 +1,9 @@
 r"""MATPAC (Quelennec et al.): M2D plus a teacher/student classification of the masked tokens.
 
 The MATPAC code's recipe (matpac.yaml): ViT-B/16 on 80x608 log-mels (6.08 s, 16 kHz, center=False),
-mask ratio 0.7, batch 2048, 300 epochs with 20 warm-up, M2D's AdamW (0.9/0.95, wd 0.05,
-lr 3e-4 x batch/256, clip 3), encoder EMA 0.99995 -> 0.99999, a 2048-prototype head with teacher
+mask ratio 0.7, batch 2048, 300 epochs with 20 warm-up, AdamW (0.9/0.95, eps 1e-6, wd 0.05, clip 3)
+with a peak lr of 3e-4 (fairseq's absolute lr, not M2D's 3e-4 x batch/256 = 2.4e-3), encoder EMA
+0.99995 -> 0.99999, a 2048-prototype head with teacher
 temperature 0.04 -> 0.07 over 10 epochs, centre momentum 0.9 (on probabilities), head EMA 0.998 -> 1,
 loss 0.5 L_cls + 0.5 L_pred:
 
@@ -49,6 +50,10 @@ def get_config(arg=None):
     config = m2d_config.get_config(f"variant={arg.variant},mask_ratio={arg.mask_ratio},runlocal={arg.runlocal}")
     config.method = "matpac"
     config.data.frontend = "matpac"  # M2D's front end without centre padding, as MATPAC's preprocessing
+
+    if not arg.runlocal:  # matpac.yaml: lr 3e-4 as is (fairseq does not scale it by the batch), eps 1e-6
+        config.optim.lr = 3e-4  # runlocal keeps M2D runlocal's lr 1e-3 and eps, as measured below
+        config.optim.eps = 1e-6
 
     model = config.model
     model.norm_target = False  # MATPAC's prediction loss is 2 - 2 cos on raw target tokens

@@ -202,3 +202,18 @@ def test_runlocal_trains_without_collapse(tmp_path):
     assert last["teacher_entropy"] > MIN_TEACHER_ENTROPY
     assert last["teacher_marginal_entropy"] > MIN_MARGINAL_ENTROPY
     assert last["teacher_temp"] == pytest.approx(0.07)  # warm-up (1 epoch = 8 steps) is over
+
+
+def test_recipe_optimizer_is_matpacs_not_m2ds():
+    """matpac.yaml (shared/reference/jepa_family.md §4.3): fairseq's lr 3e-4 as the peak, not scaled by
+    the batch as M2D's 3e-4 x 2048/256 = 2.4e-3, and Adam eps 1e-6; the rest is M2D's."""
+    from audiojepa import optim
+    config = load_config("configs/matpac.py")
+    assert config.batch_size == 2048
+    assert optim.peak_learning_rate(config.optim, config.batch_size) == pytest.approx(3e-4)
+    assert config.optim.eps == 1e-6
+    assert (config.optim.b1, config.optim.b2, config.optim.weight_decay, config.optim.grad_clip_norm) == (
+        0.9, 0.95, 0.05, 3.0)
+    m2d_config = load_config("configs/m2d.py")
+    assert optim.peak_learning_rate(m2d_config.optim, m2d_config.batch_size) == pytest.approx(2.4e-3)
+    assert m2d_config.optim.eps == 1e-8

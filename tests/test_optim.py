@@ -106,3 +106,15 @@ def test_nonfinite_step_keeps_params_moments_and_target_bit_for_bit(setup):
     assert int(metrics["nonfinite"]) == 1 and int(new_state["step"]) == 4
     for key in ("params", "target_params", "opt_state"):
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(new_state[key]), before[key])
+
+
+@pytest.mark.parametrize("eps", [1e-8, 1e-6])  # M2D's and MATPAC's
+def test_optim_eps_reaches_adamw(eps):
+    """AdamW's first step is -lr·g/(|g| + eps) per element (bias-corrected moments of one gradient):
+    with gradients near eps, the config's eps decides the step (numpy formula, rtol 1e-5)."""
+    grads = {"w": np.array([1e-7, 1e-6, 1e-3], np.float32)}
+    config = ml_collections.ConfigDict(dict(b1=0.9, b2=0.95, eps=eps, weight_decay=0.0, grad_clip_norm=None))
+    tx = optim.make_optimizer(config, 1e-3, {"w": False})
+    updates, _ = tx.update(grads, tx.init(grads), grads)
+    g = grads["w"].astype(np.float64)
+    np.testing.assert_allclose(updates["w"], -1e-3 * g / (np.abs(g) + eps), rtol=1e-5)
