@@ -15,8 +15,9 @@ into torch's hub cache), convert it once and point the config at it:
     python -m audiojepa.main --config=configs/encodecmae.py --workdir=/ckpt/encodecmae_base \
         --config.data.shards=/data/shards/as_24k --config.model.encodec_checkpoint=/ckpt/encodec24k
 
-Self-training (k-means of the stage-1 encoder's last-layer features on 10,000 frames, then 150k
-steps with the k-means stream added as a target), one command:
+Self-training (k-means of the stage-1 encoder's last-layer features on 10,000 frames drawn from
+10,000 random crops, then `config.self_training_steps` = 150k steps with the k-means stream added as a
+target), one command:
 
     python -m audiojepa.selftrain --config=configs/encodecmae.py --stage1_workdir=/ckpt/encodecmae_base \
         --workdir=/ckpt/encodecmae_base_st --config.data.shards=/data/shards/as_24k \
@@ -46,8 +47,10 @@ without the real EnCodec checkpoint:
 
   Measured on 2 CPU cores (embedded corpus version 1): stage 1 took 4m24s (~20 clips/s; the 24 kHz corpus is generated once,
   ~20 s), loss 6.84 at step 20 -> 6.53 at step 300 (ln 1024 = 6.93), masked code accuracy 0.9% ->
-  2.5%; self-training (100 steps, --config.total_steps=100) took 2m03s with the k-means (64 clusters,
-  10,000 frames) in seconds: loss_kmeans 3.82 -> 2.54, masked k-means accuracy 9% -> 28%.
+  2.5%; self-training (100 steps, `config.self_training_steps` in runlocal) took 2m03s with the k-means
+  (64 clusters, 10,000 frames) in seconds: loss_kmeans 3.82 -> 2.54, masked k-means accuracy 9% -> 28%.
+  (Measured when the k-means frames came from the first batch of crops; they are now drawn from all
+  frames of --num_clips=10,000 crops, capped at the corpus's 1,000 clips.)
   `python -m audiojepa.evaluate --encoder=/tmp/encodecmae_selftrain --task=embedded:num_clips=600,duration_s=2
   --output=/tmp/encodecmae_eval` reports it: linear 12.5 +- 4.4, kNN 16.1 (random init 13.7 / 8.9,
   log-mel 32.7 / 26.8): chance level, as expected from random EnCodec weights.
@@ -72,6 +75,7 @@ def get_config(arg=None):
     arg = parse_arg(arg, size="base", runlocal=False, targets="codes")
     config = run_config("encodecmae", batch_size=128, seed=42)
     config.total_steps = 500_000
+    config.self_training_steps = 150_000  # stage 2 (python -m audiojepa.selftrain), from step 0 in its own workdir
     config.warmup_steps = 0
     config.checkpoint_every_steps = 10_000
     config.keep_every_steps = 50_000  # the reference checkpoints every 50k steps
@@ -95,6 +99,7 @@ def get_config(arg=None):
     if arg.runlocal:  # the shared CPU smoke schedule (config_utils.apply_runlocal) minus its ViT sizes
         config.batch_size = 16
         config.total_steps = 300
+        config.self_training_steps = 100
         config.log_every_steps = 20
         config.checkpoint_every_steps = 100
         config.keep_every_steps = 0

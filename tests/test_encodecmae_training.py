@@ -59,12 +59,13 @@ def test_frame_embeddings_chunk_at_the_training_crop(stage1):
 
 
 def test_self_training_runs_end_to_end_and_is_evaluated(stage1, tmp_path):
-    config = tiny_config(total_steps=4, log_every_steps=2, checkpoint_every_steps=4)
+    config = tiny_config(self_training_steps=4, log_every_steps=2, checkpoint_every_steps=4)
     workdir = str(tmp_path / "selftrain")
-    centroids, stage1_params = selftrain.prepare(config, stage1, workdir, num_frames=200, max_iter=20)
+    centroids, stage1_params = selftrain.prepare(config, stage1, workdir, num_frames=200, max_iter=20, num_clips=24)
     assert np.load(centroids).shape == (8, 64)  # num_clusters x tiny width
     st_config = selftrain.self_training_config(config, centroids, stage1_params)
     assert st_config.model.targets == "codes+kmeans"
+    assert (config.total_steps, st_config.total_steps) == (12, 4)  # stage 2's own length
     train.train_and_evaluate(st_config, workdir, num_devices=2)
     rows = [r for r in metrics.read_metrics(workdir) if "loss" in r]
     assert rows[-1]["step"] == 4 and np.isfinite(rows[-1]["loss_kmeans"])
