@@ -46,9 +46,11 @@ def layernorm_tokens(x: jax.Array) -> jax.Array:
 
 
 def l2_normalize(x: jax.Array) -> jax.Array:
-    """x / max(‖x‖, 1e-12) over the last axis (torch.nn.functional.normalize)."""
-    norm = jnp.linalg.norm(x, axis=-1, keepdims=True)
-    return x / jnp.maximum(norm, L2_NORMALIZE_EPS)
+    """x / max(‖x‖, 1e-12) over the last axis (torch.nn.functional.normalize), written as
+    x · rsqrt(max(Σx², 1e-24)) so that an all-zero vector has a finite gradient (1e12 · I, as torch's)
+    where the gradient of jnp.linalg.norm at 0 is NaN."""
+    squared_norm = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
+    return x * jax.lax.rsqrt(jnp.maximum(squared_norm, jnp.asarray(L2_NORMALIZE_EPS ** 2, squared_norm.dtype)))
 
 
 def normalize_target(target: jax.Array, target_norm: str) -> jax.Array:

@@ -274,3 +274,21 @@ def test_audio_jepa_runlocal_trains_with_bounded_compiles(tmp_path, monkeypatch)
     assert ratios == {round(1 - int(24 * (1 - r)) / 24, 4) for r in (0.4, 0.6)}
     falls, values = _falls(rows)
     assert falls, values
+
+
+def test_l2_normalize_matches_torch_including_zero_vectors():
+    """losses.l2_normalize against torch.nn.functional.normalize (eps 1e-12), values and the gradient of a
+    weighted sum, on ordinary, tiny (< eps) and all-zero rows: torch's gradient at 0 is finite (1/eps · w);
+    jnp.linalg.norm's is NaN, which stopped a run at its first exact-zero prediction. rtol 1e-5 (float32)."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.standard_normal((3, 8)), np.full((1, 8), 3e-14), np.zeros((1, 8))]).astype(np.float32)
+    weights = rng.standard_normal(x.shape).astype(np.float32)
+    value, grad = jax.value_and_grad(lambda v: jnp.sum(losses.l2_normalize(v) * weights))(jnp.asarray(x))
+    x_torch = torch.tensor(x, requires_grad=True)
+    expected = torch.nn.functional.normalize(x_torch, dim=-1, eps=1e-12)
+    (expected * torch.tensor(weights)).sum().backward()
+    np.testing.assert_allclose(losses.l2_normalize(jnp.asarray(x)), expected.detach().numpy(), rtol=1e-5, atol=1e-7)
+    assert np.isfinite(np.asarray(grad)).all()
+    np.testing.assert_allclose(grad, x_torch.grad.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(value, float((expected * torch.tensor(weights)).sum()), rtol=1e-5)

@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from audiojepa.losses import L2_NORMALIZE_EPS
+from audiojepa.losses import l2_normalize
 
 HEAD_INIT_STD = 0.02  # truncated-normal std of the MLP and prototype weights (DINO / MATPAC init)
 
@@ -54,7 +54,7 @@ class ClassificationHead(nn.Module):
             if not last:
                 x = nn.gelu(x, approximate=False)
         x = x.astype(jnp.float32)
-        x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), L2_NORMALIZE_EPS)
+        x = l2_normalize(x)
         direction = self.param("prototypes_direction", init, (self.bottleneck_dim, self.num_prototypes))
         gain = self.param("prototypes_gain", nn.initializers.ones, (self.num_prototypes,))
         if not self.train_gain:
