@@ -72,6 +72,17 @@ class RunCounters:
                      self.nonfinite_skipped_batches, os.path.join(workdir, SUMMARY_FILE))
 
 
+def _run_periodic_eval(name: str, evaluator, eval_encoder, step: int) -> dict[str, float]:
+    """`eval/<name>/<metric>` values of one periodic evaluation. An evaluation that fails is logged with
+    its traceback and reported as `eval/<name>/failed` = 1; it never ends the training run (whose
+    checkpoint for this step is already started)."""
+    try:
+        return {f"eval/{name}/{key}": value for key, value in evaluator.run(eval_encoder)}
+    except Exception:  # noqa: BLE001 -- a broken probe must not end a week-long run
+        logging.exception("periodic evaluation config.evals.%s failed at step %d; training goes on", name, step)
+        return {f"eval/{name}/failed": 1.0}
+
+
 def steps_and_warmup(config, num_clips: int) -> tuple[int, int, int]:
     """(total_steps, warmup_steps, steps_per_epoch) from `config.total_steps` or epochs x epoch size."""
     steps_per_epoch = max(1, num_clips // config.batch_size) if num_clips > 0 else 0
@@ -335,6 +346,8 @@ def _train_on_mesh(config, workdir: str, mesh, *, stop_after: int | None) -> dic
                     writer.write(step, row)
                     metrics_lib.log_progress(progress, step, row)
                 last_logged = row
+            saved = checkpointing.save(manager, step, state, data_iter, {**meta, "counters": counters.as_dict()},
+                                       force=last_step)
             # No evaluation on preemption: the grace period before SIGKILL is for the checkpoint.
             due = [(name, ev) for name, every, ev in periodic_evals
                    if (step % every == 0 or last_step) and not preempted]
@@ -342,11 +355,16 @@ def _train_on_mesh(config, workdir: str, mesh, *, stop_after: int | None) -> dic
                 manager.wait_until_finished()  # an evaluation never overlaps a checkpoint write
                 eval_encoder.params = jax.device_get(methods.encoder_params(method, state["params"],
                                                                             state["target_params"]))
-                row = {f"eval/{name}/{key}": value for name, ev in due for key, value in ev.run(eval_encoder)}
+                row = {}
+                for name, ev in due:
+                    row.update(_run_periodic_eval(name, ev, eval_encoder, step))
                 writer.write(step, row)
                 logging.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in row.items()))
-            checkpointing.save(manager, step, state, data_iter, {**meta, "counters": counters.as_dict()},
-                               force=last_step)
+                if watcher.requested and not last_step:  # the signal came during the evaluation
+                    preempted = True
+                    if not saved:
+                        checkpointing.save(manager, step, state, data_iter,
+                                           {**meta, "counters": counters.as_dict()}, force=True)
             if preempted:
                 logging.warning("preemption signal at step %d: checkpoint saved, exiting", step)
                 break

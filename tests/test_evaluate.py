@@ -76,16 +76,46 @@ def test_evaluate_cli_writes_the_report(random_export, tmp_path):
 
 
 @pytest.mark.slow
-def test_periodic_evaluation_is_logged_with_training_metrics(tmp_path):
+def test_periodic_evaluation_is_logged_with_training_metrics(tmp_path, monkeypatch):
+    """Evaluations at steps 3 and 6; the first one fails inside the probe (patched to raise once): the
+    failure is logged as eval/<name>/failed, training goes on, and both checkpoints are kept."""
     import run_helpers as rh
+    from audiojepa import checkpointing
+    from audiojepa.evaluation import probes
 
+    real_evaluate_task, calls = probes.evaluate_task, []
+
+    def fails_the_first_time(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("probe blew up")
+        return real_evaluate_task(*args, **kwargs)
+
+    monkeypatch.setattr(probes, "evaluate_task", fails_the_first_time)
     config = rh.tiny_config()
     config.evals = {"knn_embedded": {"type": "knn", "task": "embedded:num_clips=160,duration_s=1", "every_steps": 3}}
     workdir = str(tmp_path / "run")
     train.train_and_evaluate(config, workdir, num_devices=1)
-    rows = [r for r in metrics.read_metrics(workdir) if "eval/knn_embedded/knn" in r]
-    assert [r["step"] for r in rows] == [3, 6]
-    assert all(0.0 <= r["eval/knn_embedded/knn"] <= 1.0 for r in rows)
+    rows = [r for r in metrics.read_metrics(workdir) if any(k.startswith("eval/") for k in r)]
+    assert [(r["step"], sorted(k for k in r if k.startswith("eval/"))) for r in rows] == [
+        (3, ["eval/knn_embedded/failed"]), (6, ["eval/knn_embedded/knn"])]
+    assert rows[0]["eval/knn_embedded/failed"] == 1.0 and 0.0 <= rows[1]["eval/knn_embedded/knn"] <= 1.0
+    manager = checkpointing.make_manager(workdir, every_steps=3, read_only=True)
+    assert sorted(manager.all_steps()) == [3, 6]
+    manager.close()
+
+
+def test_a_periodic_evaluation_task_with_an_empty_split_fails_at_start_naming_the_key():
+    """64 embedded clips fill only the training split (valid and test start at clip 64): an error when the
+    evaluator is built, i.e. before the first step, not at the first evaluation."""
+    from audiojepa.evaluation import evaluators
+
+    evals = {"knn": {"type": "knn", "task": "embedded:num_clips=64,duration_s=1", "every_steps": 2}}
+    with pytest.raises(ValueError, match=r"config\.evals\.knn\.task='embedded:num_clips=64,duration_s=1': "
+                                         r"the 'test' split is empty"):
+        evaluators.from_config(evals, sample_rate=16000)
+    with pytest.raises(ValueError, match=r"config\.evals\.knn\.every_steps='often'"):
+        evaluators.from_config({"knn": {"task": "embedded", "every_steps": "often"}}, sample_rate=16000)
 
 
 def test_periodic_evaluators_can_be_set_from_the_command_line():

@@ -22,13 +22,21 @@ TYPES = ("knn", "linear")
 class TaskEvaluator:
     """kNN and/or linear-probe scores of an encoder on one task."""
 
-    def __init__(self, task_spec: str, *, sample_rate: int, kind: str = "knn", seeds=(42,), batch_size: int = 32):
+    def __init__(self, task_spec: str, *, sample_rate: int, kind: str = "knn", seeds=(42,), batch_size: int = 32,
+                 name: str = "*"):
+        """Loads the task and checks its splits now (not at the first evaluation, maybe days into a run);
+        errors name `config.evals.<name>`."""
         if kind not in TYPES:
-            raise ValueError(f"config.evals.*.type={kind!r}; valid: {TYPES}")
+            raise ValueError(f"config.evals.{name}.type={kind!r}; valid: {TYPES}")
         self.kind = kind
         self.seeds = tuple(seeds)
         self.batch_size = batch_size
         self.task = tasks.load_task(task_spec, sample_rate=sample_rate)
+        try:
+            probes.check_splits(self.task.label_array(), self.task.splits, multilabel=self.task.multilabel,
+                                num_classes=len(self.task.classes))
+        except ValueError as e:
+            raise ValueError(f"config.evals.{name}.task={task_spec!r}: {e}") from e
 
     def run(self, audio_encoder) -> Iterator[tuple[str, float]]:
         from audiojepa.evaluate import embed_task
@@ -49,12 +57,15 @@ def from_config(evals_config, *, sample_rate: int) -> list[tuple[str, int, TaskE
     """[(name, every_steps, evaluator)] for each entry of `config.evals`."""
     out = []
     for name, cfg in (evals_config or {}).items():
-        every = int(cfg.get("every_steps", 0))
+        try:
+            every = int(cfg.get("every_steps", 0))
+        except (TypeError, ValueError):
+            every = 0
         if every <= 0:
-            raise ValueError(f"config.evals.{name}.every_steps must be > 0")
+            raise ValueError(f"config.evals.{name}.every_steps={cfg.get('every_steps')!r}; it must be an int > 0")
         if "task" not in cfg:
             raise ValueError(f"config.evals.{name}.task is missing (a task folder, shard set, 'embedded' or 'tfds:NAME')")
         out.append((name, every, TaskEvaluator(cfg["task"], sample_rate=sample_rate, kind=cfg.get("type", "knn"),
                                                seeds=tuple(cfg.get("seeds", (42,))),
-                                               batch_size=int(cfg.get("batch_size", 32)))))
+                                               batch_size=int(cfg.get("batch_size", 32)), name=name)))
     return out

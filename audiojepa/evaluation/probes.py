@@ -520,6 +520,15 @@ def _check_task_inputs(embeddings, labels, splits, *, multilabel: bool, num_clas
         raise ValueError(f"splits must be [n_clips]; got shape {splits.shape}")
 
 
+def check_splits(labels: np.ndarray, splits: np.ndarray, *, multilabel: bool, num_classes: int) -> None:
+    """Raises the ValueError evaluate_task would raise for these labels and splits (an empty 'train' or
+    'test' split, fewer than 2 folds, a test class never seen in training), without embedding anything:
+    for checking a task when it is configured rather than when it is first evaluated."""
+    labels = np.asarray(labels)
+    for plan in _plan_splits(np.asarray(splits))[0]:
+        _check_class_coverage(labels, plan, multilabel=multilabel, num_classes=num_classes)
+
+
 def _plan_splits(splits: np.ndarray) -> tuple[list, bool]:
     """[(fold id or None, train idx, valid idx or None, test idx)], and whether splits are folds."""
     if splits.dtype.kind in "USO":
