@@ -84,16 +84,30 @@ def _run_periodic_eval(name: str, evaluator, eval_encoder, step: int) -> dict[st
 
 
 def steps_and_warmup(config, num_clips: int) -> tuple[int, int, int]:
-    """(total_steps, warmup_steps, steps_per_epoch) from `config.total_steps` or epochs x epoch size."""
-    steps_per_epoch = max(1, num_clips // config.batch_size) if num_clips > 0 else 0
+    """(total_steps, warmup_steps, steps_per_epoch) from `config.total_steps` or epochs x epoch size.
+
+    num_clips: clips in the shard set (-1 when unknown: shards without a manifest.json). Epoch-based
+    settings then raise, naming the key to set instead, rather than giving no warm-up.
+    """
+    batch_size = int(config.batch_size)
+    if batch_size <= 0:
+        raise ValueError(f"config.batch_size={config.batch_size!r}; it must be > 0 (the global batch).")
+    steps_per_epoch = max(1, num_clips // batch_size) if num_clips > 0 else 0
     total = int(config.get("total_steps") or 0)
     if total <= 0:
         if not steps_per_epoch:
             raise ValueError("config.total_steps must be set when the shards have no manifest (clip count unknown)")
         total = int(config.num_epochs * steps_per_epoch)
+        if total <= 0:
+            raise ValueError(f"config.num_epochs={config.num_epochs!r} gives {total} steps of {steps_per_epoch} per "
+                             "epoch: nothing to train. Set config.num_epochs or config.total_steps > 0.")
     warmup = config.get("warmup_steps")
     if warmup is None or warmup < 0:
-        warmup = int(config.get("warmup_epochs", 0) * steps_per_epoch)
+        warmup_epochs = config.get("warmup_epochs", 0)
+        if warmup_epochs and not steps_per_epoch:
+            raise ValueError(f"config.warmup_epochs={warmup_epochs} needs the clip count, and the shards have no "
+                             "manifest.json; set config.warmup_steps instead.")
+        warmup = int(warmup_epochs * steps_per_epoch)
     return total, int(warmup), steps_per_epoch
 
 

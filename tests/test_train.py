@@ -101,3 +101,37 @@ def test_workdir_holds_config_metrics_and_meta(tmp_path):
     step, meta = checkpointing.restore_meta(workdir)
     assert step == 6 and meta["method"] == "m2d" and meta["frontend"]["n_mels"] == 80
     assert meta["crop_frames"] == 48 and len(meta["norm_stats"]) == 2
+
+
+def test_steps_and_warmup_from_epochs_or_steps():
+    """The recipes' epoch settings (configs/m2d.py: 300 epochs, 20 warm-up, batch 2048) turned into steps
+    from the shard set's clip count; explicit steps override them; what cannot be computed is an error
+    naming the key, never a silent zero."""
+    from audiojepa.config_utils import load_config
+
+    config = load_config("configs/m2d.py")
+    assert (config.total_steps, config.warmup_steps, config.num_epochs, config.warmup_epochs) == (0, -1, 300, 20)
+    clips = 2_012_615  # AudioSet-2M as MATPAC counts it: 982 steps of 2048 per epoch
+    assert train.steps_and_warmup(config, clips) == (300 * 982, 20 * 982, 982)
+    config.warmup_steps = 500
+    assert train.steps_and_warmup(config, clips) == (300 * 982, 500, 982)
+    config.total_steps = 1000
+    assert train.steps_and_warmup(config, clips) == (1000, 500, 982)
+    assert train.steps_and_warmup(config, 100) == (1000, 500, 1)  # fewer clips than a batch: one step an epoch
+
+    config = load_config("configs/m2d.py")
+    with pytest.raises(ValueError, match="config.total_steps must be set"):
+        train.steps_and_warmup(config, -1)  # no manifest: no clip count
+    config.total_steps = 1000
+    with pytest.raises(ValueError, match=r"config.warmup_epochs=20 needs the clip count.*config.warmup_steps"):
+        train.steps_and_warmup(config, -1)
+    config.warmup_steps = 10
+    assert train.steps_and_warmup(config, -1) == (1000, 10, 0)
+
+    config = load_config("configs/m2d.py")
+    config.num_epochs = 0
+    with pytest.raises(ValueError, match="config.num_epochs=0 gives 0 steps"):
+        train.steps_and_warmup(config, clips)
+    config.batch_size = 0
+    with pytest.raises(ValueError, match="config.batch_size=0"):
+        train.steps_and_warmup(config, clips)
