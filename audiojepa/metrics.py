@@ -14,19 +14,26 @@ import time
 
 
 class MetricWriter:
-    """Scalar metrics to `metrics.jsonl` and TensorBoard; a no-op when `enabled` is False."""
+    """Scalar metrics to `metrics.jsonl` and TensorBoard; a no-op when `enabled` is False.
 
-    def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True):
+    `start_step`: the step the run starts (or resumes) from. Rows logged after it by an earlier attempt
+    (one killed after its last checkpoint) are dropped from `metrics.jsonl`, and TensorBoard purges its
+    events after it, so a resumed run's log holds each step once.
+    """
+
+    def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True, start_step: int = 0):
         self.enabled = enabled
         self._tb = None
         if not enabled:
             return
         os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        path = os.path.join(workdir, "metrics.jsonl")
+        drop_rows_after(path, start_step)
+        self._jsonl = open(path, "a")
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tb"), flush_secs=30)
+            self._tb = SummaryWriter(os.path.join(workdir, "tb"), flush_secs=30, purge_step=start_step + 1)
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:
@@ -44,6 +51,34 @@ class MetricWriter:
             self._jsonl.close()
             if self._tb is not None:
                 self._tb.close()
+
+
+def drop_rows_after(path: str, step: int) -> int:
+    """Rewrites the JSON-lines file `path` (atomically) without its rows whose "step" is > `step`;
+    returns how many were dropped (0, file untouched, when none or no file). A torn last line (a kill
+    mid-write) is dropped too."""
+    if not os.path.exists(path):
+        return 0
+    kept, dropped = [], 0
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                dropped += 1
+                continue
+            if int(row.get("step", 0)) > step:
+                dropped += 1
+            else:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    if dropped:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+        logging.info("%s: dropped %d rows logged after step %d by an earlier attempt (resuming from %d)",
+                     path, dropped, step, step)
+    return dropped
 
 
 def read_metrics(workdir: str) -> list[dict]:

@@ -300,7 +300,8 @@ def _train_on_mesh(config, workdir: str, mesh, *, stop_after: int | None) -> dic
         eval_encoder = encoder_lib.AudioEncoder(
             config.method, config.model, input_shape, spec.frontend, (spec.norm_mean, spec.norm_std),
             jax.device_get(methods.encoder_params(method, state["params"], state["target_params"])))
-    writer = metrics_lib.MetricWriter(workdir, enabled=is_main, tensorboard=config.get("tensorboard", True))
+    writer = metrics_lib.MetricWriter(workdir, enabled=is_main, tensorboard=config.get("tensorboard", True),
+                                      start_step=start_step)
     progress = metrics_lib.Progress(first_step=start_step, total_steps=total_steps,
                                     global_batch_size=config.batch_size)
     log_every = max(1, int(config.log_every_steps))

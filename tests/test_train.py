@@ -22,7 +22,12 @@ def test_interrupted_run_resumes_exactly(tmp_path):
     train.train_and_evaluate(rh.tiny_config(), straight, num_devices=1)
     train.train_and_evaluate(rh.tiny_config(), interrupted, stop_after=3, num_devices=1)
     assert rh.latest_state(interrupted)[0] == 3
+    # As if the first attempt had logged steps 4 and 5 (the second torn by the kill) before dying
+    # without a checkpoint: the resumed run logs them again, once.
+    with open(os.path.join(interrupted, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 4, "loss": 123.0}\n{"step": 5, "lo')
     train.train_and_evaluate(rh.tiny_config(), interrupted, num_devices=1)  # resumes from step 3
+    assert [r["step"] for r in metrics.read_metrics(interrupted) if "loss" in r] == [1, 2, 3, 4, 5, 6]
     (step_a, state_a), (step_b, state_b) = rh.latest_state(straight), rh.latest_state(interrupted)
     assert step_a == step_b == 6
     for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
