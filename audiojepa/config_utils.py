@@ -79,6 +79,7 @@ def run_config(method: str, *, batch_size: int, seed: int = 0) -> ml_collections
         "keep_every_steps": 0,  # > 0: also keep every checkpoint whose step is a multiple of this
         "async_checkpoints": True,
         "nonfinite_policy": "stop",  # NaN/Inf loss: "stop" the run, or "skip" the batch and go on
+        "allow_resume_changes": False,  # True: resume even if method, seed, batch, model or input changed
         "tensorboard": True,
         # Periodic evaluators (audiojepa/evaluation/evaluators.py), none by default; from the command line:
         # --config.evals='{"knn": {"type": "knn", "task": "embedded", "every_steps": 250}}'

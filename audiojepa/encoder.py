@@ -98,15 +98,21 @@ class AudioEncoder:
         return int(n_mels // self.patch_size[0]) * int(tokens.shape[-1])
 
     def waveform_frame_features(self, waveform: np.ndarray) -> np.ndarray:
-        """Waveform models: [batch, samples] -> [batch, ceil(samples / hop), D], chunked at the training crop."""
+        """Waveform models: [batch, samples] -> [batch, ceil(samples / hop), D], chunked at the training crop.
+
+        Each chunk is encoded on its own, the last (shorter) one at its own length rounded up to whole
+        frames, as EncodecMAE's reference does (shared/reference/encodecmae.md §1.14): padding it to a
+        full chunk would let its frames attend to the silence. Each distinct last-chunk length compiles
+        once (clips of one length: one extra compile).
+        """
         waveform = np.atleast_2d(np.asarray(waveform, np.float32))
         chunk, hop = self.input_shape[0], self.method.frame_hop_samples
         outputs = []
         for start in range(0, waveform.shape[1], chunk):
             piece = waveform[:, start:start + chunk]
             frames = -(-piece.shape[1] // hop)
-            if piece.shape[1] < chunk:  # one compiled shape: pad to a full chunk, keep the real frames
-                piece = np.pad(piece, ((0, 0), (0, chunk - piece.shape[1])))
+            if piece.shape[1] < frames * hop:  # less than one hop of zeros, where EnCodec would pad anyway
+                piece = np.pad(piece, ((0, 0), (0, frames * hop - piece.shape[1])))
             outputs.append(np.asarray(self._encode(self.params, jnp.asarray(piece)))[:, :frames])
         return np.concatenate(outputs, axis=1)
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from audiojepa import checkpointing, frontend, methods, metrics as metrics_lib, optim, sharding
+from audiojepa import checkpointing, frontend, methods, metrics as metrics_lib, optim, resume_check, sharding
 from audiojepa.data import pipeline, records, stats, target_records
 
 # config.nonfinite_policy: "stop" raises NonFiniteLossError at the first NaN/Inf loss or gradient;
@@ -228,9 +228,6 @@ def _train_on_mesh(config, workdir: str, mesh, *, stop_after: int | None) -> dic
                          "APIs); use a path every process sees, e.g. an NFS share or a Cloud Storage FUSE mount")
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
-    if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=1))
 
     local_batch = sharding.check_batch_size(config.batch_size, mesh)
     spec = pipeline.resolve_data_spec(config.data)
@@ -262,6 +259,12 @@ def _train_on_mesh(config, workdir: str, mesh, *, stop_after: int | None) -> dic
     manager = checkpointing.manager_from_config(workdir, config)
     latest = manager.latest_step()
     saved_meta = checkpointing.restore_meta_item(manager, latest) if latest is not None else {}
+    resume_check.check(saved_meta.get("config"), config, step=latest, workdir=workdir)
+    if is_main:  # after the check, so that a refused resume leaves the run's config.json as it was
+        tmp = os.path.join(workdir, "config.json.tmp")
+        with open(tmp, "w") as f:
+            f.write(config.to_json_best_effort(indent=1))
+        os.replace(tmp, os.path.join(workdir, "config.json"))
     # The data position is decided before the iterator is built: after a change of process count the
     # Grain state cannot be restored and the stream is rebuilt from the step (see pipeline.plan_resume).
     position, restore_iterator = pipeline.plan_resume(

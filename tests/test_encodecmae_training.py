@@ -52,9 +52,14 @@ def test_frame_embeddings_chunk_at_the_training_crop(stage1):
     wave = np.random.default_rng(0).standard_normal((2, 9600 * 2 + 1000)).astype(np.float32) * 0.1
     frames, clip = enc.embed_waveform(wave)
     assert frames.shape == (2, 30 + 30 + 4, enc.feature_dim)  # ceil(1000 / 320) = 4 frames from the last chunk
-    # Each chunk is encoded on its own: the first chunk's frames equal encoding it alone.
+    # Each chunk is encoded on its own: the first chunk's frames equal encoding it alone, and so do the
+    # last one's (1000 samples, 4 frames), not padded to a full chunk of silence that it would attend to.
     alone, _ = enc.embed_waveform(wave[:, :9600])
     np.testing.assert_allclose(frames[:, :30], alone, rtol=1e-5, atol=1e-5)
+    tail = np.asarray(enc._encode(enc.params, np.pad(wave[:, -1000:], ((0, 0), (0, 280)))))
+    np.testing.assert_allclose(frames[:, -4:], tail, rtol=1e-5, atol=1e-5)
+    padded = np.asarray(enc._encode(enc.params, np.pad(wave[:, -1000:], ((0, 0), (0, 9600 - 1000)))))[:, :4]
+    assert np.abs(padded - tail).max() > 1e-3  # what padding to the full chunk used to give
     np.testing.assert_allclose(clip, frames.mean(axis=1), rtol=1e-6)
 
 

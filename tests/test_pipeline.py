@@ -214,3 +214,54 @@ def test_compute_stats_cli_writes_stats_the_config_picks_up(shard_dir, tmp_path)
     spec = pipeline.resolve_data_spec(cfg)
     assert (spec.norm_mean, spec.norm_std) == (mean, std)
     assert -20 < mean < 5 and 0.5 < std < 10
+
+
+def test_a_truncated_or_short_shard_is_an_error_naming_it(shard_dir, tmp_path):
+    import shutil
+
+    folder = str(tmp_path / "copy")
+    shutil.copytree(shard_dir, folder)
+    paths, manifest = shards.resolve_shards(folder)
+    spec = pipeline.DataSpec(tuple(paths), PARAMS, CROP_FRAMES, -5.0, 3.0, manifest["num_clips"], manifest=manifest)
+    assert pipeline.manifest_shard_sizes(spec) == manifest["shard_num_clips"]
+    with open(paths[1], "r+b") as f:  # a partial copy: the file's second half is missing
+        f.truncate(os.path.getsize(paths[1]) // 2)
+    with pytest.raises(RuntimeError, match=f"cannot read shard {paths[1]}"):
+        pipeline.make_dataset(spec, batch_size=4, seed=0)
+    # A shard that reads fine but holds fewer records than the manifest lists.
+    shutil.copy(os.path.join(shard_dir, os.path.basename(paths[0])), paths[1])
+    with pytest.raises(ValueError, match=rf"{paths[1]} holds \d+ records where its manifest.json lists \d+"):
+        pipeline.make_dataset(spec, batch_size=4, seed=0)
+
+
+def test_a_read_error_is_retried_and_corruption_is_not(shard_dir, monkeypatch):
+    """A storage hiccup (OSError on the first reads) is waited out and the element is the record itself,
+    with nothing counted as skipped; an error that says the data are corrupt skips the record at once."""
+    monkeypatch.setattr(pipeline, "READ_RETRY_DELAYS_S", (0.0, 0.0, 0.0))
+    paths, _ = shards.resolve_shards(shard_dir)
+    source = pipeline.ClipSource(paths, sample_rate=SR)
+    expected = source[5]
+
+    class Flaky:
+        def __init__(self, inner, failures, message):
+            self.inner, self.failures, self.message, self.calls = inner, failures, message, 0
+
+        def __getitem__(self, i):
+            self.calls += 1
+            if self.calls <= self.failures:
+                raise OSError(self.message)
+            return self.inner[i]
+
+    real = source._source
+    source._source = Flaky(real, 3, "Stale file handle")
+    got = source[5]
+    assert source._source.calls == 4 and int(got["skipped_records"]) == 0
+    np.testing.assert_array_equal(got["waveform"], expected["waveform"])
+
+    source._source = Flaky(real, 4, "Stale file handle")  # still failing after every retry: skipped, counted
+    got = source[5]
+    assert int(got["skipped_records"]) == 1 and int(got["record_index"]) == 6
+
+    source._source = Flaky(real, 1, "Corrupted Riegeli/records file: chunk data hash mismatch")
+    got = source[5]
+    assert source._source.calls == 2 and int(got["skipped_records"]) == 1  # no retry: the next record

@@ -73,9 +73,11 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     workdir = str(tmp_path / "nan")
     train.train_and_evaluate(rh.tiny_config(), workdir, stop_after=3, num_devices=1)
     _, good = rh.latest_state(workdir)
-    # Zero std: every normalised input is +-inf, so the loss is NaN from the first resumed step.
+    # Zero std: every normalised input is +-inf, so the loss is NaN from the first resumed step (a change
+    # of input on resume, which the resume check refuses unless allowed).
     with pytest.raises(train.NonFiniteLossError, match="latest checkpoint \\(3\\)"):
-        train.train_and_evaluate(rh.tiny_config(**{"data.norm_stats": "0,0"}), workdir, num_devices=1)
+        train.train_and_evaluate(rh.tiny_config(**{"data.norm_stats": "0,0", "allow_resume_changes": True}),
+                                 workdir, num_devices=1)
     step, after = rh.latest_state(workdir)
     assert step == 3
     for a, b in zip(jax.tree.leaves(good), jax.tree.leaves(after)):

@@ -24,6 +24,7 @@ import bisect
 import dataclasses
 import logging
 import os
+import time
 
 import grain
 import numpy as np
@@ -35,8 +36,37 @@ from audiojepa.data import records, shards, stats, target_records
 # How many consecutive undecodable records a read may step over before giving up: far beyond any
 # plausible local corruption, while a shard set that is wholesale unreadable still fails loudly.
 MAX_CONSECUTIVE_BAD_RECORDS = 256
+# Pauses (s) before re-reading a record whose read failed with an error that is not corruption (an NFS,
+# Lustre or FUSE hiccup): ~30 s in all, so that a short outage is waited out, not counted as bad records.
+READ_RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+CORRUPTION_MARKERS = ("corrupt", "hash mismatch", "invalid", "truncated")
 WAVEFORM = "waveform"  # DataSpec.kind of ordinary clip shards (their manifest has no "kind")
 KINDS = (WAVEFORM, target_records.KIND)
+
+
+def shard_num_records(path: str) -> int:
+    """Records in one ArrayRecord shard; an unreadable shard (missing, truncated, not ArrayRecord) is an
+    error naming it."""
+    try:
+        reader = array_record_module.ArrayRecordReader(path)
+        try:
+            return int(reader.num_records())
+        finally:
+            reader.close()
+    except Exception as e:  # noqa: BLE001 -- the C++ reader raises RuntimeError/OSError with no file name
+        raise RuntimeError(f"cannot read shard {path}: {e}") from e
+
+
+def manifest_shard_sizes(spec) -> list[int] | None:
+    """The manifest's per-shard record counts in spec.shard_paths' order (None without a manifest or
+    counts, or when the paths are not exactly the manifest's shards)."""
+    manifest = spec.manifest or {}
+    names, counts = manifest.get("shards"), manifest.get("shard_num_clips")
+    if not names or counts is None or len(names) != len(spec.shard_paths):
+        return None
+    by_name = dict(zip(names, counts))
+    sizes = [by_name.get(os.path.basename(p)) for p in spec.shard_paths]
+    return None if any(size is None for size in sizes) else [int(size) for size in sizes]
 
 
 class ClipSource(grain.sources.RandomAccessDataSource):
@@ -50,15 +80,18 @@ class ClipSource(grain.sources.RandomAccessDataSource):
     `skipped_by_reason`: [len(records.SKIP_REASONS)] int32, the same count split by reason.
     """
 
-    def __init__(self, paths: list[str], sample_rate: int | None = None):
+    def __init__(self, paths: list[str], sample_rate: int | None = None, expected_sizes: list[int] | None = None):
+        """paths: ArrayRecord shards; expected_sizes: their record counts as the manifest lists them
+        (`shard_num_clips`), checked so that a shard cut short by a partial copy is an error naming it."""
         self._paths = list(paths)
         self._sample_rate = sample_rate
+        sizes = [shard_num_records(p) for p in self._paths]
+        if expected_sizes is not None:
+            for path, size, expected in zip(self._paths, sizes, expected_sizes):
+                if size != expected:
+                    raise ValueError(f"{path} holds {size} records where its manifest.json lists {expected}: "
+                                     "a partial copy? Copy the shard again or re-run tools/make_shards.py")
         self._source = grain.sources.ArrayRecordDataSource(self._paths)
-        sizes = []
-        for p in self._paths:
-            reader = array_record_module.ArrayRecordReader(p)
-            sizes.append(reader.num_records())
-            reader.close()
         self._starts = np.cumsum([0] + sizes[:-1]).tolist()
         self._len = int(sum(sizes))
         if self._len == 0:
@@ -78,8 +111,8 @@ class ClipSource(grain.sources.RandomAccessDataSource):
         for skipped in range(min(MAX_CONSECUTIVE_BAD_RECORDS, self._len)):
             i = (index + skipped) % self._len
             try:
-                decoded = self._decode(self._source[i])
-            except Exception as e:  # corrupt bytes, bad codec, I/O error on one record
+                decoded = self._decode(self._read(i))
+            except Exception as e:  # corrupt bytes, bad codec, a read that failed on every retry
                 reason = getattr(e, "reason", "corrupt")
                 by_reason[records.SKIP_REASONS.index(reason)] += 1
                 path, j = self.locate(i)
@@ -91,6 +124,21 @@ class ClipSource(grain.sources.RandomAccessDataSource):
         raise RuntimeError(f"{MAX_CONSECUTIVE_BAD_RECORDS} consecutive records from record {j} of {path} "
                            "could not be used; the shard set looks corrupt or was written at another sample "
                            "rate (re-run tools/make_shards.py)")
+
+    def _read(self, index: int) -> bytes:
+        """Record `index`'s bytes. A read error that does not say the data are corrupt is retried after
+        each of READ_RETRY_DELAYS_S (a storage hiccup), then raised."""
+        for delay in (*READ_RETRY_DELAYS_S, None):
+            try:
+                return self._source[index]
+            except Exception as e:  # noqa: BLE001 -- ArrayRecord raises RuntimeError for I/O and corruption alike
+                if delay is None or any(marker in str(e).lower() for marker in CORRUPTION_MARKERS):
+                    raise
+                path, j = self.locate(index)
+                logging.warning("reading record %d of %s failed (%s: %s); retrying in %.1f s", j, path,
+                                type(e).__name__, e, delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
 
     def _decode(self, raw: bytes) -> dict:
         """Record bytes -> {"waveform": [samples] float32}; raises records.CorruptRecordError."""
@@ -106,8 +154,8 @@ class TargetSource(ClipSource):
     dtype), "codes" [T, num_codebooks] int16, "skipped_records", "skipped_by_reason", "record_index"}`, bad
     records skipped and counted as in ClipSource."""
 
-    def __init__(self, paths: list[str], num_codebooks: int):
-        super().__init__(paths)
+    def __init__(self, paths: list[str], num_codebooks: int, expected_sizes: list[int] | None = None):
+        super().__init__(paths, expected_sizes=expected_sizes)
         self._num_codebooks = int(num_codebooks)
 
     def _decode(self, raw: bytes) -> dict:
@@ -313,9 +361,11 @@ def make_dataset(
     """
     precomputed = spec.kind == target_records.KIND
     if precomputed:
-        source = TargetSource(list(spec.shard_paths), num_codebooks=int(spec.manifest["num_codebooks"]))
+        source = TargetSource(list(spec.shard_paths), num_codebooks=int(spec.manifest["num_codebooks"]),
+                              expected_sizes=manifest_shard_sizes(spec))
     else:
-        source = ClipSource(list(spec.shard_paths), sample_rate=spec.frontend.sample_rate)
+        source = ClipSource(list(spec.shard_paths), sample_rate=spec.frontend.sample_rate,
+                            expected_sizes=manifest_shard_sizes(spec))
     ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(num_epochs)
     # The crop is drawn on the global stream so that its RNG is keyed on the global element index:
     # element g is the same crop of the same clip whatever the process count.
