@@ -15,11 +15,33 @@ def is_multi_process_environment(env=None) -> bool:
     env = os.environ if env is None else env
     if env.get("JAX_COORDINATOR_ADDRESS") or env.get("AUDIOJEPA_DISTRIBUTED", "0") not in ("", "0"):
         return True
-    for key in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+    # SLURM: the tasks of this job step (srun sets SLURM_STEP_NUM_TASKS). SLURM_NTASKS is the allocation's,
+    # also set in a batch script or an salloc shell where python runs once: initializing there would
+    # wait forever for processes that never start.
+    slurm_key = "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in env else "SLURM_NTASKS"
+    for key in (slurm_key, "OMPI_COMM_WORLD_SIZE"):
         if int(env.get(key, "1") or 1) > 1:
             return True
     hosts = env.get("TPU_WORKER_HOSTNAMES", "")
     return "," in hosts or bool(env.get("MEGASCALE_COORDINATOR_ADDRESS"))
+
+
+def explicit_cluster_args(env) -> dict:
+    """jax.distributed.initialize's arguments from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+    JAX_PROCESS_ID ({} without the address: JAX detects the cluster); a missing or non-integer one is an
+    error naming it."""
+    if not env.get("JAX_COORDINATOR_ADDRESS"):
+        return {}
+    values = {}
+    for key in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        try:
+            values[key] = int(env[key])
+        except (KeyError, ValueError):
+            raise ValueError(f"JAX_COORDINATOR_ADDRESS={env['JAX_COORDINATOR_ADDRESS']} is set, so {key} must be "
+                             f"too (an int; got {env.get(key)!r}): JAX_NUM_PROCESSES is the number of processes "
+                             "and JAX_PROCESS_ID this one's index, 0 … N-1.") from None
+    return dict(coordinator_address=env["JAX_COORDINATOR_ADDRESS"], num_processes=values["JAX_NUM_PROCESSES"],
+                process_id=values["JAX_PROCESS_ID"])
 
 
 def maybe_initialize() -> None:
@@ -30,11 +52,6 @@ def maybe_initialize() -> None:
     """
     if not is_multi_process_environment():
         return
-    kwargs = {}
-    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        kwargs = dict(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
-                      num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-                      process_id=int(os.environ["JAX_PROCESS_ID"]))
-    jax.distributed.initialize(**kwargs)
+    jax.distributed.initialize(**explicit_cluster_args(os.environ))
     logging.info("process %d of %d; %d local / %d global devices", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count())

@@ -334,7 +334,7 @@ def _train_on_mesh(config, workdir: str, mesh, *, stop_after: int | None) -> dic
                 bad = [first + i for i, m in enumerate(host) if m["nonfinite"]]
                 for m in host:
                     nonfinite_in_a_row = nonfinite_in_a_row + 1 if m["nonfinite"] else 0
-                if bad and (nonfinite_policy == "stop" or nonfinite_in_a_row > MAX_CONSECUTIVE_NONFINITE):
+                if bad and (nonfinite_policy == "stop" or nonfinite_in_a_row >= MAX_CONSECUTIVE_NONFINITE):
                     manager.wait_until_finished()  # so that the checkpoint named below is committed
                     why = (f"{nonfinite_in_a_row} steps in a row up to step {bad[-1]}" if nonfinite_policy == "skip"
                            else f"step {bad[0]}")

@@ -117,3 +117,23 @@ def test_sweep_emits_cluster_jobs(capsys, monkeypatch):
     sweep.main()
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 4 and all(line.startswith("sbatch --job-name=aj-model.mask_ratio=") for line in lines)
+
+
+def test_multi_process_detection_and_explicit_cluster_args():
+    from audiojepa import distributed
+
+    detect = distributed.is_multi_process_environment
+    assert not detect({})
+    assert detect({"SLURM_NTASKS": "4"})  # older SLURM without step variables: the allocation's count
+    assert detect({"SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "4"})  # under srun
+    assert not detect({"SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "1"})  # python run once in a batch script
+    assert detect({"OMPI_COMM_WORLD_SIZE": "2"}) and detect({"TPU_WORKER_HOSTNAMES": "a,b"})
+
+    assert distributed.explicit_cluster_args({}) == {}
+    env = {"JAX_COORDINATOR_ADDRESS": "host:1234", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}
+    assert distributed.explicit_cluster_args(env) == dict(coordinator_address="host:1234", num_processes=2,
+                                                          process_id=1)
+    with pytest.raises(ValueError, match="JAX_PROCESS_ID must be too .*got None"):
+        distributed.explicit_cluster_args({k: v for k, v in env.items() if k != "JAX_PROCESS_ID"})
+    with pytest.raises(ValueError, match="JAX_NUM_PROCESSES must be too .*got 'two'"):
+        distributed.explicit_cluster_args({**env, "JAX_NUM_PROCESSES": "two"})

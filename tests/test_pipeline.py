@@ -265,3 +265,18 @@ def test_a_read_error_is_retried_and_corruption_is_not(shard_dir, monkeypatch):
     source._source = Flaky(real, 1, "Corrupted Riegeli/records file: chunk data hash mismatch")
     got = source[5]
     assert source._source.calls == 2 and int(got["skipped_records"]) == 1  # no retry: the next record
+
+
+def test_typos_in_data_config_name_the_key():
+    import ml_collections
+
+    from audiojepa.config_utils import data_config
+
+    config = ml_collections.ConfigDict({**data_config("m2d", 48).to_dict(),
+                                        "frontend": {"sample_rate": 16000, "n_melz": 80}})
+    with pytest.raises(ValueError, match=r"config.data.frontend: unknown LogMelParams keys \['n_melz'\]"):
+        pipeline.resolve_data_spec(config)
+    config = data_config("m2d", 48)
+    config.embedded.num_clip = 10
+    with pytest.raises(ValueError, match=r"config.data.embedded has unknown keys \['num_clip'\]"):
+        pipeline.resolve_data_spec(config)

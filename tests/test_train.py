@@ -142,3 +142,12 @@ def test_steps_and_warmup_from_epochs_or_steps():
     config.batch_size = 0
     with pytest.raises(ValueError, match="config.batch_size=0"):
         train.steps_and_warmup(config, clips)
+
+
+def test_skip_policy_stops_at_the_limit_of_nonfinite_steps_in_a_row(tmp_path, monkeypatch):
+    """nonfinite_policy="skip" goes on past bad batches but stops at MAX_CONSECUTIVE_NONFINITE in a row
+    (README: "stops after 20 in a row"; 3 here): zero std makes every step's loss NaN."""
+    monkeypatch.setattr(train, "MAX_CONSECUTIVE_NONFINITE", 3)
+    with pytest.raises(train.NonFiniteLossError, match=r"3 steps in a row up to step 3"):
+        train.train_and_evaluate(rh.tiny_config(**{"data.norm_stats": "0,0", "nonfinite_policy": "skip"}),
+                                 str(tmp_path / "nan"), num_devices=1)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import inspect
 import logging
 import os
 import time
@@ -260,7 +261,10 @@ def _frontend_from_config(value) -> frontend.LogMelParams:
         return frontend.get_preset(value)
     if isinstance(value, frontend.LogMelParams):
         return value
-    return frontend.LogMelParams(**dict(value))
+    try:
+        return frontend.LogMelParams.from_dict(dict(value))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"config.data.frontend: {e}") from e
 
 
 def resolve_data_spec(data_config) -> DataSpec:
@@ -280,8 +284,12 @@ def resolve_data_spec(data_config) -> DataSpec:
     if not spec:
         from audiojepa.data import embedded  # generating the corpus is rare; keep imports light
 
-        emb = data_config.get("embedded", {}) or {}
-        spec = embedded.ensure_embedded_corpus(sample_rate=params.sample_rate, **dict(emb))
+        emb = dict(data_config.get("embedded", {}) or {})
+        valid = set(inspect.signature(embedded.ensure_embedded_corpus).parameters) - {"sample_rate", "root"}
+        if set(emb) - valid:
+            raise ValueError(f"config.data.embedded has unknown keys {sorted(set(emb) - valid)}; valid: "
+                             f"{sorted(valid)}")
+        spec = embedded.ensure_embedded_corpus(sample_rate=params.sample_rate, **emb)
         if data_config.get("norm_stats", "shards") == "shards":
             embedded.ensure_stats(spec, params)
     paths, manifest = shards.resolve_shards(spec)
