@@ -48,7 +48,9 @@ def embed_task(embedder, task: tasks.Task, *, batch_size: int = 32) -> tuple[np.
         try:
             waveforms[i] = task.load_audio(i, embedder.sample_rate)
         except audio_io.BadAudioError as e:
-            task.skipped.append({"path": task.clip_ids[i], "reason": e.reason})
+            entry = {"path": task.clip_ids[i], "reason": e.reason}
+            if entry not in task.skipped:  # once per clip, however many embedders or evaluations read it
+                task.skipped.append(entry)
     by_length: dict[int, list[int]] = {}
     for i, w in waveforms.items():
         by_length.setdefault(w.shape[0], []).append(i)
@@ -86,8 +88,16 @@ def run(encoder_spec: str, task_specs: list[str], output_dir: str, *, baselines:
             candidates.append(embedders.EncoderEmbedder(random_init, name="random init"))
     results: dict[str, dict] = {c.name: {} for c in candidates}
     skipped = {}
-    for spec in task_specs:
+    specs_by_name: dict[str, str] = {}
+    loaded = []
+    for spec in task_specs:  # all loaded and checked before the first (long) evaluation
         task = tasks.load_task(spec, sample_rate=main.sample_rate)
+        if task.name in specs_by_name:
+            raise ValueError(f"--task={spec} and --task={specs_by_name[task.name]} are both named {task.name!r}; "
+                             "results are keyed by task name: rename one folder")
+        specs_by_name[task.name] = spec
+        loaded.append(task)
+    for task in loaded:
         for embedder in candidates:
             results[embedder.name][task.name] = evaluate_embedder(embedder, task, seeds=seeds, batch_size=batch_size)
         skipped[task.name] = task.skipped

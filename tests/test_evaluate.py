@@ -133,3 +133,23 @@ def test_periodic_evaluators_can_be_set_from_the_command_line():
     assert parsed_evals("--config=configs/encodecmae.py:runlocal") == {}  # every config, through run_config
     knn = {"type": "knn", "task": "embedded", "every_steps": 250}
     assert parsed_evals("--config=configs/m2d.py:runlocal", f"--config.evals={json.dumps({'knn': knn})}") == {"knn": knn}
+
+
+def test_a_clip_that_fails_to_load_is_listed_once_and_task_names_must_differ(tmp_path):
+    from audiojepa import evaluate
+    from audiojepa.evaluation import embedders, tasks
+
+    root = _task_folder(tmp_path / "tones")
+    sf.write(root / "c00.wav", np.full(800, np.nan, np.float32), 16000, subtype="FLOAT")  # found at load time
+    task = tasks.load_task(str(root), sample_rate=16000, verify_audio="header")
+    embedder = embedders.LogMelEmbedder(frontend.get_preset("m2d"), (-7.1, 4.2))
+    for _ in range(3):  # three embedders, or three periodic evaluations, of one task
+        emb, kept = evaluate.embed_task(embedder, task)
+        assert len(kept) == 31 and 0 not in kept
+    assert task.skipped == [{"path": "c00.wav", "reason": "non-finite"}]
+
+    other = tmp_path / "b"
+    other.mkdir()
+    twin = _task_folder(other / "tones")
+    with pytest.raises(ValueError, match=r"both named 'tones'"):
+        evaluate.run("logmel", [str(root), str(twin)], str(tmp_path / "out"), baselines=False, seeds=(0,))
