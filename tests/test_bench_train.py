@@ -339,9 +339,26 @@ def test_table_adds_mfu_against_the_datasheet_for_accelerator_rows():
     assert "MFU vs datasheet" not in bench_train.format_table([dict(row, datasheet_tflops=None)])
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_gemm_peak_runs_in_the_rows_dtype(dtype):
+@pytest.mark.parametrize("dtype, hlo_type", [(jnp.float32, "f32"), (jnp.bfloat16, "bf16")])
+def test_gemm_peak_runs_in_the_rows_dtype(dtype, hlo_type, monkeypatch):
+    """The timed program's matmul takes and returns `dtype` (its lowered StableHLO: every dot_general is
+    (tensor<1x64x64xT>, tensor<1x64x64xT>) -> tensor<1x64x64xT>), read through a jax.jit that records what
+    the tool compiles."""
+    lowered, real_jit = [], jax.jit
+
+    def recording_jit(fun, *args, **kwargs):
+        jitted = real_jit(fun, *args, **kwargs)
+
+        def call(*inputs):
+            lowered.append(jitted.lower(*inputs).as_text())
+            return jitted(*inputs)
+        return call
+
+    monkeypatch.setattr(jax, "jit", recording_jit)
     assert bench_train._gemm_gflops(sharding.make_mesh(1), 64, 1, dtype) > 0
+    dots = [line for text in lowered for line in text.splitlines() if "stablehlo.dot_general" in line]
+    matrix = f"tensor<1x64x64x{hlo_type}>"
+    assert dots and all(f"({matrix}, {matrix}) -> {matrix}" in line for line in dots), dots
 
 
 def test_a_failing_device_count_keeps_the_rows_of_the_others():

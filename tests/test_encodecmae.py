@@ -98,13 +98,17 @@ def test_insert_mask_tokens_puts_every_token_at_its_frame():
     np.testing.assert_array_equal(zeros, np.where((expected == mask_token).all(-1, keepdims=True), 0.0, expected))
 
 
-def test_sinusoid_table_is_the_interleaved_reference():
-    length, dim = 7, 10
+def np_sinusoid(length, dim):
+    """The reference's interleaved table in float64: channel 2i = sin(t·ω_i), 2i+1 = cos(t·ω_i)."""
     position = np.arange(length)[:, None]
     div = np.exp(np.arange(0, dim, 2) * (-np.log(10000.0) / dim))
-    expected = np.zeros((length, dim))
-    expected[:, 0::2], expected[:, 1::2] = np.sin(position * div), np.cos(position * div)
-    np.testing.assert_allclose(mae.sinusoid_table(length, dim), expected, **TOL)
+    table = np.zeros((length, dim))
+    table[:, 0::2], table[:, 1::2] = np.sin(position * div), np.cos(position * div)
+    return table
+
+
+def test_sinusoid_table_is_the_interleaved_reference():
+    np.testing.assert_allclose(mae.sinusoid_table(7, 10), np_sinusoid(7, 10), **TOL)
 
 
 def np_layer_norm(x, p, eps=mae.LAYERNORM_EPS):
@@ -124,6 +128,21 @@ def np_attention(x, p, num_heads):
     return out @ p["out"]["kernel"]
 
 
+def np_residual_stack(x, p, num_heads):
+    """ResiDualStack with a shared FFN in NumPy: (x0 + LN(x1), [depth, ...] every layer's x0)."""
+    ffn = p["ffn"]
+    x0 = x1 = x
+    layers = []
+    for i in range(sum(name.startswith("layers_") for name in p)):
+        layer = p[f"layers_{i}"]
+        a = np_attention(x0, layer["attn"], num_heads)
+        x0, x1 = np_layer_norm(x0 + a, layer["norm1"]), x1 + a
+        f = np.maximum(x0 @ ffn["fc1"]["kernel"] + ffn["fc1"]["bias"], 0) @ ffn["fc2"]["kernel"] + ffn["fc2"]["bias"]
+        x0, x1 = np_layer_norm(x0 + f, layer["norm2"]), x1 + f
+        layers.append(x0)
+    return x0 + np_layer_norm(x1, p["final_norm"]), np.stack(layers)
+
+
 def test_residual_stack_matches_numpy_with_a_shared_ffn():
     depth, heads, width, ff_dim = 2, 2, 8, 16
     x = jax.random.normal(jax.random.key(0), (2, 5, width))
@@ -135,19 +154,10 @@ def test_residual_stack_matches_numpy_with_a_shared_ffn():
     params = jax.tree.map(lambda a: (0.3 * rng.standard_normal(a.shape) + (a.ndim == 1)).astype(np.float32), shapes)
     out, layers = jax.jit(lambda p: stack.apply({"params": p}, x, return_layers=True))(params)
 
-    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
-    ffn = p["ffn"]
-    x0 = x1 = np.asarray(x, np.float64)
-    expected_layers = []
-    for i in range(depth):
-        layer = p[f"layers_{i}"]
-        a = np_attention(x0, layer["attn"], heads)
-        x0, x1 = np_layer_norm(x0 + a, layer["norm1"]), x1 + a
-        f = np.maximum(x0 @ ffn["fc1"]["kernel"] + ffn["fc1"]["bias"], 0) @ ffn["fc2"]["kernel"] + ffn["fc2"]["bias"]
-        x0, x1 = np_layer_norm(x0 + f, layer["norm2"]), x1 + f
-        expected_layers.append(x0)
-    np.testing.assert_allclose(out, x0 + np_layer_norm(x1, p["final_norm"]), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(layers, np.stack(expected_layers), rtol=1e-5, atol=1e-5)
+    expected, expected_layers = np_residual_stack(np.asarray(x, np.float64),
+                                                  jax.tree.map(lambda a: np.asarray(a, np.float64), params), heads)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(layers, expected_layers, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("size, encoder_m, decoder_m, head_m, total_m", [
@@ -184,6 +194,45 @@ def test_tiny_model_shapes_and_the_encoder_sees_visible_frames_only(method, stat
     # A visible frame does matter.
     changed_visible = features.at[:, visible_idx[0, 0]].add(1.0)
     assert not np.allclose(forward(changed_visible)["codes"], out["codes"])
+
+
+@pytest.mark.parametrize("learned_mask_token", [False, True])
+def test_model_forward_matches_numpy(learned_mask_token):
+    """EncodecMAEModel.__call__ against NumPy float64: input_proj, + s_enc·table, the visible frames (in
+    visible_idx's order, not sorted), the encoder stack, decoder_proj, the mask token (zeros, or the learned
+    one) at the masked frames, + s_dec·table, the decoder stack, the head. Random params everywhere and
+    position scales 0.6 and 1.7 (not 1, and different, so a dropped or swapped scale shows). Tolerance as
+    the stack's: 1e-5 (float32 against float64, values of order 1)."""
+    heads, num_codebooks, codebook_size = 2, 2, 5
+    model = mae.EncodecMAEModel(width=8, encoder_depth=2, decoder_depth=1, num_heads=heads, ff_dim=16,
+                                num_codebooks=num_codebooks, codebook_size=codebook_size,
+                                learned_mask_token=learned_mask_token)
+    batch, frames, num_visible = 2, 7, 4
+    rng = np.random.default_rng(0)
+    order = np.stack([rng.permutation(frames) for _ in range(batch)]).astype(np.int32)
+    visible_idx, masked_idx = order[:, :num_visible], order[:, num_visible:]
+    features = rng.standard_normal((batch, frames, 128)).astype(np.float32)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), features, visible_idx, masked_idx)["params"]
+    params = jax.tree.map(lambda a: (0.3 * rng.standard_normal(a.shape) + (a.ndim == 1)).astype(np.float32), shapes)
+    params["encoder_positions"]["scale"], params["decoder_positions"]["scale"] = np.float32(0.6), np.float32(1.7)
+    out = jax.jit(model.apply)({"params": params}, features, visible_idx, masked_idx)
+
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    table = np_sinusoid(frames, 8)
+    x = features.astype(np.float64) @ p["input_proj"]["kernel"] + p["input_proj"]["bias"] + 0.6 * table
+    encoded, _ = np_residual_stack(np.take_along_axis(x, visible_idx[..., None], axis=1), p["encoder"], heads)
+    decoder_in = np.zeros((batch, frames, 8))
+    for b in range(batch):
+        decoder_in[b, visible_idx[b]] = encoded[b] @ p["decoder_proj"]["kernel"] + p["decoder_proj"]["bias"]
+        decoder_in[b, masked_idx[b]] = p["mask_token"] if learned_mask_token else 0.0
+    decoded, _ = np_residual_stack(decoder_in + 1.7 * table, p["decoder"], heads)
+    codes = (decoded @ p["head"]["kernel"] + p["head"]["bias"]).reshape(batch, frames, num_codebooks, codebook_size)
+    np.testing.assert_allclose(out["encoded"], encoded, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out["codes"], codes, rtol=1e-5, atol=1e-5)
+    # Every masked frame enters the decoder as the same token; only its position code sets it apart.
+    for b in range(batch):
+        first, second = masked_idx[b, :2]
+        assert np.abs(np.asarray(out["codes"][b, first] - out["codes"][b, second])).max() > 1e-2
 
 
 def test_encode_and_variants_shapes(method, state, waveform):

@@ -2,7 +2,10 @@
 
 Tolerances: float32 activations and losses within ATOL = 1e-4 absolute (measured: ≤ ~3e-6);
 gradients within GRAD_RTOL = 1e-4 of each tensor's largest torch gradient (max |Δ| / max |g_torch|),
-and the global gradient norm within 1e-4 relative. One AdamW step + EMA within 1e-4 absolute.
+and the global gradient norm within 1e-4 relative. One AdamW step + EMA: the parameters after it within
+1e-4 absolute, and the step itself (after − before, against torch's after − before) within 4 float32 ulps of
+the tensor's largest |p|: the EMA moves the target by ≤ 2.2e-5 and the weight decay a parameter by
+lr·wd·|p| ≤ 7e-6, both far below 1e-4 but ≥ 10× that tolerance (_assert_step_matches_torch).
 """
 
 import os
@@ -17,6 +20,9 @@ from audiojepa.methods import m2d
 
 ATOL = 1e-4
 GRAD_RTOL = 1e-4
+# AdamW's epsilon in the fixture's step. Its first step is lr·g/(|g| + eps) per element: where |g| < 100·eps,
+# that turns float32 gradient rounding (ours and torch's differ by ~1e-9 there) into up to ~1e-5 of update.
+ADAM_EPS = 1e-8
 
 FIXTURES = Path(os.environ.get("AUDIOJEPA_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures"))
 M2D_FIXTURES = FIXTURES / "m2d"
@@ -216,7 +222,7 @@ def test_gradients(grads, ref):
     assert abs(norm - float(ref["grad_global_norm_preclip"])) < 1e-4 * norm
 
 
-def test_one_training_step(method, converted, grads, ref):
+def test_one_training_step(method, converted, grads, ref, state_dict):
     """clip 3.0 → AdamW(1e-3, 0.9/0.95, wd 0.05 on weight_decay_mask) → update_targets at τ = 0.99995."""
     params, target_params = converted
     mask = method.weight_decay_mask(params)
@@ -226,7 +232,7 @@ def test_one_training_step(method, converted, grads, ref):
 
     # First AdamW step in NumPy (bias-corrected moments are g and g²); the global norm 2.16 < 3 leaves
     # clipping inactive.
-    lr, weight_decay, eps = float(ref["step_lr"]), float(ref["step_weight_decay"]), 1e-8
+    lr, weight_decay, eps = float(ref["step_lr"]), float(ref["step_weight_decay"]), ADAM_EPS
 
     def adamw_first_step(p, g, decay):
         p, g = np.asarray(p, np.float64), np.asarray(g, np.float64)
@@ -236,12 +242,42 @@ def test_one_training_step(method, converted, grads, ref):
     # The fixture's τ = 0.99995 is ema_decay_init, i.e. τ at step 0.
     assert abs(float(method.ema_decay(0, 1000)) - float(ref["step_ema_decay"])) < 1e-9
     new_target = jax.jit(method.update_targets, static_argnums=3)(new_params, target_params, 0, 1000)
+    _assert_step_matches_torch({"params": new_params, "target_params": new_target}, state_dict, ref)
 
-    after = {name[len("after_step/"):]: value for name, value in ref.items() if name.startswith("after_step/")}
-    ours = {"params": new_params, "target_params": new_target}
-    for name, value in after.items():
+
+def _assert_step_matches_torch(ours, state_dict, ref):
+    """Every `after_step/` tensor of the fixture: our value after the step within ATOL of torch's, and our
+    update (after − before) equal to torch's within 4 ulps of float32 at the tensor's largest |before| (the
+    rounding of the two float32 values), on the elements whose torch gradient is ≥ 100·eps (≥ 98.8% of
+    every tensor here; all elements of the EMA targets). That tolerance is ≥ 10× below what it must see:
+    the weight decay lr·wd·|p| of a decayed tensor and the EMA's move of a target tensor."""
+    lr, weight_decay = float(ref["step_lr"]), float(ref["step_weight_decay"])
+    decayed = {str(n) for n in ref["wd_param_names"]}
+    seen = {"ema": 0, "weight_decay": 0}
+    for key, value in ref.items():
+        if not key.startswith("after_step/"):
+            continue
+        name = key[len("after_step/"):]
         tree, path, expected = m2d_torch.convert_tensor(name, value)
-        assert max_abs(_leaf(ours[tree], path), expected) < ATOL, name
+        before = m2d_torch.convert_tensor(name, state_dict[name])[2].astype(np.float64)
+        after = np.asarray(_leaf(ours[tree], path), np.float64)
+        assert max_abs(after, expected) < ATOL, name
+        kept = np.ones(before.shape, bool)
+        if f"grad/{name}" in ref:
+            kept = np.abs(m2d_torch.convert_tensor(name, ref[f"grad/{name}"])[2]) >= 100 * ADAM_EPS
+            assert kept.mean() > 0.98, name
+        tolerance = 4 * float(np.spacing(np.float32(np.abs(before).max())))
+        ref_update = expected.astype(np.float64) - before
+        worst = float(np.abs((after - before) - ref_update)[kept].max())
+        assert worst < tolerance, (f"{name}: the step differs from torch's by {worst:.2e} (tolerance {tolerance:.1e}; "
+                                   f"largest step {np.abs(ref_update).max():.2e})")
+        if tree == "target_params":
+            assert np.abs(ref_update).max() > 10 * tolerance, name  # a missing EMA would show
+            seen["ema"] += 1
+        if name in decayed:
+            assert lr * weight_decay * np.abs(before[kept]).max() > 10 * tolerance, name  # so would a missing decay
+            seen["weight_decay"] += 1
+    assert seen["ema"] >= 3 and seen["weight_decay"] >= 3, seen
 
 
 def _leaf(tree, path):
@@ -254,7 +290,7 @@ def _leaf(tree, path):
     return tree
 
 
-def test_one_training_step_with_the_project_optimizer(method, converted, grads, ref):
+def test_one_training_step_with_the_project_optimizer(method, converted, grads, ref, state_dict):
     """The same step through audiojepa.optim (optax clip + AdamW with the method's decay mask)."""
     import ml_collections
     import optax
@@ -262,7 +298,7 @@ def test_one_training_step_with_the_project_optimizer(method, converted, grads, 
     from audiojepa import optim
 
     params, target_params = converted
-    optim_config = ml_collections.ConfigDict({"name": "adamw", "b1": 0.9, "b2": 0.95, "eps": 1e-8,
+    optim_config = ml_collections.ConfigDict({"name": "adamw", "b1": 0.9, "b2": 0.95, "eps": ADAM_EPS,
                                               "weight_decay": float(ref["step_weight_decay"]),
                                               "grad_clip_norm": 3.0})
     tx = optim.make_optimizer(optim_config, float(ref["step_lr"]), method.weight_decay_mask(params))
@@ -274,9 +310,4 @@ def test_one_training_step_with_the_project_optimizer(method, converted, grads, 
         return new_params, method.update_targets(new_params, target_params, 0, 1000)
 
     new_params, new_target = step(params, target_params, grads)
-    ours = {"params": new_params, "target_params": new_target}
-    for name, value in ref.items():
-        if not name.startswith("after_step/"):
-            continue
-        tree, path, expected = m2d_torch.convert_tensor(name[len("after_step/"):], value)
-        assert max_abs(_leaf(ours[tree], path), expected) < ATOL, name
+    _assert_step_matches_torch({"params": new_params, "target_params": new_target}, state_dict, ref)

@@ -221,6 +221,80 @@ def test_sparse_predictor_sees_only_context_and_targets(method, predictor_setup)
     np.testing.assert_allclose(swapped, out[:, ::-1], atol=1e-5)
 
 
+def _np_sincos_positions(grid_f, grid_t, dim):
+    """[F·T', dim] float64 position codes of patches f·T' + t from the formula (no CLS row): channels
+    [sin(t·ω_i) | cos(t·ω_i) | sin(f·ω_i) | cos(f·ω_i)], ω_i = 10000^(-i/(dim/4)), i < dim/4."""
+    omega = 1.0 / 10000 ** (np.arange(dim // 4) / (dim // 4))
+    f, t = (a.reshape(-1, 1) * omega for a in np.meshgrid(np.arange(grid_f), np.arange(grid_t), indexing="ij"))
+    return np.concatenate([np.sin(t), np.cos(t), np.sin(f), np.cos(f)], axis=1)
+
+
+def _np_sparse_predictor(context_tokens, context_idx, target_idx, p, grid_size, num_heads):
+    """Predictor(full_grid=False) in NumPy float64 (I-JEPA's predictor): embed → [CLS, context + pos(context_idx),
+    mask_token + pos(target_idx)] → blocks → final LayerNorm → the target slots → head. p: per-block params
+    (`blocks_i`) in our layout."""
+    x = context_tokens @ p["embed"]["kernel"] + p["embed"]["bias"]
+    positions = _np_sincos_positions(*grid_size, x.shape[-1])
+    queries = np.broadcast_to(p["mask_token"], (x.shape[0], target_idx.shape[1], x.shape[-1])) + positions[target_idx]
+    h = np.concatenate([x[:, :1], x[:, 1:] + positions[context_idx], queries], axis=1)
+    blocks = sorted((name for name in p["stack"] if name.startswith("blocks_")), key=lambda n: int(n.split("_")[1]))
+    for name in blocks:
+        h = _np_block(h, p["stack"][name], num_heads)
+    h = _np_layer_norm(h, p["stack"]["norm"]["scale"], p["stack"]["norm"]["bias"])
+    return h[:, 1 + context_idx.shape[1]:] @ p["head"]["kernel"] + p["head"]["bias"]
+
+
+@pytest.fixture(scope="module")
+def sparse_setup(method, predictor_setup):
+    """The tiny predictor with full_grid=False and perturbed params (no zero bias, no unit LayerNorm scale, a
+    non-zero mask token that is not small next to the position codes), one jitted apply."""
+    _, params, context, context_idx, _ = predictor_setup
+    rng = np.random.default_rng(1)
+    perturbed = jax.tree.map(lambda a: np.asarray(a) + 0.1 * rng.standard_normal(a.shape).astype(np.float32),
+                             params["params"])
+    predictor = method.predictor.clone(full_grid=False)
+    return predictor, jax.jit(predictor.apply), {"params": perturbed}, context, context_idx
+
+
+def test_sparse_predictor_matches_numpy_reference(sparse_setup):
+    """The whole sparse forward (embed, both sets of position codes, the mask token, blocks, final norm, head)
+    against float64 NumPy, at 1e-4 absolute (float32 against float64, outputs of order 1)."""
+    predictor, apply, params, context, context_idx = sparse_setup
+    target_idx = np.array([[3, 1, 10, 64], [0, 4, 6, 12]], np.int32)  # none of them a context position
+    out = np.asarray(apply(params, context, context_idx, target_idx))
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params["params"])
+    p["stack"] = unstack_blocks(p["stack"])  # blocks_0 … and norm
+    expected = _np_sparse_predictor(context.astype(np.float64), context_idx, target_idx, p, predictor.grid_size,
+                                    predictor.num_heads)
+    assert out.shape == expected.shape == (2, 4, 192)
+    assert np.abs(expected).max() > 0.5  # not a trivially small output
+    np.testing.assert_allclose(out, expected, atol=1e-4, rtol=0)
+
+
+def test_sparse_predictor_queries_carry_their_positions(sparse_setup):
+    """All queries start from the same mask token, so only their position codes tell them apart: one position
+    asked twice gives the same prediction twice, two positions give different predictions."""
+    _, apply, params, context, context_idx = sparse_setup
+    out = np.asarray(apply(params, context, context_idx, np.array([[3, 3, 40], [3, 3, 40]], np.int32)))
+    np.testing.assert_allclose(out[:, 0], out[:, 1], atol=1e-5)
+    assert np.abs(out[:, 2] - out[:, 0]).max(-1).min() > 1e-2
+
+
+def test_sparse_predictor_context_tokens_carry_their_positions(sparse_setup):
+    """The same context tokens at other patch positions change every prediction; permuting tokens together with
+    their positions changes nothing (attention has no other notion of order)."""
+    _, apply, params, context, context_idx = sparse_setup
+    target_idx = np.array([[3, 1], [0, 4]], np.int32)
+    out = np.asarray(apply(params, context, context_idx, target_idx))
+    moved = context_idx.copy()
+    moved[:, 2] += 1  # 9 → 10 and 7 → 8: still distinct and not targets
+    out_moved = np.asarray(apply(params, context, moved, target_idx))
+    assert np.abs(out_moved - out).max(-1).min() > 1e-3
+    order = np.array([2, 0, 1])
+    permuted = np.concatenate([context[:, :1], context[:, 1:][:, order]], axis=1)
+    np.testing.assert_allclose(apply(params, permuted, context_idx[:, order], target_idx), out, atol=1e-5)
+
+
 # -- M2D method -------------------------------------------------------------------------------------
 
 

@@ -1,5 +1,6 @@
-"""audiojepa.optim's gradient clipping against optax's, and the trainer's update step (a branch on a
-finite loss and gradient norm) against a plain optax reference step.
+"""audiojepa.optim's gradient clipping against optax's, the learning-rate schedule against its formula in
+NumPy, and the trainer's update step (a branch on a finite loss and gradient norm) against a plain optax
+reference step.
 
 Tolerances: the clip multiplies by one scalar where optax divides and multiplies, so values agree to a
 few float32 ulps (rtol 1e-6); the trainer's step uses the same ops as the reference apart from that
@@ -13,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from audiojepa import frontend, optim, train
+from audiojepa import config_utils, frontend, optim, train
 from audiojepa.data import pipeline
 from audiojepa.methods import m2d
 
@@ -118,3 +119,22 @@ def test_optim_eps_reaches_adamw(eps):
     updates, _ = tx.update(grads, tx.init(grads), grads)
     g = grads["w"].astype(np.float64)
     np.testing.assert_allclose(updates["w"], -1e-3 * g / (np.abs(g) + eps), rtol=1e-5)
+
+
+@pytest.mark.parametrize("overrides, batch, peak", [
+    (dict(lr=2e-3, min_lr=1e-5), 512, 2e-3),  # lr set: the batch size does not scale it
+    (dict(base_lr=3e-4, min_lr=1e-6), 512, 3e-4 * 512 / 256),  # base_lr × batch / 256
+])
+def test_learning_rate_schedule_is_linear_warmup_then_cosine_to_min_lr(overrides, batch, peak):
+    """Against the formula in NumPy: peak·s/W for s ≤ W (0 at step 0), then
+    min_lr + (peak − min_lr)·(1 + cos(π·(s − W)/(T − W)))/2 up to T, min_lr after T. rtol 1e-6 (float32)."""
+    config = config_utils.adamw_config(**overrides)
+    assert optim.peak_learning_rate(config, batch) == pytest.approx(peak, rel=1e-12)
+    warmup, total, min_lr = 10, 50, overrides["min_lr"]
+    schedule = optim.learning_rate_schedule(config, global_batch_size=batch, total_steps=total, warmup_steps=warmup)
+    steps = np.array([0, warmup // 2, warmup, (warmup + total) // 2, total, 2 * total])
+    cosine = min_lr + (peak - min_lr) * (1 + np.cos(np.pi * (steps - warmup) / (total - warmup))) / 2
+    expected = np.where(steps <= warmup, peak * steps / warmup, np.where(steps >= total, min_lr, cosine))
+    np.testing.assert_allclose(expected, [0.0, peak / 2, peak, (peak + min_lr) / 2, min_lr, min_lr], rtol=1e-12)
+    got = np.array([float(schedule(s)) for s in steps])
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=0)
