@@ -18,8 +18,10 @@ through `launch/tpu_pod.py`, `local` through `launch/local.py` (several processe
     python launch/sweep.py --config=configs/m2d.py --workdir_root=/shared/ckpt/m2d_sweep \
         --launcher=slurm --launcher_arg=--nodes=2 --config.data.shards=/shared/shards/as2m
 
-Once the jobs have finished, the same sweep without `--launcher` and with `--evaluate_task` finds every
-run complete (each resumes and stops at once) and writes the comparison table.
+Once the jobs have finished, the same sweep with `--evaluate_only` instead of `--launcher` (and with
+`--evaluate_task`) trains nothing: it reads each run's `run_summary.json`, lists the runs that are not
+finished (and exits 1) or else writes the comparison table. (Without `--evaluate_only`, unfinished runs
+would resume here, on the submitting machine.)
 """
 
 import argparse
@@ -71,6 +73,23 @@ def cluster_command(cmd: list[str], launcher: str, launcher_args: list[str]) -> 
     raise ValueError(f"--launcher={launcher!r}; valid: {LAUNCHERS}")
 
 
+def unfinished_runs(workdirs: list[str]) -> list[str]:
+    """"workdir (why)" for each run whose run_summary.json is missing or says it is not finished."""
+    out = []
+    for workdir in workdirs:
+        path = os.path.join(workdir, "run_summary.json")
+        try:
+            with open(path) as f:
+                summary = json.load(f)
+        except FileNotFoundError:
+            out.append(f"{workdir} (no run_summary.json: never started?)")
+            continue
+        if not summary.get("finished"):
+            out.append(f"{workdir} (step {summary.get('step')} of {summary.get('total_steps')}"
+                       f"{', preempted' if summary.get('preempted') else ''})")
+    return out
+
+
 def evaluate_runs(workdirs: list[str], tasks: list[str], workdir_root: str) -> str:
     """Evaluates each run's latest checkpoint on `tasks`; writes and returns a markdown comparison."""
     lines = ["| run | task | linear probe | kNN |", "|---|---|---:|---:|"]
@@ -102,13 +121,27 @@ def main():
                         help="run here (none), or as SLURM jobs, on a TPU VM, or as local multi-process runs")
     parser.add_argument("--launcher_arg", action="append", default=[],
                         help="an option for the launcher, e.g. --launcher_arg=--nodes=2 (repeatable)")
+    parser.add_argument("--evaluate_only", action="store_true",
+                        help="train nothing: evaluate the runs if all are finished, else list the unfinished ones")
     args, extra = parser.parse_known_args()
     if args.evaluate_task and args.launcher != "none":
-        parser.error("--evaluate_task needs the runs finished: run the sweep again without --launcher when the "
-                     "jobs are done")
+        parser.error("--evaluate_task needs the runs finished: run the sweep again with --evaluate_only instead of "
+                     "--launcher when the jobs are done")
+    if args.evaluate_only and not args.evaluate_task:
+        parser.error("--evaluate_only needs at least one --evaluate_task")
     cmds = commands(args.config, args.workdir_root, extra)
     if args.limit:
         cmds = cmds[:args.limit]
+    if args.evaluate_only:
+        workdirs = [next(a.split("=", 1)[1] for a in cmd if a.startswith("--workdir=")) for cmd in cmds]
+        unfinished = unfinished_runs(workdirs)
+        if unfinished:
+            print("not finished, so not evaluated (resubmit them, e.g. with --launcher):\n  " + "\n  ".join(unfinished),
+                  file=sys.stderr, flush=True)
+            sys.exit(1)
+        if not args.dry_run:
+            print(evaluate_runs(workdirs, args.evaluate_task, args.workdir_root), flush=True)
+        return
     for cmd in cmds:
         job = cluster_command(cmd, args.launcher, args.launcher_arg)
         print(shlex.join(job), flush=True)
