@@ -165,8 +165,10 @@ PRESETS: Mapping[str, LogMelParams] = types.MappingProxyType({
     "riou": LogMelParams(),
     # M2D's 32 kHz models: window and hop double in samples, so they stay 25 ms and 10 ms.
     "m2d_32k": LogMelParams(sample_rate=32000, n_fft=800, win_length=800, hop_length=320, f_max=16000.0),
-    # The Audio-JEPA paper fixes only 32 kHz and 128 mels; window, hop and band follow M2D's 32 kHz
-    # setting. (Its public code uses a Kaldi fbank with 96 mels instead, which is not reproduced here.)
+    # Audio-JEPA: 32 kHz and 128 mels as the paper; window, hop and band follow M2D's 32 kHz setting
+    # (10 ms hop: 992 frames, 496 patches per 10 s). The paper is quoted as 128 x 256 per 10 s (a ~39 ms
+    # hop, 128 patches) and its public code uses a Kaldi fbank of 96 x 512 (192 patches), so this preset
+    # gives 2.6-3.9x their tokens (shared/reference/jepa_family.md §3.1); neither layout is reproduced here.
     "audiojepa": LogMelParams(sample_rate=32000, n_fft=800, win_length=800, hop_length=320, n_mels=128,
                               f_max=16000.0),
     # EnCodec's frame grid (24 kHz, 320-sample hop = 75 Hz, no padding): waveform methods (EncodecMAE)

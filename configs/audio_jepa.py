@@ -2,7 +2,8 @@ r"""Audio-JEPA (Tuncay et al. 2025) as a configuration of the "jepa" method: pap
 
 Paper setting (shared/reference/jepa_family.md §3): ViT-B/16 on 10 s crops of 32 kHz audio, 128-mel
 log-mels with a 10 ms hop (the `audiojepa` front-end preset; 10 s = 1001 frames, cut to 992 = 62
-whole 16-frame patches, so 8x62 = 496 patches), unstructured masking with a mask ratio drawn per batch
+whole 16-frame patches, so 8x62 = 496 patches; the paper is quoted as 128 x 256 frames, 128 patches, and
+the public code uses 96 x 512, 192 patches: this hop is M2D's, not theirs), unstructured masking with a mask ratio drawn per batch
 from U[0.4, 0.6] (5 buckets, one compiled step each), target encoder on the whole spectrogram with
 targets taken at the masked positions (latent domain), predictor 384 wide / 6 layers / 12 heads
 projected back to 768, L2 loss, AdamW (0.9, 0.95) wd 0.05, lr 3e-4 peak after 1,000 warm-up steps then
