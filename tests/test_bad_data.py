@@ -1,6 +1,6 @@
-"""Bad data at scale: shards with corrupt, truncated, silent, NaN and wrong-rate records train to the end
-with the skips counted by reason (metrics and run summary); a NaN batch stops the run, or is skipped
-under config.nonfinite_policy="skip"."""
+"""Bad data at scale: shards with corrupt, truncated, silent, NaN, wrong-rate and out-of-range records train
+to the end with the skips counted by reason (metrics and run summary); a NaN batch stops the run, or is
+skipped under config.nonfinite_policy="skip"."""
 
 import json
 import os
@@ -26,12 +26,14 @@ def bad_records() -> dict[str, bytes]:
     truncated["audio"] = truncated["audio"][: len(truncated["audio"]) // 3]
     nan = tone.copy()
     nan[100:200] = np.nan
+    huge = tone * np.float32(1e20)  # finite, but its float32 power spectrum overflows into NaN log-mels
     return {
         "corrupt": good[: len(good) // 2],  # cut-off bytes: not a msgpack record
         "truncated": msgpack.packb(truncated, use_bin_type=True),  # header says more samples than stored
         "non_finite": records.encode_clip("nan", nan, SR, codec="f32"),
         "silent": records.encode_clip("silent", np.zeros(SR, np.float32), SR),
         "wrong_rate": records.encode_clip("8k", tone[: SR // 2], SR // 2),
+        "out_of_range": records.encode_clip("huge", huge, SR, codec="f32"),
     }
 
 
@@ -73,6 +75,23 @@ def test_each_bad_record_is_rejected_for_its_reason():
         assert e.value.reason == reason, (reason, str(e.value))
 
 
+def test_huge_finite_samples_are_out_of_range(tmp_path):
+    with pytest.raises(records.CorruptRecordError, match=r"peak amplitude 3e\+19 > 1000") as e:
+        records.decode_waveform(bad_records()["out_of_range"])
+    assert e.value.reason == "out_of_range"
+    loud = np.full(SR, records.MAX_PEAK, np.float32)  # at the bound: still a clip
+    np.testing.assert_array_equal(records.decode_waveform(records.encode_clip("loud", loud, SR, codec="f32")), loud)
+    # The training source steps over it and counts it.
+    tone = (0.3 * np.sin(np.linspace(0, 800, SR))).astype(np.float32)
+    folder = str(tmp_path / "shards")
+    shards.write_shard_set(folder, [("a", tone, {}), ("huge", tone * np.float32(1e20), {}), ("b", tone, {})],
+                           sample_rate=SR, num_shards=1, codec="f32")
+    paths, _ = shards.resolve_shards(folder)
+    element = pipeline.ClipSource(paths, sample_rate=SR)[1]
+    assert element["record_index"] == 2 and element["skipped_records"] == 1
+    assert element["skipped_by_reason"][records.SKIP_REASONS.index("out_of_range")] == 1
+
+
 def test_bad_shards_train_to_the_end_with_skips_counted(bad_shards, tmp_path):
     workdir = str(tmp_path / "run")
     config = rh.tiny_config(**{"data.shards": bad_shards, "data.norm_stats": "m2d"})
@@ -83,7 +102,7 @@ def test_bad_shards_train_to_the_end_with_skips_counted(bad_shards, tmp_path):
     with open(os.path.join(workdir, train.SUMMARY_FILE)) as f:
         summary = json.load(f)
     assert summary["finished"] and summary["step"] == 6
-    # 29 records, 48 examples: every record is read in the first epoch, so every bad one is stepped over.
+    # 30 records, 48 examples: every record is read in the first epoch, so every bad one is stepped over.
     by_reason = summary["skipped_by_reason"]
     assert set(by_reason) == set(records.SKIP_REASONS) and all(by_reason[r] >= 1 for r in by_reason), by_reason
     assert summary["skipped_records"] == sum(by_reason.values()) == sum(r["skipped_records"] for r in rows)

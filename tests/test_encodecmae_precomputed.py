@@ -11,6 +11,7 @@ near-ties of the RVQ argmin (`assert_codes_match`).
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -26,6 +27,7 @@ from audiojepa.methods import encodecmae_loss
 from audiojepa.methods.encodecmae import EncodecMAE, default_config, random_encodec_params
 from audiojepa.models import encodec
 from batch_helpers import assert_batches_equal, take
+from tqdm import tqdm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SR = encodec.SAMPLE_RATE
@@ -212,6 +214,64 @@ def test_manifest_counts_order_and_the_skipped_record(targets32, waveforms):
         assert ids == expected
     records_, _ = stored(targets32)
     assert records_["clip3"]["metadata"] == {"index": "3"} and "clip2" not in records_  # clip2 was record 1
+
+
+def _flip_middle(path, num_bytes=4096):
+    """Inverts `num_bytes` in the middle of a file (a bad disk block or a corrupted copy)."""
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.seek(size // 2)
+        block = f.read(num_bytes)
+        f.seek(size // 2)
+        f.write(bytes(b ^ 0xFF for b in block))
+
+
+def test_read_clips_skips_the_records_of_a_corrupt_chunk(tmp_path):
+    folder = str(tmp_path / "flipped")
+    clips = [(f"c{i}", _wave(i, SR // 2), {}) for i in range(20)]
+    shards.write_shard_set(folder, clips, sample_rate=SR, num_shards=1)
+    manifest = shards.read_manifest(folder)
+    name = manifest["shards"][0]
+    _flip_middle(os.path.join(folder, name))
+    skipped = []
+    read = [key for key, _ in encodec_targets._read_clips(folder, manifest, skipped, tqdm(disable=True))]
+    assert 1 <= len(skipped) <= 2 and len(read) + len(skipped) == 20, skipped
+    bad = [int(s["path"].split(":")[1]) for s in skipped]
+    for entry in skipped:
+        assert entry["reason"] == "corrupt" and entry["path"].startswith(f"{name}:"), entry
+        assert f"of shard {os.path.join(folder, name)}" in entry["detail"], entry
+    assert [key[2] for key in read] == [f"c{i}" for i in range(20) if i not in bad]
+
+
+def test_interrupted_overwrite_keeps_the_old_targets(waveforms, targets32, params, tmp_path, monkeypatch):
+    out = str(tmp_path / "targets")
+    shutil.copytree(targets32, out)
+
+    def snapshot():
+        return {name: open(os.path.join(out, name), "rb").read() for name in sorted(os.listdir(out))}
+
+    before = snapshot()
+    real, calls = records.decode_waveform, []
+
+    def decode_then_interrupt(raw, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(raw, **kwargs)
+
+    kwargs = dict(encodec_params=params, source="random seed 0", num_codebooks=N_Q, feature_dtype="float32",
+                  batch_rows=2, chunk_seconds=2.0, progress=False)
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        encodec_targets.precompute(waveforms[0], out, **kwargs)
+    with monkeypatch.context() as m:
+        m.setattr(records, "decode_waveform", decode_then_interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            encodec_targets.precompute(waveforms[0], out, overwrite=True, **kwargs)
+    assert snapshot() == before
+    assert sorted(os.listdir(tmp_path)) == ["targets"]  # no staging folder left behind
+    encodec_targets.precompute(waveforms[0], out, overwrite=True, **kwargs)
+    assert snapshot() == before  # the same targets, rewritten
+    assert sorted(os.listdir(tmp_path)) == ["targets"]
 
 
 # -- (c) quantization errors and γ_q ------------------------------------------------------------------------
@@ -431,6 +491,17 @@ def test_precompute_rejects_other_sample_rates_and_target_sets(params, targets32
         encodec_targets.precompute(folder, str(tmp_path / "out"), encodec_params=params, source="random seed 0")
     with pytest.raises(ValueError, match="already an encodec_targets shard set"):
         encodec_targets.precompute(targets32, str(tmp_path / "out"), encodec_params=params, source="random seed 0")
+
+
+def test_precompute_names_a_truncated_input_shard(waveforms, params, tmp_path):
+    folder = str(tmp_path / "wave24k")
+    shutil.copytree(waveforms[0], folder)
+    path = os.path.join(folder, CORRUPT[0])
+    with open(path, "r+b") as f:  # a partial copy
+        f.truncate(os.path.getsize(path) // 2)
+    with pytest.raises(shards.ShardReadError, match=f"cannot read shard {path}: its index is truncated"):
+        encodec_targets.precompute(folder, str(tmp_path / "out"), encodec_params=params, source="random seed 0")
+    assert not os.path.exists(tmp_path / "out")
 
 
 def test_precomputed_data_errors_name_the_config_key_and_manifest(targets32):

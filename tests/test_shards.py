@@ -1,9 +1,12 @@
-"""make_shards: manifest, skip reasons for planted bad files, CSV metadata, determinism, codecs."""
+"""make_shards: manifest, skip reasons for planted bad files, CSV metadata, determinism, codecs, a decoding
+process that dies; reading corrupt shard files."""
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -104,6 +107,117 @@ def test_workers_and_reruns_give_identical_shards(audio_folder, tmp_path):
         shards.make_shards(str(audio_folder), str(tmp_path / "s0"), num_shards=2, progress=False)
     shards.make_shards(str(audio_folder), str(tmp_path / "s0"), num_shards=2, overwrite=True, progress=False)
     assert digest("s0") == digest("s2")
+
+
+REAL_DECODE = shards._decode_one
+CRASH_MARK = "crash_me"  # a file whose name holds this kills the process decoding it
+
+
+def decode_or_die(item, **kwargs):
+    """shards._decode_one, except that the process dies outright (as on a decoder segfault or the OOM
+    killer) on a file named CRASH_MARK. Importable, so spawned workers can run it."""
+    if CRASH_MARK in os.path.basename(item[0]):
+        os._exit(1)
+    return REAL_DECODE(item, **kwargs)
+
+
+def _within(seconds, fn, *args, **kwargs):
+    """fn(*args, **kwargs), failing the test if it has not returned after `seconds` (it hangs)."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["value"] = fn(*args, **kwargs)
+        except BaseException as e:  # re-raised in the test's thread
+            outcome["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"{fn.__name__} still running after {seconds} s: it hangs"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def _shard_digests(folder):
+    return [hashlib.sha256(open(os.path.join(folder, n), "rb").read()).hexdigest()
+            for n in shards.read_manifest(folder)["shards"]]
+
+
+def test_a_dead_decoding_process_skips_its_file_only(tmp_path, monkeypatch):
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    for i in range(24):  # more files than 2 workers hold at a time (FILES_PER_TASK x 2 tasks each)
+        sf.write(audio / f"{i:02d}_tone.wav", _tone(0.2, 200 + 50 * i), SR, subtype="PCM_16")
+    sf.write(audio / f"05_{CRASH_MARK}.wav", _tone(0.2), SR, subtype="PCM_16")
+    monkeypatch.setattr(shards, "_decode_one", decode_or_die)
+    manifest = _within(60, shards.make_shards, str(audio), str(tmp_path / "out"), num_shards=3, workers=2,
+                       progress=False)
+    assert manifest["skipped"] == [{"path": f"05_{CRASH_MARK}.wav", "reason": "decoder crashed",
+                                    "detail": manifest["skipped"][0]["detail"]}]
+    assert manifest["num_clips"] == 24
+    # The same shards as decoding the other files in this process: order and content are unchanged.
+    monkeypatch.setattr(shards, "_decode_one", REAL_DECODE)
+    os.remove(audio / f"05_{CRASH_MARK}.wav")
+    shards.make_shards(str(audio), str(tmp_path / "ref"), num_shards=3, workers=0, progress=False)
+    assert _shard_digests(str(tmp_path / "out")) == _shard_digests(str(tmp_path / "ref"))
+
+
+def _corrupt_copy(shard_dir, tmp_path, mode):
+    """A copy of `shard_dir` whose first shard has its second half cut off or 4 KiB of its middle inverted."""
+    folder = str(tmp_path / mode)
+    shutil.copytree(shard_dir, folder)
+    path = os.path.join(folder, shards.shard_name(0, 1))
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        if mode == "truncate":
+            f.truncate(size // 2)
+        else:
+            f.seek(size // 2)
+            block = f.read(4096)
+            f.seek(size // 2)
+            f.write(bytes(b ^ 0xFF for b in block))
+    return folder, path
+
+
+@pytest.fixture
+def noise_shards(tmp_path):
+    rng = np.random.default_rng(0)
+    clips = [(f"c{i}", (0.1 * rng.standard_normal(SR)).astype(np.float32), {}) for i in range(20)]
+    folder = str(tmp_path / "good")
+    shards.write_shard_set(folder, clips, sample_rate=SR, num_shards=1)
+    return folder
+
+
+def test_a_truncated_or_missing_shard_is_an_error_naming_it(noise_shards, tmp_path):
+    folder, path = _corrupt_copy(noise_shards, tmp_path, "truncate")
+    # The reader itself opens a truncated file without an error and reports 0 records.
+    with pytest.raises(shards.ShardReadError, match=f"cannot read shard {path}: its index is truncated"):
+        shards.open_reader(path)
+    with pytest.raises(shards.ShardReadError, match=f"cannot read shard {path}"):
+        shards.shard_sizes(folder, shards.read_manifest(folder))
+    os.remove(path)
+    with pytest.raises(shards.ShardReadError, match=f"cannot read shard {path}: it does not exist"):
+        shards.open_reader(path)
+    assert shards.shard_sizes(noise_shards, shards.read_manifest(noise_shards)) == [20]
+
+
+def test_a_corrupt_chunk_is_an_error_naming_the_shard(noise_shards, tmp_path):
+    folder, path = _corrupt_copy(noise_shards, tmp_path, "flip")
+    reader = shards.open_reader(path)  # the index is intact
+    try:
+        with pytest.raises(shards.ShardReadError, match=f"cannot read records 0..19 of shard {path}: .*hash mismatch"):
+            shards.read_records(reader, path, 0, 20)
+    finally:
+        reader.close()
+
+
+def test_a_shard_shorter_than_its_manifest_is_an_error_naming_it(noise_shards):
+    manifest = shards.read_manifest(noise_shards)
+    expected = f"{shards.shard_name(0, 1)} holds 20 records where its manifest.json lists 21"
+    with pytest.raises(ValueError, match=expected):
+        shards.shard_sizes(noise_shards, {**manifest, "shard_num_clips": [21]})
 
 
 def test_csv_input_keeps_metadata_and_lists_missing(tmp_path):

@@ -4,12 +4,18 @@ r"""Mean and std of log-mel values over random crops of a shard set, stored next
 
 Writes (or updates) SHARDS/logmel_stats.json; configs with `data.norm_stats = "shards"` (the
 default) pick it up. The official M2D default (-7.1, 4.2) stays available as `norm_stats = "m2d"`.
+Re-making the shard set (tools/make_shards.py --overwrite) removes the file: run this again then.
 """
+
+import os
+import sys
 
 from absl import app, flags, logging
 
-from audiojepa import frontend
-from audiojepa.data import pipeline, shards, stats
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from audiojepa import frontend  # noqa: E402
+from audiojepa.data import pipeline, shards, stats  # noqa: E402
 
 flags.DEFINE_string("shards", None, "Shard-set folder (with manifest.json).")
 flags.DEFINE_string("frontend", "m2d", f"Front-end preset: {sorted(frontend.PRESETS)}.")

@@ -3,17 +3,22 @@ r"""Decodes a folder or CSV/TSV of audio files into ArrayRecord shards with a ma
     python tools/make_shards.py --input /data/audioset/wav --output /data/shards/as2m \
         --sample_rate 16000 --format pcm16 --workers 8
 
-Bad files (unreadable, truncated, empty, silent, NaN, too short, non-audio extension) are skipped
-and listed under "skipped" in OUTPUT/manifest.json; they never abort the run. The output is a
-deterministic function of the input: re-running writes the same shards.
+Bad files (unreadable, truncated, empty, silent, NaN, too short, non-audio extension, or one whose
+decoding process dies: "decoder crashed") are skipped and listed under "skipped" in
+OUTPUT/manifest.json; they never abort the run. The output is a deterministic function of the input,
+whatever --workers: re-running with --overwrite writes the same shards. The set is written next to
+OUTPUT and swapped in when complete, so an interrupted run leaves the previous set untouched.
 """
 
 import json
 import os
+import sys
 
 from absl import app, flags, logging
 
-from audiojepa.data import shards
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from audiojepa.data import shards  # noqa: E402
 
 flags.DEFINE_string("input", None, "Folder (searched recursively) or CSV/TSV whose first column is an audio path.")
 flags.DEFINE_string("output", None, "Output folder for shard-*.array_record and manifest.json.")
@@ -22,7 +27,8 @@ flags.DEFINE_enum("format", "pcm16", ["pcm16", "flac"], "Audio codec inside each
 flags.DEFINE_integer("num_shards", None, "Number of shards (default: one per ~1024 clips).")
 flags.DEFINE_integer("workers", os.cpu_count() or 1, "Decoding processes (0 = decode in this process).")
 flags.DEFINE_float("min_seconds", 0.0, "Skip clips shorter than this, in seconds.")
-flags.DEFINE_bool("overwrite", False, "Replace an existing shard set in --output.")
+flags.DEFINE_bool("overwrite", False, "Replace an existing shard set in --output (and its log-mel statistics) "
+                  "once the new one is complete; without it, an existing set is an error.")
 flags.mark_flags_as_required(["input", "output"])
 FLAGS = flags.FLAGS
 

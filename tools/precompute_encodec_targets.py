@@ -10,8 +10,9 @@ is an error (re-shard from the audio files rather than resample stored clips). O
 the clips of input shard i, in order: features [T, 128] (--feature_dtype) and codes [T, n_q] int16 per
 clip, T = ceil(samples / 320), plus manifest.json (kind "encodec_targets", the EnCodec source and
 sha256, per-level quantization errors for γ_q: tools/encodecmae_codebook_weights.py). Records that do
-not decode are skipped and listed with their reason. Re-running writes the same shards. Design and
-how the targets differ from the on-device ones: audiojepa/data/encodec_targets.py.
+not decode, or sit in a corrupt part of a shard, are skipped and listed with their reason. Re-running
+with --overwrite writes the same shards; the old set stays in place until the new one is complete.
+Design and how the targets differ from the on-device ones: audiojepa/data/encodec_targets.py.
 """
 
 import os
@@ -21,7 +22,7 @@ from absl import app, flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from audiojepa.data import encodec_targets, target_records  # noqa: E402
+from audiojepa.data import encodec_targets, shards, target_records  # noqa: E402
 from audiojepa.methods import encodecmae  # noqa: E402
 
 flags.DEFINE_string("input", None, "Waveform shard-set folder at 24 kHz (written by tools/make_shards.py).")
@@ -34,7 +35,8 @@ flags.DEFINE_enum("feature_dtype", "float16", sorted(target_records.FEATURE_DTYP
 flags.DEFINE_integer("batch_clips", 16, "Rows (clips, or chunks of long clips) per EnCodec call.")
 flags.DEFINE_float("chunk_seconds", encodec_targets.DEFAULT_CHUNK_SECONDS,
                    "Longer clips are encoded in independent chunks of this many seconds (bounds memory).")
-flags.DEFINE_bool("overwrite", False, "Replace an existing shard set in --output.")
+flags.DEFINE_bool("overwrite", False, "Replace an existing shard set in --output once the new one is complete; "
+                  "without it, an existing set is an error.")
 flags.mark_flags_as_required(["input", "output"])
 FLAGS = flags.FLAGS
 
@@ -46,7 +48,8 @@ def main(argv):
     if checkpoint and not os.path.exists(checkpoint):
         raise app.UsageError(f"--encodec_checkpoint={checkpoint!r} does not exist; give a folder written by "
                              "tools/convert_encodec.py or an EnCodec 24 kHz state dict")
-    encodec_targets.check_input(FLAGS.input)  # fail on a wrong input before loading EnCodec
+    encodec_targets.check_input(FLAGS.input)  # fail on a wrong input or output before loading EnCodec
+    shards.check_output(FLAGS.output, FLAGS.overwrite)
     if checkpoint:
         params = encodecmae.load_encodec_params(checkpoint, FLAGS.num_codebooks)
     else:

@@ -27,6 +27,7 @@ SKIP_REASONS = (
         "too short",  # shorter than the configured minimum duration
         "unsupported extension",  # not one of AUDIO_EXTENSIONS (folder input only)
         "missing",  # listed in a CSV but not on disk
+        "decoder crashed",  # the process decoding it died (make_shards --workers; shards.decode_files)
 )
 
 

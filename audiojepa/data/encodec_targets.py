@@ -39,7 +39,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from array_record.python import array_record_module
 from tqdm import tqdm
 
 from audiojepa.data import records, shards, target_records
@@ -187,15 +186,20 @@ def encode_clips(params: dict, clips: Iterable[tuple[Any, np.ndarray]], *, num_c
 def _read_clips(input_dir: str, manifest: dict, skipped: list, bar) -> Iterator[tuple[tuple, np.ndarray]]:
     """((shard index, "shard:record", id, metadata), waveform) of every usable record, in shard order.
 
-    Records that do not decode as 24 kHz clips (records.SKIP_REASONS) go to `skipped`, never abort."""
+    Records that do not decode as 24 kHz clips (records.SKIP_REASONS), or sit in a corrupt chunk of the
+    shard ("corrupt", `_read_block`), go to `skipped`, never abort. A shard that cannot be opened at all
+    raises shards.ShardReadError naming it."""
     for shard_index, name in enumerate(manifest["shards"]):
-        reader = array_record_module.ArrayRecordReader(os.path.join(input_dir, name))
+        path = os.path.join(input_dir, name)
+        reader = shards.open_reader(path)
         try:
             count = reader.num_records()
             for start in range(0, count, READ_BLOCK):
-                for j, raw in enumerate(reader.read(start, min(count, start + READ_BLOCK)), start):
+                for j, raw in enumerate(_read_block(reader, path, start, min(count, start + READ_BLOCK)), start):
                     where = f"{name}:{j}"
                     try:
+                        if isinstance(raw, shards.ShardReadError):
+                            raise raw
                         header = records.decode_header(raw)
                         waveform = records.decode_waveform(raw, sample_rate=encodec.SAMPLE_RATE,
                                                            silence_peak=records.SILENCE_PEAK)
@@ -208,6 +212,22 @@ def _read_clips(input_dir: str, manifest: dict, skipped: list, bar) -> Iterator[
                     yield (shard_index, where, str(header.get("id", where)), header.get("metadata") or {}), waveform
         finally:
             reader.close()
+
+
+def _read_block(reader, path: str, start: int, end: int) -> list[bytes | shards.ShardReadError]:
+    """Records [start, end) of the open shard `path`. If the block read fails (a corrupt chunk), each record
+    is read on its own and one that cannot be read is a shards.ShardReadError in its place."""
+    try:
+        return shards.read_records(reader, path, start, end)
+    except shards.ShardReadError as e:
+        logging.warning("%s; reading records %d..%d one by one", e, start, end - 1)
+    block = []
+    for j in range(start, end):
+        try:
+            block.append(shards.read_records(reader, path, j, j + 1)[0])
+        except shards.ShardReadError as e:
+            block.append(e)
+    return block
 
 
 def check_input(input_dir: str) -> dict:
@@ -231,6 +251,8 @@ def precompute(input_dir: str, output_dir: str, *, encodec_params: dict, source:
 
     Output shard i holds the usable clips of input shard i, in order; re-running writes the same bytes.
     Skipped records (undecodable, wrong rate, silent, non-finite features) are listed in the manifest.
+    A set already in `output_dir` is an error unless `overwrite`, and is replaced only once the new one
+    is complete (shards.staged_output).
 
     Args:
         input_dir: a 24 kHz shard set (tools/make_shards.py); any other rate is an error (`check_input`).
@@ -252,15 +274,24 @@ def precompute(input_dir: str, output_dir: str, *, encodec_params: dict, source:
         raise ValueError(f"--num_codebooks={num_codebooks}; the EnCodec params hold {available} codebooks")
     manifest_in = check_input(input_dir)
     chunk_samples = chunk_samples_for(chunk_seconds)
-    os.makedirs(output_dir, exist_ok=True)
-    shards.clear_old_output(output_dir, overwrite)
-    num_records = 0
-    for name in manifest_in["shards"]:
-        reader = array_record_module.ArrayRecordReader(os.path.join(input_dir, name))
-        num_records += reader.num_records()
-        reader.close()
-
+    num_records = sum(shards.shard_sizes(input_dir, manifest_in))
     start = time.time()
+    with shards.staged_output(output_dir, overwrite) as staged:
+        manifest = _encode_shards(input_dir, manifest_in, staged, encodec_params=encodec_params, source=source,
+                                  num_codebooks=num_codebooks, feature_dtype=feature_dtype, batch_rows=batch_rows,
+                                  chunk_samples=chunk_samples, num_records=num_records, progress=progress)
+        shards.write_manifest(staged, manifest)
+    logging.info("wrote the EnCodec targets of %d clips (%.2f h, %d frames) to %d shards in %s in %.1f s; skipped %d",
+                 manifest["num_clips"], manifest["total_hours"], manifest["total_frames"], len(manifest["shards"]),
+                 output_dir, time.time() - start, manifest["num_skipped"])
+    return manifest
+
+
+def _encode_shards(input_dir: str, manifest_in: dict, output_dir: str, *, encodec_params: dict, source: dict | str,
+                   num_codebooks: int, feature_dtype: str, batch_rows: int, chunk_samples: int, num_records: int,
+                   progress: bool) -> dict:
+    """Writes the target shards of `input_dir` into `output_dir` (arguments as `precompute`); returns their
+    manifest (not written)."""
     skipped: list[dict] = []
     energy_sum = np.zeros(num_codebooks + 1, np.float64)
     total_frames = 0
@@ -314,10 +345,6 @@ def precompute(input_dir: str, output_dir: str, *, encodec_params: dict, source:
         "input_num_records": num_records,
         "chunk_samples": chunk_samples,
     }
-    shards.write_manifest(output_dir, manifest)
-    logging.info("wrote the EnCodec targets of %d clips (%.2f h, %d frames) to %d shards in %s in %.1f s; skipped %d",
-                 writer.num_written, manifest["total_hours"], total_frames, len(writer.names), output_dir,
-                 time.time() - start, len(skipped))
     return manifest
 
 

@@ -29,7 +29,6 @@ import time
 
 import grain
 import numpy as np
-from array_record.python import array_record_module
 
 from audiojepa import frontend
 from audiojepa.data import records, shards, stats, target_records
@@ -46,16 +45,16 @@ KINDS = (WAVEFORM, target_records.KIND)
 
 
 def shard_num_records(path: str) -> int:
-    """Records in one ArrayRecord shard; an unreadable shard (missing, truncated, not ArrayRecord) is an
-    error naming it."""
+    """Records in one ArrayRecord shard; an unreadable shard (missing, truncated, not ArrayRecord) is a
+    shards.ShardReadError naming it."""
+    reader = shards.open_reader(path)
     try:
-        reader = array_record_module.ArrayRecordReader(path)
+        return int(reader.num_records())
+    finally:
         try:
-            return int(reader.num_records())
-        finally:
             reader.close()
-    except Exception as e:  # noqa: BLE001 -- the C++ reader raises RuntimeError/OSError with no file name
-        raise RuntimeError(f"cannot read shard {path}: {e}") from e
+        except Exception:  # noqa: BLE001 -- closing a damaged file can fail after its records were counted
+            pass
 
 
 def manifest_shard_sizes(spec) -> list[int] | None:

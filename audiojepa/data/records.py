@@ -22,9 +22,14 @@ SKIP_REASONS = (
     "non_finite",  # NaN/Inf samples (possible with the "f32" codec)
     "silent",  # peak |amplitude| below the silence threshold
     "wrong_rate",  # sample rate differs from the one the run's front end expects
+    "out_of_range",  # peak |amplitude| above MAX_PEAK (possible with the "f32" codec)
 )
 # Peak |amplitude| (full scale 1.0) below which a clip is silence, as for files in audio_io.load_clip.
 SILENCE_PEAK = 1e-4
+# Peak |amplitude| above which a record is not audio at full scale 1.0 ("out_of_range"): far beyond any
+# over-driven float clip, far below the ~1e17 (a pure tone; ~1e19 for noise) at which the float32
+# power spectrum of a 400-sample frame overflows into NaN log-mels. Only "f32" records can exceed 1.0.
+MAX_PEAK = 1e3
 
 
 class CorruptRecordError(ValueError):
@@ -86,9 +91,10 @@ def decode_header(raw: bytes) -> dict:
 
 
 def decode_waveform(raw: bytes, *, sample_rate: int | None = None, silence_peak: float | None = None) -> np.ndarray:
-    """Record bytes -> [samples] float32 waveform in [-1, 1). Raises CorruptRecordError.
+    """Record bytes -> [samples] float32 waveform, nominally in [-1, 1]. Raises CorruptRecordError.
 
-    With `sample_rate` (Hz), a record at another rate is rejected ("wrong_rate"); with
+    Samples that are NaN/Inf ("non_finite") or have a peak |amplitude| above MAX_PEAK ("out_of_range")
+    are rejected. With `sample_rate` (Hz), a record at another rate is rejected ("wrong_rate"); with
     `silence_peak`, one whose peak |amplitude| is below it ("silent").
     """
     record = decode_header(raw)
@@ -121,7 +127,9 @@ def decode_waveform(raw: bytes, *, sample_rate: int | None = None, silence_peak:
         raise CorruptRecordError("record holds no samples", "truncated")
     if not np.all(np.isfinite(waveform)):
         raise CorruptRecordError(f"{int(np.sum(~np.isfinite(waveform)))} NaN/Inf samples", "non_finite")
-    if silence_peak is not None and float(np.max(np.abs(waveform))) < silence_peak:
-        raise CorruptRecordError(f"peak amplitude {float(np.max(np.abs(waveform))):.3g} < {silence_peak:g}",
-                                 "silent")
+    peak = float(np.max(np.abs(waveform)))
+    if peak > MAX_PEAK:
+        raise CorruptRecordError(f"peak amplitude {peak:.3g} > {MAX_PEAK:g} (full scale is 1.0)", "out_of_range")
+    if silence_peak is not None and peak < silence_peak:
+        raise CorruptRecordError(f"peak amplitude {peak:.3g} < {silence_peak:g}", "silent")
     return waveform

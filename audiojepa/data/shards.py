@@ -5,32 +5,46 @@ with at least `num_clips`, `total_hours`, `sample_rate`, `shards` (file names, i
 `skipped` (a list of `{"path", "reason"}`). Clip j (in input order, counting written clips only)
 goes to shard j % num_shards, so shards are balanced and the output is a pure function of the
 input list: re-running on the same input writes the same bytes.
+
+A set is written into a hidden folder next to the output and swapped into place only when complete
+(`staged_output`), so an interrupted or failed run leaves the previous set as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
+import fnmatch
 import functools
 import glob
 import json
 import logging
 import multiprocessing
 import os
+import secrets
 import shutil
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 from array_record.python import array_record_module
 from tqdm import tqdm
 
-from audiojepa.data import audio_io, records
+from audiojepa.data import audio_io, records, stats
 
 MANIFEST = "manifest.json"
 SHARD_SUFFIX = ".array_record"
 # group_size:1 makes every record its own chunk: the cost of true random access during a global shuffle.
 _WRITER_OPTIONS = "group_size:1"
+# The files of a shard set in its folder, with their temporaries: what an overwrite replaces. Anything
+# else in the folder is kept. The log-mel statistics belong to the old audio, so they go with it.
+SET_FILE_PATTERNS = ("shard-*" + SHARD_SUFFIX, MANIFEST, MANIFEST + ".tmp", stats.STATS_FILE,
+                     stats.STATS_FILE + ".*.tmp")
+FILES_PER_TASK = 4  # files a decoding process gets at a time (make_shards --workers)
 
 
 def shard_name(index: int, num_shards: int) -> str:
@@ -148,18 +162,6 @@ def _decode_one(item, *, sample_rate, codec, min_seconds):
             waveform.shape[0])
 
 
-def clear_old_output(output_dir: str, overwrite: bool) -> None:
-    """Removes a shard set (shards and manifest) from `output_dir`; raises unless `overwrite`."""
-    old = glob.glob(os.path.join(output_dir, "shard-*" + SHARD_SUFFIX))
-    manifest = os.path.join(output_dir, MANIFEST)
-    if (old or os.path.exists(manifest)) and not overwrite:
-        raise FileExistsError(f"{output_dir} already holds a shard set; pass --overwrite to replace it")
-    for path in old:
-        os.remove(path)
-    if os.path.exists(manifest):
-        os.remove(manifest)
-
-
 def write_shard_set(
     output_dir: str,
     clips: Iterable[tuple[str, np.ndarray, dict[str, str]]],
@@ -217,49 +219,243 @@ def make_shards(
 ) -> dict:
     """Decodes every file listed by `input_path` (folder or CSV/TSV) into a shard set.
 
-    Bad files are skipped and listed in the manifest with their reason; nothing aborts the run.
-    Returns the manifest dict (also written to `output_dir/manifest.json`).
+    Bad files are skipped and listed in the manifest with their reason; nothing aborts the run. A set
+    already in `output_dir` is an error unless `overwrite`, and is replaced only once the new one is
+    complete (`staged_output`). Returns the manifest dict (also written to `output_dir/manifest.json`).
     """
     if codec not in records.CODECS:
         raise ValueError(f"--format {codec!r}; valid: {records.CODECS}")
     inputs = list_inputs(input_path)
     num_shards = num_shards or default_num_shards(len(inputs.items))
-    os.makedirs(output_dir, exist_ok=True)
-    clear_old_output(output_dir, overwrite)
-    skipped = list(inputs.skipped)
     decode = functools.partial(_decode_one, sample_rate=sample_rate, codec=codec, min_seconds=min_seconds)
     start = time.time()
-    writer = ShardWriter(output_dir, num_shards)
-    pool = None
-    try:
-        if workers > 0:
-            # spawn: safe even when the caller has JAX or threads running.
-            pool = multiprocessing.get_context("spawn").Pool(workers)
-            results: Iterator = pool.imap(decode, inputs.items, chunksize=4)  # ordered: deterministic shards
-        else:
-            results = map(decode, inputs.items)
-        bar = tqdm(results, total=len(inputs.items), unit="clip", disable=not progress,
-                   desc=f"sharding {os.path.basename(os.path.normpath(input_path))}")
-        for (path, clip_id, _), result in zip(inputs.items, bar):
-            if result[0] == "ok":
-                writer.write(result[1], result[2])
-            else:
-                skipped.append({"path": clip_id, "reason": result[1], "detail": result[2]})
-                bar.set_postfix(skipped=len(skipped), refresh=False)
-    finally:
-        writer.close()
-        if pool is not None:
-            pool.close()
-            pool.join()
-    manifest = _manifest(writer, sample_rate=sample_rate, codec=codec, skipped=skipped, extra={
-        "input": os.path.abspath(input_path),
-        "metadata_columns": inputs.metadata_columns,
-    })
-    write_manifest(output_dir, manifest)
+    with staged_output(output_dir, overwrite) as staged:
+        writer = ShardWriter(staged, num_shards)
+        skipped = list(inputs.skipped)
+        try:
+            with contextlib.closing(decode_files(inputs.items, decode, workers)) as results:
+                bar = tqdm(results, total=len(inputs.items), unit="clip", disable=not progress,
+                           desc=f"sharding {os.path.basename(os.path.normpath(input_path))}")
+                for (path, clip_id, _), result in zip(inputs.items, bar):
+                    if result[0] == "ok":
+                        writer.write(result[1], result[2])
+                    else:
+                        skipped.append({"path": clip_id, "reason": result[1], "detail": result[2]})
+                        bar.set_postfix(skipped=len(skipped), refresh=False)
+        finally:
+            writer.close()
+        manifest = _manifest(writer, sample_rate=sample_rate, codec=codec, skipped=skipped, extra={
+            "input": os.path.abspath(input_path),
+            "metadata_columns": inputs.metadata_columns,
+        })
+        write_manifest(staged, manifest)
     logging.info("wrote %d clips (%.2f h) to %d shards in %s in %.1f s; skipped %d files",
                  writer.num_written, manifest["total_hours"], num_shards, output_dir,
                  time.time() - start, len(skipped))
     return manifest
+
+
+# -- decoding files, in worker processes that may die -----------------------------------------------------
+
+DECODER_CRASHED = "decoder crashed"  # one of audio_io.SKIP_REASONS: the process decoding the file died
+
+
+def decode_files(items: Sequence, decode, workers: int) -> Iterator[tuple]:
+    """`decode(item)` of every item, in input order: in this process (`workers` <= 0) or in `workers`
+    spawned processes (safe even when the caller has JAX or threads running).
+
+    A worker that dies (a crash in a decoder library, the OOM killer) costs only its file: the files
+    that were in flight are decoded again one at a time, and the one whose process dies gives
+    `("skip", DECODER_CRASHED, detail)`. Close the iterator (contextlib.closing) to stop the workers.
+    """
+    if workers <= 0:
+        return (decode(item) for item in items)
+    return _decode_in_pools(list(items), decode, workers)
+
+
+def _decode_in_pools(items: list, decode, workers: int) -> Iterator[tuple]:
+    tasks = deque(items[i:i + FILES_PER_TASK] for i in range(0, len(items), FILES_PER_TASK))
+    while tasks:
+        in_flight = yield from _decode_until_broken(tasks, decode, workers)
+        yield from _decode_one_at_a_time(in_flight, decode)
+
+
+def _decode_until_broken(tasks: deque, decode, workers: int):
+    """Yields the results of the tasks it takes from the left of `tasks`, in order, until all are done
+    (returns []) or a worker dies: it then returns the files of the tasks taken but not yielded yet, as
+    (item, result or None when its task did not finish)."""
+    pool = _spawn_pool(workers)
+    in_flight: deque = deque()  # (future, task), in input order
+    try:
+        while tasks or in_flight:
+            while tasks and len(in_flight) < 2 * workers:
+                future = pool.submit(_decode_task, decode, tasks[0])  # raises once the pool is broken
+                in_flight.append((future, tasks.popleft()))
+            results = in_flight[0][0].result()
+            in_flight.popleft()
+            yield from results
+        return []
+    except BrokenProcessPool:
+        left = []
+        for future, task in in_flight:
+            finished = future.done() and not future.cancelled() and future.exception() is None
+            left += zip(task, future.result() if finished else [None] * len(task))
+        logging.warning("a decoding process died; decoding the %d files it may have held one at a time",
+                        sum(result is None for _, result in left))
+        return left
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _decode_one_at_a_time(items: list, decode) -> Iterator[tuple]:
+    """For each (item, result or None): the result, or `decode(item)` in a one-process pool of its own (a
+    new one after each item that kills it)."""
+    pool = None
+    try:
+        for item, result in items:
+            if result is None:
+                pool = pool or _spawn_pool(1)
+                try:
+                    result = pool.submit(decode, item).result()
+                except BrokenProcessPool:
+                    pool.shutdown(wait=True)
+                    pool = None
+                    logging.warning("the decoding process died on %s; skipping it (%s)", item[0], DECODER_CRASHED)
+                    result = ("skip", DECODER_CRASHED, "the process decoding it died (a crash in the decoder "
+                              "library, or killed, e.g. for memory)")
+            yield result
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _spawn_pool(workers: int) -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def _decode_task(decode, items: list) -> list:
+    """Worker: `decode` of a few files (fewer round trips than one file per task)."""
+    return [decode(item) for item in items]
+
+
+# -- writing a set beside the output and swapping it into place ------------------------------------------
+
+def is_set_file(name: str) -> bool:
+    """Whether the file `name` in a shard-set folder is part of the set (SET_FILE_PATTERNS)."""
+    return any(fnmatch.fnmatch(name, pattern) for pattern in SET_FILE_PATTERNS)
+
+
+def holds_shard_set(folder: str) -> bool:
+    """Whether `folder` holds shards or a manifest (a complete or partial shard set)."""
+    return bool(glob.glob(os.path.join(folder, "shard-*" + SHARD_SUFFIX))) or os.path.exists(
+        os.path.join(folder, MANIFEST))
+
+
+def check_output(output_dir: str, overwrite: bool) -> None:
+    """Raises unless `output_dir` can take a new shard set: a folder without one, or `overwrite`."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise NotADirectoryError(f"--output {output_dir} is a file; give a folder for the shard set")
+    if holds_shard_set(output_dir) and not overwrite:
+        raise FileExistsError(f"{output_dir} already holds a shard set; pass --overwrite to replace it")
+
+
+@contextlib.contextmanager
+def staged_output(output_dir: str, overwrite: bool) -> Iterator[str]:
+    """Yields an empty folder to write a shard set (manifest last) for `output_dir`; when the block ends
+    without an error, the set replaces the one in `output_dir` (`replace_output`).
+
+    Until then the old set (shards, manifest and log-mel statistics) is untouched, so an interrupted
+    run loses nothing; on an exception the staged folder is deleted. A run killed outright (SIGKILL)
+    leaves it as `.<output name>.tmp-*`, next to the output or inside it (`staging_dir`).
+    Raises FileExistsError, naming --overwrite, if `output_dir` holds a set and not `overwrite`.
+    """
+    check_output(output_dir, overwrite)
+    staged = staging_dir(output_dir)
+    try:
+        yield staged
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    replace_output(staged, output_dir)
+
+
+def staging_dir(output_dir: str) -> str:
+    """A new empty folder on `output_dir`'s filesystem: a hidden sibling of it, or a hidden folder inside
+    it when its parent is on another filesystem (`output_dir` is a mount point) or not writable.
+
+    Symbolic links are resolved first, so a set for a linked folder is written where the link points.
+    """
+    output_dir = os.path.realpath(output_dir)
+    parent = os.path.dirname(output_dir)
+    os.makedirs(parent, exist_ok=True)
+    prefix = f".{os.path.basename(output_dir)}.tmp-"
+    if _can_stage_beside(output_dir):
+        return _new_dir(parent, prefix)
+    os.makedirs(output_dir, exist_ok=True)
+    return _new_dir(output_dir, prefix)
+
+
+def _can_stage_beside(output_dir: str) -> bool:
+    parent = os.path.dirname(output_dir)
+    same_filesystem = not os.path.exists(output_dir) or os.stat(parent).st_dev == os.stat(output_dir).st_dev
+    return same_filesystem and os.access(parent, os.W_OK | os.X_OK)
+
+
+def _new_dir(parent: str, prefix: str) -> str:
+    """Creates `parent/<prefix><random>` with the mode a plain mkdir gives (tempfile.mkdtemp's is 0700)."""
+    while True:
+        path = os.path.join(parent, prefix + secrets.token_hex(4))
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
+
+
+def replace_output(staged: str, output_dir: str) -> None:
+    """Puts the complete shard set in `staged` (from `staging_dir`) in place of `output_dir`'s.
+
+    A sibling `staged` becomes `output_dir` by renames: the old folder moves aside to `.<name>.old-*`,
+    `staged` takes its place, the old folder's other files (not SET_FILE_PATTERNS) move into the new
+    one, and the old set is deleted. `output_dir` thus holds the old complete set, then (for the
+    instant between two renames) nothing, then the new complete set. A `staged` inside `output_dir`
+    is moved in file by file instead (`_replace_files`).
+    """
+    output_dir = os.path.realpath(output_dir)
+    if os.path.dirname(os.path.realpath(staged)) == output_dir:
+        _replace_files(staged, output_dir)
+        return
+    if os.path.isdir(output_dir):
+        shutil.copymode(output_dir, staged)  # keep the folder's permissions (e.g. group-readable)
+    if not os.path.isdir(output_dir) or not os.listdir(output_dir):
+        move_into_place(staged, output_dir)
+        return
+    old = os.path.join(os.path.dirname(output_dir), f".{os.path.basename(output_dir)}.old-{secrets.token_hex(4)}")
+    os.rename(output_dir, old)
+    try:
+        os.rename(staged, output_dir)
+    except BaseException:
+        os.rename(old, output_dir)
+        raise
+    for name in os.listdir(old):
+        if not is_set_file(name):
+            os.rename(os.path.join(old, name), os.path.join(output_dir, name))
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _replace_files(staged: str, output_dir: str) -> None:
+    """Moves the set in `staged` (a folder inside `output_dir`) into `output_dir` file by file: the old
+    manifest goes first (the folder stops claiming a complete set), the new manifest comes last."""
+    old = {name for name in os.listdir(output_dir) if is_set_file(name)}
+    new = {name for name in os.listdir(staged) if name != MANIFEST}
+    if MANIFEST in old:
+        os.remove(os.path.join(output_dir, MANIFEST))
+    for name in sorted(new):
+        os.replace(os.path.join(staged, name), os.path.join(output_dir, name))
+    for name in old - new - {MANIFEST}:
+        os.remove(os.path.join(output_dir, name))
+    os.replace(os.path.join(staged, MANIFEST), os.path.join(output_dir, MANIFEST))
+    os.rmdir(staged)
 
 
 def read_manifest(shard_dir: str) -> dict:
@@ -268,7 +464,10 @@ def read_manifest(shard_dir: str) -> dict:
         raise FileNotFoundError(f"{path} does not exist: {shard_dir} is not a complete shard set "
                                 "(make one with tools/make_shards.py)")
     with open(path) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e}); re-make the shard set (tools/make_shards.py)") from None
 
 
 def resolve_shards(spec: str | Sequence[str]) -> tuple[list[str], dict | None]:
@@ -292,6 +491,57 @@ def resolve_shards(spec: str | Sequence[str]) -> tuple[list[str], dict | None]:
     if len(manifests) == 1 and os.path.exists(os.path.join(manifests.pop(), MANIFEST)):
         manifest = read_manifest(os.path.dirname(paths[0]))
     return paths, manifest
+
+
+class ShardReadError(RuntimeError):
+    """A shard file that cannot be opened or read; the message names the file."""
+
+
+def open_reader(path: str):
+    """An open ArrayRecordReader of the shard file `path`, its index read.
+
+    Raises ShardReadError naming `path` when the file is missing, truncated or has a corrupt index (the
+    reader itself may open such a file without an error and report 0 records, or fail later without
+    naming it).
+    """
+    try:
+        reader = array_record_module.ArrayRecordReader(path)
+        if reader.ok():
+            reader.num_records()  # a truncated index may fail only here
+    except Exception as e:
+        raise ShardReadError(f"cannot read shard {path}: {type(e).__name__}: {e}") from e
+    if not reader.ok():
+        problem = "it does not exist" if not os.path.exists(path) else "its index is truncated or corrupt"
+        raise ShardReadError(f"cannot read shard {path}: {problem}; copy it again or re-make the shard set "
+                             "(tools/make_shards.py)")
+    return reader
+
+
+def read_records(reader, path: str, start: int, end: int) -> list[bytes]:
+    """Records [start, end) of the open shard `path`; a corrupt chunk raises ShardReadError naming the file."""
+    try:
+        return reader.read(start, end)
+    except Exception as e:
+        which = f"record {start}" if end == start + 1 else f"records {start}..{end - 1}"
+        raise ShardReadError(f"cannot read {which} of shard {path}: {type(e).__name__}: {e}") from e
+
+
+def shard_sizes(folder: str, manifest: dict) -> list[int]:
+    """Records in each shard of the set in `folder` (ShardReadError if one cannot be opened); a ValueError
+    naming the shard if one holds another number than `manifest["shard_num_clips"]` (when present) lists."""
+    sizes = []
+    for name in manifest["shards"]:
+        reader = open_reader(os.path.join(folder, name))
+        try:
+            sizes.append(int(reader.num_records()))
+        finally:
+            reader.close()
+    expected = manifest.get("shard_num_clips")
+    for name, size, want in zip(manifest["shards"], sizes, expected or sizes):
+        if size != want:
+            raise ValueError(f"{os.path.join(folder, name)} holds {size} records where its {MANIFEST} lists {want}: "
+                             "a partial copy? Copy the shard again or re-make the shard set")
+    return sizes
 
 
 def move_into_place(src_dir: str, dst_dir: str) -> None:

@@ -2,14 +2,16 @@
 
 The statistics file `logmel_stats.json` in a shard folder holds one entry per front end
 (`{"frontend": LogMelParams.to_dict(), "mean", "std", "num_crops", "crop_frames", "seed"}`), so one
-shard set can serve several front ends.
+shard set can serve several front ends. It belongs to the set's audio: re-making the set
+(tools/make_shards.py --overwrite) removes it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import tempfile
+import secrets
 
 import numpy as np
 
@@ -28,7 +30,11 @@ def _read_entries(folder: str) -> list[dict]:
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return json.load(f)["entries"]
+        try:
+            return json.load(f)["entries"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path} is not a log-mel statistics file ({type(e).__name__}: {e}); delete it and run "
+                             f"`python tools/compute_stats.py --shards {folder}`") from None
 
 
 def read_stats(folder: str, params) -> tuple[float, float]:
@@ -48,11 +54,18 @@ def write_stats(folder: str, params, *, mean: float, std: float, **info) -> str:
     entries.append({"frontend": params.to_dict(), "mean": float(mean), "std": float(std), **info})
     path = os.path.join(folder, STATS_FILE)
     # A temporary file of its own, so concurrent writers (test workers, processes of one job) never
-    # replace each other's half-written file.
-    fd, tmp = tempfile.mkstemp(prefix=STATS_FILE + ".", suffix=".tmp", dir=folder)
-    with os.fdopen(fd, "w") as f:
-        json.dump({"entries": entries}, f, indent=1)
-    os.replace(tmp, path)
+    # replace each other's half-written file. Mode 0644 less the umask, as for any new file (mkstemp's
+    # 0600 would hide the statistics from the other accounts that read the shards).
+    tmp = os.path.join(folder, f"{STATS_FILE}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump({"entries": entries}, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
     return path
 
 
