@@ -141,3 +141,13 @@ def test_rerun_without_overwrite_names_the_flag(tmp_path):
     with pytest.raises(FileExistsError, match=f"{out} already holds a shard set; pass --overwrite"):
         shards.make_shards(audio, out, num_shards=1, progress=False)
     assert _snapshot(out) == before and _leftovers(out) == []
+
+
+def test_embedded_corpus_folder_is_readable_by_others(tmp_path):
+    """The corpus cache may be shared by several accounts: not mkdtemp's 0700."""
+    import stat
+
+    from audiojepa.data import embedded
+
+    folder = embedded.ensure_embedded_corpus(num_clips=8, duration_s=0.5, root=str(tmp_path), stats_frontends=())
+    assert stat.S_IMODE(os.stat(folder).st_mode) == 0o755

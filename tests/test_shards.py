@@ -223,11 +223,13 @@ def test_a_shard_shorter_than_its_manifest_is_an_error_naming_it(noise_shards):
 def test_csv_input_keeps_metadata_and_lists_missing(tmp_path):
     sf.write(tmp_path / "x.wav", _tone(0.5), SR)
     sf.write(tmp_path / "y.wav", _tone(0.5, 660), 22050)
-    (tmp_path / "list.tsv").write_text("path\tlabel\tsplit\nx.wav\tdog\ttrain\ny.wav\tcat;bird\ttest\nz.wav\tcow\ttrain\n")
+    (tmp_path / "list.tsv").write_text("path\tlabel\tsplit\nx.wav\tdog\ttrain\ny.wav\tcat;bird\ttest\nz.wav\tcow\ttrain\n"
+                                       "\t\t\n\tpig\ttest\n")  # a blank row, then a row without a path
     manifest = shards.make_shards(str(tmp_path / "list.tsv"), str(tmp_path / "out"), codec="flac", num_shards=1,
                                   progress=False)
     assert manifest["metadata_columns"] == ["label", "split"]
-    assert [(s["path"], s["reason"]) for s in manifest["skipped"]] == [("z.wav", "missing")]
+    assert [(s["path"], s["reason"]) for s in manifest["skipped"]] == [
+        (f"{tmp_path / 'list.tsv'}:6", "missing"), ("z.wav", "missing")]
     _, raw = _read_all(str(tmp_path / "out"))
     headers = [records.decode_header(r) for r in raw]
     assert [(h["id"], h["metadata"], h["codec"]) for h in headers] == [
@@ -254,3 +256,19 @@ def test_cli_runs(audio_folder, tmp_path):
     assert result.returncode == 0, result.stderr
     assert shards.read_manifest(str(out))["num_clips"] == 3
     assert "skipped" in result.stderr
+
+
+def test_files_longer_than_max_seconds_are_skipped_from_their_header(tmp_path):
+    """--max_seconds is checked from the header, before a long file is decoded whole; 0/None: no limit."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    sf.write(folder / "short.wav", _tone(1.0), SR)
+    sf.write(folder / "long.wav", _tone(3.0, sr=8000), 8000)  # 3 s at another rate: the limit is in seconds
+    manifest = shards.make_shards(str(folder), str(tmp_path / "out"), sample_rate=SR, workers=0, progress=False,
+                                  max_seconds=2.0)
+    assert manifest["num_clips"] == 1
+    assert [(s["path"].rsplit("/", 1)[-1], s["reason"]) for s in manifest["skipped"]] == [("long.wav", "too long")]
+    assert "3 s > 2 s" in manifest["skipped"][0]["detail"]
+    unlimited = shards.make_shards(str(folder), str(tmp_path / "all"), sample_rate=SR, workers=0, progress=False,
+                                   max_seconds=None)
+    assert unlimited["num_clips"] == 2 and unlimited["skipped"] == []

@@ -27,6 +27,8 @@ flags.DEFINE_enum("format", "pcm16", ["pcm16", "flac"], "Audio codec inside each
 flags.DEFINE_integer("num_shards", None, "Number of shards (default: one per ~1024 clips).")
 flags.DEFINE_integer("workers", os.cpu_count() or 1, "Decoding processes (0 = decode in this process).")
 flags.DEFINE_float("min_seconds", 0.0, "Skip clips shorter than this, in seconds.")
+flags.DEFINE_float("max_seconds", shards.DEFAULT_MAX_SECONDS, "Skip files longer than this, in seconds (each is "
+                   "decoded whole in memory; 0: no limit).")
 flags.DEFINE_bool("overwrite", False, "Replace an existing shard set in --output (and its log-mel statistics) "
                   "once the new one is complete; without it, an existing set is an error.")
 flags.mark_flags_as_required(["input", "output"])
@@ -38,6 +40,7 @@ def main(argv):
     manifest = shards.make_shards(
         FLAGS.input, FLAGS.output, sample_rate=FLAGS.sample_rate, codec=FLAGS.format,
         num_shards=FLAGS.num_shards, workers=FLAGS.workers, min_seconds=FLAGS.min_seconds,
+        max_seconds=FLAGS.max_seconds or None,
         overwrite=FLAGS.overwrite)
     reasons = {}
     for item in manifest["skipped"]:

@@ -25,6 +25,7 @@ SKIP_REASONS = (
         "non-finite",  # NaN or Inf samples (float WAVs)
         "silent",  # peak amplitude below the silence threshold
         "too short",  # shorter than the configured minimum duration
+        "too long",  # longer than the configured maximum (read whole, it could exhaust memory)
         "unsupported extension",  # not one of AUDIO_EXTENSIONS (folder input only)
         "missing",  # listed in a CSV but not on disk
         "decoder crashed",  # the process decoding it died (make_shards --workers; shards.decode_files)
@@ -67,6 +68,7 @@ def load_clip(
     sample_rate: int,
     min_seconds: float = 0.0,
     silence_peak: float = 1e-4,
+    max_seconds: float | None = None,
 ) -> np.ndarray:
     """Decodes `path` to a mono float32 waveform at `sample_rate` Hz.
 
@@ -75,6 +77,8 @@ def load_clip(
       sample_rate: output rate in Hz; other rates are resampled with soxr (high quality).
       min_seconds: clips shorter than this (after resampling) are rejected as "too short".
       silence_peak: clips whose peak |amplitude| (full scale 1.0) is below this are "silent".
+      max_seconds: files longer than this (from the header, before decoding) are "too long" (None: no
+        limit). A file is decoded whole, as float32 at its own rate and channel count.
 
     Returns:
       waveform: [samples] float32, nominally in [-1, 1].
@@ -84,6 +88,14 @@ def load_clip(
     """
     if not os.path.exists(path):
         raise BadAudioError("missing", path)
+    if max_seconds is not None:
+        try:
+            info = sf.info(path)
+        except Exception as e:  # libsndfile raises several types for bad input
+            raise BadAudioError("unreadable", f"{type(e).__name__}: {e}") from None
+        if info.samplerate > 0 and info.frames > max_seconds * info.samplerate:
+            raise BadAudioError("too long", f"{info.frames / info.samplerate:.0f} s > {max_seconds:g} s (split it, or "
+                                            "raise make_shards' --max_seconds)")
     try:
         data, file_rate = sf.read(path, dtype="float32", always_2d=True)
     except Exception as e:  # libsndfile raises several types for bad input

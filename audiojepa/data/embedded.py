@@ -63,6 +63,7 @@ def ensure_embedded_corpus(
     logging.info("generating the embedded corpus (%d clips of %g s at %d Hz) in %s",
                  num_clips, duration_s, sample_rate, folder)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(folder) + ".tmp-", dir=os.path.dirname(folder))
+    os.chmod(tmp, 0o755)  # a shared cache, readable by other users (mkdtemp makes it 0700)
     clips = (
         (clip_id, waveform, {"label": label, "split": split_of(i)})
         for i, (clip_id, waveform, label) in enumerate(synthetic.synthesize_clips(

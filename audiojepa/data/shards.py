@@ -45,6 +45,9 @@ _WRITER_OPTIONS = "group_size:1"
 SET_FILE_PATTERNS = ("shard-*" + SHARD_SUFFIX, MANIFEST, MANIFEST + ".tmp", stats.STATS_FILE,
                      stats.STATS_FILE + ".*.tmp")
 FILES_PER_TASK = 4  # files a decoding process gets at a time (make_shards --workers)
+# Longer files are skipped as "too long": each is decoded whole in one worker (2 h of 48 kHz stereo is
+# 2.8 GB of float32), so a stray multi-hour recording could exhaust memory. Split long recordings first.
+DEFAULT_MAX_SECONDS = 2 * 3600.0
 
 
 def shard_name(index: int, num_shards: int) -> str:
@@ -90,16 +93,20 @@ def list_table(table_path: str) -> InputList:
     if not rows:
         raise ValueError(f"{table_path}: empty table; expected a header row then one audio path per row")
     header = [h.strip() for h in rows[0]]
-    items = []
+    items, skipped = [], []
     for line_number, row in enumerate(rows[1:], start=2):
-        if not row or not row[0].strip():
-            continue
+        if not any(cell.strip() for cell in row):
+            continue  # a blank line
         if len(row) != len(header):
             raise ValueError(f"{table_path}:{line_number}: {len(row)} columns, header has {len(header)}")
         clip_path = row[0].strip()
+        if not clip_path:  # a row with metadata but no audio path: listed, not dropped
+            skipped.append({"path": f"{table_path}:{line_number}", "reason": "missing",
+                            "detail": "the path cell (first column) is empty"})
+            continue
         disk_path = clip_path if os.path.isabs(clip_path) else os.path.join(base, clip_path)
         items.append((disk_path, clip_path, dict(zip(header[1:], (c.strip() for c in row[1:])))))
-    return InputList(items, [], header[1:])
+    return InputList(items, skipped, header[1:])
 
 
 def list_inputs(input_path: str) -> InputList:
@@ -149,11 +156,11 @@ def write_manifest(output_dir: str, manifest: dict) -> None:
     os.replace(tmp, os.path.join(output_dir, MANIFEST))
 
 
-def _decode_one(item, *, sample_rate, codec, min_seconds):
+def _decode_one(item, *, sample_rate, codec, min_seconds, max_seconds=None):
     """Worker: (path, id, metadata) -> ("ok", record bytes, num_samples) or ("skip", reason, detail)."""
     path, clip_id, metadata = item
     try:
-        waveform = audio_io.load_clip(path, sample_rate=sample_rate, min_seconds=min_seconds)
+        waveform = audio_io.load_clip(path, sample_rate=sample_rate, min_seconds=min_seconds, max_seconds=max_seconds)
     except audio_io.BadAudioError as e:
         return ("skip", e.reason, e.detail)
     except Exception as e:  # anything else a decoder throws: never abort the run for one file
@@ -214,6 +221,7 @@ def make_shards(
     num_shards: int | None = None,
     workers: int = 0,
     min_seconds: float = 0.0,
+    max_seconds: float | None = DEFAULT_MAX_SECONDS,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
@@ -227,7 +235,8 @@ def make_shards(
         raise ValueError(f"--format {codec!r}; valid: {records.CODECS}")
     inputs = list_inputs(input_path)
     num_shards = num_shards or default_num_shards(len(inputs.items))
-    decode = functools.partial(_decode_one, sample_rate=sample_rate, codec=codec, min_seconds=min_seconds)
+    decode = functools.partial(_decode_one, sample_rate=sample_rate, codec=codec, min_seconds=min_seconds,
+                               max_seconds=max_seconds)
     start = time.time()
     with staged_output(output_dir, overwrite) as staged:
         writer = ShardWriter(staged, num_shards)

@@ -338,10 +338,8 @@ class _ShardAudio:
     def raw(self, index: int) -> bytes:
         shard, record = self.locations[index]
         if shard not in self._readers:
-            from array_record.python import array_record_module
-
-            self._readers[shard] = array_record_module.ArrayRecordReader(self.paths[shard])
-        return self._readers[shard].read([record])[0]
+            self._readers[shard] = shards.open_reader(self.paths[shard])
+        return shards.read_records(self._readers[shard], self.paths[shard], record, record + 1)[0]
 
     def __call__(self, index: int, sample_rate: int) -> np.ndarray:
         raw = self.raw(index)
@@ -350,17 +348,15 @@ class _ShardAudio:
 
 
 def _shard_task(folder: str, *, name: str, verify_audio: str) -> Task:
-    from array_record.python import array_record_module
-
     paths, manifest = shards.resolve_shards(folder)
     # Clips the sharding run could not use are clips of the task too: count them.
     skipped = [dict(entry) for entry in (manifest or {}).get("skipped", [])]
     clip_ids, labels, splits, locations = [], [], [], []
     split_kind = None
     for shard, path in enumerate(paths):
-        reader = array_record_module.ArrayRecordReader(path)
+        reader = shards.open_reader(path)  # errors name the shard
         try:
-            raw_records = reader.read_all()
+            raw_records = shards.read_records(reader, path, 0, int(reader.num_records()))
         finally:
             reader.close()
         for j, raw in enumerate(raw_records):
