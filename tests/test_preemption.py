@@ -34,6 +34,7 @@ def seed():
 @pytest.fixture(scope="module")
 def interrupted(tmp_path_factory, seed):
     """Runs the interruption sequence; returns what each stage observed."""
+    print(f"preemption test seed: AUDIOJEPA_TEST_SEED={seed}")  # shown with the setup's output if it fails
     rng = random.Random(seed)
     root = tmp_path_factory.mktemp("preemption")
     workdir, log = str(root / "run"), str(root / "run.log")
