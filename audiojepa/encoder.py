@@ -18,6 +18,7 @@ features in time; the clip embedding is again the time mean.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -38,6 +39,24 @@ PARAMS_FILE = "params.msgpack"
 # 2: transformer blocks stored stacked (vit.TransformerStack); 1 (per-block blocks_<i>) is read and stacked.
 FORMAT_VERSION = 2
 READABLE_FORMAT_VERSIONS = (1, 2)
+
+
+# Training-only compute settings and what embeddings use instead: float32 as the reference runtimes,
+# XLA attention (cuDNN's needs an NVIDIA GPU and bfloat16), no rematerialisation (no backward pass).
+INFERENCE_COMPUTE = {"dtype": "float32", "attention_impl": None, "remat": "none"}
+
+
+def inference_model_config(model_config):
+    """A copy of `config.model` with INFERENCE_COMPUTE in place of its training compute settings (the params
+    are the same whatever those are), so an encoder trained in bfloat16 with cuDNN attention embeds in
+    float32 on any backend. The stored `model_config` is left as trained."""
+    config = model_config.copy_and_resolve_references() if hasattr(model_config, "copy_and_resolve_references") \
+        else ml_collections.ConfigDict(dict(model_config))
+    with config.unlocked() if hasattr(config, "unlocked") else contextlib.nullcontext():
+        for key, value in INFERENCE_COMPUTE.items():
+            if key in config:
+                config[key] = value
+    return config
 
 
 @dataclasses.dataclass
@@ -63,7 +82,8 @@ class AudioEncoder:
 
     def __post_init__(self):
         self.input_shape = tuple(int(n) for n in self.input_shape)
-        self.method = methods.get_method(self.method_name)(self.model_config, input_shape=self.input_shape)
+        self.method = methods.get_method(self.method_name)(inference_model_config(self.model_config),
+                                                           input_shape=self.input_shape)
         self._encode = jax.jit(self.method.encode)
         self.is_waveform_model = methods.input_kind(self.method) == "waveform"
         if "encodec" in self.params and hasattr(self.method, "set_encodec_params"):

@@ -129,3 +129,20 @@ def test_convert_cli_reads_a_torch_checkpoint(tmp_path):
     ref = np.load(OUTPUTS)
     np.testing.assert_allclose(encoder.load_encoder(str(out)).frame_features(ref["runtime_input_lms"][:, 0]),
                                ref["runtime_features"], atol=ATOL)
+
+
+def test_an_encoder_trained_in_bfloat16_with_cudnn_attention_embeds_in_float32_anywhere(tmp_path):
+    """Export keeps the run's model config (dtype bfloat16, attention_impl cudnn, remat dots), but embedding
+    uses float32 XLA attention: on this CPU it runs (cuDNN would be an error) and gives the float32
+    features exactly, where bfloat16 matmuls would differ by ~0.5%."""
+    config = m2d.default_config("tiny")
+    method = m2d.M2D(config, input_shape=(80, 48))
+    params = jax.jit(method.encoder.init)(jax.random.key(0), np.zeros((1, 80, 48), np.float32))["params"]
+    trained = config.copy_and_resolve_references()
+    trained.update(dict(dtype="bfloat16", attention_impl="cudnn", remat="dots"))
+    args = (frontend.get_preset("m2d"), (-7.1, 4.2), {"encoder": params})
+    fast = encoder.load_encoder(encoder.AudioEncoder("m2d", trained, (80, 48), *args).save(str(tmp_path / "bf16")))
+    assert (fast.model_config.dtype, fast.model_config.attention_impl) == ("bfloat16", "cudnn")  # kept as trained
+    reference = encoder.AudioEncoder("m2d", config, (80, 48), *args)
+    lms = np.random.default_rng(0).standard_normal((2, 80, 96)).astype(np.float32)
+    np.testing.assert_array_equal(fast.frame_features(lms), reference.frame_features(lms))
