@@ -137,7 +137,7 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iter
     on a different number of devices. `data_iterator`, if given, is moved to the saved position.
     Returns (state, meta).
     """
-    _check_block_layout(manager, step)
+    check_block_layout(manager, step)
     args = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
     if data_iterator is not None:
         args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
@@ -145,7 +145,7 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iter
     return restored["state"], restored["meta"]
 
 
-def _check_block_layout(manager: ocp.CheckpointManager, step: int) -> None:
+def check_block_layout(manager: ocp.CheckpointManager, step: int) -> None:
     """Raises a ValueError naming the checkpoint when it stores transformer blocks per block (`blocks_<i>`,
     audiojepa before 2026-11-30) rather than stacked (vit.TransformerStack), instead of Orbax's long list
     of missing keys."""

@@ -202,12 +202,13 @@ class AudioEncoder:
 def restore_train_state(workdir: str, step: int | None = None):
     """(method, state, meta) of a training run's latest (or given) checkpoint, on the first local device.
 
-    `state` is the whole train state {"step", "params", "target_params", "opt_state"}; `method` is built
-    from the run's config and input shape.
+    `state` is the whole train state {"step", "params", "target_params", "opt_state"} as nested dicts and
+    lists (its structure and shapes are read from the checkpoint, so nothing the run's init would read, such
+    as EncodecMAE's stage-1 params file, is needed); `method` is built from the run's config and input shape.
     """
     import orbax.checkpoint as ocp
 
-    from audiojepa import checkpointing, optim, train
+    from audiojepa import checkpointing
 
     step, meta = checkpointing.restore_meta(workdir, step)
     config = ml_collections.ConfigDict(meta["config"])
@@ -215,15 +216,15 @@ def restore_train_state(workdir: str, step: int | None = None):
     method_cls = methods.get_method(meta["method"])
     input_shape = methods.input_shape(method_cls, frontend, meta["crop_frames"])
     method = method_cls(config.model, input_shape=input_shape)
-    schedule = optim.learning_rate_schedule(config.optim, global_batch_size=config.batch_size, total_steps=1,
-                                            warmup_steps=0)
-    abstract = jax.eval_shape(lambda rng: train.init_train_state(method, config.optim, schedule, rng),
-                              jax.random.key(0))
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = checkpointing.abstract_like(abstract, device)
     manager = checkpointing.make_manager(workdir, every_steps=1, read_only=True)
-    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
-    manager.close()
+    try:
+        checkpointing.check_block_layout(manager, step)
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                                manager.item_metadata(step)["state"])
+        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+    finally:
+        manager.close()
     return method, state, meta
 
 

@@ -114,8 +114,7 @@ def _random_encoder_params(enc) -> dict:
 
     from audiojepa import methods
 
-    params, target_params = enc.method.init(jax.random.key(0))
-    return methods.encoder_params(enc.method, params, target_params)
+    return methods.random_encoder_params(enc.method, jax.random.key(0))
 
 
 def main(argv):

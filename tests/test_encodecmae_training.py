@@ -82,6 +82,14 @@ def test_self_training_runs_end_to_end_and_is_evaluated(stage1, tmp_path):
     for a, b in zip(jax.tree.leaves(teacher["encoder"]), jax.tree.leaves(stage1_state["params"]["encoder"])):
         np.testing.assert_array_equal(a, b)
 
+    # The evaluation's random-init floor is a fresh model, not the stage-1 encoder the student started from,
+    # and it needs neither the stage-1 file nor the centroids.
+    os.rename(stage1_params, stage1_params + ".moved")
+    floor = evaluate._random_encoder_params(encoder_lib.load_encoder(workdir))
+    os.rename(stage1_params + ".moved", stage1_params)
+    for a, b in zip(jax.tree.leaves(floor["encoder"]), jax.tree.leaves(stage1_state["params"]["encoder"])):
+        assert a.shape == b.shape and not np.allclose(a, b)
+
     out = str(tmp_path / "eval")
     # (The log-mel and random-init floors are the same code path as for M2D, tested in test_evaluate.py.)
     results = evaluate.run(workdir, ["embedded:num_clips=160,duration_s=1"], out, baselines=False, seeds=(0,),

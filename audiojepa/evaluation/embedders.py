@@ -54,9 +54,9 @@ def random_encoder(config_arg: str, *, seed: int = 0) -> encoder_lib.AudioEncode
     method_cls = methods.get_method(config.method)
     input_shape = methods.input_shape(method_cls, spec.frontend, spec.crop_frames)
     method = method_cls(config.model, input_shape=input_shape)
-    params, target_params = method.init(jax.random.key(seed))
     return encoder_lib.AudioEncoder(config.method, config.model, input_shape, spec.frontend,
-                                    (spec.norm_mean, spec.norm_std), methods.encoder_params(method, params, target_params))
+                                    (spec.norm_mean, spec.norm_std),
+                                    methods.random_encoder_params(method, jax.random.key(seed)))
 
 
 def make_embedder(spec: str, *, frontend: str = "m2d") -> EncoderEmbedder | LogMelEmbedder:

@@ -49,6 +49,15 @@ def encoder_params(method, params, target_params=None):
     return {"encoder": params["encoder"]}
 
 
+def random_encoder_params(method, rng):
+    """`encoder_params` of `method` freshly initialised from `rng`: the evaluation's random-init floor. A method
+    whose init can start from trained weights (EncodecMAE's self-training starts from stage 1) defines
+    `random_encoder_params` so that the floor is never a trained encoder."""
+    if hasattr(method, "random_encoder_params"):
+        return method.random_encoder_params(rng)
+    return encoder_params(method, *method.init(rng))
+
+
 def check_data(name: str, method, spec) -> None:
     """Raises unless method `name` (config.method) can train on the shards `spec` (a pipeline.DataSpec) describes.
 

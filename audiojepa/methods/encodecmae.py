@@ -458,6 +458,11 @@ class EncodecMAE:
 
     # -- evaluation -----------------------------------------------------------------------------------
 
+    def random_encoder_params(self, rng: jax.Array) -> Params:
+        """`encoder_params` of a freshly initialised model with this EnCodec: never the stage-1 weights, nor a
+        read of config.stage1_params or kmeans_centroids (see methods.random_encoder_params)."""
+        return self.encoder_params(self._init_model(rng), {"encodec": jax.tree.map(jnp.asarray, self.encodec_params)})
+
     def encoder_params(self, params: Params, target_params: Params | None = None) -> Params:
         """What `encode` needs, as an exported encoder stores it: the input projection, positions and
         encoder, plus the frozen EnCodec ("encodec") so the export runs without the EnCodec checkpoint."""
