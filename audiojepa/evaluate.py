@@ -34,6 +34,8 @@ flags.DEFINE_string("output", None, "Output folder for the report.")
 flags.DEFINE_bool("baselines", True, "Also evaluate the log-mel baseline and the encoder at random init.")
 flags.DEFINE_list("seeds", ["42", "43", "44"], "Linear-probe seeds.")
 flags.DEFINE_integer("batch_size", 32, "Clips per embedding batch.")
+flags.DEFINE_float("lr", probes.DEFAULT_LR, "Linear-probe Adam learning rate (EVAR runs M2D at 3e-5; see "
+                   "audiojepa/evaluation/probes.py for why the default is 1e-3). Recorded in results.json.")
 FLAGS = flags.FLAGS
 
 
@@ -66,15 +68,16 @@ def embed_task(embedder, task: tasks.Task, *, batch_size: int = 32) -> tuple[np.
     return np.stack([out[i] for i in kept]), kept
 
 
-def evaluate_embedder(embedder, task: tasks.Task, *, seeds=(42, 43, 44), batch_size: int = 32) -> dict:
+def evaluate_embedder(embedder, task: tasks.Task, *, seeds=(42, 43, 44), batch_size: int = 32,
+                      lr: float = probes.DEFAULT_LR) -> dict:
     embeddings, kept = embed_task(embedder, task, batch_size=batch_size)
     labels = task.label_array()[kept]
     return probes.evaluate_task(embeddings, labels, np.asarray(task.splits)[kept], multilabel=task.multilabel,
-                                num_classes=len(task.classes), seeds=tuple(seeds))
+                                num_classes=len(task.classes), seeds=tuple(seeds), lr=lr)
 
 
 def run(encoder_spec: str, task_specs: list[str], output_dir: str, *, baselines: bool = True,
-        seeds=(42, 43, 44), batch_size: int = 32) -> dict:
+        seeds=(42, 43, 44), batch_size: int = 32, lr: float = probes.DEFAULT_LR) -> dict:
     """Evaluates `encoder_spec` (and the floors) on every task; returns {encoder: {task: result}}."""
     main = embedders.make_embedder(encoder_spec)
     candidates = [main]
@@ -99,7 +102,8 @@ def run(encoder_spec: str, task_specs: list[str], output_dir: str, *, baselines:
         loaded.append(task)
     for task in loaded:
         for embedder in candidates:
-            results[embedder.name][task.name] = evaluate_embedder(embedder, task, seeds=seeds, batch_size=batch_size)
+            results[embedder.name][task.name] = evaluate_embedder(embedder, task, seeds=seeds, batch_size=batch_size,
+                                                                  lr=lr)
         skipped[task.name] = task.skipped
         if task.skipped:
             logging.warning("%s: %d clips skipped (see all_results.json): %s", task.name, len(task.skipped),
@@ -122,7 +126,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's restore chatter
     run(FLAGS.encoder, FLAGS.task, FLAGS.output, baselines=FLAGS.baselines, seeds=[int(s) for s in FLAGS.seeds],
-        batch_size=FLAGS.batch_size)
+        batch_size=FLAGS.batch_size, lr=FLAGS.lr)
     print(f"report: {os.path.join(FLAGS.output, 'results.md')}")
 
 

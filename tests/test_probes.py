@@ -362,3 +362,40 @@ def test_class_missing_from_training_folds_names_the_fold():
     y[np.flatnonzero(folds == 1)[:2]] = 3  # class 3 only in fold 1
     with pytest.raises(ValueError, match=r"test fold 1\).*class 3: 2 test / 0 train"):
         probes.evaluate_task(x, y, folds, multilabel=False, num_classes=4, seeds=(42,))
+
+
+def test_the_linear_probe_lr_is_settable_and_recorded(tmp_path, monkeypatch):
+    """`--lr` (evaluate.run's lr, config.evals' lr) reaches the linear probe and lands in results.json."""
+    import json
+
+    import soundfile as sf
+
+    from audiojepa import evaluate
+    from audiojepa.evaluation import evaluators
+
+    root = tmp_path / "tones"
+    root.mkdir()
+    rows = ["filename,label,split"]
+    for i in range(24):
+        label = "low" if i % 2 else "high"
+        t = np.arange(4000) / 16000
+        sf.write(root / f"c{i:02d}.wav", (0.3 * np.sin(2 * np.pi * (300 if i % 2 else 3000) * (1 + i / 50) * t))
+                 .astype(np.float32), 16000)
+        rows.append(f"c{i:02d}.wav,{label},{'train' if i < 16 else 'valid' if i < 18 else 'test'}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    optimizer_lrs, real_probe = [], probes.linear_probe
+
+    def recording_probe(*args, **kwargs):
+        optimizer_lrs.append(kwargs["lr"])
+        return real_probe(*args, **kwargs)
+
+    monkeypatch.setattr(probes, "linear_probe", recording_probe)
+    for lr in (3e-5, 1e-2):
+        out = tmp_path / f"out_{lr}"
+        optimizer_lrs.clear()
+        evaluate.run("logmel", [str(root)], str(out), baselines=False, seeds=(0,), lr=lr)
+        assert json.loads((out / "results.json").read_text())["tones"]["linear"]["lr"] == lr
+        assert optimizer_lrs and all(v == pytest.approx(lr) for v in optimizer_lrs)
+    (_, _, ev), = evaluators.from_config({"p": {"type": "linear", "task": str(root), "every_steps": 1, "lr": 3e-5}},
+                                         sample_rate=16000)
+    assert ev.lr == 3e-5

@@ -1,7 +1,7 @@
 """Periodic evaluation during training, configured in `config.evals`.
 
     config.evals.knn_embedded = dict(type="knn", task="embedded", every_steps=100)
-    config.evals.probe_esc50 = dict(type="linear", task="/data/tasks/esc50", every_steps=5000, seeds=(42,))
+    config.evals.probe_esc50 = dict(type="linear", task="/data/tasks/esc50", every_steps=5000, seeds=(42,), lr=1e-3)
 
 Each evaluator takes the frozen online encoder and yields `(name, value)` pairs; the trainer logs
 them as `eval/<config key>/<name>` with the training metrics. Task audio is loaded once, when the
@@ -23,7 +23,7 @@ class TaskEvaluator:
     """kNN and/or linear-probe scores of an encoder on one task."""
 
     def __init__(self, task_spec: str, *, sample_rate: int, kind: str = "knn", seeds=(42,), batch_size: int = 32,
-                 name: str = "*"):
+                 name: str = "*", lr: float = probes.DEFAULT_LR):
         """Loads the task and checks its splits now (not at the first evaluation, maybe days into a run);
         errors name `config.evals.<name>`."""
         if kind not in TYPES:
@@ -31,6 +31,7 @@ class TaskEvaluator:
         self.kind = kind
         self.seeds = tuple(seeds)
         self.batch_size = batch_size
+        self.lr = float(lr)
         self.task = tasks.load_task(task_spec, sample_rate=sample_rate)
         try:
             probes.check_splits(self.task.label_array(), self.task.splits, multilabel=self.task.multilabel,
@@ -47,7 +48,7 @@ class TaskEvaluator:
         splits = np.asarray(self.task.splits)[kept]
         result = probes.evaluate_task(emb, labels, splits, multilabel=self.task.multilabel,
                                       num_classes=len(self.task.classes), seeds=self.seeds,
-                                      run_linear=self.kind == "linear")
+                                      run_linear=self.kind == "linear", lr=self.lr)
         yield "knn", float(result["knn"]["mean"])
         if self.kind == "linear":
             yield "linear", float(result["linear"]["mean"])
@@ -67,5 +68,6 @@ def from_config(evals_config, *, sample_rate: int) -> list[tuple[str, int, TaskE
             raise ValueError(f"config.evals.{name}.task is missing (a task folder, shard set, 'embedded' or 'tfds:NAME')")
         out.append((name, every, TaskEvaluator(cfg["task"], sample_rate=sample_rate, kind=cfg.get("type", "knn"),
                                                seeds=tuple(cfg.get("seeds", (42,))),
-                                               batch_size=int(cfg.get("batch_size", 32)), name=name)))
+                                               batch_size=int(cfg.get("batch_size", 32)), name=name,
+                                               lr=float(cfg.get("lr", probes.DEFAULT_LR)))))
     return out

@@ -654,7 +654,7 @@ def evaluate_task(
     if run_linear:
         test_scores = np.array([r["test"] for r in runs]).reshape(len(plans), len(seeds))
         per_seed = test_scores.mean(axis=0)
-        linear = {"metric": metric, "mean": float(per_seed.mean()),
+        linear = {"metric": metric, "lr": float(lr), "mean": float(per_seed.mean()),
                   "ci95": confidence_interval_95(per_seed),
                   "std": float(per_seed.std(ddof=1)) if len(seeds) > 1 else float("nan"),
                   "per_seed": per_seed.tolist(), "runs": runs}
