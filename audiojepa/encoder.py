@@ -82,8 +82,12 @@ class AudioEncoder:
 
     def __post_init__(self):
         self.input_shape = tuple(int(n) for n in self.input_shape)
+        model_shape = self.input_shape
+        patch = self.model_config.get("patch_size")
+        if patch and len(model_shape) == 2:  # 80x1001: the model sees the whole patches of a chunk
+            model_shape = (model_shape[0], model_shape[1] // int(patch[1]) * int(patch[1]))
         self.method = methods.get_method(self.method_name)(inference_model_config(self.model_config),
-                                                           input_shape=self.input_shape)
+                                                           input_shape=model_shape)
         self._encode = jax.jit(self.method.encode)
         self.is_waveform_model = methods.input_kind(self.method) == "waveform"
         if "encodec" in self.params and hasattr(self.method, "set_encodec_params"):
@@ -152,7 +156,12 @@ class AudioEncoder:
         return tokens.reshape(batch, grid_f, grid_t, dim).transpose(0, 2, 1, 3).reshape(batch, grid_t, grid_f * dim)
 
     def frame_features(self, lms: np.ndarray) -> np.ndarray:
-        """Normalised log-mels [batch, n_mels, frames] (any frames >= 1) -> [batch, T', F x D]."""
+        """Normalised log-mels [batch, n_mels, frames] (any frames >= 1) -> [batch, T', F x D].
+
+        As M2D's runtime (shared/reference/m2d.md §5): chunks of `chunk_frames`; only a shorter last chunk is
+        zero-padded, to whole patches. A full chunk whose width is not whole patches (80x1001 models) loses
+        its last frames to the patch embedding's stride, as in the runtime: 1001 frames give 62 steps.
+        """
         lms = np.asarray(lms, np.float32)
         if lms.ndim != 3 or lms.shape[1] != self.input_shape[0]:
             raise ValueError(f"expected log-mels [batch, {self.input_shape[0]}, frames], got {lms.shape}")
@@ -160,7 +169,7 @@ class AudioEncoder:
         outputs = []
         for start in range(0, lms.shape[2], self.chunk_frames):
             chunk = lms[:, :, start:start + self.chunk_frames]
-            pad = -chunk.shape[2] % patch_t
+            pad = -chunk.shape[2] % patch_t if chunk.shape[2] < self.chunk_frames else 0
             if pad:
                 chunk = np.pad(chunk, ((0, 0), (0, 0), (0, pad)))
             outputs.append(self._encode_chunk(chunk))

@@ -146,3 +146,34 @@ def test_an_encoder_trained_in_bfloat16_with_cudnn_attention_embeds_in_float32_a
     reference = encoder.AudioEncoder("m2d", config, (80, 48), *args)
     lms = np.random.default_rng(0).standard_normal((2, 80, 96)).astype(np.float32)
     np.testing.assert_array_equal(fast.frame_features(lms), reference.frame_features(lms))
+
+
+def test_a_1001_frame_model_chunks_as_the_official_runtime():
+    """80x1001 models (M2D-AS, CLAP): chunks of 1001 frames whose last 9 frames the patch stride drops, as
+    runtime_audio.py does (m2d.md §5: a 10 s clip gives 62 steps, not 63); only a shorter last chunk is padded."""
+    config = m2d.default_config("tiny")
+    method = m2d.M2D(config, input_shape=(80, 992))  # the patches of a 1001-frame chunk
+    params = jax.jit(method.encoder.init)(jax.random.key(0), np.zeros((1, 80, 992), np.float32))["params"]
+    enc = encoder.AudioEncoder("m2d", config, (80, 1001), frontend.get_preset("m2d"), (-7.1, 4.2),
+                               {"encoder": params})
+    lms = np.random.default_rng(0).standard_normal((1, 80, 2002 + 20)).astype(np.float32)
+    assert enc.frame_features(lms[:, :, :1001]).shape[1] == 62
+    np.testing.assert_array_equal(enc.frame_features(lms[:, :, :1001]), enc.frame_features(lms[:, :, :992]))
+    features = enc.frame_features(lms)  # 1001 + 1001 + 20 (padded to 32: 2 steps)
+    assert features.shape[1] == 62 + 62 + 2
+    np.testing.assert_allclose(features[:, 62:124], enc.frame_features(lms[:, :, 1001:2002]), rtol=1e-6, atol=1e-6)
+
+
+def test_convert_reads_the_training_width_from_the_weight_folder_name():
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import convert_m2d
+
+    assert convert_m2d.frames_from_path("/w/m2d_as_vit_base-80x1001p16x16-240213_AS-FT_enconly/weights_ep69.pth") == 1001
+    assert convert_m2d.frames_from_path("/w/m2d_vit_base-80x608p16x16-221006-mr7/checkpoint-300.pth") == 608
+    assert convert_m2d.frames_from_path("/w/state_dict.npz") is None
+    state = {"cls_token": np.zeros((1, 1, 192)), "patch_embed.proj.weight": np.zeros((192, 1, 16, 16)),
+             "pos_embed": np.zeros((1, 1 + 5 * 62, 192)), **{f"blocks.{i}.x": 0 for i in range(2)}}  # tiny
+    assert convert_m2d.model_config_for(state, 80)[1] == (80, 992)
+    assert convert_m2d.model_config_for(state, 80, 1001)[1] == (80, 1001)
+    with pytest.raises(Exception, match="--input_frames=608 gives 38 time patches; the checkpoint's position table has 62"):
+        convert_m2d.model_config_for(state, 80, 608)

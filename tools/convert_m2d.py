@@ -10,6 +10,8 @@ the tensors; `norm_stats` from the checkpoint if present. The export loads with
 `audiojepa.encoder.load_encoder(OUTPUT)` and evaluates with `python -m audiojepa.evaluate`.
 """
 
+import re
+
 import numpy as np
 from absl import app, flags, logging
 
@@ -22,6 +24,9 @@ from audiojepa.models import VARIANTS
 flags.DEFINE_string("checkpoint", None, "Official M2D checkpoint: .pth (needs torch) or .npz state dict.")
 flags.DEFINE_string("output", None, "Output folder for encoder.json and params.msgpack.")
 flags.DEFINE_string("frontend", "m2d", f"Front-end preset the model was trained with: {sorted(frontend.PRESETS)}.")
+flags.DEFINE_integer("input_frames", None, "Training width in frames, the chunk width of the export (e.g. 1001 for "
+                     "the 80x1001 models). Default: from the checkpoint path's '<mels>x<frames>p<pf>x<pt>' as M2D's "
+                     "runtime reads it, else whole patches of the position table.")
 flags.mark_flags_as_required(["checkpoint", "output"])
 FLAGS = flags.FLAGS
 
@@ -39,8 +44,16 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy() for k, v in state.items()}
 
 
-def model_config_for(state_dict: dict[str, np.ndarray], n_mels: int):
-    """(model config, input_shape) inferred from tensor shapes."""
+def frames_from_path(path: str) -> int | None:
+    """The training width M2D's runtime reads from a weight folder name: `m2d_vit_base-80x1001p16x16-…` -> 1001
+    (None when the path has no such part)."""
+    match = re.search(r"(\d+)x(\d+)p(\d+)x(\d+)", path)
+    return int(match.group(2)) if match else None
+
+
+def model_config_for(state_dict: dict[str, np.ndarray], n_mels: int, input_frames: int | None = None):
+    """(model config, input_shape) inferred from tensor shapes; `input_frames` (checked against the position
+    table) when the training width is not whole patches."""
     width = state_dict["cls_token"].shape[-1]
     depth = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
     variant = next((name for name, v in VARIANTS.items() if v["width"] == width and v["depth"] == depth), None)
@@ -54,14 +67,21 @@ def model_config_for(state_dict: dict[str, np.ndarray], n_mels: int):
     if "decoder_embed.weight" in state_dict:
         config.predictor_width = int(state_dict["decoder_embed.weight"].shape[0])
         config.predictor_depth = len({k.split(".")[1] for k in state_dict if k.startswith("decoder_blocks.")})
-    return config, (n_mels, (num_patches // grid_f) * int(patch_t))
+    grid_t = num_patches // grid_f
+    if input_frames is None:
+        return config, (n_mels, grid_t * int(patch_t))
+    if input_frames // int(patch_t) != grid_t:
+        raise app.UsageError(f"--input_frames={input_frames} gives {input_frames // int(patch_t)} time patches; the "
+                             f"checkpoint's position table has {grid_t}")
+    return config, (n_mels, int(input_frames))
 
 
 def main(argv):
     del argv
     state_dict = load_state_dict(FLAGS.checkpoint)
     params_frontend = frontend.get_preset(FLAGS.frontend)
-    model_config, input_shape = model_config_for(state_dict, params_frontend.n_mels)
+    input_frames = FLAGS.input_frames or frames_from_path(FLAGS.checkpoint)
+    model_config, input_shape = model_config_for(state_dict, params_frontend.n_mels, input_frames)
     grid = (input_shape[0] // model_config.patch_size[0], input_shape[1] // model_config.patch_size[1])
     params, _ = m2d_torch.state_dict_to_params(state_dict, grid_size=grid)
     norm = state_dict.get("norm_stats")
