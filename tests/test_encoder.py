@@ -120,8 +120,14 @@ def test_load_encoder_error_names_the_path(tmp_path):
 @needs_fixtures
 def test_convert_cli_reads_a_torch_checkpoint(tmp_path):
     torch = pytest.importorskip("torch", reason="the optional torch extra is not installed")
+    import argparse
+
     state_dict = {k: torch.from_numpy(v) for k, v in np.load(STATE_DICT).items()}
-    torch.save({"model": state_dict, "epoch": 299}, tmp_path / "checkpoint-299.pth")
+    # As MAE-style training saves it: the run's argparse.Namespace too (weights_only=True refused it), and
+    # an entry that is not the encoder's (M2D-X's offline predictor), left out instead of being an error.
+    state_dict["offline_predictor.weight"] = torch.zeros(3, 3)
+    torch.save({"model": state_dict, "epoch": 299, "args": argparse.Namespace(lr=3e-4, input_size=[80, 608])},
+               tmp_path / "checkpoint-299.pth")
     out = tmp_path / "export"
     result = subprocess.run([sys.executable, "tools/convert_m2d.py", f"--checkpoint={tmp_path / 'checkpoint-299.pth'}",
                              f"--output={out}"], cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -171,6 +177,13 @@ def test_convert_reads_the_training_width_from_the_weight_folder_name():
     assert convert_m2d.frames_from_path("/w/m2d_as_vit_base-80x1001p16x16-240213_AS-FT_enconly/weights_ep69.pth") == 1001
     assert convert_m2d.frames_from_path("/w/m2d_vit_base-80x608p16x16-221006-mr7/checkpoint-300.pth") == 608
     assert convert_m2d.frames_from_path("/w/state_dict.npz") is None
+    assert convert_m2d.frontend_from_path("/w/m2d_vit_base-80x608p16x16p32k-240119/checkpoint-300.pth") == "m2d_32k"
+    assert convert_m2d.frontend_from_path("/w/m2d_vit_base-80x608p16x16-221006-mr7/checkpoint-300.pth") == "m2d"
+    assert convert_m2d.frontend_from_path("/w/state_dict.npz") is None
+    kept, dropped = convert_m2d.encoder_entries({"blocks.0.x": 1, "norm.weight": 2, "offline_predictor.w": 3,
+                                                 "decoder_embed.weight": 4, "cls_token": 5})
+    assert sorted(kept) == ["blocks.0.x", "cls_token", "norm.weight"] and dropped == ["decoder_embed",
+                                                                                      "offline_predictor"]
     state = {"cls_token": np.zeros((1, 1, 192)), "patch_embed.proj.weight": np.zeros((192, 1, 16, 16)),
              "pos_embed": np.zeros((1, 1 + 5 * 62, 192)), **{f"blocks.{i}.x": 0 for i in range(2)}}  # tiny
     assert convert_m2d.model_config_for(state, 80)[1] == (80, 992)

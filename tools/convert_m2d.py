@@ -10,6 +10,7 @@ the tensors; `norm_stats` from the checkpoint if present. The export loads with
 `audiojepa.encoder.load_encoder(OUTPUT)` and evaluates with `python -m audiojepa.evaluate`.
 """
 
+import argparse
 import re
 
 import numpy as np
@@ -23,7 +24,8 @@ from audiojepa.models import VARIANTS
 
 flags.DEFINE_string("checkpoint", None, "Official M2D checkpoint: .pth (needs torch) or .npz state dict.")
 flags.DEFINE_string("output", None, "Output folder for encoder.json and params.msgpack.")
-flags.DEFINE_string("frontend", "m2d", f"Front-end preset the model was trained with: {sorted(frontend.PRESETS)}.")
+flags.DEFINE_string("frontend", "m2d", f"Front-end preset the model was trained with: {sorted(frontend.PRESETS)}. "
+                    "Default: from the weight folder name as M2D's runtime reads it (p32k: m2d_32k), else m2d.")
 flags.DEFINE_integer("input_frames", None, "Training width in frames, the chunk width of the export (e.g. 1001 for "
                      "the 80x1001 models). Default: from the checkpoint path's '<mels>x<frames>p<pf>x<pt>' as M2D's "
                      "runtime reads it, else whole patches of the position table.")
@@ -39,9 +41,31 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
     except ImportError:
         raise app.UsageError(f"{path}: reading .pth files needs the optional torch extra "
                              "(pip install -e '.[torch]'), or convert it to .npz elsewhere") from None
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    # MAE-style training checkpoints also hold the run's argparse.Namespace ("args"): allowed, nothing else.
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else checkpoint
     return {k: v.detach().cpu().numpy() for k, v in state.items()}
+
+
+# The state-dict entries an encoder export needs; the rest (the predictor, the EMA target, M2D-X's
+# offline predictor, fine-tuning heads) is left out with a log line.
+ENCODER_ENTRIES = ("patch_embed", "cls_token", "pos_embed", "blocks", "norm", "norm_stats")
+
+
+def encoder_entries(state_dict: dict) -> tuple[dict, list[str]]:
+    """(the entries ENCODER_ENTRIES names, the sorted top-level names of the others)."""
+    keep = {k: v for k, v in state_dict.items() if k.split(".")[0] in ENCODER_ENTRIES}
+    return keep, sorted({k.split(".")[0] for k in state_dict if k not in keep})
+
+
+def frontend_from_path(path: str) -> str | None:
+    """The front-end preset M2D's runtime would pick from a weight folder name: `…80x608p16x16p32k…` ->
+    "m2d_32k", `…80x608p16x16…` -> "m2d" (None when the path has no `<mels>x<frames>p<pf>x<pt>` part)."""
+    match = re.search(r"\d+x\d+p\d+x\d+(p(\d+)k)?", path)
+    if not match:
+        return None
+    return "m2d_32k" if match.group(2) == "32" else "m2d"
 
 
 def frames_from_path(path: str) -> int | None:
@@ -78,10 +102,18 @@ def model_config_for(state_dict: dict[str, np.ndarray], n_mels: int, input_frame
 
 def main(argv):
     del argv
-    state_dict = load_state_dict(FLAGS.checkpoint)
-    params_frontend = frontend.get_preset(FLAGS.frontend)
+    full_state_dict = load_state_dict(FLAGS.checkpoint)
+    state_dict, dropped = encoder_entries(full_state_dict)
+    if dropped:
+        logging.info("not part of the encoder, left out: %s", ", ".join(dropped))
+    from_path = frontend_from_path(FLAGS.checkpoint)
+    preset = FLAGS.frontend if FLAGS["frontend"].present or from_path is None else from_path
+    if from_path is not None and FLAGS["frontend"].present and preset != from_path:
+        raise app.UsageError(f"--frontend={preset}, but the checkpoint's folder name says {from_path!r} "
+                             f"({FLAGS.checkpoint}); the model would get log-mels it was not trained on")
+    params_frontend = frontend.get_preset(preset)
     input_frames = FLAGS.input_frames or frames_from_path(FLAGS.checkpoint)
-    model_config, input_shape = model_config_for(state_dict, params_frontend.n_mels, input_frames)
+    model_config, input_shape = model_config_for(full_state_dict, params_frontend.n_mels, input_frames)
     grid = (input_shape[0] // model_config.patch_size[0], input_shape[1] // model_config.patch_size[1])
     params, _ = m2d_torch.state_dict_to_params(state_dict, grid_size=grid)
     norm = state_dict.get("norm_stats")
