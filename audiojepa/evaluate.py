@@ -39,32 +39,51 @@ flags.DEFINE_float("lr", probes.DEFAULT_LR, "Linear-probe Adam learning rate (EV
 FLAGS = flags.FLAGS
 
 
-def embed_task(embedder, task: tasks.Task, *, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+# Decoded clips held at once while embedding, beyond one batch per length: bounds memory on large tasks
+# (FSD50K decoded whole would be ~25 GB of float32 at 16 kHz).
+MAX_BUFFERED_CLIPS = 2048
+
+
+def embed_task(embedder, task: tasks.Task, *, batch_size: int = 32,
+               max_buffered_clips: int = MAX_BUFFERED_CLIPS) -> tuple[np.ndarray, np.ndarray]:
     """Clip embeddings [n_kept, dim] of every clip of `task`, and the indices of the clips kept.
 
-    Clips are batched by length (no padding: padding would change the time mean). A clip that fails
-    to load is skipped, counted in `task.skipped` and left out of scoring, never given a fake value.
+    Clips are batched by length (no padding: padding would change the time mean), in one streaming pass:
+    a length's batch is embedded when it holds `batch_size` clips, and when more than `max_buffered_clips`
+    are waiting, the fullest waiting batch goes early. Embeddings do not depend on batch composition. A clip
+    that fails to load is skipped, counted in `task.skipped` (once) and left out of scoring, never given a
+    fake value.
     """
-    waveforms: dict[int, np.ndarray] = {}
-    for i in tqdm(range(len(task.clip_ids)), desc=f"{task.name}: loading audio", unit="clip", leave=False):
+    waiting: dict[int, list[tuple[int, np.ndarray]]] = {}  # length -> [(clip index, waveform)]
+    out: dict[int, np.ndarray] = {}
+    num_waiting = 0
+
+    def embed(length: int) -> None:
+        nonlocal num_waiting
+        batch = waiting.pop(length)
+        num_waiting -= len(batch)
+        emb = embedder.embed_batch(np.stack([w for _, w in batch]))
+        out.update(zip((i for i, _ in batch), np.asarray(emb, np.float32)))
+
+    for i in tqdm(range(len(task.clip_ids)), desc=f"{task.name}: embedding ({embedder.name})", unit="clip"):
         try:
-            waveforms[i] = task.load_audio(i, embedder.sample_rate)
+            waveform = task.load_audio(i, embedder.sample_rate)
         except audio_io.BadAudioError as e:
             entry = {"path": task.clip_ids[i], "reason": e.reason}
             if entry not in task.skipped:  # once per clip, however many embedders or evaluations read it
                 task.skipped.append(entry)
-    by_length: dict[int, list[int]] = {}
-    for i, w in waveforms.items():
-        by_length.setdefault(w.shape[0], []).append(i)
-    out: dict[int, np.ndarray] = {}
-    with tqdm(total=len(waveforms), desc=f"{task.name}: embedding ({embedder.name})", unit="clip") as bar:
-        for length, indices in sorted(by_length.items()):
-            for start in range(0, len(indices), batch_size):
-                chunk = indices[start:start + batch_size]
-                emb = embedder.embed_batch(np.stack([waveforms[i] for i in chunk]))
-                out.update(zip(chunk, np.asarray(emb, np.float32)))
-                bar.update(len(chunk))
+            continue
+        waiting.setdefault(waveform.shape[0], []).append((i, waveform))
+        num_waiting += 1
+        if len(waiting[waveform.shape[0]]) == batch_size:
+            embed(waveform.shape[0])
+        elif num_waiting > max_buffered_clips:
+            embed(max(waiting, key=lambda length: len(waiting[length])))
+    for length in sorted(waiting):  # the partial batches left
+        embed(length)
     kept = np.array(sorted(out), dtype=np.int64)
+    if not len(kept):
+        raise ValueError(f"{task.name}: no clip could be loaded ({len(task.skipped)} skipped)")
     return np.stack([out[i] for i in kept]), kept
 
 

@@ -399,3 +399,44 @@ def test_the_linear_probe_lr_is_settable_and_recorded(tmp_path, monkeypatch):
     (_, _, ev), = evaluators.from_config({"p": {"type": "linear", "task": str(root), "every_steps": 1, "lr": 3e-5}},
                                          sample_rate=16000)
     assert ev.lr == 3e-5
+
+
+def test_embedding_a_task_streams_with_bounded_memory_and_the_same_embeddings(tmp_path):
+    """evaluate.embed_task holds at most max_buffered_clips decoded clips (plus the one just loaded), and
+    the embeddings equal those of an unbounded pass (batch composition does not change them)."""
+    import soundfile as sf
+
+    from audiojepa import evaluate, frontend
+    from audiojepa.evaluation import embedders, tasks
+
+    root = tmp_path / "mixed"
+    root.mkdir()
+    rows = ["filename,label,split"]
+    rng = np.random.default_rng(0)
+    for i in range(40):  # 7 different lengths, so many partial batches wait at once
+        n = 1600 * (1 + i % 7)
+        sf.write(root / f"c{i:02d}.wav", (0.1 * rng.standard_normal(n)).astype(np.float32), 16000)
+        rows.append(f"c{i:02d}.wav,{'ab'[i % 2]},{'train' if i < 30 else 'test'}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    task = tasks.load_task(str(root), sample_rate=16000)
+    embedder = embedders.LogMelEmbedder(frontend.get_preset("m2d"), (-7.1, 4.2))
+    real_load, real_embed = task.load_audio, embedder.embed_batch
+    held = {"now": 0, "peak": 0}
+
+    def load(i, sample_rate):
+        held["now"] += 1
+        held["peak"] = max(held["peak"], held["now"])
+        return real_load(i, sample_rate)
+
+    def embed_batch(waveforms):
+        held["now"] -= len(waveforms)
+        return real_embed(waveforms)
+
+    task.load_audio, embedder.embed_batch = load, embed_batch
+    bounded, kept = evaluate.embed_task(embedder, task, batch_size=4, max_buffered_clips=5)
+    assert held == {"now": 0, "peak": 6}  # 5 waiting + the one just loaded
+    held["peak"] = 0
+    unbounded, kept_all = evaluate.embed_task(embedder, task, batch_size=4, max_buffered_clips=10**6)
+    assert held["peak"] > 6  # without the bound, partial batches of all 7 lengths wait together
+    np.testing.assert_array_equal(kept, kept_all)
+    np.testing.assert_allclose(bounded, unbounded, rtol=1e-6, atol=1e-6)

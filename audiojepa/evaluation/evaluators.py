@@ -4,8 +4,9 @@
     config.evals.probe_esc50 = dict(type="linear", task="/data/tasks/esc50", every_steps=5000, seeds=(42,), lr=1e-3)
 
 Each evaluator takes the frozen online encoder and yields `(name, value)` pairs; the trainer logs
-them as `eval/<config key>/<name>` with the training metrics. Task audio is loaded once, when the
-evaluator is built.
+them as `eval/<config key>/<name>` with the training metrics. The task (clip list, labels, splits) is
+loaded and checked once, when the evaluator is built; its audio is decoded at each evaluation, streamed
+in batches (evaluate.embed_task).
 """
 
 from __future__ import annotations
