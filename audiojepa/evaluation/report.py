@@ -8,7 +8,8 @@ import os
 
 def markdown_table(results: dict[str, dict[str, dict]]) -> str:
     """results: {encoder_name: {task_name: {"linear": {...}, "knn": {...}}}} -> a markdown table."""
-    lines = ["| task | encoder | linear probe | kNN (k=10) |", "|---|---|---:|---:|"]
+    # The interval is over the probe's seeds (the test set is fixed), not the test set's sampling error.
+    lines = ["| task | encoder | linear probe (± 95% over seeds) | kNN (k=10) |", "|---|---|---:|---:|"]
     tasks = sorted({t for per_task in results.values() for t in per_task})
     for task in tasks:
         for encoder_name, per_task in results.items():
@@ -22,7 +23,7 @@ def markdown_table(results: dict[str, dict[str, dict]]) -> str:
 
 
 def bar_chart(task: str, results: dict[str, dict[str, dict]], path: str) -> str:
-    """One PNG per task: linear probe (with its 95% interval) and kNN for each encoder."""
+    """One PNG per task: linear probe (with its 95% interval over seeds) and kNN for each encoder."""
     import matplotlib
 
     matplotlib.use("Agg")
