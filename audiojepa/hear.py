@@ -13,7 +13,8 @@ imported only when `load_model` runs, never when this module is imported. The en
 in JAX on JAX's default device.
 
 Embeddings: one per encoder time step, D = n_freq_patches x dim (the concatenated frequency
-patches, as the M2D runtime). Scene embedding = mean over time steps = `AudioEncoder.embed_waveform`'s
+patches, as the M2D runtime). Waveform models (EncodecMAE, 24 kHz) declare 48 kHz, resample their
+input to 24 kHz, and give one embedding per 75 Hz frame at its centre, (i + 0.5) / 75 s. Scene embedding = mean over time steps = `AudioEncoder.embed_waveform`'s
 clip embedding. Timestamps: the centre of each step's patch of log-mel frames, every
 `frame_hop_seconds` (160 ms for 16x16 patches with a 10 ms hop). A last patch that is mostly
 zero-padding has its centre past the end of the audio, which the HEAR validator rejects; then
@@ -35,6 +36,13 @@ from audiojepa import encoder as encoder_lib
 HEAR_SAMPLE_RATES = (16000, 22050, 32000, 44100, 48000)
 # load_model() without a path (the validator's default) reads the encoder named here.
 ENCODER_ENV = "AUDIOJEPA_ENCODER"
+
+
+def hear_rate_for(model_rate: int) -> int:
+    """The HEAR rate a waveform model declares: the lowest one that is a whole multiple of its own rate (so
+    the resampling to it is exact, e.g. 48 kHz for a 24 kHz model), else the highest."""
+    multiples = [rate for rate in HEAR_SAMPLE_RATES if rate % model_rate == 0]
+    return min(multiples) if multiples else max(HEAR_SAMPLE_RATES)
 
 
 def frame_feature_dim(audio_encoder: encoder_lib.AudioEncoder) -> int:
@@ -82,7 +90,13 @@ class HearEmbedder:
 
     def __init__(self, audio_encoder: encoder_lib.AudioEncoder):
         self.encoder = audio_encoder
-        self.sample_rate = int(audio_encoder.frontend.sample_rate)
+        self.model_rate = int(audio_encoder.frontend.sample_rate)
+        self.scene_embedding_size = self.timestamp_embedding_size = frame_feature_dim(audio_encoder)
+        self.hop_ms = audio_encoder.frame_hop_seconds * 1000.0
+        if audio_encoder.is_waveform_model:  # EncodecMAE: 24 kHz, which HEAR does not offer
+            self.sample_rate = hear_rate_for(self.model_rate)
+            return
+        self.sample_rate = self.model_rate
         if self.sample_rate not in HEAR_SAMPLE_RATES:
             raise ValueError(f"the encoder's front end runs at {self.sample_rate} Hz; the HEAR API allows "
                              f"{HEAR_SAMPLE_RATES}")
@@ -91,11 +105,15 @@ class HearEmbedder:
             # Chunks that are not whole patches would leave a padded step inside the sequence: uneven spacing.
             raise ValueError(f"chunk width {audio_encoder.chunk_frames} frames is not a multiple of the patch width "
                              f"{patch_frames}; HEAR timestamps need evenly spaced steps")
-        self.scene_embedding_size = self.timestamp_embedding_size = frame_feature_dim(audio_encoder)
-        self.hop_ms = audio_encoder.frame_hop_seconds * 1000.0
 
     def timestamps_ms(self, num_samples: int, num_steps: int) -> np.ndarray:
-        """[num_steps] float32 timestamps (ms) for audio of `num_samples`: patch centres, kept within the audio."""
+        """[num_steps] float32 timestamps (ms) for audio of `num_samples` at `sample_rate`: patch centres, kept
+        within the audio; for waveform models the centres of their frames, (i + 0.5) x hop (EncodecMAE's
+        HEAR wrapper, shared/reference/encodecmae.md §1.14)."""
+        if self.encoder.is_waveform_model:
+            length_ms = num_samples * 1000.0 / self.sample_rate
+            centres = (np.arange(num_steps, dtype=np.float64) + 0.5) * self.hop_ms
+            return np.minimum(centres, length_ms).astype(np.float32)
         fe = self.encoder.frontend
         frame_ms = fe.hop_length * 1000.0 / fe.sample_rate
         # Log-mel frame k is centred at k * hop (+ n_fft / 2 without centre padding).
@@ -116,7 +134,13 @@ class HearEmbedder:
         audio = np.asarray(audio, np.float32)
         if audio.ndim != 2 or audio.shape[1] == 0:
             raise ValueError(f"audio must be [n_sounds, n_samples] with n_samples > 0; got shape {audio.shape}")
-        frames, _ = self.encoder.embed_waveform(audio)
+        model_audio = audio
+        if self.sample_rate != self.model_rate:  # waveform models: HEAR's rate -> the model's (48 -> 24 kHz)
+            import soxr
+
+            model_audio = np.stack([soxr.resample(a, self.sample_rate, self.model_rate, quality="HQ")
+                                    for a in audio]).astype(np.float32)
+        frames, _ = self.encoder.embed_waveform(model_audio)
         timestamps = self.timestamps_ms(audio.shape[1], frames.shape[1])
         return frames.astype(np.float32), np.broadcast_to(timestamps, frames.shape[:2]).copy()
 

@@ -144,3 +144,27 @@ def test_no_torch_at_import_and_plain_objects_without_torch(export_dir):
     result = subprocess.run([sys.executable, "-c", script, export_dir], cwd=REPO, env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_a_waveform_encoder_serves_hear_at_48_khz():
+    """EncodecMAE (24 kHz, which HEAR does not offer) declares 48 kHz, resamples to 24 kHz, and gives one
+    embedding per 75 Hz frame at its centre, (i + 0.5) / 75 s (encodecmae.md §1.14); the embeddings equal
+    the encoder's own on the same audio resampled with soxr (atol 1e-5)."""
+    import soxr
+
+    from audiojepa import methods
+    from audiojepa.methods import encodecmae
+
+    config = encodecmae.default_config("tiny")
+    method = encodecmae.EncodecMAE(config, input_shape=(9600,))  # 0.4 s crops, random EnCodec weights
+    enc = encoder.AudioEncoder("encodecmae", config, (9600,), frontend.get_preset("encodec"), (0.0, 1.0),
+                               methods.random_encoder_params(method, jax.random.key(0)))
+    embedder = hear.HearEmbedder(enc)
+    assert embedder.sample_rate == 48000 and embedder.hop_ms == pytest.approx(1000 / 75)
+    audio = (0.1 * np.random.default_rng(0).standard_normal((2, 48000 // 2))).astype(np.float32)  # 0.5 s
+    emb, ts = embedder.timestamp_embeddings(audio)
+    assert emb.shape == (2, 38, embedder.timestamp_embedding_size) and emb.dtype == np.float32  # ceil(12000/320)
+    np.testing.assert_allclose(ts[0], np.minimum((np.arange(38) + 0.5) * 1000 / 75, 500.0), rtol=1e-6)
+    assert ts[0, -1] <= 500.0 and np.allclose(np.diff(ts[0, :-1]), 1000 / 75)
+    at_24k = np.stack([soxr.resample(a, 48000, 24000, quality="HQ") for a in audio]).astype(np.float32)
+    np.testing.assert_allclose(emb, enc.embed_waveform(at_24k)[0], atol=1e-5)
