@@ -3,10 +3,11 @@
 import hashlib
 import os
 
+import pytest
 from array_record.python import array_record_module
 
 from audiojepa import frontend
-from audiojepa.data import embedded, records, shards, stats, synthetic
+from audiojepa.data import embedded, pipeline, records, shards, stats, synthetic
 
 SMALL = dict(sample_rate=16000, num_clips=48, duration_s=1.0, seed=0)
 
@@ -35,9 +36,19 @@ def test_embedded_corpus_is_deterministic_and_labelled(tmp_path):
     assert {h["metadata"]["split"] for h in headers} == {"train"}  # 48 clips = folds 0..5 only
     assert [embedded.split_of(i) for i in (0, 63, 64, 71, 72, 79, 80)] == [
         "train", "train", "valid", "valid", "test", "test", "train"]
-    # Statistics for the m2d front end were computed and stored with the corpus.
-    mean, std = stats.read_stats(a, frontend.get_preset("m2d"))
-    assert -20 < mean < 0 and 1 < std < 10
+    # Statistics for the m2d front end were computed and stored with the corpus: the project's stats function
+    # on this corpus's shards with that front end, crops of whole clips (1 s = 101 frames), min(num_clips, 512)
+    # crops and the corpus seed. The same float64 accumulation on both sides: equal to rounding (rel 1e-12).
+    # (Each of the 48 clips once gives -8.74 and the matpac front end -8.71, so a looser, layout-free
+    # reference could not tell the front ends apart. Before compute_logmel_stats kept exactly num_crops,
+    # its batches of 32 read 64 crops here, 16 clips twice: -8.80.)
+    m2d_frontend = frontend.get_preset("m2d")
+    mean, std = stats.read_stats(a, m2d_frontend)
+    spec = pipeline.DataSpec(tuple(os.path.join(a, n) for n in manifest["shards"]), m2d_frontend,
+                             m2d_frontend.num_frames(16000), 0.0, 1.0, 48)
+    assert spec.crop_samples == 16000
+    expected = stats.compute_logmel_stats(spec, num_crops=48, seed=0, progress=False)
+    assert (mean, std) == pytest.approx((expected["mean"], expected["std"]), rel=1e-12)
     # No temporary folders are left behind.
     assert sorted(os.listdir(tmp_path / "a")) == [os.path.basename(a)]
 

@@ -129,12 +129,13 @@ def np_attention(x, p, num_heads):
 
 
 def np_residual_stack(x, p, num_heads):
-    """ResiDualStack with a shared FFN in NumPy: (x0 + LN(x1), [depth, ...] every layer's x0)."""
-    ffn = p["ffn"]
+    """ResiDualStack in NumPy: (x0 + LN(x1), [depth, ...] every layer's x0). The FFN is the stack's shared
+    `ffn` when the params have one, else each layer's own `layers_{i}/ffn`."""
     x0 = x1 = x
     layers = []
     for i in range(sum(name.startswith("layers_") for name in p)):
         layer = p[f"layers_{i}"]
+        ffn = p["ffn"] if "ffn" in p else layer["ffn"]
         a = np_attention(x0, layer["attn"], num_heads)
         x0, x1 = np_layer_norm(x0 + a, layer["norm1"]), x1 + a
         f = np.maximum(x0 @ ffn["fc1"]["kernel"] + ffn["fc1"]["bias"], 0) @ ffn["fc2"]["kernel"] + ffn["fc2"]["bias"]
@@ -143,12 +144,20 @@ def np_residual_stack(x, p, num_heads):
     return x0 + np_layer_norm(x1, p["final_norm"]), np.stack(layers)
 
 
-def test_residual_stack_matches_numpy_with_a_shared_ffn():
+@pytest.mark.parametrize("share_ffn", [True, False])
+def test_residual_stack_matches_numpy(share_ffn):
+    """Shared FFN (the reference's) and one FFN per layer (the "residual" kind of test_perf_options)."""
     depth, heads, width, ff_dim = 2, 2, 8, 16
     x = jax.random.normal(jax.random.key(0), (2, 5, width))
-    stack = mae.ResiDualStack(depth, heads, ff_dim, share_ffn=True)
+    stack = mae.ResiDualStack(depth, heads, ff_dim, share_ffn=share_ffn)
     shapes = jax.eval_shape(stack.init, jax.random.key(1), x)["params"]
-    assert set(shapes) == {"ffn", "final_norm", "layers_0", "layers_1"} and "ffn" not in shapes["layers_0"]
+    if share_ffn:
+        assert set(shapes) == {"ffn", "final_norm", "layers_0", "layers_1"} and "ffn" not in shapes["layers_0"]
+    else:
+        assert set(shapes) == {"final_norm", "layers_0", "layers_1"}
+        assert all(set(shapes[f"layers_{i}"]) == {"attn", "norm1", "ffn", "norm2"} for i in range(depth))
+    for ffn in [shapes["ffn"]] if share_ffn else [shapes[f"layers_{i}"]["ffn"] for i in range(depth)]:
+        assert (ffn["fc1"]["kernel"].shape, ffn["fc2"]["kernel"].shape) == ((width, ff_dim), (ff_dim, width))
     # Random values everywhere (norm scales around 1, non-zero biases), so a swapped or missing piece cannot hide.
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda a: (0.3 * rng.standard_normal(a.shape) + (a.ndim == 1)).astype(np.float32), shapes)

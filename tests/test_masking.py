@@ -220,11 +220,50 @@ def test_multiblock_inside_placement_keeps_full_blocks_on_a_short_grid():
     assert not (_as_mask(np.asarray(context), 65) & _as_mask(np.asarray(target), 65)).any()
 
 
-def test_multiblock_counts():
-    assert masking.multiblock_counts((5, 13)) == (40, 22)
-    assert masking.multiblock_counts((5, 13), target_placement="inside") == (29, 33)
-    assert masking.multiblock_counts((16, 16)) == (159, 84)
-    num_context, num_target = masking.multiblock_counts((1, 13))  # a single frequency row still works
+def _np_random_blocks(rng, draws, grid, scale, aspect, placement):
+    """[draws, n_freq, n_time] bool: one block per draw, drawn in NumPy as `multiblock` documents the geometry.
+
+    Scale and aspect uniform; area = scale·n_freq·n_time, height round(sqrt(area·aspect)) clipped to
+    [1, n_freq], width round(area / height) clipped to [1, n_time]. Start per axis uniform over
+    [-(size-1), n-1] and clipped ("clip"), over [0, n-size] ("inside"), or over [0, n) wrapping ("wrap").
+    """
+    n_freq, n_time = grid
+    area = rng.uniform(*scale, draws) * n_freq * n_time
+    height = np.clip(np.round(np.sqrt(area * rng.uniform(*aspect, draws))), 1, n_freq).astype(np.int64)
+    width = np.clip(np.round(area / height), 1, n_time).astype(np.int64)
+
+    def segment(size, n):
+        cells = np.arange(n)
+        if placement == "wrap":
+            return (cells - rng.integers(0, n, draws)[:, None]) % n < size[:, None]
+        start = rng.integers(-(size - 1), n) if placement == "clip" else rng.integers(0, n - size + 1)
+        return (start[:, None] <= cells) & (cells < (start + size)[:, None])
+
+    return segment(height, n_freq)[:, :, None] & segment(width, n_time)[:, None, :]
+
+
+# Monte-Carlo means (Kc, Kt) here: 39.56, 22.24 / 29.37, 33.25 / 159.3, 84.3 (standard errors 0.01 and 0.06):
+# tight enough that rounding the wrong way (39 for 39.56) fails.
+@pytest.mark.parametrize("grid, placement, draws", [
+    ((5, 13), "clip", 400_000), ((5, 13), "inside", 400_000), ((16, 16), "clip", 200_000)])
+def test_multiblock_counts_are_the_expected_union_and_context_sizes(grid, placement, draws):
+    """Kt = E|union of the 4 target blocks|, Kc = E|context block minus that union| (`multiblock_counts`),
+    against a NumPy Monte-Carlo of the blocks themselves (the function integrates per-patch coverage
+    probabilities instead): equal up to rounding, i.e. within 0.5 + 5 standard errors."""
+    num_context, num_target = masking.multiblock_counts(grid, target_placement=placement)
+    rng = np.random.default_rng(0)
+    union = np.zeros((draws, *grid), bool)
+    for _ in range(4):
+        union |= _np_random_blocks(rng, draws, grid, (0.15, 0.2), (0.75, 1.5), placement)
+    context_block = _np_random_blocks(rng, draws, grid, (0.85, 1.0), (1.0, 1.0), "wrap")
+    for name, count, sizes in (("Kc", num_context, (context_block & ~union).sum((1, 2))),
+                               ("Kt", num_target, union.sum((1, 2)))):
+        mean, standard_error = sizes.mean(), sizes.std() / np.sqrt(draws)
+        assert abs(mean - count) <= 0.5 + 5 * standard_error, (name, count, mean, standard_error)
+
+
+def test_multiblock_counts_on_a_single_frequency_row():
+    num_context, num_target = masking.multiblock_counts((1, 13))
     assert num_target >= 1 and 1 <= num_context <= 13 - num_target
 
 

@@ -160,6 +160,11 @@ def test_stats_match_numpy_over_one_epoch(tmp_path):
     stats.write_stats(str(tmp_path), PARAMS, **result)
     assert stats.read_stats(str(tmp_path), PARAMS) == (pytest.approx(lms.mean(), rel=1e-6),
                                                        pytest.approx(lms.std(), rel=1e-6))
+    # One epoch in batches that do not divide it (6 + 6 + 4): still exactly 16 crops, each clip once (the
+    # last batch of 6 would read 2 clips of the next epoch, shuffled anew).
+    uneven = stats.compute_logmel_stats(_spec(str(tmp_path)), num_crops=16, batch_size=6, progress=False)
+    assert uneven["num_crops"] == 16
+    assert uneven["mean"] == pytest.approx(lms.mean(), rel=1e-6) and uneven["std"] == pytest.approx(lms.std(), rel=1e-6)
 
 
 def test_resolve_data_spec_errors_name_the_config_key(shard_dir, tmp_path):

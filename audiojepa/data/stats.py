@@ -94,12 +94,12 @@ def compute_logmel_stats(
     it = pipeline.make_iterator(ds, num_workers=num_workers)
     total = total_sq = 0.0
     count = 0
-    for _ in tqdm(range(num_batches), unit="batch", disable=not progress, desc="log-mel statistics"):
-        lms = np.asarray(next(it)["lms"], dtype=np.float64)
+    for b in tqdm(range(num_batches), unit="batch", disable=not progress, desc="log-mel statistics"):
+        lms = np.asarray(next(it)["lms"], dtype=np.float64)[:num_crops - b * batch_size]  # exactly num_crops
         total += lms.sum()
         total_sq += np.square(lms).sum()
         count += lms.size
     mean = total / count
     std = float(np.sqrt(max(total_sq / count - mean * mean, 0.0)))
-    return {"mean": float(mean), "std": std, "num_crops": num_batches * batch_size,
+    return {"mean": float(mean), "std": std, "num_crops": num_crops,
             "crop_frames": spec.crop_frames, "seed": seed}
