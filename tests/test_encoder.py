@@ -171,8 +171,7 @@ def test_a_1001_frame_model_chunks_as_the_official_runtime():
 
 
 def test_convert_reads_the_training_width_from_the_weight_folder_name():
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    import convert_m2d
+    convert_m2d = m2d_torch  # the layout helpers tools/convert_m2d.py uses
 
     assert convert_m2d.frames_from_path("/w/m2d_as_vit_base-80x1001p16x16-240213_AS-FT_enconly/weights_ep69.pth") == 1001
     assert convert_m2d.frames_from_path("/w/m2d_vit_base-80x608p16x16-221006-mr7/checkpoint-300.pth") == 608

@@ -150,3 +150,60 @@ def state_dict_to_params(state_dict: dict[str, np.ndarray], *,
         raise ValueError(f"Unrecognised M2D state-dict entries: {unknown}. Known: patch_embed, cls_token, "
                          f"blocks, norm, decoder_*, mask_token, target_*, {POS_TABLES + IGNORED}.")
     return stack_all_blocks(trees["params"]), stack_all_blocks(trees["target_params"]) or None
+
+
+# -- reading an official checkpoint's layout (tools/convert_m2d.py) -------------------------------------
+
+# The state-dict entries an encoder export needs; the rest (the predictor, the EMA target, M2D-X's
+# offline predictor, fine-tuning heads) is left out with a log line.
+ENCODER_ENTRIES = ("patch_embed", "cls_token", "pos_embed", "blocks", "norm", "norm_stats")
+
+
+def encoder_entries(state_dict: dict) -> tuple[dict, list[str]]:
+    """(the entries ENCODER_ENTRIES names, the sorted top-level names of the others)."""
+    keep = {k: v for k, v in state_dict.items() if k.split(".")[0] in ENCODER_ENTRIES}
+    return keep, sorted({k.split(".")[0] for k in state_dict if k not in keep})
+
+
+def frontend_from_path(path: str) -> str | None:
+    """The front-end preset M2D's runtime would pick from a weight folder name: `…80x608p16x16p32k…` ->
+    "m2d_32k", `…80x608p16x16…` -> "m2d" (None when the path has no `<mels>x<frames>p<pf>x<pt>` part)."""
+    match = re.search(r"\d+x\d+p\d+x\d+(p(\d+)k)?", path)
+    if not match:
+        return None
+    return "m2d_32k" if match.group(2) == "32" else "m2d"
+
+
+def frames_from_path(path: str) -> int | None:
+    """The training width M2D's runtime reads from a weight folder name: `m2d_vit_base-80x1001p16x16-…` -> 1001
+    (None when the path has no such part)."""
+    match = re.search(r"(\d+)x(\d+)p(\d+)x(\d+)", path)
+    return int(match.group(2)) if match else None
+
+
+def model_config_for(state_dict: dict[str, np.ndarray], n_mels: int, input_frames: int | None = None):
+    """(M2D model config, input_shape) inferred from tensor shapes; `input_frames` (checked against the
+    position table) when the training width is not whole patches. ValueError when nothing matches."""
+    from audiojepa.methods import m2d
+    from audiojepa.models import VARIANTS
+
+    width = state_dict["cls_token"].shape[-1]
+    depth = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
+    variant = next((name for name, v in VARIANTS.items() if v["width"] == width and v["depth"] == depth), None)
+    if variant is None:
+        raise ValueError(f"width {width} / depth {depth} match no variant of {sorted(VARIANTS)}")
+    patch_f, patch_t = state_dict["patch_embed.proj.weight"].shape[2:]
+    num_patches = state_dict["pos_embed"].shape[1] - 1
+    grid_f = n_mels // patch_f
+    config = m2d.default_config(variant)
+    config.patch_size = (int(patch_f), int(patch_t))
+    if "decoder_embed.weight" in state_dict:
+        config.predictor_width = int(state_dict["decoder_embed.weight"].shape[0])
+        config.predictor_depth = len({k.split(".")[1] for k in state_dict if k.startswith("decoder_blocks.")})
+    grid_t = num_patches // grid_f
+    if input_frames is None:
+        return config, (n_mels, grid_t * int(patch_t))
+    if input_frames // int(patch_t) != grid_t:
+        raise ValueError(f"--input_frames={input_frames} gives {input_frames // int(patch_t)} time patches; the "
+                             f"checkpoint's position table has {grid_t}")
+    return config, (n_mels, int(input_frames))
