@@ -41,6 +41,10 @@ FORMAT_VERSION = 2
 READABLE_FORMAT_VERSIONS = (1, 2)
 
 
+# How a patch model's F frequency patches per time step become one frame feature: concatenated (F x D, the
+# M2D runtime's features) or averaged (D: its HEAR timestamp embeddings, Audio-JEPA's X-ARES encoder).
+FREQ_POOLINGS = ("concat", "mean")
+
 # Training-only compute settings and what embeddings use instead: float32 as the reference runtimes,
 # XLA attention (cuDNN's needs an NVIDIA GPU and bfloat16), no rematerialisation (no backward pass).
 INFERENCE_COMPUTE = {"dtype": "float32", "attention_impl": None, "remat": "none"}
@@ -79,8 +83,11 @@ class AudioEncoder:
     frontend: frontend_lib.LogMelParams
     norm_stats: tuple[float, float]
     params: dict
+    freq_pooling: str = "concat"
 
     def __post_init__(self):
+        if self.freq_pooling not in FREQ_POOLINGS:
+            raise ValueError(f"freq_pooling={self.freq_pooling!r}; valid: {FREQ_POOLINGS}")
         self.input_shape = tuple(int(n) for n in self.input_shape)
         model_shape = self.input_shape
         patch = self.model_config.get("patch_size")
@@ -119,7 +126,8 @@ class AudioEncoder:
         n_mels, chunk_frames = self.input_shape
         tokens = jax.eval_shape(self.method.encode, self.params, jax.ShapeDtypeStruct((1, n_mels, chunk_frames),
                                                                                       jnp.float32))
-        return int(n_mels // self.patch_size[0]) * int(tokens.shape[-1])
+        per_patch = int(tokens.shape[-1])
+        return per_patch if self.freq_pooling == "mean" else int(n_mels // self.patch_size[0]) * per_patch
 
     def waveform_frame_features(self, waveform: np.ndarray) -> np.ndarray:
         """Waveform models: [batch, samples] -> [batch, ceil(samples / hop), D], chunked at the training crop.
@@ -152,8 +160,12 @@ class AudioEncoder:
         tokens = tokens[:, getattr(self.method, "num_prefix_tokens", 1):]
         batch, _, dim = tokens.shape
         grid_f, grid_t = chunk.shape[1] // self.patch_size[0], chunk.shape[2] // self.patch_size[1]
-        # Tokens are frequency-major (f·t' + t): [B, F, t', D] -> [B, t', F, D] -> [B, t', F·D].
-        return tokens.reshape(batch, grid_f, grid_t, dim).transpose(0, 2, 1, 3).reshape(batch, grid_t, grid_f * dim)
+        # Tokens are frequency-major (f·t' + t): [B, F, t', D] -> [B, t', F, D] -> [B, t', F·D] (or the mean
+        # over F: [B, t', D]).
+        per_step = tokens.reshape(batch, grid_f, grid_t, dim).transpose(0, 2, 1, 3)
+        if self.freq_pooling == "mean":
+            return per_step.mean(axis=2)
+        return per_step.reshape(batch, grid_t, grid_f * dim)
 
     def frame_features(self, lms: np.ndarray) -> np.ndarray:
         """Normalised log-mels [batch, n_mels, frames] (any frames >= 1) -> [batch, T', F x D].
@@ -237,17 +249,18 @@ def restore_train_state(workdir: str, step: int | None = None):
     return method, state, meta
 
 
-def _from_workdir(workdir: str, step: int | None) -> AudioEncoder:
+def _from_workdir(workdir: str, step: int | None, freq_pooling: str) -> AudioEncoder:
     """The online encoder of a training run's latest (or given) checkpoint."""
     method, state, meta = restore_train_state(workdir, step)
     frontend = frontend_lib.LogMelParams.from_dict(meta["frontend"])
     return AudioEncoder(meta["method"], method.config, methods.input_shape(method, frontend, meta["crop_frames"]),
                         frontend, tuple(meta["norm_stats"]),
-                        methods.encoder_params(method, state["params"], state["target_params"]))
+                        methods.encoder_params(method, state["params"], state["target_params"]), freq_pooling)
 
 
-def load_encoder(path: str, *, step: int | None = None) -> AudioEncoder:
-    """Loads an exported encoder folder, or the latest (or `step`) checkpoint of a training workdir."""
+def load_encoder(path: str, *, step: int | None = None, freq_pooling: str = "concat") -> AudioEncoder:
+    """Loads an exported encoder folder, or the latest (or `step`) checkpoint of a training workdir;
+    `freq_pooling` (FREQ_POOLINGS) is how its frame features pool the frequency patches."""
     if os.path.exists(os.path.join(path, ENCODER_JSON)):
         with open(os.path.join(path, ENCODER_JSON)) as f:
             meta = json.load(f)
@@ -261,8 +274,8 @@ def load_encoder(path: str, *, step: int | None = None) -> AudioEncoder:
             params = stack_all_blocks(params)
         return AudioEncoder(meta["method"], ml_collections.ConfigDict(meta["model"]), tuple(meta["input_shape"]),
                             frontend_lib.LogMelParams.from_dict(meta["frontend"]), tuple(meta["norm_stats"]),
-                            params)
+                            params, freq_pooling)
     if os.path.isdir(os.path.join(path, "checkpoints")):
-        return _from_workdir(path, step)
+        return _from_workdir(path, step, freq_pooling)
     raise FileNotFoundError(f"{path} is neither an exported encoder (no {ENCODER_JSON}) nor a training "
                             "workdir (no checkpoints/)")

@@ -182,15 +182,17 @@ def _torch_available() -> bool:
 def load_model(model_file_path: str = "", **options):
     """The encoder at `model_file_path` (export folder or training workdir; default $AUDIOJEPA_ENCODER).
 
-    Options: `step` (int) picks a checkpoint step of a workdir. Returns a `torch.nn.Module` when
+    Options: `step` (int) picks a checkpoint step of a workdir; `freq_pooling` "concat" (default, F x D) or
+    "mean" (D, as M2D's runtime gives HEAR timestamp embeddings). Returns a `torch.nn.Module` when
     torch is importable, else the `HearEmbedder`; both carry `sample_rate`,
     `scene_embedding_size` and `timestamp_embedding_size`.
     """
-    unknown = sorted(set(options) - {"step"})
+    unknown = sorted(set(options) - {"step", "freq_pooling"})
     if unknown:
-        raise TypeError(f"load_model: unknown option(s) {unknown}; valid: step")
+        raise TypeError(f"load_model: unknown option(s) {unknown}; valid: step, freq_pooling")
     path = resolve_encoder_path(model_file_path)
-    embedder = HearEmbedder(encoder_lib.load_encoder(path, step=options.get("step")))
+    embedder = HearEmbedder(encoder_lib.load_encoder(path, step=options.get("step"),
+                                                     freq_pooling=options.get("freq_pooling", "concat")))
     return _torch_model_class()(embedder) if _torch_available() else embedder
 
 

@@ -16,7 +16,7 @@ returning NumPy arrays. torch is imported on first access to `AudioJepaEncoder`,
 module is imported.
 
 Attributes (what the X-ARES encoder checker asks for): `sampling_rate` (Hz), `output_dim`
-(n_freq_patches x dim) and `hop_size_in_ms` (time between output frames, `frame_hop_seconds`).
+(n_freq_patches x dim, or dim with AUDIOJEPA_FREQ_POOLING=mean) and `hop_size_in_ms` (time between output frames, `frame_hop_seconds`).
 Any length works: the encoder cuts the log-mel into chunks of its training width and joins the
 chunk outputs in time, so 10-minute inputs need no extra chunking here.
 """
@@ -24,9 +24,14 @@ chunk outputs in time, so 10-minute inputs need no extra chunking here.
 from __future__ import annotations
 
 import functools
+import os
 
 from audiojepa import encoder as encoder_lib
 from audiojepa import hear
+
+# X-ARES builds the encoder without arguments: the frequency pooling comes from here ("concat" or "mean";
+# Audio-JEPA's own X-ARES encoder averages the frequency patches).
+FREQ_POOLING_ENV = "AUDIOJEPA_FREQ_POOLING"
 
 
 @functools.cache
@@ -41,9 +46,11 @@ def _encoder_class() -> type:
     class AudioJepaEncoder(base):
         """Frame features of a frozen audiojepa encoder: audio [B, samples] -> [B, T, output_dim] float32."""
 
-        def __init__(self, path: str | None = None, *, step: int | None = None):
+        def __init__(self, path: str | None = None, *, step: int | None = None, freq_pooling: str | None = None):
             super().__init__()
-            self.audio_encoder = encoder_lib.load_encoder(hear.resolve_encoder_path(path), step=step)
+            freq_pooling = freq_pooling or os.environ.get(FREQ_POOLING_ENV, "concat")
+            self.audio_encoder = encoder_lib.load_encoder(hear.resolve_encoder_path(path), step=step,
+                                                          freq_pooling=freq_pooling)
             self.sampling_rate = int(self.audio_encoder.frontend.sample_rate)
             self.output_dim = hear.frame_feature_dim(self.audio_encoder)
             self.hop_size_in_ms = self.audio_encoder.frame_hop_seconds * 1000.0

@@ -168,3 +168,20 @@ def test_a_waveform_encoder_serves_hear_at_48_khz():
     assert ts[0, -1] <= 500.0 and np.allclose(np.diff(ts[0, :-1]), 1000 / 75)
     at_24k = np.stack([soxr.resample(a, 48000, 24000, quality="HQ") for a in audio]).astype(np.float32)
     np.testing.assert_allclose(emb, enc.embed_waveform(at_24k)[0], atol=1e-5)
+
+
+def test_frequency_mean_pooling_for_hear_and_xares(export_dir, model, monkeypatch):
+    """freq_pooling="mean": D = dim (192), each frame the mean of the concatenated features' F = 5 patches
+    (M2D's runtime for HEAR timestamp embeddings; Audio-JEPA's X-ARES encoder). rtol 1e-6."""
+    mean_model = hear.load_model(export_dir, freq_pooling="mean")
+    assert mean_model.scene_embedding_size == mean_model.timestamp_embedding_size == 192
+    audio = _white_noise(2, 1.0)
+    concat, ts = hear.get_timestamp_embeddings(audio, model)
+    averaged, ts_mean = hear.get_timestamp_embeddings(audio, mean_model)
+    concat, averaged = (np.asarray(x.cpu()) if hasattr(x, "cpu") else np.asarray(x) for x in (concat, averaged))
+    np.testing.assert_allclose(averaged, concat.reshape(2, -1, 5, 192).mean(axis=2), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(ts_mean), np.asarray(ts))
+    with pytest.raises(ValueError, match="freq_pooling='max'"):
+        hear.load_model(export_dir, freq_pooling="max")
+    monkeypatch.setenv(xares.FREQ_POOLING_ENV, "mean")
+    assert xares.AudioJepaEncoder(export_dir).output_dim == 192
