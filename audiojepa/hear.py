@@ -14,7 +14,8 @@ in JAX on JAX's default device.
 
 Embeddings: one per encoder time step, D = n_freq_patches x dim (the concatenated frequency
 patches, as the M2D runtime). Waveform models (EncodecMAE, 24 kHz) declare 48 kHz, resample their
-input to 24 kHz, and give one embedding per 75 Hz frame at its centre, (i + 0.5) / 75 s. Scene embedding = mean over time steps = `AudioEncoder.embed_waveform`'s
+input to 24 kHz, and give one embedding per 75 Hz frame at its centre, (i + 0.5) / 75 s.
+Scene embedding = mean over time steps = `AudioEncoder.embed_waveform`'s
 clip embedding. Timestamps: the centre of each step's patch of log-mel frames, every
 `frame_hop_seconds` (160 ms for 16x16 patches with a 10 ms hop). A last patch that is mostly
 zero-padding has its centre past the end of the audio, which the HEAR validator rejects; then

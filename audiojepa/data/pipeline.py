@@ -44,19 +44,6 @@ WAVEFORM = "waveform"  # DataSpec.kind of ordinary clip shards (their manifest h
 KINDS = (WAVEFORM, target_records.KIND)
 
 
-def shard_num_records(path: str) -> int:
-    """Records in one ArrayRecord shard; an unreadable shard (missing, truncated, not ArrayRecord) is a
-    shards.ShardReadError naming it."""
-    reader = shards.open_reader(path)
-    try:
-        return int(reader.num_records())
-    finally:
-        try:
-            reader.close()
-        except Exception:  # noqa: BLE001 -- closing a damaged file can fail after its records were counted
-            pass
-
-
 def manifest_shard_sizes(spec) -> list[int] | None:
     """The manifest's per-shard record counts in spec.shard_paths' order (None without a manifest or
     counts, or when the paths are not exactly the manifest's shards)."""
@@ -85,12 +72,7 @@ class ClipSource(grain.sources.RandomAccessDataSource):
         (`shard_num_clips`), checked so that a shard cut short by a partial copy is an error naming it."""
         self._paths = list(paths)
         self._sample_rate = sample_rate
-        sizes = [shard_num_records(p) for p in self._paths]
-        if expected_sizes is not None:
-            for path, size, expected in zip(self._paths, sizes, expected_sizes):
-                if size != expected:
-                    raise ValueError(f"{path} holds {size} records where its manifest.json lists {expected}: "
-                                     "a partial copy? Copy the shard again or re-run tools/make_shards.py")
+        sizes = shards.count_records(self._paths, expected_sizes)
         self._source = grain.sources.ArrayRecordDataSource(self._paths)
         self._starts = np.cumsum([0] + sizes[:-1]).tolist()
         self._len = int(sum(sizes))

@@ -535,22 +535,27 @@ def read_records(reader, path: str, start: int, end: int) -> list[bytes]:
         raise ShardReadError(f"cannot read {which} of shard {path}: {type(e).__name__}: {e}") from e
 
 
-def shard_sizes(folder: str, manifest: dict) -> list[int]:
-    """Records in each shard of the set in `folder` (ShardReadError if one cannot be opened); a ValueError
-    naming the shard if one holds another number than `manifest["shard_num_clips"]` (when present) lists."""
+def count_records(paths: Sequence[str], expected: Sequence[int] | None = None) -> list[int]:
+    """Records in each shard file of `paths` (ShardReadError naming one that cannot be opened); a ValueError
+    naming a shard that holds another number than `expected` (its manifest's `shard_num_clips`) lists."""
     sizes = []
-    for name in manifest["shards"]:
-        reader = open_reader(os.path.join(folder, name))
+    for path in paths:
+        reader = open_reader(path)
         try:
             sizes.append(int(reader.num_records()))
         finally:
             reader.close()
-    expected = manifest.get("shard_num_clips")
-    for name, size, want in zip(manifest["shards"], sizes, expected or sizes):
+    for path, size, want in zip(paths, sizes, expected if expected is not None else sizes):
         if size != want:
-            raise ValueError(f"{os.path.join(folder, name)} holds {size} records where its {MANIFEST} lists {want}: "
-                             "a partial copy? Copy the shard again or re-make the shard set")
+            raise ValueError(f"{path} holds {size} records where its {MANIFEST} lists {want}: a partial copy? "
+                             "Copy the shard again or re-make the shard set")
     return sizes
+
+
+def shard_sizes(folder: str, manifest: dict) -> list[int]:
+    """count_records of the set in `folder`, checked against `manifest["shard_num_clips"]` when present."""
+    return count_records([os.path.join(folder, name) for name in manifest["shards"]],
+                         manifest.get("shard_num_clips"))
 
 
 def move_into_place(src_dir: str, dst_dir: str) -> None:
