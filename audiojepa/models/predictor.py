@@ -13,14 +13,14 @@ import jax.numpy as jnp
 
 from audiojepa.masking import gather_tokens
 from audiojepa.models.pos_embed import sincos_2d
-from audiojepa.models.vit import TransformerStack, dense, token_init
+from audiojepa.models.vit import TransformerStack, check_pos_embed, dense, sincos_init, token_init
 
 
 class Predictor(nn.Module):
     """Dense in → place tokens on the patch grid → + sin-cos positions → TransformerStack → Dense out.
 
     Params: `embed` (Dense encoder width → width), `mask_token [1, 1, width]`, `stack` (blocks + norm),
-    `head` (Dense width → out_dim).
+    `head` (Dense width → out_dim); with pos_embed="learned" also `pos_embed [1, 1 + L, width]`.
 
     Attributes:
         grid_size: (F, T') of the patch grid; positions are frequency-major indices f·T' + t < F·T'.
@@ -30,6 +30,8 @@ class Predictor(nn.Module):
             position code is zero).
         full_grid: see the module docstring.
         dtype, attention_impl, remat, scan_layers: as in ViTEncoder.
+        pos_embed: "sincos" (fixed table) or "learned" (a trainable table initialised with the sin-cos one,
+            CLS row included and added to the CLS token; MATPAC's paper).
     """
     grid_size: tuple[int, int]
     width: int
@@ -43,9 +45,11 @@ class Predictor(nn.Module):
     attention_impl: str | None = None
     remat: str = "none"
     scan_layers: bool = True
+    pos_embed: str = "sincos"
 
     @nn.compact
-    def __call__(self, context_tokens: jax.Array, context_idx: jax.Array, target_idx: jax.Array) -> jax.Array:
+    def __call__(self, context_tokens: jax.Array, context_idx: jax.Array, target_idx: jax.Array,
+                 context_valid: jax.Array | None = None, target_valid: jax.Array | None = None) -> jax.Array:
         """Predicts the target positions.
 
         Args:
@@ -55,21 +59,34 @@ class Predictor(nn.Module):
             target_idx: [batch, Kt] int: patch positions to predict. Any positions: with full_grid they
                 may be a subset of the non-context positions (the rest still hold mask tokens in the
                 sequence); M2D passes all of them.
+            context_valid: None, or [batch, Kc] bool: False marks padding entries of a variable-size mask
+                (audiojepa.masking.MaskSet); they are not placed on the grid (full_grid) or not attended to.
+            target_valid: None, or [batch, Kt] bool: padding queries (False) are not attended to; their
+                predictions are meaningless and the loss must drop them.
 
         Returns:
             [batch, Kt, out_dim] float32, predictions in the order of target_idx.
         """
         num_positions = self.grid_size[0] * self.grid_size[1]
-        table = jnp.asarray(sincos_2d(*self.grid_size, self.width, cls_token=True))  # [1 + L, width]
+        if check_pos_embed(self.pos_embed) == "learned":
+            table = self.param("pos_embed", sincos_init(*self.grid_size, cls_token=True),
+                               (1, 1 + num_positions, self.width), jnp.float32)[0]  # [1 + L, width]
+        else:
+            table = jnp.asarray(sincos_2d(*self.grid_size, self.width, cls_token=True))  # [1 + L, width]
         mask_token = self.param("mask_token", token_init, (1, 1, self.width), jnp.float32)
 
         x = dense(self.width, self.dtype, "embed")(context_tokens).astype(jnp.float32)
         prefix, context = (x[:, :1], x[:, 1:]) if self.use_cls else (x[:, :0], x)
+        if self.pos_embed == "learned":
+            prefix = prefix + table[:1][None]  # the CLS row (zero for the fixed table, so skipped there)
+        valid = None
         if self.full_grid:
             # Position p holds context token j where context_idx[:, j] == p, else the mask token. Built
             # from a one-hot match and a gather rather than a scatter into a broadcast grid, so every
             # array keeps the batch sharding of the inputs.
             matches = context_idx[:, :, None] == jnp.arange(num_positions)[None, None, :]  # [B, Kc, L]
+            if context_valid is not None:
+                matches = matches & context_valid[:, :, None]
             placed = gather_tokens(context, jnp.argmax(matches, axis=1))  # [B, L, width]
             grid = jnp.where(jnp.any(matches, axis=1)[:, :, None], placed, mask_token)
             sequence = jnp.concatenate([prefix, grid + table[None, 1:]], axis=1)
@@ -80,10 +97,17 @@ class Predictor(nn.Module):
             # batch-sharded indices gives replicated queries, which an Explicit mesh cannot concatenate.
             queries = jnp.zeros_like(context[:, :1]) + mask_token + positions[target_idx]
             sequence = jnp.concatenate([prefix, context, queries], axis=1)
+            if context_valid is not None or target_valid is not None:
+                def all_valid(tokens):  # [B, N] True, with the batch sharding of `tokens`
+                    return jnp.ones_like(tokens[:, :, 0], dtype=bool)
+                valid = jnp.concatenate([
+                    all_valid(prefix),
+                    all_valid(context) if context_valid is None else context_valid,
+                    all_valid(queries) if target_valid is None else target_valid], axis=1)
 
         stack = TransformerStack(self.depth, self.num_heads, self.mlp_dim or 4 * self.width, self.dtype,
                                  self.attention_impl, self.remat, self.scan_layers, name="stack")
-        x = stack(sequence)[:, prefix.shape[1]:]
+        x = stack(sequence, valid=valid)[:, prefix.shape[1]:]
         if self.full_grid:
             x = gather_tokens(x, target_idx)
         else:

@@ -121,15 +121,47 @@ def performance_options(model_config) -> dict[str, Any]:
 
 
 def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, scale: float,
-                          implementation: str | None) -> jax.Array:
-    """jax.nn.dot_product_attention of [batch, tokens, heads, head_dim] arrays (no mask, no bias).
+                          implementation: str | None, valid: jax.Array | None = None) -> jax.Array:
+    """jax.nn.dot_product_attention of [batch, tokens, heads, head_dim] arrays (no bias).
 
+    valid: None, or [batch, tokens] bool: False marks padding tokens, which no query attends to (a key
+        mask); their own outputs are computed but meaningless, and callers drop them. Every row needs at
+        least one valid token.
     "cudnn" off a GPU fails here, naming the config key, rather than deep inside JAX.
     """
     if implementation == "cudnn" and jax.default_backend() not in GPU_PLATFORMS:
         raise ValueError(f"config.model.attention_impl='cudnn' needs an NVIDIA GPU with cuDNN; this JAX backend is "
                          f"{jax.default_backend()!r}. Use attention_impl=None (XLA) here.")
-    return jax.nn.dot_product_attention(query, key, value, scale=scale, implementation=implementation)
+    mask = None if valid is None else valid[:, None, None, :]  # [batch, 1 (heads), 1 (queries), keys]
+    return jax.nn.dot_product_attention(query, key, value, mask=mask, scale=scale, implementation=implementation)
+
+
+POS_EMBEDS = ("sincos", "learned")
+
+
+def check_pos_embed(pos_embed: str) -> str:
+    if pos_embed not in POS_EMBEDS:
+        raise ValueError(f"config.model.pos_embed={pos_embed!r}; valid: {POS_EMBEDS}.")
+    return pos_embed
+
+
+def sincos_init(grid_f: int, grid_t: int, cls_token: bool = False):
+    """Param initialiser of a learned position table [1, (1 +) F·T', width]: the fixed sin-cos table (zeros in
+    the CLS slot with cls_token), so a learned table starts where the fixed one stays."""
+    def init(key, shape, dtype=jnp.float32):
+        del key
+        return jnp.asarray(sincos_2d(grid_f, grid_t, shape[-1], cls_token=cls_token), dtype).reshape(shape)
+    return init
+
+
+def learned_table_for_grid(table: jax.Array, train_grid: tuple[int, int], grid: tuple[int, int]) -> jax.Array:
+    """The [F·T', width] rows of a learned table [F0·T0', width] (training grid (F0, T0')) for an input grid
+    (F, T') <= (F0, T0'): its top-left part, frequency-major. A larger grid is an error."""
+    (train_f, train_t), (grid_f, grid_t) = train_grid, grid
+    if grid_f > train_f or grid_t > train_t:
+        raise ValueError(f"input patch grid {grid} exceeds the learned position table's training grid {train_grid} "
+                         "(config.model.pos_embed='learned'); embed longer inputs in chunks of the training width.")
+    return table.reshape(train_f, train_t, -1)[:grid_f, :grid_t].reshape(grid_f * grid_t, -1)
 
 
 def grid_size(input_shape: tuple[int, int], patch_size: tuple[int, int]) -> tuple[int, int]:
@@ -205,15 +237,16 @@ class Attention(nn.Module):
     attention_impl: str | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x: [batch, tokens, width] → [batch, tokens, width]."""
+    def __call__(self, x: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+        """x: [batch, tokens, width] → [batch, tokens, width]; valid: None or [batch, tokens] bool, the tokens
+        that may be attended to (padding is False; see dot_product_attention)."""
         batch, tokens, width = x.shape
         if width % self.num_heads:
             raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}.")
         head_dim = width // self.num_heads
         qkv = dense(3 * width, self.dtype, "qkv")(x).reshape(batch, tokens, 3, self.num_heads, head_dim)
         query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        out = dot_product_attention(query, key, value, head_dim ** -0.5, self.attention_impl)
+        out = dot_product_attention(query, key, value, head_dim ** -0.5, self.attention_impl, valid)
         return dense(width, self.dtype, "proj")(out.reshape(batch, tokens, width))
 
 
@@ -238,9 +271,10 @@ class Block(nn.Module):
     attention_impl: str | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x: [batch, tokens, width] → same shape, in x's dtype (the residual stream keeps its precision)."""
-        x = x + Attention(self.num_heads, self.dtype, self.attention_impl, name="attn")(_layer_norm("norm1")(x))
+    def __call__(self, x: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+        """x: [batch, tokens, width] → same shape, in x's dtype (the residual stream keeps its precision).
+        valid: None or [batch, tokens] bool; padding tokens (False) are never attended to."""
+        x = x + Attention(self.num_heads, self.dtype, self.attention_impl, name="attn")(_layer_norm("norm1")(x), valid)
         return x + Mlp(self.mlp_dim, self.dtype, name="mlp")(_layer_norm("norm2")(x))
 
 
@@ -271,8 +305,10 @@ class TransformerStack(nn.Module):
     scan_layers: bool = True
 
     @nn.compact
-    def __call__(self, x: jax.Array, return_layers: bool = False):
-        """x: [batch, tokens, width].
+    def __call__(self, x: jax.Array, return_layers: bool = False, valid: jax.Array | None = None):
+        """x: [batch, tokens, width]; valid: None (every token is content) or [batch, tokens] bool, False for
+        padding: padding tokens are never attended to, so they change no valid token's output (theirs are
+        meaningless and must be dropped by the caller).
 
         Returns:
             [batch, tokens, width] float32 after the final norm; with return_layers, also
@@ -290,7 +326,7 @@ class TransformerStack(nn.Module):
         blocks = self.param(STACKED_BLOCKS, init_blocks)
 
         def body(h, block_params):
-            h = block.apply({"params": block_params}, h)
+            h = block.apply({"params": block_params}, h, valid)
             return h, (h if return_layers else None)
 
         if check_remat(self.remat) != "none":
@@ -378,6 +414,11 @@ class ViTEncoder(nn.Module):
         scan_layers: run the blocks as one lax.scan (TransformerStack).
         use_cls: prepend a learnable CLS token (M2D); False encodes the patch tokens alone (I-JEPA and
             the audio JEPAs), and outputs have no prefix token.
+        pos_embed: "sincos" (fixed 2-D sin-cos table, M2D and the JEPAs) or "learned" (a trainable table
+            `pos_embed [1, F·T', width]` for the training grid `pos_grid`, initialised with the sin-cos table;
+            MATPAC's paper). A learned table serves inputs up to the training grid: a shorter input uses its
+            top-left [F, T'] part, as the reference truncates a longer table.
+        pos_grid: (F, T') of the training input; required with pos_embed="learned".
     """
     width: int
     depth: int
@@ -389,11 +430,19 @@ class ViTEncoder(nn.Module):
     use_cls: bool = True
     remat: str = "none"
     scan_layers: bool = True
+    pos_embed: str = "sincos"
+    pos_grid: tuple[int, int] | None = None
 
     def setup(self):
         self.patch_embed = PatchEmbed(self.width, tuple(self.patch_size), self.dtype)
         if self.use_cls:
             self.cls_token = self.param("cls_token", token_init, (1, 1, self.width), jnp.float32)
+        if check_pos_embed(self.pos_embed) == "learned":
+            if self.pos_grid is None:
+                raise ValueError("pos_embed='learned' needs pos_grid, the (F, T') patch grid of the training input.")
+            grid_f, grid_t = self.pos_grid
+            self.pos_table = self.param("pos_embed", sincos_init(grid_f, grid_t), (1, grid_f * grid_t, self.width),
+                                        jnp.float32)
         self.stack = TransformerStack(self.depth, self.num_heads, self.mlp_dim, self.dtype, self.attention_impl,
                                       self.remat, self.scan_layers)
 
@@ -405,23 +454,30 @@ class ViTEncoder(nn.Module):
         """
         tokens = self.patch_embed(lms)
         grid_f, grid_t = grid_size(lms.shape[1:], self.patch_size)
-        table = sincos_2d(grid_f, grid_t, self.width, cls_token=False)
+        if self.pos_embed == "learned":
+            table = learned_table_for_grid(self.pos_table[0], tuple(self.pos_grid), (grid_f, grid_t))
+        else:
+            table = sincos_2d(grid_f, grid_t, self.width, cls_token=False)
         return tokens.astype(jnp.float32) + table[None]
 
-    def encode_tokens(self, tokens: jax.Array, return_layers: bool = False):
+    def encode_tokens(self, tokens: jax.Array, return_layers: bool = False, valid: jax.Array | None = None):
         """tokens: [batch, N, width] (any subset of embedded patches) → [batch, 1 + N, width], CLS first
         ([batch, N, width] without use_cls).
 
         The CLS slot's position code is all zeros, so nothing is added to the CLS token.
         With return_layers, also returns [depth, batch, 1 + N, width] (see TransformerStack).
+        valid: None, or [batch, N] bool: False marks padding tokens (variable-size masks padded to a fixed
+            length), which nothing attends to; their outputs are meaningless. The CLS token is always valid.
         """
         tokens = tokens.astype(jnp.float32)
         if not self.use_cls:
-            return self.stack(tokens, return_layers)
+            return self.stack(tokens, return_layers, valid)
         # Broadcast through `tokens` so the CLS rows share its batch sharding (concatenate under an
         # Explicit mesh needs equal shardings; a plain broadcast_to would be replicated).
         cls = jnp.zeros_like(tokens[:, :1]) + self.cls_token
-        return self.stack(jnp.concatenate([cls, tokens], axis=1), return_layers)
+        if valid is not None:
+            valid = jnp.concatenate([jnp.ones_like(valid[:, :1]), valid], axis=1)
+        return self.stack(jnp.concatenate([cls, tokens], axis=1), return_layers, valid)
 
     def __call__(self, lms: jax.Array, return_layers: bool = False):
         """lms: [batch, n_mels, frames] → [batch, 1 + F·T', width], CLS first (all patches, no mask); no
