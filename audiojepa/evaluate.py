@@ -3,12 +3,20 @@ r"""Frozen-embedding evaluation: linear probe (EVAR) and kNN (X-ARES) on one or 
     python -m audiojepa.evaluate --encoder=/tmp/audiojepa_runlocal --task=embedded --output=/tmp/eval
     python -m audiojepa.evaluate --encoder=/ckpt/m2d/export --task=/data/tasks/esc50 --task=tfds:speech_commands \
         --output=/ckpt/m2d/eval
+    python -m audiojepa.evaluate --protocol=evar --encoder=/ckpt/m2d/export --task=/data/tasks/esc50 --output=/tmp/e
+
+`--protocol=evar|matpac|xares` probes as that benchmark does (M2D and Riou et al.: EVAR; MATPAC: its
+paper's probe; Audio-JEPA: X-ARES): learning rate, probe minibatch, epochs, model selection (best validation
+metric or loss), head, seeds, per-task crop length (`unit_sec`) and which probes run; the values and their
+sources are in audiojepa/evaluation/protocols.py. Without it the default protocol is today's (EVAR's probe
+at lr 1e-3, plus kNN). `--lr`, `--seeds`, `--probe_batch_size` and `--unit_sec` override the protocol.
 
 `--encoder` is an exported encoder, a training workdir (latest checkpoint), `logmel` (the log-mel
 baseline) or `random:<config>` (that config's encoder at random init). With `--baselines` (the
 default) the log-mel baseline and the same architecture at random init are evaluated too, so the
-report shows the floor. Writes OUTPUT/results.json (`{task: {"linear": {"mean", "ci95", "metric"},
-"knn": {"mean", "metric"}}}` for --encoder), all_results.json, results.md and one PNG per task.
+report shows the floor. Writes OUTPUT/results.json (`{task: {"linear": {"mean", "ci95", "metric", "lr",
+"validation", ...}, "knn": {"mean", "metric"} or null, "protocol": {every resolved value, the task's
+unit_sec}}}` for --encoder), all_results.json, results.md and one PNG per task.
 """
 
 from __future__ import annotations
@@ -23,81 +31,134 @@ import os  # noqa: E402
 
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
-from audiojepa.data import audio_io  # noqa: E402
-from audiojepa.evaluation import embedders, probes, report, tasks  # noqa: E402
+from audiojepa.evaluation import embedders, probes, protocols, report, tasks  # noqa: E402
 
-flags.DEFINE_string("encoder", None, "Exported encoder, training workdir, 'logmel' or 'random:<config>'.")
-flags.DEFINE_multi_string("task", None, "Task folder (labels.csv), shard set with labels, 'embedded', or 'tfds:NAME'.")
-flags.DEFINE_string("output", None, "Output folder for the report.")
-flags.DEFINE_bool("baselines", True, "Also evaluate the log-mel baseline and the encoder at random init.")
-flags.DEFINE_list("seeds", ["42", "43", "44"], "Linear-probe seeds.")
-flags.DEFINE_integer("batch_size", 32, "Clips per embedding batch.")
-flags.DEFINE_float("lr", probes.DEFAULT_LR, "Linear-probe Adam learning rate (EVAR runs M2D at 3e-5; see "
-                   "audiojepa/evaluation/probes.py for why the default is 1e-3). Recorded in results.json.")
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """The command line's flags, defined on `flag_values` (a fresh FlagValues in tests)."""
+    flags.DEFINE_string("encoder", None, "Exported encoder, training workdir, 'logmel' or 'random:<config>'.",
+                        flag_values=flag_values)
+    flags.DEFINE_multi_string("task", None, "Task folder (labels.csv), shard set with labels, 'embedded', or "
+                              "'tfds:NAME'.", flag_values=flag_values)
+    flags.DEFINE_string("output", None, "Output folder for the report.", flag_values=flag_values)
+    flags.DEFINE_bool("baselines", True, "Also evaluate the log-mel baseline and the encoder at random init.",
+                      flag_values=flag_values)
+    flags.DEFINE_enum("protocol", None, list(protocols.NAMES),
+                      "Probe protocol: lr, probe batch, epochs, selection rule, head, seeds, crop length and probes "
+                      "as a benchmark sets them: 'evar' (M2D, Riou et al.), 'matpac', 'xares' (Audio-JEPA); "
+                      "unset = 'default' (EVAR's probe at lr 1e-3, plus kNN). Values and sources: "
+                      "audiojepa/evaluation/protocols.py. --lr, --seeds, --probe_batch_size and --unit_sec, when "
+                      "given, override the protocol's value; results.json records the result.",
+                      flag_values=flag_values)
+    flags.DEFINE_list("seeds", None, "Linear-probe seeds (overrides the protocol's; default 42,43,44, matpac "
+                      "42..46, xares 42).", flag_values=flag_values)
+    flags.DEFINE_float("lr", None, "Linear-probe Adam learning rate (overrides the protocol's: default 1e-3, see "
+                       "audiojepa/evaluation/probes.py for why; evar 3e-5; matpac 1e-4; xares 1e-3).",
+                       flag_values=flag_values)
+    flags.DEFINE_integer("probe_batch_size", None, "Linear-probe minibatch in clips (overrides the protocol's: "
+                         "min(200, n_train) for default and evar, 128 matpac, 32 xares).", flag_values=flag_values)
+    flags.DEFINE_float("unit_sec", None, "Crop or zero-pad every clip to this many seconds before embedding, as "
+                       "EVAR does (random start for train/valid clips, start 0 for test); overrides the protocol's "
+                       "(evar: each task's; others: whole clips).", flag_values=flag_values)
+    flags.DEFINE_integer("batch_size", 32, "Clips per embedding batch (does not change the embeddings; the probe's "
+                         "minibatch is --probe_batch_size).", flag_values=flag_values)
+
+
+define_flags()
 FLAGS = flags.FLAGS
 
+# Re-exported: the streaming embedder moved to the evaluation library (evaluators use it too).
+MAX_BUFFERED_CLIPS = embedders.MAX_BUFFERED_CLIPS
+embed_task = embedders.embed_task
 
-# Decoded clips held at once while embedding, beyond one batch per length: bounds memory on large tasks
-# (FSD50K decoded whole would be ~25 GB of float32 at 16 kHz).
-MAX_BUFFERED_CLIPS = 2048
+
+def protocol_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> protocols.Protocol:
+    """--protocol with the explicit --lr / --seeds / --probe_batch_size / --unit_sec replacing its values."""
+    overrides = {name: flag_values[name].value for name in protocols.OVERRIDABLE if flag_values[name].value is not None}
+    if "seeds" in overrides:
+        overrides["seeds"] = [int(s) for s in overrides["seeds"]]
+    return protocols.resolve(flag_values["protocol"].value, **overrides)
 
 
-def embed_task(embedder, task: tasks.Task, *, batch_size: int = 32,
-               max_buffered_clips: int = MAX_BUFFERED_CLIPS) -> tuple[np.ndarray, np.ndarray]:
-    """Clip embeddings [n_kept, dim] of every clip of `task`, and the indices of the clips kept.
+def embed_clips(embedder, task: tasks.Task, *, unit_sec: float | None, crop_seed: int = 0, batch_size: int = 32
+                ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, dict]:
+    """Embeddings of `task`'s clips, whole or cut to `unit_sec` seconds as EVAR cuts them.
 
-    Clips are batched by length (no padding: padding would change the time mean), in one streaming pass:
-    a length's batch is embedded when it holds `batch_size` clips, and when more than `max_buffered_clips`
-    are waiting, the fullest waiting batch goes early. Embeddings do not depend on batch composition. A clip
-    that fails to load is skipped, counted in `task.skipped` (once) and left out of scoring, never given a
-    fake value.
+    With `unit_sec`, a clip of more than `int(sample_rate * unit_sec)` samples (EVAR's rounding) is cropped
+    at a random start (train and valid clips; `np.random.default_rng((crop_seed, clip index))`, one draw
+    per clip, since EVAR embeds once and caches) or from its start (test clips), and a shorter one is
+    zero-padded at the end. In a fold task every clip is training data for some folds and test data for
+    one, so cropped clips are embedded twice and the start-0 crops go to `test_embeddings`.
+
+    Returns:
+      (embeddings [n_kept, dim], test_embeddings [n_kept, dim] or None when the test rows are already in
+       `embeddings`, kept clip indices [n_kept], {"unit_samples", "clips_cropped", "clips_padded"}).
     """
-    waiting: dict[int, list[tuple[int, np.ndarray]]] = {}  # length -> [(clip index, waveform)]
-    out: dict[int, np.ndarray] = {}
-    num_waiting = 0
+    if unit_sec is None:
+        emb, kept = embedders.embed_task(embedder, task, batch_size=batch_size)
+        return emb, None, kept, {}
+    unit_samples = int(embedder.sample_rate * unit_sec)
+    splits = np.asarray(task.splits)
+    cropped, padded = set(), set()
 
-    def embed(length: int) -> None:
-        nonlocal num_waiting
-        batch = waiting.pop(length)
-        num_waiting -= len(batch)
-        emb = embedder.embed_batch(np.stack([w for _, w in batch]))
-        out.update(zip((i for i, _ in batch), np.asarray(emb, np.float32)))
+    def prepare(index: int, waveform: np.ndarray, random_crop: bool) -> np.ndarray:
+        (cropped if len(waveform) > unit_samples else padded if len(waveform) < unit_samples else set()).add(index)
+        start = embedders.evar_crop_start(len(waveform), unit_samples, random_crop=random_crop,
+                                          rng=np.random.default_rng((crop_seed, index)))
+        return embedders.fit_to_unit(waveform, unit_samples, start=start)
 
-    for i in tqdm(range(len(task.clip_ids)), desc=f"{task.name}: embedding ({embedder.name})", unit="clip"):
-        try:
-            waveform = task.load_audio(i, embedder.sample_rate)
-        except audio_io.BadAudioError as e:
-            entry = {"path": task.clip_ids[i], "reason": e.reason}
-            if entry not in task.skipped:  # once per clip, however many embedders or evaluations read it
-                task.skipped.append(entry)
-            continue
-        waiting.setdefault(waveform.shape[0], []).append((i, waveform))
-        num_waiting += 1
-        if len(waiting[waveform.shape[0]]) == batch_size:
-            embed(waveform.shape[0])
-        elif num_waiting > max_buffered_clips:
-            embed(max(waiting, key=lambda length: len(waiting[length])))
-    for length in sorted(waiting):  # the partial batches left
-        embed(length)
-    kept = np.array(sorted(out), dtype=np.int64)
-    if not len(kept):
-        raise ValueError(f"{task.name}: no clip could be loaded ({len(task.skipped)} skipped)")
-    return np.stack([out[i] for i in kept]), kept
+    emb, kept = embedders.embed_task(
+        embedder, task, batch_size=batch_size,
+        prepare=lambda i, w: prepare(i, w, random_crop=task.is_folds or splits[i] != "test"))
+    info = {"unit_samples": unit_samples, "clips_cropped": len(cropped), "clips_padded": len(padded)}
+    if not (task.is_folds and cropped):
+        return emb, None, kept, info
+    again = sorted(cropped)
+    test_emb, test_kept = embedders.embed_task(embedder, task, batch_size=batch_size, clip_indices=again,
+                                               prepare=lambda i, w: prepare(i, w, random_crop=False))
+    if not np.array_equal(test_kept, again):
+        raise ValueError(f"{task.name}: clips {sorted(set(again) - set(test_kept.tolist()))[:5]} loaded once and "
+                         "failed the second time")
+    test_embeddings = emb.copy()
+    test_embeddings[np.searchsorted(kept, test_kept)] = test_emb
+    return emb, test_embeddings, kept, info
 
 
-def evaluate_embedder(embedder, task: tasks.Task, *, seeds=(42, 43, 44), batch_size: int = 32,
-                      lr: float = probes.DEFAULT_LR) -> dict:
-    embeddings, kept = embed_task(embedder, task, batch_size=batch_size)
-    labels = task.label_array()[kept]
-    return probes.evaluate_task(embeddings, labels, np.asarray(task.splits)[kept], multilabel=task.multilabel,
-                                num_classes=len(task.classes), seeds=tuple(seeds), lr=lr)
+def evaluate_embedder(embedder, task: tasks.Task, protocol: protocols.Protocol | None = None, *,
+                      batch_size: int = 32) -> dict:
+    """Probe scores of one embedder on one task under `protocol` (None: the default), with the protocol's
+    resolved values (and the task's unit_sec) under "protocol"."""
+    protocol = protocol or protocols.resolve(None)
+    unit_sec, unit_sec_source = protocols.task_unit_sec(protocol, task.name, task.unit_sec)
+    embeddings, test_embeddings, kept, crop = embed_clips(embedder, task, unit_sec=unit_sec,
+                                                          crop_seed=protocol.crop_seed, batch_size=batch_size)
+    run_knn = "knn" in protocol.probes and (protocol.knn_on_multilabel or not task.multilabel)
+    result = probes.evaluate_task(
+        embeddings, task.label_array()[kept], np.asarray(task.splits)[kept], multilabel=task.multilabel,
+        num_classes=len(task.classes), seeds=protocol.seeds, lr=protocol.lr, k=protocol.knn_k,
+        temperature=protocol.knn_temperature, valid_fraction=protocol.valid_fraction,
+        run_linear="linear" in protocol.probes, run_knn=run_knn, linear_options=protocol.linear_options(),
+        test_embeddings=test_embeddings)
+    record = {**protocol.as_record(), "unit_sec_policy": protocol.unit_sec, "unit_sec": unit_sec,
+              "unit_sec_source": unit_sec_source, **crop}
+    if "knn" in protocol.probes and not run_knn:
+        record["knn_skipped"] = f"multi-label task: protocol {protocol.name} runs kNN on single-label tasks only"
+    result["protocol"] = record
+    return result
 
 
 def run(encoder_spec: str, task_specs: list[str], output_dir: str, *, baselines: bool = True,
-        seeds=(42, 43, 44), batch_size: int = 32, lr: float = probes.DEFAULT_LR) -> dict:
-    """Evaluates `encoder_spec` (and the floors) on every task; returns {encoder: {task: result}}."""
+        protocol: protocols.Protocol | str | None = None, seeds=None, batch_size: int = 32, lr: float | None = None,
+        probe_batch_size: int | None = None, unit_sec: float | None = None) -> dict:
+    """Evaluates `encoder_spec` (and the floors) on every task; returns {encoder: {task: result}}.
+
+    `protocol` is a Protocol or a name (None: "default"); `seeds`, `lr`, `probe_batch_size` and `unit_sec`,
+    when not None, override a named protocol's values. `batch_size` is the embedding batch.
+    """
+    if not isinstance(protocol, protocols.Protocol):
+        overrides = {"seeds": seeds, "lr": lr, "probe_batch_size": probe_batch_size, "unit_sec": unit_sec}
+        protocol = protocols.resolve(protocol, **{k: v for k, v in overrides.items() if v is not None})
     main = embedders.make_embedder(encoder_spec)
     candidates = [main]
     if baselines and encoder_spec != "logmel":
@@ -117,17 +178,19 @@ def run(encoder_spec: str, task_specs: list[str], output_dir: str, *, baselines:
         if task.name in specs_by_name:
             raise ValueError(f"--task={spec} and --task={specs_by_name[task.name]} are both named {task.name!r}; "
                              "results are keyed by task name: rename one folder")
+        protocols.task_unit_sec(protocol, task.name, task.unit_sec)  # a missing crop length fails now
         specs_by_name[task.name] = spec
         loaded.append(task)
     for task in loaded:
         for embedder in candidates:
-            results[embedder.name][task.name] = evaluate_embedder(embedder, task, seeds=seeds, batch_size=batch_size,
-                                                                  lr=lr)
+            results[embedder.name][task.name] = evaluate_embedder(embedder, task, protocol, batch_size=batch_size)
         skipped[task.name] = task.skipped
         if task.skipped:
             logging.warning("%s: %d clips skipped (see all_results.json): %s", task.name, len(task.skipped),
                             sorted({s["reason"] for s in task.skipped}))
-    table = report.write_report(output_dir, main.name, results, extra={"skipped": skipped})
+    table = report.write_report(output_dir, main.name, results,
+                                extra={"skipped": skipped, "protocol": protocol.as_record()},
+                                protocol=protocol)
     print(table, flush=True)
     return results
 
@@ -144,8 +207,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's restore chatter
-    run(FLAGS.encoder, FLAGS.task, FLAGS.output, baselines=FLAGS.baselines, seeds=[int(s) for s in FLAGS.seeds],
-        batch_size=FLAGS.batch_size, lr=FLAGS.lr)
+    run(FLAGS.encoder, FLAGS.task, FLAGS.output, baselines=FLAGS.baselines, protocol=protocol_from_flags(FLAGS),
+        batch_size=FLAGS.batch_size)
     print(f"report: {os.path.join(FLAGS.output, 'results.md')}")
 
 

@@ -8,15 +8,25 @@ An embedder has `name`, `sample_rate` (Hz) and `embed_batch(waveform [batch, sam
   concatenated: [2 x n_mels].
 - `random:<config>`: the config's encoder at random initialisation (seeded), through
   `EncoderEmbedder`: what the architecture gives before any training.
+
+`embed_task` embeds every clip of a task with one of them, streaming; `fit_to_unit` and
+`evar_crop_start` cut or pad a clip to a fixed duration first, as EVAR does (`unit_sec`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import numpy as np
+from tqdm import tqdm
 
 from audiojepa import encoder as encoder_lib
 from audiojepa import frontend as frontend_lib
-from audiojepa.data import stats
+from audiojepa.data import audio_io, stats
+
+# Decoded clips held at once while embedding, beyond one batch per length: bounds memory on large tasks
+# (FSD50K decoded whole would be ~25 GB of float32 at 16 kHz).
+MAX_BUFFERED_CLIPS = 2048
 
 
 class EncoderEmbedder:
@@ -66,3 +76,85 @@ def make_embedder(spec: str, *, frontend: str = "m2d") -> EncoderEmbedder | LogM
     if spec.startswith("random:"):
         return EncoderEmbedder(random_encoder(spec[len("random:"):]), name=spec)
     return EncoderEmbedder(encoder_lib.load_encoder(spec), name=spec)
+
+
+# -- fixed-duration clips (EVAR's unit_sec) -------------------------------------------------------------
+
+
+def evar_crop_start(num_samples: int, unit_samples: int, *, random_crop: bool, rng: np.random.Generator) -> int:
+    """First sample of a clip's `unit_samples` crop, as EVAR's `BaseRawAudioDataset.__getitem__` picks it.
+
+    0 when the clip is not longer than the unit (it is padded instead) or without `random_crop` (EVAR's
+    test split); else uniform in [0, num_samples - unit_samples), EVAR's `np.random.randint(l - unit)`
+    (the last possible start is never drawn).
+    """
+    if num_samples <= unit_samples or not random_crop:
+        return 0
+    return int(rng.integers(0, num_samples - unit_samples))
+
+
+def fit_to_unit(waveform: np.ndarray, unit_samples: int, *, start: int = 0) -> np.ndarray:
+    """waveform [samples] -> [unit_samples]: `waveform[start:start + unit_samples]` when longer, else the
+    clip followed by zeros (EVAR pads at the end)."""
+    if unit_samples < 1:
+        raise ValueError(f"unit_samples must be >= 1; got {unit_samples}")
+    if len(waveform) >= unit_samples:
+        if not 0 <= start <= len(waveform) - unit_samples:
+            raise ValueError(f"crop start {start} leaves fewer than {unit_samples} of {len(waveform)} samples")
+        return waveform[start:start + unit_samples]
+    return np.concatenate([waveform, np.zeros(unit_samples - len(waveform), waveform.dtype)])
+
+
+# -- embedding a task -----------------------------------------------------------------------------------
+
+
+def embed_task(embedder, task, *, batch_size: int = 32, max_buffered_clips: int = MAX_BUFFERED_CLIPS,
+               prepare: Callable[[int, np.ndarray], np.ndarray] | None = None,
+               clip_indices: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Clip embeddings [n_kept, dim] of every clip of `task` (a tasks.Task), and the indices of the clips kept.
+
+    Clips are batched by length (no padding: padding would change the time mean), in one streaming pass:
+    a length's batch is embedded when it holds `batch_size` clips, and when more than `max_buffered_clips`
+    are waiting, the fullest waiting batch goes early. Embeddings do not depend on batch composition. A clip
+    that fails to load is skipped, counted in `task.skipped` (once) and left out of scoring, never given a
+    fake value.
+
+    Args:
+      prepare: `prepare(clip index, waveform [samples]) -> waveform` applied to each decoded clip before
+        embedding (e.g. a crop to a fixed duration); None leaves clips whole.
+      clip_indices: embed only these clips (default: all).
+    """
+    waiting: dict[int, list[tuple[int, np.ndarray]]] = {}  # length -> [(clip index, waveform)]
+    out: dict[int, np.ndarray] = {}
+    num_waiting = 0
+
+    def embed(length: int) -> None:
+        nonlocal num_waiting
+        batch = waiting.pop(length)
+        num_waiting -= len(batch)
+        emb = embedder.embed_batch(np.stack([w for _, w in batch]))
+        out.update(zip((i for i, _ in batch), np.asarray(emb, np.float32)))
+
+    indices = range(len(task.clip_ids)) if clip_indices is None else [int(i) for i in clip_indices]
+    for i in tqdm(indices, desc=f"{task.name}: embedding ({embedder.name})", unit="clip"):
+        try:
+            waveform = task.load_audio(i, embedder.sample_rate)
+        except audio_io.BadAudioError as e:
+            entry = {"path": task.clip_ids[i], "reason": e.reason}
+            if entry not in task.skipped:  # once per clip, however many embedders or evaluations read it
+                task.skipped.append(entry)
+            continue
+        if prepare is not None:
+            waveform = prepare(i, waveform)
+        waiting.setdefault(waveform.shape[0], []).append((i, waveform))
+        num_waiting += 1
+        if len(waiting[waveform.shape[0]]) == batch_size:
+            embed(waveform.shape[0])
+        elif num_waiting > max_buffered_clips:
+            embed(max(waiting, key=lambda length: len(waiting[length])))
+    for length in sorted(waiting):  # the partial batches left
+        embed(length)
+    kept = np.array(sorted(out), dtype=np.int64)
+    if not len(kept):
+        raise ValueError(f"{task.name}: no clip could be loaded ({len(task.skipped)} skipped)")
+    return np.stack([out[i] for i in kept]), kept

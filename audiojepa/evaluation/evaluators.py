@@ -6,7 +6,7 @@
 Each evaluator takes the frozen online encoder and yields `(name, value)` pairs; the trainer logs
 them as `eval/<config key>/<name>` with the training metrics. The task (clip list, labels, splits) is
 loaded and checked once, when the evaluator is built; its audio is decoded at each evaluation, streamed
-in batches (evaluate.embed_task).
+in batches (embedders.embed_task).
 """
 
 from __future__ import annotations
@@ -41,10 +41,8 @@ class TaskEvaluator:
             raise ValueError(f"config.evals.{name}.task={task_spec!r}: {e}") from e
 
     def run(self, audio_encoder) -> Iterator[tuple[str, float]]:
-        from audiojepa.evaluate import embed_task
-
         embedder = embedders.EncoderEmbedder(audio_encoder, name="online encoder")
-        emb, kept = embed_task(embedder, self.task, batch_size=self.batch_size)
+        emb, kept = embedders.embed_task(embedder, self.task, batch_size=self.batch_size)
         labels = self.task.label_array()[kept]
         splits = np.asarray(self.task.splits)[kept]
         result = probes.evaluate_task(emb, labels, splits, multilabel=self.task.multilabel,

@@ -5,11 +5,15 @@ either an int array `[n]` (single-label, classes `0 .. num_classes-1`) or a mult
 `[n, num_classes]` (multi-label). Single-label tasks are scored with accuracy, multi-label ones with
 mAP (macro average precision over the classes that have a positive in the scored split).
 
-- `linear_probe`: EVAR's `TorchMLPClassifier2(hidden_layer_sizes=())`, i.e. train-set
+- `linear_probe`: by default EVAR's `TorchMLPClassifier2(hidden_layer_sizes=())`, i.e. train-set
   standardisation, one linear layer, Adam with a constant learning rate, batch `min(200, n_train)`,
   at most 200 epochs, early stopping with patience 20 on the validation metric, best-validation
-  weights restored before the test split is scored. Written in JAX + optax; one jitted call runs a
-  whole epoch (a `lax.scan` over the minibatches of a per-epoch permutation).
+  weights restored before the test split is scored. Its options give the other benchmarks' probes
+  (`audiojepa/evaluation/protocols.py` names the sets): the probe batch, the head (X-ARES's
+  LayerNorm + Linear), the selection rule (best validation metric, best validation loss, or the
+  last epoch), a per-epoch cosine learning-rate schedule, the weight decay and the loss scale.
+  Written in JAX + optax; one jitted call runs a whole epoch (a `lax.scan` over the minibatches of
+  a per-epoch permutation).
 - `knn_score`: X-ARES's kNN: L2-normalised embeddings, cosine similarity, top-k neighbours whose
   one-hot (or multi-hot) labels are summed with weights `softmax(sim / temperature)`.
 - `evaluate_task`: both probes on one task, over fixed train/valid/test splits or leave-one-fold-out
@@ -46,6 +50,11 @@ WEIGHT_DECAY = 1e-8  # EVAR's `alpha`, applied like torch.optim.Adam's (coupled)
 DEFAULT_LR = 1e-3
 VALID_FRACTION = 0.1
 SEEDS = (42, 43, 44)
+# Which epoch's weights score the test split (see linear_probe).
+SELECTIONS = ("best_val_metric", "best_val_loss", "last")
+HEADS = ("linear", "layernorm_linear")  # the second is X-ARES's LayerNorm(dim) -> Linear
+LR_SCHEDULES = ("constant", "cosine_per_epoch")
+LAYERNORM_EPS = 1e-5  # torch.nn.LayerNorm's default
 
 # X-ARES kNN.
 KNN_K = 10
@@ -162,58 +171,115 @@ def _init_linear(key: jax.Array, dim: int, num_classes: int) -> dict[str, jax.Ar
     }
 
 
-def _optimizer(lr: jax.Array | float) -> optax.GradientTransformation:
+def _init_head(key: jax.Array, dim: int, num_classes: int, head: str) -> dict[str, jax.Array]:
+    """Parameters of `head`: the linear layer, plus torch.nn.LayerNorm's init (scale 1, bias 0) for
+    "layernorm_linear"."""
+    params = _init_linear(key, dim, num_classes)
+    if head == "layernorm_linear":
+        params["ln_scale"] = jnp.ones((dim,), jnp.float32)
+        params["ln_bias"] = jnp.zeros((dim,), jnp.float32)
+    return params
+
+
+def head_logits(params: dict, x: jax.Array) -> jax.Array:
+    """Logits [n, num_classes] of a probe head for inputs x [n, dim].
+
+    `x @ w + b`; when `params` hold `ln_scale` / `ln_bias` ([dim] each: X-ARES's
+    `LayerNorm(dim) -> Linear`), x is first normalised over its last axis like torch.nn.LayerNorm:
+    (x - mean) / sqrt(biased variance + 1e-5) * ln_scale + ln_bias.
+    """
+    if "ln_scale" in params:
+        mean = jnp.mean(x, axis=-1, keepdims=True)
+        variance = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+        x = (x - mean) * jax.lax.rsqrt(variance + LAYERNORM_EPS) * params["ln_scale"] + params["ln_bias"]
+    return x @ params["w"] + params["b"]
+
+
+def _optimizer(lr: jax.Array | float, weight_decay: float = WEIGHT_DECAY) -> optax.GradientTransformation:
     # torch.optim.Adam(weight_decay=alpha) adds alpha * param to the gradient before the moments.
     return optax.chain(
-        optax.add_decayed_weights(WEIGHT_DECAY),
+        optax.add_decayed_weights(weight_decay),
         optax.scale_by_adam(b1=ADAM_B1, b2=ADAM_B2, eps=ADAM_EPS),
         optax.scale_by_learning_rate(lr),
     )
 
 
-def _batch_loss(params, x, y, weight, multilabel: bool):
+def _per_row_loss(params, x, y, multilabel: bool, loss_over_classes: bool):
+    """Loss of each row [batch]: x [batch, dim]; y [batch] int or [batch, num_classes] float."""
+    logits = head_logits(params, x)
+    if multilabel:
+        return optax.sigmoid_binary_cross_entropy(logits, y).mean(axis=-1)
+    log_probs = jax.nn.log_softmax(logits)
+    per_row = -jnp.take_along_axis(log_probs, y[:, None], axis=-1)[:, 0]
+    # EVAR's loss is -(onehot * log_softmax).mean() over batch *and* classes, i.e. CE / C.
+    # Adam is invariant to that constant scale, so only the (tiny) weight decay notices it.
+    return per_row / logits.shape[-1] if loss_over_classes else per_row
+
+
+def _batch_loss(params, x, y, weight, multilabel: bool, loss_over_classes: bool = True):
     """Mean loss over the real rows of one padded minibatch.
 
     x: [batch, dim]; y: [batch] int (single-label) or [batch, num_classes] float (multi-label);
     weight: [batch] 1 for real rows, 0 for padding.
     """
-    logits = x @ params["w"] + params["b"]
-    if multilabel:
-        per_row = optax.sigmoid_binary_cross_entropy(logits, y).mean(axis=-1)
-    else:
-        # EVAR's loss is -(onehot * log_softmax).mean() over batch *and* classes, i.e. CE / C.
-        # Adam is invariant to that constant scale, so only the (tiny) weight decay notices it.
-        log_probs = jax.nn.log_softmax(logits)
-        per_row = -jnp.take_along_axis(log_probs, y[:, None], axis=-1)[:, 0] / logits.shape[-1]
+    per_row = _per_row_loss(params, x, y, multilabel, loss_over_classes)
     return jnp.sum(per_row * weight) / jnp.sum(weight)
 
 
-@functools.partial(jax.jit, static_argnames=("batch_size", "multilabel"))
-def _train_epoch(params, opt_state, key, x, y, num_real, lr, *, batch_size: int, multilabel: bool):
+@functools.partial(jax.jit, static_argnames=("multilabel", "loss_over_classes"))
+def _evaluate_head(params, x, y, *, multilabel: bool, loss_over_classes: bool):
+    """(logits [n, num_classes], mean loss) of the head on a whole split."""
+    return head_logits(params, x), jnp.mean(_per_row_loss(params, x, y, multilabel, loss_over_classes))
+
+
+@functools.partial(jax.jit, static_argnames=("batch_size", "multilabel", "loss_over_classes", "weight_decay"))
+def _train_epoch(params, opt_state, key, x, y, num_real, lr, *, batch_size: int, multilabel: bool,
+                 loss_over_classes: bool = True, weight_decay: float = WEIGHT_DECAY):
     """One epoch of minibatch Adam over a fresh permutation of the real rows.
 
     x: [n_batches * batch_size, dim] train rows, the first `num_real` real and the rest padding;
     y: matching labels. The permutation puts the real rows first in random order and the padding
     last, so only the final minibatch is partly padding and its loss is the mean over its real
-    rows — the same as a DataLoader with `drop_last=False`. `num_real` is traced, so train sets
-    with the same number of minibatches share one compilation.
+    rows — the same as a DataLoader with `drop_last=False`. `num_real` and `lr` are traced, so
+    train sets with the same number of minibatches share one compilation, and a per-epoch
+    learning-rate schedule does not recompile.
     Returns (params, opt_state, mean minibatch loss).
     """
     num_padded = x.shape[0]
     rows = jnp.arange(num_padded)
     sort_keys = jnp.where(rows < num_real, jax.random.uniform(key, (num_padded,)), 2.0)
     batches = jnp.argsort(sort_keys).reshape(num_padded // batch_size, batch_size)
-    tx = _optimizer(lr)
+    tx = _optimizer(lr, weight_decay)
 
     def step(carry, idx):
         params, opt_state = carry
         weight = (idx < num_real).astype(jnp.float32)
-        loss, grads = jax.value_and_grad(_batch_loss)(params, x[idx], y[idx], weight, multilabel)
+        loss, grads = jax.value_and_grad(_batch_loss)(params, x[idx], y[idx], weight, multilabel,
+                                                      loss_over_classes)
         updates, opt_state = tx.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state), loss
 
     (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), batches)
     return params, opt_state, losses.mean()
+
+
+def epoch_learning_rates(lr: float, max_epochs: int, schedule: str = "constant",
+                         final_lr_fraction: float = 1.0) -> np.ndarray:
+    """Learning rate of each epoch, [max_epochs] float64 (epoch 1 first).
+
+    "constant": `lr` throughout (EVAR, MATPAC). "cosine_per_epoch": X-ARES's
+    `ignite.handlers.CosineAnnealingScheduler(start=lr, end=final_lr_fraction * lr,
+    cycle_size=max_epochs)` fired at every EPOCH_STARTED (xares `src/xares/trainer.py` L122-131):
+    epoch e gets lr + (end - lr) / 2 * (1 - cos(pi * (e - 1) / max_epochs)), so the last epoch
+    stays just above `end`.
+    """
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule={schedule!r}; valid: {LR_SCHEDULES}")
+    if schedule == "constant":
+        return np.full(max_epochs, float(lr))
+    end = final_lr_fraction * lr
+    progress = np.arange(max_epochs) / max_epochs
+    return lr + (end - lr) / 2 * (1 - np.cos(np.pi * progress))
 
 
 def _check_probe_inputs(name: str, x: np.ndarray, y: np.ndarray, *, multilabel: bool,
@@ -238,6 +304,20 @@ def _check_probe_inputs(name: str, x: np.ndarray, y: np.ndarray, *, multilabel: 
                          f"[{y.min()}, {y.max()}]")
 
 
+def _check_probe_options(*, max_epochs, patience, batch_size, selection, head, lr_schedule) -> None:
+    if max_epochs < 1 or (patience is not None and patience < 1):
+        raise ValueError(f"max_epochs and patience must be >= 1 (patience may be None: no early "
+                         f"stopping); got {max_epochs}, {patience}")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"probe batch_size must be >= 1 or None (EVAR's min(200, n_train)); got {batch_size}")
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection={selection!r}; valid: {SELECTIONS}")
+    if head not in HEADS:
+        raise ValueError(f"head={head!r}; valid: {HEADS}")
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule={lr_schedule!r}; valid: {LR_SCHEDULES}")
+
+
 def linear_probe(
     train_x: np.ndarray,
     train_y: np.ndarray,
@@ -251,16 +331,38 @@ def linear_probe(
     seed: int,
     lr: float = DEFAULT_LR,
     max_epochs: int = MAX_EPOCHS,
-    patience: int = PATIENCE,
+    patience: int | None = PATIENCE,
+    batch_size: int | None = None,
+    selection: str = "best_val_metric",
+    keep_later_tie: bool = True,
+    head: str = "linear",
+    standardize_inputs: bool = True,
+    weight_decay: float = WEIGHT_DECAY,
+    lr_schedule: str = "constant",
+    final_lr_fraction: float = 1.0,
+    loss_over_classes: bool = True,
+    return_params: bool = False,
 ) -> dict[str, Any]:
-    """EVAR's linear evaluation of one train/valid/test split.
+    """A linear probe on one train/valid/test split; the defaults are EVAR's linear evaluation.
 
-    Inputs are standardised with train statistics; a linear layer `[dim, num_classes]` is trained
-    with Adam (constant `lr`, coupled weight decay 1e-8) on softmax cross-entropy (single-label)
-    or sigmoid BCE (multi-label), batch `min(200, n_train)`, reshuffled every epoch. After each
-    epoch the validation metric is computed; a value >= the best so far (EVAR keeps the later of
-    equal epochs) saves the weights, and training stops after `patience` epochs without one, or
-    at `max_epochs`. The saved weights score the test split.
+    Inputs are standardised with train statistics (`standardize_inputs`); the head (`"linear"`:
+    one linear layer `[dim, num_classes]`; `"layernorm_linear"`: LayerNorm(dim) then the linear
+    layer, X-ARES's "MLP") is trained with Adam (coupled `weight_decay`) on softmax cross-entropy
+    (divided by the class count when `loss_over_classes`, as EVAR) or sigmoid BCE (multi-label),
+    minibatches of `min(batch_size, n_train)` (`batch_size=None`: EVAR's `min(200, n_train)`),
+    reshuffled every epoch, learning rate per epoch from `epoch_learning_rates`. After each epoch
+    the validation metric and loss are computed and `selection` decides which weights score the
+    test split:
+
+    - "best_val_metric": the epoch with the highest validation accuracy (mAP for multi-label);
+      of equal epochs the later (`keep_later_tie`, EVAR's `>=`) or the earlier (ignite's
+      `Checkpoint`, X-ARES) is kept.
+    - "best_val_loss": the epoch with the lowest validation loss (the training loss on the valid
+      split, without weight decay); ties as above.
+    - "last": the weights after the final epoch (no early stopping).
+
+    Training stops after `patience` epochs in a row that saved no weights (None: never early), or
+    at `max_epochs`.
 
     Args:
       train_x, valid_x, test_x: [n_split, dim] embeddings.
@@ -269,9 +371,10 @@ def linear_probe(
       num_classes: width of the linear layer.
       seed: initialisation and the per-epoch shuffles.
       lr: Adam learning rate (see DEFAULT_LR for why it is not EVAR's M2D 3e-5).
+      return_params: also return the scored head's parameters (host arrays) as "params".
     Returns:
-      {"test": test metric, "valid": best validation metric, "epochs": epochs run,
-       "best_epoch": 1-based epoch whose weights were scored}.
+      {"test": test metric, "valid": validation metric of the scored epoch, "valid_loss": its
+       validation loss, "epochs": epochs run, "best_epoch": 1-based epoch whose weights were scored}.
     """
     train_x, valid_x, test_x = (np.asarray(a) for a in (train_x, valid_x, test_x))
     train_y, valid_y, test_y = (np.asarray(a) for a in (train_y, valid_y, test_y))
@@ -281,54 +384,66 @@ def linear_probe(
                         dim=dim)
     _check_probe_inputs("test", test_x, test_y, multilabel=multilabel, num_classes=num_classes,
                         dim=dim)
-    if max_epochs < 1 or patience < 1:
-        raise ValueError(f"max_epochs and patience must be >= 1; got {max_epochs}, {patience}")
-    train_x, valid_x, test_x = standardize(train_x, valid_x, test_x)
+    _check_probe_options(max_epochs=max_epochs, patience=patience, batch_size=batch_size,
+                         selection=selection, head=head, lr_schedule=lr_schedule)
+    if standardize_inputs:
+        train_x, valid_x, test_x = standardize(train_x, valid_x, test_x)
+    else:
+        train_x, valid_x, test_x = (a.astype(np.float32) for a in (train_x, valid_x, test_x))
 
     num_train = len(train_x)
-    batch_size = min(MAX_BATCH_SIZE, num_train)
+    batch_size = min(MAX_BATCH_SIZE if batch_size is None else int(batch_size), num_train)
     num_batches = -(-num_train // batch_size)
     num_padded = num_batches * batch_size
     x_padded = np.zeros((num_padded, dim), np.float32)
     x_padded[:num_train] = train_x
-    if multilabel:
-        y_padded = np.zeros((num_padded, num_classes), np.float32)
-    else:
-        y_padded = np.zeros((num_padded,), np.int32)
+    label_dtype = np.float32 if multilabel else np.int32
+    y_padded = np.zeros((num_padded, num_classes) if multilabel else (num_padded,), label_dtype)
     y_padded[:num_train] = train_y
     x_padded, y_padded = jnp.asarray(x_padded), jnp.asarray(y_padded)
+    valid_x_dev, valid_y_dev = jnp.asarray(valid_x), jnp.asarray(valid_y.astype(label_dtype))
+    test_x_dev, test_y_dev = jnp.asarray(test_x), jnp.asarray(test_y.astype(label_dtype))
+    evaluate = functools.partial(_evaluate_head, multilabel=multilabel, loss_over_classes=loss_over_classes)
+    lrs = epoch_learning_rates(lr, max_epochs, lr_schedule, final_lr_fraction)
 
     init_key, shuffle_key = jax.random.split(jax.random.key(seed))
-    params = _init_linear(init_key, dim, num_classes)
-    opt_state = _optimizer(lr).init(params)
-    lr = jnp.float32(lr)
+    params = _init_head(init_key, dim, num_classes, head)
+    opt_state = _optimizer(lr, weight_decay).init(params)
 
-    best_valid, best_params, best_epoch = -np.inf, None, 0
-    last_strict_gain = 0  # ties also save weights (EVAR's >=), but only a gain means progress
+    best_value, best_params, best_epoch, best_valid, best_valid_loss = -np.inf, None, 0, np.nan, np.nan
+    last_strict_gain = 0  # ties may also save weights, but only a gain means progress
     epochs_without_gain = 0
     epoch = 0
     for epoch in range(1, max_epochs + 1):
         params, opt_state, _ = _train_epoch(
             params, opt_state, jax.random.fold_in(shuffle_key, epoch), x_padded, y_padded,
-            num_train, lr, batch_size=batch_size, multilabel=multilabel)
-        host_params = jax.device_get(params)
-        valid_score = _score(valid_y, valid_x @ host_params["w"] + host_params["b"], multilabel)
-        if valid_score >= best_valid:
-            if valid_score > best_valid:
+            num_train, jnp.float32(lrs[epoch - 1]), batch_size=batch_size, multilabel=multilabel,
+            loss_over_classes=loss_over_classes, weight_decay=float(weight_decay))
+        valid_logits, valid_loss = evaluate(params, valid_x_dev, valid_y_dev)
+        valid_score = _score(valid_y, np.asarray(valid_logits), multilabel)
+        valid_loss = float(valid_loss)
+        value = {"best_val_metric": valid_score, "best_val_loss": -valid_loss, "last": float(epoch)}[selection]
+        if value > best_value or (keep_later_tie and value == best_value):
+            if value > best_value:
                 last_strict_gain = epoch
-            best_valid, best_params, best_epoch = valid_score, host_params, epoch
+            best_value, best_params, best_epoch = value, params, epoch
+            best_valid, best_valid_loss = valid_score, valid_loss
             epochs_without_gain = 0
         else:
             epochs_without_gain += 1
-            if epochs_without_gain >= patience:
+            if selection != "last" and patience is not None and epochs_without_gain >= patience:
                 break
-    if epoch == max_epochs and last_strict_gain > max_epochs - patience:
+    if (selection != "last" and patience is not None and epoch == max_epochs
+            and last_strict_gain > max_epochs - patience):
         log.warning("linear probe was still improving at the %d-epoch cap (%d steps of lr %g); "
                     "a larger lr would likely score higher", max_epochs, max_epochs * num_batches,
                     float(lr))
-    test_score = _score(test_y, test_x @ best_params["w"] + best_params["b"], multilabel)
-    return {"test": test_score, "valid": float(best_valid), "epochs": epoch,
-            "best_epoch": best_epoch}
+    test_logits, _ = evaluate(best_params, test_x_dev, test_y_dev)
+    result = {"test": _score(test_y, np.asarray(test_logits), multilabel), "valid": float(best_valid),
+              "valid_loss": float(best_valid_loss), "epochs": epoch, "best_epoch": best_epoch}
+    if return_params:
+        result["params"] = jax.device_get(best_params)
+    return result
 
 
 # ----------------------------------------------------------------------------------------------
@@ -582,6 +697,9 @@ def evaluate_task(
     temperature: float = KNN_TEMPERATURE,
     valid_fraction: float = VALID_FRACTION,
     run_linear: bool = True,
+    run_knn: bool = True,
+    linear_options: dict | None = None,
+    test_embeddings: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Linear probe (one run per seed) and kNN on one task.
 
@@ -589,8 +707,9 @@ def evaluate_task(
     per clip for leave-one-fold-out cross-validation (each fold is the test set once, the others
     are the training set; the task score is the mean over folds). Where the task has no 'valid'
     split (fold tasks, or fixed splits without one), each seed holds out its own `valid_fraction`
-    of the training clips with `holdout_validation` for early stopping. kNN uses the whole
-    training set (no hold-out) and is deterministic, so it runs once per fold.
+    of the training clips with `holdout_validation` for model selection; the test clips are never
+    used to select. kNN uses the whole training set (no hold-out) and is deterministic, so it runs
+    once per fold.
 
     Args:
       embeddings: [n_clips, dim] float32.
@@ -598,14 +717,22 @@ def evaluate_task(
       splits: [n_clips] str split names or int fold ids.
       run_linear: False skips the linear probe (kNN only, e.g. for frequent checks during
         training); "linear" is then None.
+      run_knn: False skips kNN; "knn" is then None.
+      linear_options: keyword arguments of `linear_probe` beyond the data, seed and lr (batch_size,
+        selection, head, ...; a protocol's `linear_options()`).
+      test_embeddings: [n_clips, dim] embeddings to score the test rows with, where they differ
+        from the training ones (EVAR crops a long clip at random for train/valid and from its
+        start for test, and in a fold task each clip is both); None: `embeddings`.
     Returns:
       {"metric": "accuracy" | "mAP",
-       "linear": {"metric", "mean", "ci95", "std", "per_seed": [score per seed (mean over folds)],
+       "linear": {"metric", "lr", "mean", "ci95", "std", "validation",
+                  "per_seed": [score per seed (mean over folds)],
                   "per_fold": [mean over seeds per fold] (fold tasks), "folds": [fold ids],
-                  "runs": [{"seed", "fold", "test", "valid", "epochs", "best_epoch"}]},
+                  "runs": [{"seed", "fold", "test", "valid", "valid_loss", "epochs", "best_epoch"}]},
        "knn": {"metric", "mean", "per_fold" (fold tasks), "folds"}}.
-      `ci95` is the Student-t half-width over the per-seed scores (`confidence_interval_95`);
-      NaN (as is `std`) with a single seed.
+      `validation` says which clips selected the model: "valid split", or the held-out share of
+      the training clips. `ci95` is the Student-t half-width over the per-seed scores
+      (`confidence_interval_95`); NaN (as is `std`) with a single seed.
     Raises:
       ValueError: mismatched lengths, NaN/inf embeddings, bad labels, an empty split, fewer than
         two folds, or a class that occurs in a test set but not in its training set.
@@ -614,6 +741,17 @@ def evaluate_task(
     labels = np.asarray(labels)
     splits = np.asarray(splits)
     _check_task_inputs(embeddings, labels, splits, multilabel=multilabel, num_classes=num_classes)
+    if test_embeddings is None:
+        test_embeddings = embeddings
+    else:
+        test_embeddings = np.asarray(test_embeddings, dtype=np.float32)
+        if test_embeddings.shape != embeddings.shape:
+            raise ValueError(f"test_embeddings must match embeddings' shape {embeddings.shape}; got "
+                             f"{test_embeddings.shape}")
+        _check_task_inputs(test_embeddings, labels, splits, multilabel=multilabel, num_classes=num_classes)
+    linear_options = dict(linear_options or {})
+    if not (run_linear or run_knn):
+        raise ValueError("run_linear and run_knn are both False: no probe to run")
     if multilabel:
         labels = labels.astype(np.float32)
     seeds = tuple(int(s) for s in seeds)
@@ -627,9 +765,10 @@ def evaluate_task(
     runs = []
     knn_per_plan = []
     for plan_index, (fold, train, valid, test) in enumerate(plans):
-        knn_per_plan.append(knn_score(
-            embeddings[train], labels[train], embeddings[test], labels[test],
-            multilabel=multilabel, num_classes=num_classes, k=k, temperature=temperature))
+        if run_knn:
+            knn_per_plan.append(knn_score(
+                embeddings[train], labels[train], test_embeddings[test], labels[test],
+                multilabel=multilabel, num_classes=num_classes, k=k, temperature=temperature))
         for seed in seeds if run_linear else ():
             fit, held_out = train, valid
             if held_out is None:
@@ -639,25 +778,31 @@ def evaluate_task(
                                                    fraction=valid_fraction, rng=rng)
             result = linear_probe(
                 embeddings[fit], labels[fit], embeddings[held_out], labels[held_out],
-                embeddings[test], labels[test], multilabel=multilabel, num_classes=num_classes,
-                seed=seed, lr=lr)
+                test_embeddings[test], labels[test], multilabel=multilabel, num_classes=num_classes,
+                seed=seed, lr=lr, **linear_options)
             runs.append({"seed": seed, "fold": fold, **result})
             log.info("linear probe seed %d%s: test %s %.4f (valid %.4f, %d epochs)", seed,
                      "" if fold is None else f" fold {fold}", metric, result["test"],
                      result["valid"], result["epochs"])
 
     folds = [plan[0] for plan in plans]
-    knn = {"metric": metric, "mean": float(np.mean(knn_per_plan))}
-    if is_folds:
-        knn.update(per_fold=list(map(float, knn_per_plan)), folds=folds)
+    knn = None
+    if run_knn:
+        knn = {"metric": metric, "mean": float(np.mean(knn_per_plan))}
+        if is_folds:
+            knn.update(per_fold=list(map(float, knn_per_plan)), folds=folds)
     linear = None
     if run_linear:
         test_scores = np.array([r["test"] for r in runs]).reshape(len(plans), len(seeds))
         per_seed = test_scores.mean(axis=0)
+        has_valid = all(plan[2] is not None for plan in plans)
+        validation = ("valid split" if has_valid else
+                      f"{valid_fraction:.0%} of the training clips held out per seed"
+                      f"{' and fold' if is_folds else ''} (stratified; the task has no valid split)")
         linear = {"metric": metric, "lr": float(lr), "mean": float(per_seed.mean()),
                   "ci95": confidence_interval_95(per_seed),
                   "std": float(per_seed.std(ddof=1)) if len(seeds) > 1 else float("nan"),
-                  "per_seed": per_seed.tolist(), "runs": runs}
+                  "validation": validation, "per_seed": per_seed.tolist(), "runs": runs}
         if is_folds:
             linear.update(per_fold=test_scores.mean(axis=1).tolist(), folds=folds)
     return {"metric": metric, "linear": linear, "knn": knn}

@@ -17,6 +17,11 @@
   `sample_rate` (Hz, only needed when the audio feature does not record it). TFDS split names map
   to ours: train -> train, validation/valid/dev -> valid, test -> test; other splits are ignored.
 
+A task folder or shard-set folder may also hold `task.json` with per-task evaluation settings; today one
+key, `unit_sec` (seconds, > 0): the crop length EVAR's protocol cuts each clip to (`--protocol=evar`), for
+tasks that are not in EVAR's own table (`audiojepa/evaluation/protocols.py:EVAR_UNIT_SEC`). It lands in
+`Task.unit_sec`; unknown keys are an error.
+
 Clips that cannot be used are never dropped silently: each goes to `Task.skipped` as
 `{"path", "reason", "detail"}` and `load_task` logs the count. With `verify_audio="decode"` (the
 default) `load_task` decodes every clip once, with the same code `Task.load_audio` uses, so every
@@ -50,6 +55,8 @@ from audiojepa.data import audio_io, records, shards
 
 SPLITS = ("train", "valid", "test")
 LABELS_CSV = "labels.csv"
+TASK_JSON = "task.json"
+_TASK_JSON_KEYS = {"unit_sec": "crop length in seconds (> 0) for EVAR's protocol"}
 LABEL_SEPARATOR = ";"
 VERIFY_MODES = ("decode", "header")
 _EMBEDDED_OPTIONS = {"num_clips": int, "duration_s": float, "seed": int}
@@ -72,6 +79,7 @@ class Task:
       classes: sorted class names; `label_array` indexes into this list.
       skipped: clips that could not be used, as {"path", "reason", "detail"}; not in `clip_ids`.
       source: the spec the task was loaded from.
+      unit_sec: the task's own crop length in seconds (its folder's task.json), or None.
     """
 
     name: str
@@ -82,6 +90,7 @@ class Task:
     classes: list[str]
     skipped: list[dict]
     source: str = ""
+    unit_sec: float | None = None
     audio_loader: Callable[[int, int], np.ndarray] | None = dataclasses.field(default=None, repr=False,
                                                                              compare=False)
 
@@ -133,6 +142,8 @@ def load_task(spec: str, *, sample_rate: int, verify_audio: str = "decode") -> T
     else:
         raise FileNotFoundError(f"task {spec!r} is neither a folder, 'embedded[:options]' nor 'tfds:NAME[:options]'")
     task.source = spec
+    if os.path.isdir(spec):
+        task.unit_sec = read_task_json(spec).get("unit_sec")
     if task.skipped:
         reasons = {}
         for entry in task.skipped:
@@ -143,6 +154,27 @@ def load_task(spec: str, *, sample_rate: int, verify_audio: str = "decode") -> T
 
 
 # -- shared checks ------------------------------------------------------------------------------------
+
+
+def read_task_json(folder: str) -> dict:
+    """The settings in `folder`/task.json ({} without one); errors name the file and the valid keys."""
+    path = os.path.join(folder, TASK_JSON)
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            settings = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    valid = "; ".join(f"{k}: {v}" for k, v in _TASK_JSON_KEYS.items())
+    if not isinstance(settings, dict) or set(settings) - set(_TASK_JSON_KEYS):
+        unknown = sorted(set(settings) - set(_TASK_JSON_KEYS)) if isinstance(settings, dict) else settings
+        raise ValueError(f"{path}: unknown setting(s) {unknown}; valid keys: {valid}")
+    unit_sec = settings.get("unit_sec")
+    if unit_sec is not None and (isinstance(unit_sec, bool) or not isinstance(unit_sec, (int, float))
+                                 or not unit_sec > 0):
+        raise ValueError(f"{path}: unit_sec={unit_sec!r}; it must be a number of seconds > 0")
+    return {k: float(v) for k, v in settings.items()}
 
 
 def _parse_options(text: str, valid: dict, spec: str) -> dict:
