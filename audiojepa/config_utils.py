@@ -119,6 +119,7 @@ def adamw_config(**overrides) -> ml_collections.ConfigDict:
         "base_lr": 3e-4,  # lr = base_lr x batch_size / 256
         "lr": config_dict.placeholder(float),
         "min_lr": 0.0,
+        "warmup_init_lr": 0.0,  # the lr the linear warm-up starts from (Audio-JEPA: 1e-6)
         "b1": 0.9,
         "b2": 0.95,
         "eps": 1e-8,  # Adam's epsilon (torch's and optax's default)

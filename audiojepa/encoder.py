@@ -250,7 +250,8 @@ def restore_train_state(workdir: str, step: int | None = None):
 
 
 def _from_workdir(workdir: str, step: int | None, freq_pooling: str) -> AudioEncoder:
-    """The online encoder of a training run's latest (or given) checkpoint."""
+    """The evaluated encoder (methods.encoder_params: online, or the EMA target where the method says so) of a
+    training run's latest (or given) checkpoint."""
     method, state, meta = restore_train_state(workdir, step)
     frontend = frontend_lib.LogMelParams.from_dict(meta["frontend"])
     return AudioEncoder(meta["method"], method.config, methods.input_shape(method, frontend, meta["crop_frames"]),

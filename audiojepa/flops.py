@@ -224,7 +224,9 @@ def matpac_step_flops(method, batch_size: int) -> dict[str, int]:
 
 def jepa_mask_counts(method, mask_variant: int | None = None) -> tuple[int, int]:
     """(Kc, Kt): the context and target patch counts of the masks `method.sample_mask` draws (for a
-    mask-ratio range, of bucket `mask_variant`; None is the middle bucket)."""
+    mask-ratio range with buckets, of bucket `mask_variant`; None is the middle bucket). For variable-size masks
+    (multi-block/time with mask_counts="variable", a continuous ratio range) these are the padded capacities,
+    which is what the step computes: padding tokens cost FLOPs like any other."""
     context_idx, target_idx = jax.eval_shape(lambda: method.sample_mask(jax.random.key(0), 1, mask_variant))
     return context_idx.shape[1], target_idx.shape[1]
 

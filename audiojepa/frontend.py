@@ -171,6 +171,19 @@ PRESETS: Mapping[str, LogMelParams] = types.MappingProxyType({
     # gives 2.6-3.9x their tokens (shared/reference/jepa_family.md §3.1); neither layout is reproduced here.
     "audiojepa": LogMelParams(sample_rate=32000, n_fft=800, win_length=800, hop_length=320, n_mels=128,
                               f_max=16000.0),
+    # Audio-JEPA as its paper describes it (§IV.A): 32 kHz, 128 mels, 256 time bins per 10 s with a frame
+    # 2.5x the hop: hop 10 s / 256 = 1250 samples (39.06 ms), frame 3125 samples (97.7 ms). Centred
+    # frames give 1 + (N - 1) // 1250 = 256 frames for 10 s (16 x 8 = 128 patches of 16 x 16). The paper
+    # is silent on the band, mel scale and window: they follow the public code's Kaldi fbank (20 Hz to
+    # 16 kHz, HTK mel filters without area norm, Hann window).
+    "audiojepa_paper": LogMelParams(sample_rate=32000, n_fft=3125, win_length=3125, hop_length=1250, n_mels=128,
+                                    f_min=20.0, f_max=16000.0, mel_scale="htk", mel_norm=None),
+    # Audio-JEPA's public code (configs/data/audioset.yaml, mel_spec.py): Kaldi fbank of 96 mels x 512 time
+    # bins per 10 s, hop 10 s / 512 = 625 samples (19.5 ms), frame 2.5x = 1562 samples, FFT 2048, 20 Hz to
+    # 16 kHz. Here frames are centred (1 + N // 625 = 513 for 10 s, cropped to 512) where Kaldi snips the
+    # edges (510 frames, padded to 512); the code lays time along the ViT's height, this front end frequency.
+    "audiojepa_code": LogMelParams(sample_rate=32000, n_fft=2048, win_length=1562, hop_length=625, n_mels=96,
+                                   f_min=20.0, f_max=16000.0, mel_scale="htk", mel_norm=None),
     # EnCodec's frame grid (24 kHz, 320-sample hop = 75 Hz, no padding): waveform methods (EncodecMAE)
     # crop on it (crop_frames=300 -> 96,000 samples, 4 s); its log-mel is only the evaluation floor.
     "encodec": LogMelParams(sample_rate=24000, n_fft=320, win_length=320, hop_length=320, center=False,

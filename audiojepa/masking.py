@@ -721,9 +721,12 @@ def unstructured_variable(rng: jax.Array, batch_size: int, num_patches: int, mas
 
 
 def mask_fractions(masks: MaskSet, num_patches: int) -> tuple[jax.Array, jax.Array]:
-    """(context_fraction [B], target_fraction [B]) float32: each example's share of the L patches, to log."""
-    return (masks.context_valid.sum(axis=1).astype(jnp.float32) / num_patches,
-            masks.target_valid.sum(axis=1).astype(jnp.float32) / num_patches)
+    """(context_fraction [B], target_fraction [B]) float32: each example's share of the L patches, to log.
+    A None validity (a fixed-count mask) means every entry is a patch."""
+    def fraction(idx, valid):
+        count = jnp.full(idx.shape[:1], idx.shape[1], jnp.float32) if valid is None else valid.sum(axis=1)
+        return count.astype(jnp.float32) / num_patches
+    return fraction(masks.context_idx, masks.context_valid), fraction(masks.target_idx, masks.target_valid)
 
 
 # -- per-batch random mask ratio ---------------------------------------------------------------------

@@ -20,12 +20,16 @@ def peak_learning_rate(optim_config, global_batch_size: int) -> float:
 
 
 def learning_rate_schedule(optim_config, *, global_batch_size: int, total_steps: int, warmup_steps: int):
-    """Step -> lr: linear 0 -> peak over `warmup_steps`, then cosine to `optim.min_lr` at `total_steps`."""
+    """Step -> lr: linear `optim.warmup_init_lr` (default 0) -> peak over `warmup_steps`, then cosine to
+    `optim.min_lr` at `total_steps`. (Audio-JEPA's warm-up starts at 1e-6; M2D's at 0.)"""
     peak = peak_learning_rate(optim_config, global_batch_size)
     min_lr = float(optim_config.get("min_lr", 0.0))
+    init_lr = float(optim_config.get("warmup_init_lr", 0.0))
+    if not 0.0 <= init_lr <= peak:
+        raise ValueError(f"config.optim.warmup_init_lr={init_lr} must lie in [0, peak lr {peak}].")
     warmup_steps = min(warmup_steps, total_steps)
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=peak, warmup_steps=warmup_steps,
+        init_value=init_lr, peak_value=peak, warmup_steps=warmup_steps,
         decay_steps=max(total_steps, warmup_steps + 1), end_value=min_lr)
 
 

@@ -115,9 +115,10 @@ def test_matpac_adds_student_and_teacher_heads():
 
 
 def test_audio_jepa_target_encoder_sees_the_whole_spectrogram():
-    """Audio-JEPA B on 128x992 (8x62 = 496 patches), ratio bucket 0 (0.4): 297 context, 199 targets;
-    I-JEPA predictor over the context and one query per target, target encoder on all 496 patches."""
-    method = JEPA(_config("configs/audio_jepa.py").model, input_shape=(128, 992))
+    """Audio-JEPA B on 128x992 (M2D's hop: 8x62 = 496 patches) with ratio buckets, bucket 0 (0.4): 297 context,
+    199 targets; I-JEPA predictor over the context and one query per target, target encoder on all 496 patches."""
+    method = JEPA(_config("configs/audio_jepa.py", **{"model.ratio_sampling": "buckets"}).model,
+                  input_shape=(128, 992))
     block = flops.block_flops
     parts = flops.step_flops(method, 1, mask_variant=0)
     assert flops.jepa_mask_counts(method, 0) == (297, 199)
@@ -129,6 +130,11 @@ def test_audio_jepa_target_encoder_sees_the_whole_spectrogram():
     assert parts["backward"] == 2 * (parts["forward"] - frozen)
     # The ratio bucket changes the cost: the middle one (None) has 248 context patches.
     assert flops.step_flops(method, 1)["context_encoder"] == 12 * block(248, 768, 3072)
+    # The paper's input (128x256: 128 patches) with r ~ U[0.4, 0.6] drawn in the step: the padded capacities,
+    # int(128·0.6) = 76 context slots and 128 - int(128·0.4) = 128 - 51 = 77 target slots, are what it computes.
+    paper = JEPA(_config("configs/audio_jepa.py").model, input_shape=(128, 256))
+    assert flops.jepa_mask_counts(paper) == (76, 77)
+    assert flops.step_flops(paper, 1)["context_encoder"] == 12 * block(76, 768, 3072)
 
 
 def test_jepa_input_domain_and_full_grid_predictor():

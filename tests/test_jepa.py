@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from audiojepa.config_utils import set_by_path
-from audiojepa import losses, metrics, train
+from audiojepa import encoder as encoder_lib
+from audiojepa import frontend, losses, masking, metrics, train
 from audiojepa.methods import METHODS, jepa
 from audiojepa.models import ViTEncoder
 from configs import audio_jepa as audio_jepa_config
@@ -67,6 +68,9 @@ def _np_loss(pred, target, loss_type, beta):
         return (d ** 2).mean()
     if loss_type == "l2":
         return (d ** 2).sum(-1).mean()
+    if loss_type == "smooth_l1_token":  # Riou et al. Eq. 3 with threshold beta on the token's L1 norm
+        l1 = np.abs(d).sum(-1)
+        return np.where(l1 < beta, 0.5 * (d ** 2).sum(-1) / beta, l1 - 0.5 * beta).mean()
     unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
     return (2 - 2 * (unit(pred) * unit(target)).sum(-1)).mean()
 
@@ -77,7 +81,8 @@ def test_prediction_loss_against_numpy(loss_type, target_norm):
     rng = np.random.default_rng(0)
     pred = rng.standard_normal((3, 5, 16)).astype(np.float32)
     target = (2.0 * rng.standard_normal((3, 5, 16)) + 0.5).astype(np.float32)
-    for beta in (0.0, 0.5, 1.0, 2.0) if loss_type == "smooth_l1" else (1.0,):
+    betas = {"smooth_l1": (0.0, 0.5, 1.0, 2.0), "smooth_l1_token": (0.5, 1.0, 20.0)}.get(loss_type, (1.0,))
+    for beta in betas:
         loss, aux = losses.prediction_loss(jnp.asarray(pred), jnp.asarray(target), loss_type=loss_type,
                                            target_norm=target_norm, beta=beta)
         expected = _np_loss(pred, _np_normalize(target, target_norm), loss_type, beta)
@@ -153,14 +158,71 @@ def test_predict_all_patches_option():
         jepa.JEPA(small_model_config(predict_all_patches=True), input_shape=INPUT_SHAPE)
 
 
+@pytest.mark.parametrize("mask_counts", jepa.MASK_COUNTS)
 @pytest.mark.parametrize("masking_name", jepa.MASKINGS)
-def test_maskings_give_disjoint_context_and_targets(masking_name):
-    method = jepa.JEPA(small_model_config(masking=masking_name), input_shape=(80, 208))
-    context_idx, target_idx = jax.jit(method.sample_mask, static_argnums=1)(jax.random.key(0), 4)
-    num_context, num_target = method._mask_counts(None)
-    assert context_idx.shape == (4, num_context) and target_idx.shape == (4, num_target)
-    for c, t in zip(np.asarray(context_idx), np.asarray(target_idx)):
-        assert not set(c) & set(t)
+def test_maskings_give_disjoint_context_and_targets(masking_name, mask_counts):
+    method = jepa.JEPA(small_model_config(masking=masking_name, mask_counts=mask_counts), input_shape=(80, 208))
+    masks = jax.jit(method.sample_masks, static_argnums=1)(jax.random.key(0), 4)
+    variable = mask_counts == "variable" and masking_name != "unstructured"
+    assert (masks.context_valid is not None) == variable
+    if not variable:
+        num_context, num_target = method._mask_counts(None)
+        assert masks.context_idx.shape == (4, num_context) and masks.target_idx.shape == (4, num_target)
+    valid_c = np.ones(masks.context_idx.shape, bool) if masks.context_valid is None else np.asarray(masks.context_valid)
+    valid_t = np.ones(masks.target_idx.shape, bool) if masks.target_valid is None else np.asarray(masks.target_valid)
+    counts = set()
+    for c, vc, t, vt in zip(np.asarray(masks.context_idx), valid_c, np.asarray(masks.target_idx), valid_t):
+        assert vc.any() and vt.any()
+        assert not set(c[vc]) & set(t[vt])
+        counts.add((int(vc.sum()), int(vt.sum())))
+    if variable:
+        assert len(counts) > 1  # the counts vary per example
+
+
+def test_variable_masks_padded_path_equals_the_unpadded_one_and_padding_counts_for_nothing():
+    """With every entry valid, the padded path (valid masks through encoder, predictor and loss) gives the loss
+    of the plain path; adding padding entries with any indices and content changes nothing (1e-5)."""
+    method = jepa.JEPA(small_model_config(target_domain="input"), input_shape=(80, 208))
+    params, target_params = method.init(jax.random.key(0))
+    lms = jnp.asarray(np.random.default_rng(0).standard_normal((2, 80, 208)), jnp.float32)
+    context_idx, target_idx = masking.random_unstructured(jax.random.key(1), 2, 65, 0.6)
+    plain, _ = method.loss_from_indices(params, target_params, lms, context_idx, target_idx)
+    ones = lambda idx: jnp.ones(idx.shape, bool)  # noqa: E731
+    padded_path, _ = method.loss_from_indices(params, target_params, lms, context_idx, target_idx,
+                                              ones(context_idx), ones(target_idx))
+    assert float(padded_path) == pytest.approx(float(plain), rel=1e-5)
+    rng = np.random.default_rng(2)
+    for _ in range(2):  # padding with random indices: the loss does not move
+        pad_c = jnp.asarray(rng.integers(0, 65, (2, 5)), jnp.int32)
+        pad_t = jnp.asarray(rng.integers(0, 65, (2, 7)), jnp.int32)
+        c = jnp.concatenate([context_idx, pad_c], 1)
+        t = jnp.concatenate([target_idx, pad_t], 1)
+        vc = jnp.concatenate([ones(context_idx), jnp.zeros((2, 5), bool)], 1)
+        vt = jnp.concatenate([ones(target_idx), jnp.zeros((2, 7), bool)], 1)
+        loss, _ = method.loss_from_indices(params, target_params, lms, c, t, vc, vt)
+        assert float(loss) == pytest.approx(float(plain), rel=1e-5)
+
+
+def test_variable_masks_log_the_achieved_fractions():
+    method = jepa.JEPA(small_model_config(masking="multiblock", target_domain="latent"), input_shape=(80, 208))
+    params, target_params = method.init(jax.random.key(0))
+    lms = jnp.asarray(np.random.default_rng(0).standard_normal((4, 80, 208)), jnp.float32)
+    loss, metrics_ = jax.jit(method.loss)(params, target_params, {"lms": lms}, jax.random.key(3), 0)
+    masks = method.sample_masks(jax.random.key(3), 4)
+    assert float(metrics_["mask/target_fraction"]) == pytest.approx(float(np.asarray(masks.target_valid).sum()) / (4 * 65))
+    assert float(metrics_["mask/context_fraction"]) == pytest.approx(float(np.asarray(masks.context_valid).sum())
+                                                                      / (4 * 65))
+    assert np.isfinite(float(loss))
+
+
+def test_eval_encoder_target_exports_the_target_params():
+    method = jepa.JEPA(small_model_config(eval_encoder="target"), input_shape=INPUT_SHAPE)
+    params, target_params = method.init(jax.random.key(0))
+    target_params = jax.tree.map(lambda x: x + 1.0, target_params)  # distinct from the context encoder
+    exported = METHODS["jepa"].encoder_params(method, params, target_params)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), exported["encoder"], target_params))
+    context = jepa.JEPA(small_model_config(), input_shape=INPUT_SHAPE).encoder_params(params, target_params)
+    assert context["encoder"] is params["encoder"]
 
 
 def test_params_target_copy_and_weight_decay_mask():
@@ -220,17 +282,26 @@ def test_configs():
     assert [jepa_config.get_config(f"duration={d}").data.crop_frames for d in (2.1, 3.2, 6.4)] == [208, 320, 640]
     config = jepa_config.get_config("masking=time,target_domain=latent")
     assert (config.method, config.model.masking, config.model.target_domain) == ("jepa", "time", "latent")
-    assert config.model.loss_type == "smooth_l1" and config.model.predictor_width == 512
+    assert config.model.loss_type == "smooth_l1_token" and config.model.target_norm == "none"  # Eq. 3, raw targets
+    assert config.model.predictor_width == 512 and config.model.mask_counts == "variable"
+    code = jepa_config.get_config("recipe=code,target_domain=latent")
+    assert (code.model.loss_type, code.model.target_norm) == ("smooth_l1", "standardize")
+    assert code.model.predictor_full_grid and code.model.predict_all_patches and code.model.weight_decay_on == "all"
+    with pytest.raises(ValueError, match="recipe"):
+        jepa_config.get_config("recipe=paperish")
     sweep = jepa_config.get_sweep()
     assert len({(s.get("model.masking"), s.get("model.target_domain")) for s in sweep[:6]}) == 6
     assert {s.get("data.crop_frames") for s in sweep[6:]} == {320, 640}
     audio = audio_jepa_config.get_config()
-    assert audio.method == "jepa" and audio.data.crop_frames == 992 and audio.data.frontend == "audiojepa"
+    assert audio.method == "jepa" and audio.data.crop_frames == 256 and audio.data.frontend == "audiojepa_paper"
     assert audio.model.mask_ratio_range == (0.4, 0.6) and audio.model.ema_schedule == "cosine"
-    assert audio_jepa_config.get_config("recipe=code").model.loss_type == "norm_mse"
+    assert (audio.model.loss_type, audio.model.eval_encoder, audio.optim.warmup_init_lr) == ("l2", "target", 1e-6)
+    audio_code = audio_jepa_config.get_config("recipe=code")
+    assert audio_code.model.loss_type == "norm_mse" and audio_code.data.crop_frames == 512
+    assert audio_code.data.frontend == "audiojepa_code" and audio_code.optim.lr == 1e-3
     # The B-size configs build (shapes only).
     for config in (jepa_config.get_config(), audio):
-        method = jepa.JEPA(config.model, input_shape=(80 if config.data.frontend == "m2d" else 128,
+        method = jepa.JEPA(config.model, input_shape=(frontend.get_preset(config.data.frontend).n_mels,
                                                       config.data.crop_frames))
         jax.eval_shape(method.init, jax.random.key(0))
 
@@ -254,26 +325,41 @@ def test_jepa_runlocal_trains(tmp_path, arg):
     assert np.all(np.isfinite(values))
 
 
-def test_audio_jepa_runlocal_trains_with_bounded_compiles(tmp_path, monkeypatch):
-    config = shrink(audio_jepa_config.get_config("runlocal"), **{"model.num_ratio_buckets": 2})
-    traced, original = [], jepa.JEPA.loss
+@pytest.mark.parametrize("recipe", ["paper", "code"])
+def test_audio_jepa_runlocal_trains_with_one_compile_and_exports_the_target_encoder(tmp_path, monkeypatch, recipe):
+    """The ratio r ~ U[0.4, 0.6] is drawn per batch inside the step: one compile, varying achieved fractions.
+    The exported encoder is the EMA target (paper §III.C), bit for bit the checkpoint's target params."""
+    config = shrink(audio_jepa_config.get_config(f"runlocal,recipe={recipe}"), **{"data.embedded.duration_s": 2.0})
+    config.checkpoint_every_steps = config.total_steps
+    traced = []
+    original = jepa.JEPA.loss
 
-    def counting_loss(self, *args, mask_variant=None, **kwargs):
-        traced.append(mask_variant)  # runs once per trace, i.e. once per compiled variant
-        return original(self, *args, mask_variant=mask_variant, **kwargs)
+    def counting_loss(self, *args, **kwargs):
+        traced.append(1)  # runs once per trace, i.e. once per compile
+        return original(self, *args, **kwargs)
 
     monkeypatch.setattr(jepa.JEPA, "loss", counting_loss)
     workdir = str(tmp_path / "run")
     train.train_and_evaluate(config, workdir, num_devices=1)
     rows = metrics.read_metrics(workdir)
-    method = jepa.JEPA(config.model, input_shape=(128, 48))
-    dispatched = {method.mask_variant(step) for step in range(config.total_steps)}
-    assert len(dispatched) == 2  # both buckets were used ...
-    assert sorted(traced) == sorted(dispatched)  # ... and each compiled exactly once
-    ratios = {round(r["mask_ratio"], 4) for r in rows}
-    assert ratios == {round(1 - int(24 * (1 - r)) / 24, 4) for r in (0.4, 0.6)}
+    assert len(traced) == 1
+    num_patches = (128 if recipe == "paper" else 96) // 16 * 3
+    fractions = {round(r["mask/target_fraction"], 4) for r in rows}
+    allowed = {round(1 - int(num_patches * (1 - r)) / num_patches, 4) for r in np.linspace(0.4, 0.6, 2001)}
+    assert fractions <= allowed and len(fractions) > 1, (fractions, allowed)
     falls, values = _falls(rows)
     assert falls, values
+
+    _, state, _ = encoder_lib.restore_train_state(workdir)
+    export_dir = str(tmp_path / "export")
+    encoder_lib.load_encoder(workdir).save(export_dir, source=workdir)
+    exported = encoder_lib.load_encoder(export_dir).params["encoder"]
+    assert jax.tree.structure(exported) == jax.tree.structure(state["target_params"])
+    for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(state["target_params"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # ... and not the context encoder, which has moved away from the target by now.
+    assert any(not np.array_equal(np.asarray(a), np.asarray(b))
+               for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(state["params"]["encoder"])))
 
 
 def test_l2_normalize_matches_torch_including_zero_vectors():

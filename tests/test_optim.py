@@ -138,3 +138,18 @@ def test_learning_rate_schedule_is_linear_warmup_then_cosine_to_min_lr(overrides
     np.testing.assert_allclose(expected, [0.0, peak / 2, peak, (peak + min_lr) / 2, min_lr, min_lr], rtol=1e-12)
     got = np.array([float(schedule(s)) for s in steps])
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=0)
+
+
+def test_warmup_can_start_above_zero_as_audio_jepa():
+    """Audio-JEPA (Tuncay et al. §IV.C): "ramps from 1e-6 to 3e-4 over 1,000 steps, then anneals to zero".
+    Against init + (peak − init)·s/W in NumPy, rtol 1e-6 plus atol 1e-10 (optax interpolates in float32: a few ulps
+    of the 3e-4 peak, ~3e-11 each); a start above the peak is an error naming the key."""
+    config = config_utils.adamw_config(lr=3e-4, warmup_init_lr=1e-6)
+    schedule = optim.learning_rate_schedule(config, global_batch_size=256, total_steps=5000, warmup_steps=1000)
+    steps = np.array([0, 1, 500, 1000])
+    expected = 1e-6 + (3e-4 - 1e-6) * steps / 1000
+    np.testing.assert_allclose([float(schedule(s)) for s in steps], expected, rtol=1e-6, atol=1e-10)
+    assert float(schedule(0)) > 0.9e-6  # not the 0 start of M2D's warm-up
+    with pytest.raises(ValueError, match="warmup_init_lr"):
+        optim.learning_rate_schedule(config_utils.adamw_config(lr=1e-4, warmup_init_lr=1e-3), global_batch_size=256,
+                                     total_steps=10, warmup_steps=2)

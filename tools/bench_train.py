@@ -7,7 +7,7 @@ pipeline's clips/s next to the step's.
     python tools/bench_train.py --config=configs/matpac.py        # MATPAC: tiny and B, 80x608
     python tools/bench_train.py --config=configs/jepa.py          # SonyCSL JEPA: tiny and B, 80x208
     python tools/bench_train.py --config=configs/jepa.py:masking=multiblock,target_domain=latent
-    python tools/bench_train.py --config=configs/audio_jepa.py --batch_b=4   # 128x992, middle ratio bucket
+    python tools/bench_train.py --config=configs/audio_jepa.py --batch_b=4   # 128x256, padded to the ratio range
     python tools/bench_train.py --config=configs/encodecmae.py    # tiny and base, 4 s, targets on device
                                                                   # and precomputed (--encodecmae_targets)
     python tools/bench_train.py --config=configs/m2d.py --variants=tiny --devices=1 --data

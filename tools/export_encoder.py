@@ -1,4 +1,5 @@
-r"""Exports the online encoder of a training run (latest checkpoint, or --step) for evaluation.
+r"""Exports the evaluated encoder of a training run (latest checkpoint, or --step): the online encoder, or the EMA
+target where the method evaluates it (Audio-JEPA; config.model.eval_encoder).
 
     python tools/export_encoder.py --workdir /ckpt/m2d --output /ckpt/m2d/export
 

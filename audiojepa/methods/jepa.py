@@ -19,16 +19,33 @@ Model config keys (`config.model`; `default_config()` gives the SonyCSL paper va
     patch_size: (frequency bins, frames) per patch.
     use_cls: give the encoders a CLS token (False: patch tokens only, as I-JEPA and both audio JEPAs).
     masking: "unstructured" | "multiblock" | "time".
+    mask_counts: "variable" (default for multiblock/time under recipe=paper) or "fixed". "variable" samples
+        blocks as the papers do (Riou et al. Fig. 1, I-JEPA): target blocks and a context block drawn
+        independently, the targets removed from the context, so each example has its own numbers of
+        context and target patches; index arrays are padded to fixed capacities and validity masks reach
+        the encoders' attention, the predictor and the loss (audiojepa.masking.MaskSet). "fixed" keeps the
+        fixed-count samplers (audiojepa.masking.multiblock / time_only: truncate or top up to Kc, Kt).
+        Unstructured masking has equal counts either way.
     mask_ratio: fraction of target patches for "unstructured" (context K = int(L·(1 - r))) and of
-        target time columns for "time".
+        target time columns for "time" with mask_counts="fixed".
     mask_ratio_range: None, or (low, high): a ratio drawn per batch (Audio-JEPA's U[0.4, 0.6]) from
         `num_ratio_buckets` evenly spaced values; the bucket is a host-side function of
         (ratio_seed, step) (`mask_variant`), so a run compiles at most num_ratio_buckets train steps.
         Not for "multiblock".
     num_ratio_buckets, ratio_seed: see mask_ratio_range.
+    ratio_sampling: "continuous" (default): with mask_ratio_range and unstructured masking, r ~ U[low, high]
+        drawn per batch inside the jitted step (as Audio-JEPA's paper and code do), the index arrays
+        padded to the capacity of the range: one compile. "buckets": the older host-side draw from
+        num_ratio_buckets values, one compile per bucket.
     multiblock: dict of keyword arguments of audiojepa.masking.multiblock (num_targets, target_scale,
-        target_aspect, context_scale, context_aspect, target_placement).
-    time_span: for "time", target columns come in spans of this many patch columns.
+        target_aspect, context_scale, context_aspect, target_placement); with mask_counts="variable",
+        of audiojepa.masking.multiblock_variable (target_placement is not used: blocks lie inside the grid).
+    time_blocks: for "time" with mask_counts="variable": dict(num_targets, target_scale, context_scale) of
+        audiojepa.masking.time_blocks (blocks of whole time columns, sampled like multi-block).
+    time_span: for "time" with mask_counts="fixed", target columns come in spans of this many patch columns.
+    eval_encoder: "context" or "target": which encoder `encode` and exports use. Riou et al. probe the
+        context encoder; Audio-JEPA's paper (I-JEPA's protocol) the frozen target encoder.
+    weight_decay_on: "matrices" (no decay on biases and norms) or "all" (see weight_decay_mask).
     target_domain: "input" | "latent" (above).
     predict_all_patches: "latent" only: predict and regress all patches (SonyCSL code option).
     predictor_width, predictor_depth, predictor_heads: predictor sizes; MLP 4·width; output projected
@@ -37,7 +54,7 @@ Model config keys (`config.model`; `default_config()` gives the SonyCSL paper va
         in the sequence, as the SonyCSL code's M2D-style predictor). With multi-block masking all
         target blocks are queried in one sequence (I-JEPA runs one predictor pass per block, so its
         queries for different blocks never attend to each other).
-    loss_type: "smooth_l1" | "mse" | "l2" | "norm_mse" (audiojepa.losses).
+    loss_type: "smooth_l1" | "mse" | "l2" | "norm_mse" | "smooth_l1_token" (Riou et al.'s Eq. 3; audiojepa.losses).
     target_norm: "none" | "layernorm" | "standardize" (audiojepa.losses).
     smooth_l1_beta: β of smooth_l1 (torch default 1.0).
     ema_schedule: "linear": τ goes linearly from ema_decay_init to ema_decay (M2D, SonyCSL);
@@ -72,6 +89,10 @@ from audiojepa.models.vit import per_block_ndim, performance_options
 Params = dict[str, Any]
 
 MASKINGS = ("unstructured", "multiblock", "time")
+MASK_COUNTS = ("variable", "fixed")
+RATIO_SAMPLINGS = ("continuous", "buckets")
+EVAL_ENCODERS = ("context", "target")
+WEIGHT_DECAY_ON = ("matrices", "all")
 TARGET_DOMAINS = ("input", "latent")
 EMA_SCHEDULES = ("linear", "cosine")
 CONFIG_KEYS = ("variant", "patch_size", "use_cls", "masking", "mask_ratio", "mask_ratio_range",
@@ -96,7 +117,12 @@ def default_config(variant: str = "B") -> ml_collections.ConfigDict:
         # I-JEPA's shipped ranges; see audiojepa.masking.multiblock for the placement.
         multiblock=dict(num_targets=4, target_scale=(0.15, 0.2), target_aspect=(0.75, 1.5),
                         context_scale=(0.85, 1.0), context_aspect=(1.0, 1.0), target_placement="clip"),
+        mask_counts="variable",
+        ratio_sampling="continuous",
+        time_blocks=dict(num_targets=4, target_scale=(0.15, 0.2), context_scale=(0.85, 1.0)),
         time_span=2,
+        eval_encoder="context",
+        weight_decay_on="matrices",
         target_domain="input",
         predict_all_patches=False,
         predictor_width=512,
@@ -133,6 +159,11 @@ def _choice(config, key: str, valid: tuple[str, ...]) -> str:
     return value
 
 
+def _choice_or(config, key: str, valid: tuple[str, ...], default: str) -> str:
+    """_choice for a key that older configs lack (they get `default`, what they trained with)."""
+    return _choice(config, key, valid) if key in config else default
+
+
 class JEPA:
     """The JEPA method: params, masks, loss, EMA of the target encoder, weight-decay mask, encoder.
 
@@ -151,6 +182,11 @@ class JEPA:
         self.masking = _choice(model_config, "masking", MASKINGS)
         self.target_domain = _choice(model_config, "target_domain", TARGET_DOMAINS)
         self.ema_schedule = _choice(model_config, "ema_schedule", EMA_SCHEDULES)
+        # Keys added in 2026-12 (configs written before them keep the behaviour they trained with).
+        self.mask_counts = _choice_or(model_config, "mask_counts", MASK_COUNTS, "fixed")
+        self.ratio_sampling = _choice_or(model_config, "ratio_sampling", RATIO_SAMPLINGS, "buckets")
+        self.eval_encoder = _choice_or(model_config, "eval_encoder", EVAL_ENCODERS, "context")
+        _choice_or(model_config, "weight_decay_on", WEIGHT_DECAY_ON, "matrices")
         self.loss_type = _choice(model_config, "loss_type", losses.LOSS_TYPES)
         self.target_norm = _choice(model_config, "target_norm", losses.TARGET_NORMS)
         self.smooth_l1_beta = float(model_config.smooth_l1_beta)
@@ -168,15 +204,28 @@ class JEPA:
 
         self.mask_ratio = float(model_config.mask_ratio)
         self.ratio_buckets = None
+        self.ratio_range = None  # (low, high) drawn continuously per batch
         if model_config.mask_ratio_range is not None:
-            if self.masking == "multiblock":
-                raise ValueError("config.model.mask_ratio_range is for masking='unstructured' or 'time'; "
-                                 "multiblock masks are sized by config.model.multiblock.")
-            low, high = model_config.mask_ratio_range
-            self.ratio_buckets = masking.bucketed_ratios(low, high, int(model_config.num_ratio_buckets))
+            if self.masking == "multiblock" or (self.masking == "time" and self.mask_counts == "variable"):
+                raise ValueError("config.model.mask_ratio_range is for masking='unstructured', or 'time' with "
+                                 "mask_counts='fixed'; block masks are sized by config.model.multiblock / time_blocks.")
+            low, high = (float(v) for v in model_config.mask_ratio_range)
+            if self.ratio_sampling == "continuous" and self.masking == "unstructured":
+                masking.bucketed_ratios(low, high, 2)  # the same range check and message
+                self.ratio_range = (low, high)
+            else:
+                self.ratio_buckets = masking.bucketed_ratios(low, high, int(model_config.num_ratio_buckets))
+        self.variable_masks = self.masking in ("multiblock", "time") and self.mask_counts == "variable"
         self.multiblock_kwargs = dict(model_config.multiblock) if self.masking == "multiblock" else {}
-        for variant in range(self.num_mask_variants):
-            self._mask_counts(variant)  # fail now, naming the key, if a ratio leaves an empty side
+        if self.variable_masks and self.masking == "multiblock":
+            self.multiblock_kwargs.pop("target_placement", None)
+        self.time_blocks_kwargs = dict(model_config.time_blocks) if self.variable_masks and self.masking == "time" else {}
+        if self.ratio_range:
+            for ratio in self.ratio_range:
+                self._check_context(masking.num_visible(self.num_patches, ratio), ratio, "mask_ratio_range")
+        elif not self.variable_masks:
+            for variant in range(self.num_mask_variants):
+                self._mask_counts(variant)  # fail now, naming the key, if a ratio leaves an empty side
 
         size = decode_variant(model_config.variant)
         options = performance_options(model_config)  # dtype, attention_impl, remat
@@ -220,14 +269,41 @@ class JEPA:
             num_context = masking.num_visible(self.num_patches, ratio)
         else:
             num_context = self.grid_size[0] * masking.num_visible(self.grid_size[1], ratio)
+        self._check_context(num_context, ratio, key)
+        return num_context, self.num_patches - num_context
+
+    def _check_context(self, num_context: int, ratio: float, key: str) -> None:
         if not 0 < num_context < self.num_patches:
             raise ValueError(f"config.model.{key} gives mask ratio {ratio}, which leaves {num_context} of "
                              f"{self.num_patches} patches as context; JEPA needs both context and targets.")
-        return num_context, self.num_patches - num_context
+
+    def sample_masks(self, rng: jax.Array, batch_size: int, mask_variant: int | None = None) -> "masking.MaskSet":
+        """The masks of one batch as a MaskSet: (context_idx [batch, Nc], context_valid, target_idx [batch, Nt],
+        target_valid). The valid fields are None for fixed-count masks (every entry is a patch); with
+        variable-size masks (mask_counts="variable", or a continuous mask-ratio range) they are [batch, N] bool
+        and the index arrays are padded to the configuration's capacities."""
+        if self.variable_masks and self.masking == "multiblock":
+            return masking.multiblock_variable(rng, batch_size, self.grid_size, **self.multiblock_kwargs)
+        if self.variable_masks:
+            return masking.time_blocks(rng, batch_size, self.grid_size, **self.time_blocks_kwargs)
+        if self.ratio_range:
+            rng_ratio, rng_mask = jax.random.split(rng)
+            low, high = self.ratio_range
+            ratio = jax.random.uniform(rng_ratio, (), jnp.float32, low, high)  # one ratio per batch
+            return masking.unstructured_variable(rng_mask, batch_size, self.num_patches, ratio,
+                                                 min_ratio=low, max_ratio=high)
+        context_idx, target_idx = self.sample_mask(rng, batch_size, mask_variant)
+        return masking.MaskSet(context_idx, None, target_idx, None)
 
     def sample_mask(self, rng: jax.Array, batch_size: int,
                     mask_variant: int | None = None) -> tuple[jax.Array, jax.Array]:
-        """(context_idx [batch, Kc], target_idx [batch, Kt]) int32 for config.model.masking, disjoint."""
+        """(context_idx [batch, Kc], target_idx [batch, Kt]) int32 for config.model.masking, disjoint.
+
+        For variable-size masks these are the padded index arrays of `sample_masks` (padding entries included);
+        use `sample_masks` to get their validity."""
+        if self.variable_masks or self.ratio_range:
+            masks = self.sample_masks(rng, batch_size, mask_variant)
+            return masks.context_idx, masks.target_idx
         if self.masking == "multiblock":
             return masking.multiblock(rng, batch_size, self.grid_size, **self.multiblock_kwargs)
         ratio = self.mask_ratio_of(mask_variant)
@@ -255,9 +331,11 @@ class JEPA:
         return params, target_params
 
     def weight_decay_mask(self, params: Params) -> Params:
-        """True for tensors with ndim > 1 per block (kernels, CLS and mask tokens; vit.per_block_ndim); False
-        for biases and LayerNorm
-        (I-JEPA / Audio-JEPA's param groups; the SonyCSL code decays everything)."""
+        """config.model.weight_decay_on "matrices" (default): True for tensors with ndim > 1 per block
+        (kernels, CLS and mask tokens; vit.per_block_ndim), False for biases and LayerNorm (M2D's, I-JEPA's
+        and Audio-JEPA's param groups); "all": every tensor (the SonyCSL code's single param group)."""
+        if self.config.get("weight_decay_on", "matrices") == "all":
+            return jax.tree.map(lambda _: True, params)
         return jax.tree.map(lambda ndim: ndim > 1, per_block_ndim(params))
 
     # -- forward --------------------------------------------------------------------------------------
@@ -271,13 +349,16 @@ class JEPA:
         return masking.gather_tokens(tokens, target_idx)
 
     def forward_from_indices(self, params: Params, target_params: Params, lms: jax.Array,
-                             context_idx: jax.Array, target_idx: jax.Array) -> dict[str, jax.Array]:
+                             context_idx: jax.Array, target_idx: jax.Array, context_valid: jax.Array | None = None,
+                             target_valid: jax.Array | None = None) -> dict[str, jax.Array]:
         """All JEPA activations for a given mask.
 
         Args:
             lms: [batch, n_mels, frames] normalised log-mel.
             context_idx: [batch, Kc] int patch indices seen by the context encoder.
             target_idx: [batch, Kt] int patch indices to predict (predictions and targets in this order).
+            context_valid, target_valid: None, or [batch, Kc] / [batch, Kt] bool: False marks padding of a
+                variable-size mask; padding is never attended to, and its outputs are meaningless.
 
         Returns:
             dict with "context" [batch, prefix + Kc, D] (context encoder), "target_tokens" (the target
@@ -287,18 +368,21 @@ class JEPA:
         """
         encoder = {"params": params["encoder"]}
         tokens = self.encoder.apply(encoder, lms, method=ViTEncoder.embed)
-        context = self.encoder.apply(encoder, masking.gather_tokens(tokens, context_idx),
+        context = self.encoder.apply(encoder, masking.gather_tokens(tokens, context_idx), valid=context_valid,
                                      method=ViTEncoder.encode_tokens)
         if self.predict_all_patches:
             pred_idx = jnp.broadcast_to(jnp.arange(self.num_patches, dtype=jnp.int32),
                                         (lms.shape[0], self.num_patches))
+            pred_valid = None
         else:
-            pred_idx = target_idx
-        pred = self.predictor.apply({"params": params["predictor"]}, context, context_idx, pred_idx)
+            pred_idx, pred_valid = target_idx, target_valid
+        pred = self.predictor.apply({"params": params["predictor"]}, context, context_idx, pred_idx,
+                                    context_valid, pred_valid)
 
         target_params = jax.lax.stop_gradient(target_params)
         target_tokens = self.target_encoder_inputs(target_params, lms, target_idx)
-        target = self.encoder.apply({"params": target_params}, target_tokens,
+        input_valid = target_valid if self.target_domain == "input" else None
+        target = self.encoder.apply({"params": target_params}, target_tokens, valid=input_valid,
                                     method=ViTEncoder.encode_tokens)[:, self.num_prefix_tokens:]
         if self.target_domain == "latent" and not self.predict_all_patches:
             target = masking.gather_tokens(target, target_idx)
@@ -306,11 +390,16 @@ class JEPA:
                 "pred": pred}
 
     def loss_from_indices(self, params: Params, target_params: Params, lms: jax.Array, context_idx: jax.Array,
-                          target_idx: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """(scalar loss, metrics) for a given mask; shapes as in forward_from_indices."""
-        out = self.forward_from_indices(params, target_params, lms, context_idx, target_idx)
+                          target_idx: jax.Array, context_valid: jax.Array | None = None,
+                          target_valid: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """(scalar loss, metrics) for a given mask; shapes as in forward_from_indices. Padded targets count for
+        nothing: each example averages its own valid targets (audiojepa.losses.prediction_loss)."""
+        out = self.forward_from_indices(params, target_params, lms, context_idx, target_idx, context_valid,
+                                        target_valid)
+        loss_valid = None if self.predict_all_patches else target_valid
         loss, metrics = losses.prediction_loss(out["pred"], out["target"], loss_type=self.loss_type,
-                                               target_norm=self.target_norm, beta=self.smooth_l1_beta)
+                                               target_norm=self.target_norm, beta=self.smooth_l1_beta,
+                                               valid=loss_valid)
         return loss, {"loss": loss, **metrics}
 
     def loss(self, params: Params, target_params: Params, batch: dict[str, jax.Array], rng: jax.Array,
@@ -318,19 +407,34 @@ class JEPA:
         """(scalar loss, metrics) on batch["lms"] [batch, n_mels, frames] with a mask drawn from rng.
 
         mask_variant: static ratio bucket (from `mask_variant(step)`); ignored without mask_ratio_range.
-        Metrics: "loss", "target_std", "pred_std" (collapse monitors, ≈1 healthy, → 0 collapsed) and
-        "mask_ratio" (the fraction of target patches of this step).
+        Metrics: "loss", "target_std", "pred_std" (collapse monitors, ≈1 healthy, → 0 collapsed),
+        "mask/context_fraction" and "mask/target_fraction" (the achieved fractions of the L patches, mean over
+        the batch) and "mask_ratio" (= the target fraction, the older name).
         """
         del step
         lms = batch["lms"]
-        context_idx, target_idx = self.sample_mask(rng, lms.shape[0], mask_variant)
-        loss, metrics = self.loss_from_indices(params, target_params, lms, context_idx, target_idx)
-        metrics["mask_ratio"] = jnp.asarray(target_idx.shape[1] / self.num_patches, jnp.float32)
+        masks = self.sample_masks(rng, lms.shape[0], mask_variant)
+        loss, metrics = self.loss_from_indices(params, target_params, lms, masks.context_idx, masks.target_idx,
+                                               masks.context_valid, masks.target_valid)
+        context_fraction, target_fraction = masking.mask_fractions(masks, self.num_patches)
+        metrics["mask/context_fraction"] = context_fraction.mean()
+        metrics["mask/target_fraction"] = target_fraction.mean()
+        metrics["mask_ratio"] = metrics["mask/target_fraction"]
         return loss, metrics
 
+    def encoder_params(self, params: Params, target_params: Params | None = None) -> Params:
+        """{"encoder": the evaluated encoder's params}: the context encoder (params["encoder"]) or, with
+        config.model.eval_encoder="target", the EMA target encoder (Audio-JEPA's paper)."""
+        if self.eval_encoder == "target":
+            if target_params is None:
+                raise ValueError("config.model.eval_encoder='target' needs the target params (a training state).")
+            return {"encoder": target_params}
+        return {"encoder": params["encoder"]}
+
     def encode(self, params: Params, lms: jax.Array) -> jax.Array:
-        """Context encoder on all patches: lms [batch, n_mels, frames] → [batch, prefix + L, D]
-        (prefix = num_prefix_tokens: 1 CLS with use_cls, else 0)."""
+        """The evaluated encoder on all patches: lms [batch, n_mels, frames] → [batch, prefix + L, D]
+        (prefix = num_prefix_tokens: 1 CLS with use_cls, else 0). `params` holds "encoder" (the training params
+        or `encoder_params`, which picks the context or target encoder by config.model.eval_encoder)."""
         return self.encoder.apply({"params": params["encoder"]}, lms)
 
     # -- target network -------------------------------------------------------------------------------

@@ -17,11 +17,15 @@ Choices (each a model attribute, defaults = the released models):
   biases and head width D // heads (the large model has 12 heads of 85 channels: Q/K/V are
   1024 → 1020); a ReLU FFN of width 4096 that, with `share_ffn=True`, is one module shared by every
   layer of a stack (the released checkpoints were trained that way; this gives the reference's
-  parameter counts, 29.92M / 11.02M for the base encoder / decoder). `stack_type="pre_ln"` is the plain
-  pre-LN `audiojepa.models.vit.TransformerStack` (GELU MLP of width ff_dim, qkv biases, final LN;
-  needs width % heads == 0), offered as a simpler alternative; it is not what the paper trained.
-- Mask token: the reference has none: masked slots are zeros, so a masked frame's decoder input is
-  only its scaled position code (§1.5). `learned_mask_token=True` uses a learned [D] vector instead.
+  parameter counts, 29.92M / 11.02M for the base encoder / decoder), and with `share_ffn=False` one per
+  layer (86.59M / 17.32M: the paper's Table 1 counts, configs/encodecmae.py `recipe=paper`).
+  `stack_type="pre_ln"` is the plain pre-LN `audiojepa.models.vit.TransformerStack` (GELU MLP of width
+  ff_dim, qkv biases, final LN; needs width % heads == 0), offered as a simpler alternative; it is not what
+  the paper trained.
+- Mask token: the reference code has none: masked slots are zeros, so a masked frame's decoder input is
+  only its scaled position code (§1.5). `learned_mask_token=True` uses a learned [D] vector instead
+  (init N(0, 0.02²), vit.token_init), as the paper's §2.2 describes ("a shared embedding learned during
+  training"). It is a decoder param: `encode` and `cluster_features` never read it.
 - Positions: the reference's interleaved sinusoid (channel 2i = sin(t·ω_i), 2i+1 = cos(t·ω_i),
   ω_i = 10000^(-2i/D)) plus a learnable scalar scale (init 1), one for the encoder and one for the
   decoder (v2; v1 shares one scale). Positions are frame indices from 0: every clip has the same length.
@@ -49,8 +53,10 @@ from audiojepa.models.pos_embed import sincos_1d
 from audiojepa.models.vit import TransformerStack, dense_kernel_init, dot_product_attention, remat_block, token_init
 
 # Encoder sizes (shared/reference/encodecmae.md §1.2). The decoder has decoder_depth layers of the same
-# width and heads. "tiny" is for CPU tests and smoke runs only.
+# width and heads. "tiny" is for CPU tests and smoke runs only; "micro" too, a second size for tests of a
+# self-training teacher narrower and shallower than its student (the paper's base teacher of the large model).
 VARIANTS = {
+    "micro": dict(width=32, encoder_depth=1, decoder_depth=1, num_heads=2, ff_dim=64),
     "tiny": dict(width=64, encoder_depth=2, decoder_depth=2, num_heads=2, ff_dim=128),
     "small": dict(width=768, encoder_depth=5, decoder_depth=2, num_heads=12, ff_dim=4096),
     "base": dict(width=768, encoder_depth=10, decoder_depth=2, num_heads=12, ff_dim=4096),
@@ -282,7 +288,9 @@ class EncodecMAEModel(nn.Module):
         self.encoder_positions = ScaledSinusoidalPositions()
         self.encoder = make_stack(self.stack_type, self.encoder_depth, *stack_args)
         self.decoder_proj = linear(self.width, self.dtype)
-        if self.learned_mask_token:
+        if self.learned_mask_token and (self.is_initializing() or self.has_variable("params", "mask_token")):
+            # Only the decoder reads it: an encoder-only tree (an exported encoder, a self-training teacher)
+            # applies `encode` / `cluster_features` without it.
             self.mask_token = self.param("mask_token", token_init, (self.width,), jnp.float32)
         self.decoder_positions = ScaledSinusoidalPositions()
         self.decoder = make_stack(self.stack_type, self.decoder_depth, *stack_args)
@@ -317,6 +325,9 @@ class EncodecMAEModel(nn.Module):
     def decode(self, encoded_visible: jax.Array, visible_idx: jax.Array, masked_idx: jax.Array) -> jax.Array:
         """Encoded visible frames [batch, Kv, D] → decoder output on all T = Kv + M frames [batch, T, D]."""
         x = self.decoder_proj(encoded_visible).astype(jnp.float32)
+        if self.learned_mask_token and not self.has_variable("params", "mask_token"):
+            raise ValueError("learned_mask_token=True (config.model.learned_mask_token) but the params have no "
+                             "'mask_token': they hold an encoder only, or come from a zero-mask-token run.")
         mask_token = self.mask_token if self.learned_mask_token else 0.0
         x = insert_mask_tokens(x, visible_idx, masked_idx, mask_token)
         return self.decoder(self.decoder_positions(x))

@@ -100,10 +100,12 @@ class Predictor(nn.Module):
             if context_valid is not None or target_valid is not None:
                 def all_valid(tokens):  # [B, N] True, with the batch sharding of `tokens`
                     return jnp.ones_like(tokens[:, :, 0], dtype=bool)
+                # `&` with an array of the tokens' sharding: masks drawn from a key are replicated, and an
+                # Explicit mesh cannot concatenate them with batch-sharded ones.
                 valid = jnp.concatenate([
                     all_valid(prefix),
-                    all_valid(context) if context_valid is None else context_valid,
-                    all_valid(queries) if target_valid is None else target_valid], axis=1)
+                    all_valid(context) if context_valid is None else all_valid(context) & context_valid,
+                    all_valid(queries) if target_valid is None else all_valid(queries) & target_valid], axis=1)
 
         stack = TransformerStack(self.depth, self.num_heads, self.mlp_dim or 4 * self.width, self.dtype,
                                  self.attention_impl, self.remat, self.scan_layers, name="stack")

@@ -476,6 +476,8 @@ class ViTEncoder(nn.Module):
         # Explicit mesh needs equal shardings; a plain broadcast_to would be replicated).
         cls = jnp.zeros_like(tokens[:, :1]) + self.cls_token
         if valid is not None:
+            # Take the tokens' (batch) sharding: masks drawn from a key are replicated (Explicit mesh).
+            valid = jnp.ones_like(tokens[:, :, 0], dtype=bool) & valid
             valid = jnp.concatenate([jnp.ones_like(valid[:, :1]), valid], axis=1)
         return self.stack(jnp.concatenate([cls, tokens], axis=1), return_layers, valid)
 
