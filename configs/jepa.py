@@ -136,8 +136,13 @@ def get_config(arg=None):
 
 def get_sweep(arg=None):
     """Overrides for `launch/sweep.py`: Table 3 (masking x target domain) at 2.08 s, then the crop
-    duration study with the default masking and target domain (2.08 s is already in Table 3)."""
-    del arg
+    duration study with the default masking and target domain (2.08 s is already in Table 3). Under
+    recipe=code the latent domain also predicts every patch, as the code's mask_targets=False does."""
+    code = parse_arg(arg, variant="B", runlocal=False, masking="unstructured", target_domain="input",
+                     duration=2.1, recipe="paper").recipe == "code"
     table3 = [{"model.masking": m, "model.target_domain": d} for m in MASKINGS for d in TARGET_DOMAINS]
+    if code:
+        for setting in table3:
+            setting["model.predict_all_patches"] = setting["model.target_domain"] == "latent"
     durations = [{"data.crop_frames": crop_frames_for(s)} for s in DURATIONS_S[1:]]
     return table3 + durations

@@ -292,6 +292,11 @@ def test_configs():
     sweep = jepa_config.get_sweep()
     assert len({(s.get("model.masking"), s.get("model.target_domain")) for s in sweep[:6]}) == 6
     assert {s.get("data.crop_frames") for s in sweep[6:]} == {320, 640}
+    # Table 3 under the code recipe: its latent switch also predicts the context patches.
+    code_sweep = jepa_config.get_sweep("recipe=code")
+    assert [s["model.predict_all_patches"] for s in code_sweep[:6]] == [s["model.target_domain"] == "latent"
+                                                                        for s in code_sweep[:6]]
+    assert not any(s.get("model.predict_all_patches") for s in sweep[:6])
     audio = audio_jepa_config.get_config()
     assert audio.method == "jepa" and audio.data.crop_frames == 256 and audio.data.frontend == "audiojepa_paper"
     assert audio.model.mask_ratio_range == (0.4, 0.6) and audio.model.ema_schedule == "cosine"
