@@ -21,10 +21,14 @@ Model config keys (`config.model`; `default_config()` has the official values):
         (audiojepa.models.vit.REMAT_POLICIES); same params and values, less memory, more compute.
     scan_layers (optional, True): run every transformer stack as one lax.scan over its blocks (False
         unrolls them; same params, values equal up to float rounding).
+    pos_embed (optional, "sincos"): the encoder's and the predictor's position tables: "sincos" (fixed, as
+        the official code) or "learned" (trainable tables initialised with the sin-cos ones, MATPAC's paper;
+        audiojepa.models.vit.ViTEncoder). The target encoder adds the online encoder's table either way.
 
 Param trees:
     params = {"encoder": {"patch_embed", "cls_token", "stack"}, "predictor": {"embed", "mask_token",
-    "stack", "head"}}; target_params has the structure of params["encoder"]["stack"] (blocks + norm).
+    "stack", "head"}}, plus "pos_embed" in both ([1, F·T', D] and [1, 1 + F·T', predictor width]) with
+    pos_embed="learned"; target_params has the structure of params["encoder"]["stack"] (blocks + norm).
 """
 
 from typing import Any
@@ -45,7 +49,7 @@ from audiojepa.losses import (  # noqa: F401
 )
 from audiojepa.losses import token_spread as _spread  # noqa: F401
 from audiojepa.models import Predictor, TransformerStack, ViTEncoder, checked_grid_size, decode_variant
-from audiojepa.models.vit import per_block_ndim, performance_options
+from audiojepa.models.vit import POS_EMBEDS, per_block_ndim, performance_options
 
 Params = dict[str, Any]
 
@@ -122,12 +126,18 @@ class M2D:
 
         size = decode_variant(model_config.variant)
         options = performance_options(model_config)  # dtype, attention_impl, remat
+        # Configs and checkpoints from before the key: the official fixed tables.
+        pos_embed = model_config.get("pos_embed", "sincos")
+        if pos_embed not in POS_EMBEDS:
+            raise ValueError(f"config.model.pos_embed={pos_embed!r}; valid: {POS_EMBEDS}.")
         self.width = size["width"]
-        self.encoder = ViTEncoder(**size, patch_size=self.patch_size, **options)
+        self.encoder = ViTEncoder(**size, patch_size=self.patch_size, pos_embed=pos_embed, pos_grid=self.grid_size,
+                                  **options)
         self.target_stack = TransformerStack(size["depth"], size["num_heads"], size["mlp_dim"], **options)
         self.predictor = Predictor(grid_size=self.grid_size, width=int(model_config.predictor_width),
                                    depth=int(model_config.predictor_depth),
-                                   num_heads=int(model_config.predictor_heads), out_dim=self.width, **options)
+                                   num_heads=int(model_config.predictor_heads), out_dim=self.width,
+                                   pos_embed=pos_embed, **options)
 
     # -- params ---------------------------------------------------------------------------------------
 
@@ -151,10 +161,11 @@ class M2D:
         return self.target_stack.init(rng, jnp.zeros((1, 1 + num_masked, self.width), jnp.float32))["params"]
 
     def weight_decay_mask(self, params: Params) -> Params:
-        """True for tensors with ndim > 1 per block (kernels, CLS and mask tokens; vit.per_block_ndim); False
-        for biases and LayerNorm.
+        """True for tensors with ndim > 1 per block (kernels, CLS and mask tokens, learned position tables;
+        vit.per_block_ndim); False for biases and LayerNorm.
 
-        Same set as the official timm rule (no decay if ndim == 1 or the name ends in '.bias').
+        Same set as the official timm rule (no decay if ndim == 1 or the name ends in '.bias'; M2D passes no
+        skip list, so a trainable position table would be decayed there too).
         """
         return jax.tree.map(lambda ndim: ndim > 1, per_block_ndim(params))
 
@@ -181,9 +192,11 @@ class M2D:
         pred = self.predictor.apply({"params": params["predictor"]}, context, visible_idx, masked_idx)
 
         # The target encoder is the online encoder (its patch embedding, positions and CLS) with the EMA
-        # stack swapped in; nothing in this branch is trained.
+        # stack swapped in; nothing in this branch is trained. A learned position table is the online one of
+        # this step (in `tokens`; passed along only because the module declares it).
         target_tokens = jax.lax.stop_gradient(masking.gather_tokens(tokens, masked_idx))
-        target_encoder = jax.lax.stop_gradient({"cls_token": params["encoder"]["cls_token"], "stack": target_params})
+        target_encoder = jax.lax.stop_gradient({**{k: v for k, v in params["encoder"].items() if k != "stack"},
+                                                "stack": target_params})
         target = self.encoder.apply({"params": target_encoder}, target_tokens, method=ViTEncoder.encode_tokens)
         return {"context": context, "target_tokens": target_tokens, "target": target[:, 1:], "pred": pred}
 
@@ -215,7 +228,8 @@ class M2D:
         """Online encoder on all patches: lms [batch, n_mels, frames] → [batch, 1 + L, D], CLS first.
 
         Any number of frames works (the time grid is frames // patch frames); positions are those of a
-        clip starting at frame 0.
+        clip starting at frame 0. A learned position table (pos_embed="learned") serves at most the training
+        grid; audiojepa.encoder embeds longer inputs in chunks of the training width.
         """
         return self.encoder.apply({"params": params["encoder"]}, lms)
 

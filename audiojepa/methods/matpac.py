@@ -5,7 +5,13 @@ masked patches; audiojepa.methods.m2d). On top, a classification head (audiojepa
 every *predicted* masked token (student) and every *target* token (teacher head, an EMA of the student
 head) to K prototype logits; the student learns the centred, sharpened teacher distribution
 (audiojepa.distillation). Loss = (1 - α)·L_cls + α·L_pred. Facts and line references:
-shared/reference/jepa_family.md §4; where the paper and the code differ, the choice is a config key.
+shared/reference/jepa_family.md §4; where the paper and the code differ, the choice is a config key
+(configs/matpac.py sets them per `recipe`).
+
+M2D's optional `pos_embed` key applies as in M2D: "learned" (the paper's §III) gives the encoder and the
+predictor trainable tables; the teacher's inputs carry the student's table (the paper adds p before the split
+into visible and masked patches; the code shares patch embedding, CLS and positions between the two), so
+target_params holds no table of its own. "sincos" is the code's fixed tables.
 
 Model config keys, beyond M2D's (`default_config()` has the MATPAC code's values):
     num_prototypes, head_hidden_dim, head_bottleneck_dim, head_layers: head sizes (2048, 2048, 256, 3).
@@ -14,7 +20,9 @@ Model config keys, beyond M2D's (`default_config()` has the MATPAC code's values
     teacher_temp_init, teacher_temp, teacher_temp_warmup_epochs: T_t warms up linearly from the first to
         the second over that many epochs (0.04 → 0.07 over 10), then stays.
     center_momentum: the centre's EMA momentum (0.9).
-    center_from: "probabilities" (MATPAC code) or "logits" (DINO): what the centre averages.
+    center_from: "probabilities" (MATPAC code) or "logits" (paper Eq. 3, DINO): what the centre averages.
+        Either way the loss of step s uses the centre of the batches before s: the code folds each batch's
+        mean in lazily, just before the next step's softmax; here update_targets folds it in after the step.
     head_ema_decay_init, head_ema_decay: the teacher head's EMA rate, linear over training (0.998 → 1).
     pred_loss_weight: α (0.5).
 
@@ -46,6 +54,7 @@ def default_config(variant: str = "B") -> ml_collections.ConfigDict:
     """The MATPAC code's settings (matpac.yaml): M2D ViT-B, mask 0.7, no target standardisation + the head."""
     config = m2d.default_config(variant)
     config.norm_target = False  # MATPAC's prediction loss is 2 - 2·cos on raw targets
+    config.pos_embed = "sincos"  # the code's fixed tables; the paper's are "learned"
     config.update(dict(
         num_prototypes=2048,
         head_hidden_dim=2048,
