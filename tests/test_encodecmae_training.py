@@ -1,5 +1,6 @@
 """EncodecMAE through the generic trainer: stage 1 trains, the self-training stage runs end to end (k-means of
-the stage-1 teacher, then the codes+kmeans targets), and the evaluation embeds and reports the result.
+the stage-1 teacher, or of another run's encoder of another size, then the codes+kmeans targets), and the
+evaluation embeds and reports the result.
 
 Random EnCodec weights (no checkpoint in CI): this proves the plumbing, not the representations.
 """
@@ -99,3 +100,50 @@ def test_self_training_runs_end_to_end_and_is_evaluated(stage1, tmp_path):
         report = json.load(f)
     (task,) = report  # results.json holds the main encoder's results, one entry per task
     assert 0.0 <= report[task]["knn"]["mean"] <= 1.0 and 0.0 <= report[task]["linear"]["mean"] <= 1.0
+
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory):
+    """A second stage-1 run of another size ("micro": 32 wide, 1 layer; the student is "tiny": 64 wide, 2 layers),
+    the teacher of the test below, as the paper's base self-trained model is the large model's."""
+    workdir = str(tmp_path_factory.mktemp("encodecmae") / "micro")
+    train.train_and_evaluate(tiny_config(**{"model.size": "micro", "total_steps": 3, "checkpoint_every_steps": 3,
+                                            "log_every_steps": 3}), workdir, num_devices=2)
+    return workdir
+
+
+def test_self_training_with_a_teacher_from_another_run(stage1, micro_run, tmp_path):
+    config = tiny_config(self_training_steps=2, log_every_steps=1, checkpoint_every_steps=2)
+    workdir = str(tmp_path / "selftrain")
+    no_run = str(tmp_path / "no_run")
+    with pytest.raises(FileNotFoundError, match=f"--teacher_workdir={no_run}: no checkpoint"):
+        selftrain.prepare(config, stage1, workdir, num_frames=100, max_iter=5, num_clips=8, teacher_workdir=no_run)
+
+    centroids, stage1_params = selftrain.prepare(config, stage1, workdir, num_frames=200, max_iter=20, num_clips=24,
+                                                 teacher_workdir=micro_run)
+    assert np.load(centroids).shape == (8, 32)  # fitted on the teacher's 32-dim features, not the student's 64
+    summary = selftrain.read_summary(workdir)
+    assert summary["teacher"] == {"workdir": os.path.abspath(micro_run), "step": 3,
+                                  "params": os.path.join(workdir, selftrain.TEACHER_PARAMS_FILE), "size": "micro",
+                                  "stack_type": "residual", "share_ffn": True, "width": 32}
+    assert summary["stage1"] == {"workdir": os.path.abspath(stage1), "step": 12}
+    assert (summary["kmeans"]["dim"], summary["kmeans"]["num_frames"]) == (32, 200)
+    with pytest.raises(ValueError, match="--teacher_workdir"):  # resuming with another teacher (stage 1's)
+        selftrain.prepare(config, stage1, workdir, num_frames=200, max_iter=20, num_clips=24)
+
+    st_config = selftrain.self_training_config(config, centroids, stage1_params, summary["teacher"])
+    train.train_and_evaluate(st_config, workdir, num_devices=2)
+    rows = [r for r in metrics.read_metrics(workdir) if "loss" in r]
+    assert rows[-1]["step"] == 2 and np.isfinite(rows[-1]["loss_kmeans"])
+
+    # The frozen teacher is the micro run's encoder; the student started from (and is shaped as) stage 1.
+    _, micro_state, _ = encoder_lib.restore_train_state(micro_run)
+    _, stage2_state, meta = encoder_lib.restore_train_state(workdir)
+    teacher = stage2_state["target_params"]["teacher"]
+    for key in ("input_proj", "encoder_positions", "encoder"):
+        jax.tree.map(np.testing.assert_array_equal, teacher[key], micro_state["params"][key])
+    assert stage2_state["params"]["input_proj"]["kernel"].shape == (128, 64)
+    assert stage2_state["target_params"]["centroids"].shape == (8, 32)
+    # The run's saved config names the teacher (and rebuilds its architecture when restored).
+    assert (meta["config"]["model"]["teacher_size"], meta["config"]["model"]["teacher_params"]) == (
+        "micro", summary["teacher"]["params"])

@@ -66,3 +66,19 @@ def test_stage2_runs_the_reference_150k_steps():
     assert stage2.model.kmeans_centroids == "centroids.npy" and stage2.model.stage1_params == "params.msgpack"
     config.self_training_steps = 0  # unset: stage 2 keeps total_steps
     assert selftrain.self_training_config(config, "c", "p").total_steps == 500_000
+
+
+def test_stage2_config_takes_a_teacher_from_another_run():
+    """With a teacher recorded from another run (selftrain.json), the stage-2 config points at its params and
+    describes its architecture; without one (or one without a params file: the stage-1 run) it sets nothing."""
+    config = load_config("configs/encodecmae.py:size=large")
+    teacher = {"workdir": "/ckpt/base_st", "step": 150_000, "params": "/ckpt/large_st/teacher_params.msgpack",
+               "size": "base", "stack_type": "residual", "share_ffn": True, "width": 768}
+    stage2 = selftrain.self_training_config(config, "c.npy", "p.msgpack", teacher)
+    assert stage2.model.teacher_params == teacher["params"]
+    assert (stage2.model.teacher_size, stage2.model.teacher_stack_type, stage2.model.teacher_share_ffn) == (
+        "base", "residual", True)
+    assert stage2.model.size == "large"  # the student keeps its own size
+    for own in (None, {**teacher, "params": ""}):
+        plain = selftrain.self_training_config(config, "c.npy", "p.msgpack", own)
+        assert (plain.model.teacher_params, plain.model.teacher_size, plain.model.teacher_share_ffn) == ("", "", None)

@@ -25,8 +25,9 @@ EncodecMAE has no EMA):
         tools/convert_encodec.py, or a .npz/.th/.pt EnCodec state dict, converted by
         audiojepa.convert.encodec_torch), or, when that is empty, seeded random weights (a smoke test
         only: random codebooks on a random encoder give near-constant, meaningless codes).
-    Self-training only: "teacher": the frozen stage-1 model's `input_proj`, `encoder_positions` and
-        `encoder` params, and "centroids": [k, D] k-means centroids of the teacher's features.
+    Self-training only: "teacher": the frozen teacher's `input_proj`, `encoder_positions` and `encoder`
+        params (the stage-1 model's, or another run's of any size: teacher_* keys below), and
+        "centroids": [k, D_teacher] k-means centroids of the teacher's features.
     The EnCodec params are also kept on the method (`encodec_params`) for `encode`.
 
 Self-training stage (§1.13), `targets` = "codes+kmeans" (v1: codes and a k-means stream whose weight
@@ -38,13 +39,17 @@ nearest centroid. The labels come from the frozen teacher, so they do not move w
 trains; the reference dumps them once for a fixed set of crops (pass them as batch["kmeans_ids"]),
 while computing them in the step from target_params["teacher"] labels any crop the same way at the
 cost of one more unmasked encoder pass. `start_self_training` builds the stage-2 params and
-target_params from stage-1 params and the centroids; `cluster_features` gives the features to fit.
+target_params from stage-1 params, the centroids and optionally another run's encoder as the teacher (the
+paper's large model clusters the base self-trained model, §2.3; `python -m audiojepa.selftrain
+--teacher_workdir`); `cluster_features` gives the features to fit, `teacher_features` the teacher's in a step.
 
 Model config keys (`config.model`; `default_config()` has the reference values):
-    size: "tiny" | "small" | "base" | "large" (audiojepa.models.encodecmae.VARIANTS).
+    size: "micro" | "tiny" | "small" | "base" | "large" (audiojepa.models.encodecmae.VARIANTS; micro and tiny
+        are for CPU tests).
     stack_type: "residual" (the reference's ResiDual stack) | "pre_ln" (vit.TransformerStack).
-    share_ffn: one FFN per stack (reference: True; must be False with "pre_ln").
-    learned_mask_token: a learned mask token (reference: False, masked frames get zeros).
+    share_ffn: one FFN per stack (reference code: True; the paper's parameter counts need False, one per
+        layer; must be False with "pre_ln"). configs/encodecmae.py `recipe=paper|code` selects it.
+    learned_mask_token: a learned mask token (paper §2.2: True; reference code: False, masked frames get zeros).
     mask_prop, mask_span, mask_clip_spans: masking.span_mask_1d's mask_prop, span and clip_spans
         (reference: 0.5, 15, False = span starts in [0, T − span], so edge frames are rarely masked).
     masked_loss_weight: δ (0.9).
@@ -53,9 +58,13 @@ Model config keys (`config.model`; `default_config()` has the reference values):
     targets: "codes" (stage 1) | "codes+kmeans" | "kmeans" (self-training).
     num_clusters: k of the k-means stream (1024).
     kmeans_weight: weight of the k-means stream; None: Σ γ_q with "codes+kmeans", 1.0 with "kmeans".
-    kmeans_centroids: "" or a .npy file of [num_clusters, D] centroids, loaded by `init`.
+    kmeans_centroids: "" or a .npy file of [num_clusters, D_teacher] centroids, loaded by `init`.
     stage1_params (optional): "" or a file written by `save_params` with the stage-1 params; with k-means
         targets, `init` then builds the stage-2 state (`start_self_training`). audiojepa.selftrain sets it.
+    teacher_params (optional): "" (the teacher is the stage-1 encoder) or a `save_params` file with another
+        run's encoder params (TEACHER_KEYS); set by audiojepa.selftrain --teacher_workdir.
+    teacher_size, teacher_stack_type, teacher_share_ffn (optional): the teacher's architecture; "" / None (or
+        missing) = the student's own (`teacher_architecture`).
     encodec_checkpoint: "" (random EnCodec, smoke tests only) or a path (above).
     encodec_seed: seed of the random EnCodec weights.
     decay_all_params: weight decay on every param, LayerNorm, biases and position scales included
@@ -71,6 +80,9 @@ Param trees:
     params = EncodecMAEModel params: {"input_proj", "encoder_positions", "encoder", "decoder_proj",
         ["mask_token",] "decoder_positions", "decoder", ["head",] ["kmeans_head"]};
     target_params = {"encodec", ["teacher", "centroids"]} (above).
+
+Parameter counts: `inference_param_count` (EnCodec's encoder + the MAE encoder, what the paper's Table 1
+reports); configs/encodecmae.py's docstring has the arithmetic per size and recipe.
 """
 
 import functools
@@ -84,6 +96,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import traverse_util
+from ml_collections import config_dict
 
 from audiojepa import kmeans as kmeans_lib
 from audiojepa import masking
@@ -126,6 +139,10 @@ def default_config(size: str = "base") -> ml_collections.ConfigDict:
         num_clusters=1024,
         kmeans_weight=None,
         kmeans_centroids="",
+        teacher_params="",
+        teacher_size="",
+        teacher_stack_type="",
+        teacher_share_ffn=config_dict.placeholder(bool),
         encodec_checkpoint="",
         encodec_seed=0,
         decay_all_params=True,
@@ -179,6 +196,42 @@ def random_encodec_params(seed: int, num_codebooks: int) -> dict:
     return {"encoder": traverse_util.unflatten_dict(encoder), "codebooks": codebooks.astype(np.float32)}
 
 
+def teacher_architecture(model_config) -> dict[str, Any]:
+    """The self-training teacher's encoder architecture, dict(size=, stack_type=, share_ffn=): config.model's
+    teacher_size / teacher_stack_type / teacher_share_ffn, each unset ("" / None, or missing in configs written
+    before they existed) meaning the student's own value (the teacher is then the run's stage 1)."""
+    c = model_config
+    arch = dict(size=c.get("teacher_size") or c.size, stack_type=c.get("teacher_stack_type") or c.stack_type,
+                share_ffn=c.get("teacher_share_ffn"))
+    arch["share_ffn"] = bool(c.share_ffn if arch["share_ffn"] is None else arch["share_ffn"])
+    mae.decode_variant(arch["size"])  # raises on an unknown size
+    if arch["stack_type"] not in mae.STACK_TYPES:
+        raise ValueError(f"config.model.teacher_stack_type={arch['stack_type']!r}; valid: {mae.STACK_TYPES}.")
+    if arch["stack_type"] == "pre_ln" and arch["share_ffn"]:
+        raise ValueError("config.model.teacher_share_ffn=True needs teacher_stack_type='residual'.")
+    return arch
+
+
+def encodec_encoder_param_count() -> int:
+    """Parameters of the frozen EnCodec 24 kHz encoder as stored here (weight norm resolved): 7,423,472 (torch's
+    7,425,792 counts weight norm's g, one per output channel, separately; the paper's "EC" row says 7.4M)."""
+    return int(sum(np.prod(shape, dtype=np.int64) for shape in _encoder_param_shapes().values()))
+
+
+def inference_param_count(params: Params) -> int:
+    """The parameter count the paper's Table 1 reports (#Par): the feature extractor a downstream task runs,
+    i.e. the frozen EnCodec encoder plus the MAE encoder (`TEACHER_KEYS`: input projection, position scale,
+    encoder stack); not the decoder, the mask token or the heads, which only pre-training uses.
+
+    params: a params tree (arrays or jax.ShapeDtypeStruct, e.g. from jax.eval_shape of `init`).
+    Base: 7,423,472 + 30,020,609 = 37.4M with the code's shared FFN, 7,423,472 + 86,687,489 = 94.1M with one
+    FFN per layer (configs/encodecmae.py's docstring has the arithmetic for every size).
+    """
+    encoder = sum(int(np.prod(leaf.shape, dtype=np.int64)) for key in TEACHER_KEYS
+                  for leaf in jax.tree.leaves(params[key]))
+    return encodec_encoder_param_count() + encoder
+
+
 def save_params(path: str, params: Params) -> str:
     """Writes a params tree (e.g. stage-1 params for self-training) as msgpack; returns the path."""
     with open(path, "wb") as f:
@@ -186,12 +239,19 @@ def save_params(path: str, params: Params) -> str:
     return path
 
 
-def load_params(path: str) -> Params:
-    """Reads `save_params`' file (config.model.stage1_params)."""
+def load_params(path: str, key: str = "config.model.stage1_params") -> Params:
+    """Reads `save_params`' file (config.model.stage1_params or teacher_params; `key` names it in errors)."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"config.model.stage1_params={path!r} does not exist (audiojepa.selftrain writes it).")
+        raise FileNotFoundError(f"{key}={path!r} does not exist (audiojepa.selftrain writes it).")
     with open(path, "rb") as f:
         return flax.serialization.msgpack_restore(f.read())
+
+
+def _same_shapes(tree, expected) -> bool:
+    """Same structure and leaf shapes (arrays against jax.ShapeDtypeStruct)."""
+    def shapes(t):
+        return jax.tree.map(lambda a: tuple(a.shape), t)
+    return jax.tree.structure(tree) == jax.tree.structure(expected) and shapes(tree) == shapes(expected)
 
 
 class EncodecMAE:
@@ -256,6 +316,13 @@ class EncodecMAE:
             codebook_size=encodec.CODEBOOK_SIZE, num_clusters=int(c.num_clusters) if self.uses_kmeans else 0,
             stack_type=c.stack_type, share_ffn=bool(c.share_ffn), learned_mask_token=bool(c.learned_mask_token),
             **performance_options(c))
+        # The frozen self-training teacher: this model's encoder, or another run's of any size (teacher_*).
+        self.teacher_architecture = teacher_architecture(c)
+        teacher_size = mae.decode_variant(self.teacher_architecture["size"])
+        self.teacher_width = teacher_size["width"]
+        self.teacher_model = mae.EncodecMAEModel(
+            **teacher_size, num_codebooks=0, stack_type=self.teacher_architecture["stack_type"],
+            share_ffn=self.teacher_architecture["share_ffn"], **performance_options(c))
 
         self._encodec_params = None  # read on first use: an exported encoder carries its own copy
 
@@ -287,28 +354,45 @@ class EncodecMAE:
         features = jnp.zeros((1, self.num_frames, encodec.DIMENSION), jnp.float32)
         return jax.jit(self.model.init)(rng, features, visible_idx, masked_idx)["params"]
 
+    def _init_teacher(self, rng: jax.Array) -> Params:
+        """Fresh teacher-encoder params ({key: ...} for TEACHER_KEYS) of the teacher's architecture."""
+        features = jnp.zeros((1, self.num_frames, encodec.DIMENSION), jnp.float32)
+        return jax.jit(functools.partial(self.teacher_model.init, method=mae.EncodecMAEModel.encode))(
+            rng, features)["params"]
+
     def init(self, rng: jax.Array) -> tuple[Params, Params]:
         """(params, target_params) (module docstring). The EnCodec params are the constructor's.
 
-        Self-training: the centroids come from config.kmeans_centroids when set; the teacher is a
-        placeholder (a copy of the fresh encoder) that `start_self_training`, or restoring a checkpoint,
-        must replace. A warning says so.
+        Self-training: the centroids come from config.kmeans_centroids when set, the teacher from
+        config.teacher_params when set (else from the stage-1 params); without config.stage1_params the
+        teacher is a placeholder (a copy of the fresh encoder, or a fresh encoder of the teacher's size)
+        that `start_self_training`, or restoring a checkpoint, must replace. A warning says so.
         """
         stage1_path = self.config.get("stage1_params", "")
         if self.uses_kmeans and stage1_path:
-            return self.start_self_training(load_params(stage1_path), self._load_centroids(), rng)
+            teacher_path = self.config.get("teacher_params", "")
+            teacher = load_params(teacher_path, "config.model.teacher_params") if teacher_path else None
+            return self.start_self_training(load_params(stage1_path), self._load_centroids(), rng,
+                                            teacher_params=teacher)
         params = self._init_model(rng)
         target_params = {"encodec": jax.tree.map(jnp.asarray, self.encodec_params)}
         if self.uses_kmeans:
-            logging.warning("EncodecMAE self-training init: target_params['teacher'] is a placeholder copy of the "
-                            "freshly initialised encoder; build the stage-2 state with start_self_training(stage-1 "
+            logging.warning("EncodecMAE self-training init: target_params['teacher'] is a placeholder (a freshly "
+                            "initialised encoder); build the stage-2 state with start_self_training(stage-1 "
                             "params, centroids) or restore it from a checkpoint.")
-            target_params["teacher"] = {key: jax.tree.map(jnp.copy, params[key]) for key in TEACHER_KEYS}
+            if self._teacher_is_own_encoder():
+                target_params["teacher"] = {key: jax.tree.map(jnp.copy, params[key]) for key in TEACHER_KEYS}
+            else:
+                target_params["teacher"] = self._init_teacher(rng)
             target_params["centroids"] = self._load_centroids()
         return params, target_params
 
+    def _teacher_is_own_encoder(self) -> bool:
+        c = self.config
+        return self.teacher_architecture == dict(size=c.size, stack_type=c.stack_type, share_ffn=bool(c.share_ffn))
+
     def _load_centroids(self) -> jax.Array:
-        shape = (int(self.config.num_clusters), self.width)
+        shape = (int(self.config.num_clusters), self.teacher_width)
         path = self.config.kmeans_centroids
         if not path:
             logging.warning("config.model.kmeans_centroids is empty: target_params['centroids'] are zeros (a "
@@ -317,34 +401,46 @@ class EncodecMAE:
         centroids = np.load(os.fspath(path))
         if centroids.shape != shape:
             raise ValueError(f"config.model.kmeans_centroids={path!r} holds {centroids.shape}, expected {shape} "
-                             "(num_clusters, model width).")
+                             "(num_clusters, the teacher's width).")
         return jnp.asarray(centroids, jnp.float32)
 
-    def start_self_training(self, stage1_params: Params, centroids, rng: jax.Array) -> tuple[Params, Params]:
+    def start_self_training(self, stage1_params: Params, centroids, rng: jax.Array,
+                            teacher_params: Params | None = None) -> tuple[Params, Params]:
         """Stage-2 (params, target_params) from a stage-1 model of the same size (§1.13).
 
         The student starts as the stage-1 model: its encoder, decoder and, with "codes+kmeans", its codebook
-        head are copied; the k-means head is fresh (from rng). The teacher is a frozen copy of the stage-1
-        input projection, positions and encoder; centroids [num_clusters, D] are the k-means of its
-        `cluster_features`.
+        head are copied; the k-means head is fresh (from rng). The teacher is a frozen copy of the input
+        projection, positions and encoder of `teacher_params` (another run's params, any size: the paper's
+        large model clusters the base self-trained model; config.model.teacher_size etc. must describe it),
+        or of the stage-1 params when None; centroids [num_clusters, teacher width] are the k-means of its
+        cluster features.
         """
         if not self.uses_kmeans:
             raise ValueError("start_self_training needs config.model.targets='codes+kmeans' or 'kmeans'.")
         centroids = jnp.asarray(centroids, jnp.float32)
-        if centroids.shape != (int(self.config.num_clusters), self.width):
-            raise ValueError(f"centroids {centroids.shape}, expected {(int(self.config.num_clusters), self.width)}.")
+        expected_centroids = (int(self.config.num_clusters), self.teacher_width)
+        if centroids.shape != expected_centroids:
+            raise ValueError(f"centroids {centroids.shape}, expected {expected_centroids} (num_clusters, the "
+                             f"teacher's width; teacher {self.teacher_architecture}).")
+        teacher_source = stage1_params if teacher_params is None else teacher_params
+        missing = [key for key in TEACHER_KEYS if key not in teacher_source]
+        if missing:
+            raise ValueError(f"the teacher params lack {missing}; they need {list(TEACHER_KEYS)}.")
+        teacher = {key: jax.tree.map(jnp.copy, teacher_source[key]) for key in TEACHER_KEYS}
+        expected_teacher = jax.eval_shape(self._init_teacher, rng)  # traced only
+        if not _same_shapes(teacher, expected_teacher):
+            raise ValueError(f"the teacher params do not match the teacher architecture {self.teacher_architecture} "
+                             "(config.model.teacher_size, teacher_stack_type and teacher_share_ffn must be the "
+                             "teacher run's size, stack_type and share_ffn; unset, the student's).")
         expected = jax.eval_shape(self._init_model, rng)  # traced only
         kmeans_head = mae.linear(int(self.config.num_clusters), jnp.float32).init(
             rng, jnp.zeros((1, self.width), jnp.float32))["params"]
         params = {key: kmeans_head if key == "kmeans_head" else jax.tree.map(jnp.copy, stage1_params[key])
                   for key in expected if key == "kmeans_head" or key in stage1_params}
-        def shapes(tree):
-            return jax.tree.map(lambda a: a.shape, tree)
-        if jax.tree.structure(params) != jax.tree.structure(expected) or shapes(params) != shapes(expected):
+        if not _same_shapes(params, expected):
             raise ValueError("stage-1 params do not match this model (size, stack_type, share_ffn and "
                              "learned_mask_token must be the stage-1 values).")
-        target_params = {"encodec": jax.tree.map(jnp.asarray, self.encodec_params),
-                         "teacher": {key: jax.tree.map(jnp.copy, stage1_params[key]) for key in TEACHER_KEYS},
+        target_params = {"encodec": jax.tree.map(jnp.asarray, self.encodec_params), "teacher": teacher,
                          "centroids": centroids}
         return params, target_params
 
@@ -376,10 +472,17 @@ class EncodecMAE:
         return encodec.EncodecEncoder().apply({"params": encodec_params["encoder"]}, waveform)
 
     def cluster_features(self, model_params: Params, features: jax.Array) -> jax.Array:
-        """The features the self-training stage clusters: features [batch, T, 128] → [batch, T, D], computed
-        by `model_params` (a stage-1 params tree, or target_params["teacher"]) on all frames, no mask."""
-        teacher = {key: model_params[key] for key in TEACHER_KEYS}
-        return self.model.apply({"params": teacher}, features, method=mae.EncodecMAEModel.cluster_features)
+        """The features a self-training stage clusters when this run is the teacher: features [batch, T, 128] →
+        [batch, T, D], computed by `model_params` (this model's params tree, or its encoder part) on all
+        frames, no mask."""
+        encoder = {key: model_params[key] for key in TEACHER_KEYS}
+        return self.model.apply({"params": encoder}, features, method=mae.EncodecMAEModel.cluster_features)
+
+    def teacher_features(self, teacher_params: Params, features: jax.Array) -> jax.Array:
+        """`cluster_features` of the frozen teacher (target_params["teacher"], the teacher's architecture):
+        features [batch, T, 128] → [batch, T, teacher width]."""
+        return self.teacher_model.apply({"params": teacher_params}, features,
+                                        method=mae.EncodecMAEModel.cluster_features)
 
     def make_targets(self, target_params: Params, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
         """Input frames and class targets of a batch, without gradient (module docstring, "Inputs").
@@ -409,7 +512,7 @@ class EncodecMAE:
             if "kmeans_ids" in batch:
                 ids = batch["kmeans_ids"]
             else:
-                ids = kmeans_lib.assign(frozen["centroids"], self.cluster_features(frozen["teacher"], out["features"]))
+                ids = kmeans_lib.assign(frozen["centroids"], self.teacher_features(frozen["teacher"], out["features"]))
             out["kmeans_ids"] = ids.astype(jnp.int32)
         return out
 
