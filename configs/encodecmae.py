@@ -124,6 +124,7 @@ def get_config(arg=None):
     if arg.recipe not in RECIPES:
         raise ValueError(f"config arg recipe={arg.recipe!r}; valid: {RECIPES}.")
     config = run_config("encodecmae", batch_size=128, seed=42)
+    config.recipe = arg.recipe
     config.total_steps = 500_000
     config.self_training_steps = 150_000  # stage 2 (python -m audiojepa.selftrain), from step 0 in its own workdir
     config.warmup_steps = 0

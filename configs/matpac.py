@@ -88,6 +88,7 @@ def get_config(arg=None):
     m2d_config = load_config_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "m2d.py"))
     config = m2d_config.get_config(f"variant={arg.variant},mask_ratio={arg.mask_ratio},runlocal={arg.runlocal}")
     config.method = "matpac"
+    config.recipe = arg.recipe
     config.data.frontend = "matpac"  # M2D's front end without centre padding, as MATPAC's preprocessing
 
     # paper: M2D's optimizer as configs/m2d.py sets it (lr = 3e-4 x batch / 256, eps 1e-8).

@@ -171,10 +171,29 @@ def test_center_false_matches_librosa_and_inner_frames(impl):
     np.testing.assert_allclose(inner[:, :n], centred[:, 2:2 + n], atol=1e-4)
 
 
+@pytest.mark.parametrize("impl", ["host", "device_fft"])
+@pytest.mark.parametrize("name", ["audiojepa_paper", "audiojepa_code"])
+def test_audio_jepa_recipe_presets_match_librosa(impl, name):
+    """Audio-JEPA's paper input (128 x 256 per 10 s, frame 2.5x the hop: an odd 3125-sample DFT) and its code's
+    (96 x 512, window 1562 in a 2048 DFT), HTK mels without area norm, against librosa (tolerances above)."""
+    params = frontend.get_preset(name)
+    y = _test_signal(params.sample_rate)
+    _check_logmel(LOGMEL_FNS[impl](y, params), y, params)
+    frames_10s = params.num_frames(10 * params.sample_rate)
+    assert (name, frames_10s) in {("audiojepa_paper", 256), ("audiojepa_code", 513)}
+    assert params.win_length / params.hop_length == pytest.approx(2.5, abs=1e-3)
+
+
 def test_presets_exist_and_validate():
-    assert set(frontend.PRESETS) == {"m2d", "matpac", "riou", "m2d_32k", "audiojepa", "encodec"}
+    assert set(frontend.PRESETS) == {"m2d", "matpac", "riou", "m2d_32k", "audiojepa", "audiojepa_paper",
+                                     "audiojepa_code", "encodec"}
     for name, params in frontend.PRESETS.items():
         assert frontend.get_preset(name) is params
+        # Equal to a fresh instance built from its JSON form (as stored in checkpoints).
+        assert frontend.LogMelParams.from_dict(json.loads(json.dumps(params.to_dict()))) == params
+        if name.startswith("audiojepa_"):  # Kaldi-like band and filters (test_audio_jepa_recipe_presets...)
+            assert (params.f_min, params.mel_scale, params.mel_norm) == (20.0, "htk", None)
+            continue
         assert params.n_fft == params.win_length and params.f_min == 50.0
         assert params.f_max == params.sample_rate / 2
         assert (params.mel_scale, params.mel_norm, params.log_offset) == ("slaney", "slaney", 1.1920929e-07)
