@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from audiojepa import masking
+from mask_helpers import TRACES, counted
 
 
 @pytest.mark.parametrize("num_patches, mask_ratio, expected", [
@@ -80,29 +81,15 @@ def test_gather_tokens():
 
 NUM_DRAWS = 2000
 RATE_TOLERANCE = 0.06
-TRACES = collections.Counter()
-
-
-def _counted(name, sampler, **static):
-    """A jitted sampler that counts its traces in TRACES[name, static...]; rng is the only traced input."""
-    key = (name, *sorted(static.items()))
-
-    def sample(rng, batch_size):
-        TRACES[key] += 1
-        return sampler(rng, batch_size, **static)
-
-    jitted = jax.jit(sample, static_argnums=1)
-    jitted.trace_key = key
-    return jitted
 
 
 MULTIBLOCK = {
-    (5, 13): _counted("multiblock", masking.multiblock, grid=(5, 13), return_block_masks=True),
-    (8, 8): _counted("multiblock", masking.multiblock, grid=(8, 8), return_block_masks=True),
+    (5, 13): counted("multiblock", masking.multiblock, grid=(5, 13), return_block_masks=True),
+    (8, 8): counted("multiblock", masking.multiblock, grid=(8, 8), return_block_masks=True),
 }
-SPAN_CLIPPED = _counted("span", masking.span_mask_1d, length=300)
-SPAN_ENCODECMAE = _counted("span", masking.span_mask_1d, length=300, clip_spans=False)
-TIME_ONLY = _counted("time_only", masking.time_only, grid=(5, 13), target_ratio=0.6, span=2)
+SPAN_CLIPPED = counted("span", masking.span_mask_1d, length=300)
+SPAN_ENCODECMAE = counted("span", masking.span_mask_1d, length=300, clip_spans=False)
+TIME_ONLY = counted("time_only", masking.time_only, grid=(5, 13), target_ratio=0.6, span=2)
 
 
 def _as_mask(idx, length):

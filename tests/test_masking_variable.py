@@ -28,11 +28,11 @@ import pytest
 from scipy import stats
 
 from audiojepa import masking
+from mask_helpers import TRACES, counted
 
 ALPHA = 1e-3
 NUM_JAX = 3000     # masks drawn from the JAX sampler per configuration
 NUM_NUMPY = 20000  # masks drawn from the NumPy reference per configuration
-TRACES = collections.Counter()
 
 
 # -- independent NumPy references ---------------------------------------------------------------------
@@ -144,17 +144,6 @@ def _check_mask_set(masks, num_patches, capacity):
 
 # -- samplers under test, jitted once per configuration --------------------------------------------------
 
-def _counted(name, sampler, **static):
-    key = (name, *sorted(static.items()))
-
-    def sample(rng, batch_size):
-        TRACES[key] += 1
-        return sampler(rng, batch_size, **static)
-
-    jitted = jax.jit(sample, static_argnums=1)
-    jitted.trace_key = key
-    return jitted
-
 
 CONFIGS = {
     "multiblock-5x13": dict(sampler=masking.multiblock_variable, grid=(5, 13), full_height=False),
@@ -162,7 +151,7 @@ CONFIGS = {
     "time-5x13": dict(sampler=masking.time_blocks, grid=(5, 13), full_height=True),
     "time-8x16": dict(sampler=masking.time_blocks, grid=(8, 16), full_height=True),
 }
-SAMPLERS = {name: _counted(name, c["sampler"], grid=c["grid"], return_layout=True) for name, c in CONFIGS.items()}
+SAMPLERS = {name: counted(name, c["sampler"], grid=c["grid"], return_layout=True) for name, c in CONFIGS.items()}
 
 
 def _capacity(name, **kwargs):
@@ -253,7 +242,7 @@ def test_rejection_matches_the_papers_retry():
     """With a large min_context the layout is redrawn (first acceptable of num_candidates): the accepted
     distribution is the papers' retry loop's, and the fallback stays rare."""
     grid, min_context = (5, 13), 25
-    sample = _counted("multiblock-retry", masking.multiblock_variable, grid=grid, min_context=min_context,
+    sample = counted("multiblock-retry", masking.multiblock_variable, grid=grid, min_context=min_context,
                       return_layout=True)
     masks, layout = sample(jax.random.key(8), NUM_JAX)
     layout = masking.BlockLayout(*(np.asarray(a) for a in layout))
