@@ -67,6 +67,7 @@ def get_config(arg=None):
     config.model.ema_decay_init = 0.99995
     config.model.ema_decay = 0.99999
     config.model.init_target_from_online = False  # the official code initialises the target independently
+    config.model.eval_encoder = "online"  # what exports and evaluations embed with ("target": the EMA stack)
     # Speed/memory only (audiojepa/models/vit.py); none of them changes the param tree:
     config.model.dtype = "float32"  # compute dtype; "bfloat16" on accelerators (params stay float32)
     config.model.attention_impl = config_dict.placeholder(str)  # None = XLA; "cudnn" (NVIDIA GPU, bfloat16)

@@ -21,6 +21,9 @@ Model config keys (`config.model`; `default_config()` has the official values):
         (audiojepa.models.vit.REMAT_POLICIES); same params and values, less memory, more compute.
     scan_layers (optional, True): run every transformer stack as one lax.scan over its blocks (False
         unrolls them; same params, values equal up to float rounding).
+    eval_encoder (optional, "online"): the encoder that `encode`, exports and evaluations use: "online" (the
+        M2D and MATPAC papers evaluate it) or "target" (the EMA target stack behind the online patch embedding,
+        positions and CLS token, as the target branch runs during training).
     pos_embed (optional, "sincos"): the encoder's and the predictor's position tables: "sincos" (fixed, as
         the official code) or "learned" (trainable tables initialised with the sin-cos ones, MATPAC's paper;
         audiojepa.models.vit.ViTEncoder). The target encoder adds the online encoder's table either way.
@@ -55,7 +58,8 @@ Params = dict[str, Any]
 
 CONFIG_KEYS = ("variant", "patch_size", "mask_ratio", "predictor_width", "predictor_depth", "predictor_heads",
                "loss_type", "norm_target", "ema_decay_init", "ema_decay", "init_target_from_online", "dtype")
-LOSS_TYPES = ("norm_mse", "mse")  # the subset of audiojepa.losses.LOSS_TYPES that M2D uses
+LOSS_TYPES = ("norm_mse", "mse")
+EVAL_ENCODERS = ("online", "target")  # the subset of audiojepa.losses.LOSS_TYPES that M2D uses
 
 
 def default_config(variant: str = "B") -> ml_collections.ConfigDict:
@@ -72,6 +76,7 @@ def default_config(variant: str = "B") -> ml_collections.ConfigDict:
         ema_decay_init=0.99995,
         ema_decay=0.99999,
         init_target_from_online=False,
+        eval_encoder="online",
         dtype="float32",
         attention_impl=config_dict.placeholder(str),  # None: XLA; typed so that --config...=cudnn parses
         remat="none",
@@ -130,6 +135,9 @@ class M2D:
         pos_embed = model_config.get("pos_embed", "sincos")
         if pos_embed not in POS_EMBEDS:
             raise ValueError(f"config.model.pos_embed={pos_embed!r}; valid: {POS_EMBEDS}.")
+        self.eval_encoder = model_config.get("eval_encoder", "online")
+        if self.eval_encoder not in EVAL_ENCODERS:
+            raise ValueError(f"config.model.eval_encoder={self.eval_encoder!r}; valid: {EVAL_ENCODERS}.")
         self.width = size["width"]
         self.encoder = ViTEncoder(**size, patch_size=self.patch_size, pos_embed=pos_embed, pos_grid=self.grid_size,
                                   **options)
@@ -224,8 +232,22 @@ class M2D:
         visible_idx, masked_idx = self.sample_mask(rng, lms.shape[0])
         return self.loss_from_indices(params, target_params, lms, visible_idx, masked_idx)
 
+    def target_stack_params(self, target_params: Params) -> Params:
+        """The EMA target's transformer stack (blocks + norm) within target_params (M2D: all of it)."""
+        return target_params
+
+    def encoder_params(self, params: Params, target_params: Params | None = None) -> Params:
+        """{"encoder": ...}, what `encode` takes and exports hold: the online encoder, or with
+        config.model.eval_encoder="target" the online patch embedding, positions and CLS with the EMA stack."""
+        if self.eval_encoder == "online":
+            return {"encoder": params["encoder"]}
+        if target_params is None:
+            raise ValueError("config.model.eval_encoder='target' needs the target params (a training state).")
+        return {"encoder": {**params["encoder"], "stack": self.target_stack_params(target_params)}}
+
     def encode(self, params: Params, lms: jax.Array) -> jax.Array:
-        """Online encoder on all patches: lms [batch, n_mels, frames] → [batch, 1 + L, D], CLS first.
+        """The evaluated encoder on all patches: lms [batch, n_mels, frames] → [batch, 1 + L, D], CLS first.
+        `params` holds "encoder" (the training params, or `encoder_params`: online or EMA-target stack).
 
         Any number of frames works (the time grid is frames // patch frames); positions are those of a
         clip starting at frame 0. A learned position table (pos_embed="learned") serves at most the training

@@ -169,6 +169,10 @@ class MATPAC(m2d.M2D):
 
     # -- target network -------------------------------------------------------------------------------
 
+    def target_stack_params(self, target_params: Params) -> Params:
+        """The EMA encoder stack within MATPAC's target tree (which also holds the teacher head and centre)."""
+        return target_params["encoder_stack"]
+
     def update_targets(self, params: Params, target_params: Params, step, total_steps: int, *,
                        state_update: jax.Array | None = None) -> Params:
         """After each optimizer step: EMA of the encoder stack (M2D's τ), EMA of the head (head τ) and the
