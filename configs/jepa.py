@@ -39,7 +39,9 @@ Paper vs released code (the config key, then the paper / code value; README "Pap
   in the attention, the predictor and the loss. The paper gives no block sizes; I-JEPA's are used
   (`model.multiblock`, `model.time_blocks`: 4 target blocks of scale 0.15-0.2, aspect 0.75-1.5 for
   multi-block; a context block of scale 0.85-1.0). `model.mask_counts="fixed"` keeps the older fixed-count
-  samplers (truncate or top up to fixed Kc, Kt), which are partly random masking.
+  samplers (truncate or top up to fixed Kc, Kt), which are partly random masking. On 5x13 the paper's
+  samplers give 15-48 targets per example (mean 51% of the patches) for multi-block and 10-55 (51%) for time,
+  against unstructured masking's fixed 60%: that difference is the papers' own sampling, not an artefact.
 - Evaluation, §4.1: the frozen context encoder (`model.eval_encoder="context"`), frequency patches
   concatenated and time-averaged (3840-d), EVAR's linear probe (`python -m audiojepa.evaluate --protocol=evar`).
 
