@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
+import logging
 import os
 
 import flax.serialization
@@ -36,6 +38,7 @@ from audiojepa.models.vit import stack_all_blocks
 
 ENCODER_JSON = "encoder.json"
 PARAMS_FILE = "params.msgpack"
+CHECKPOINTS_DIR = "checkpoints"  # a training workdir's checkpoint folder (checkpointing.checkpoint_dir)
 # 2: transformer blocks stored stacked (vit.TransformerStack); 1 (per-block blocks_<i>) is read and stacked.
 FORMAT_VERSION = 2
 READABLE_FORMAT_VERSIONS = (1, 2)
@@ -201,8 +204,18 @@ class AudioEncoder:
         return features, features.mean(axis=1)
 
     def save(self, output_dir: str, *, source: str = "") -> str:
-        """Writes `encoder.json` and `params.msgpack` into `output_dir`; returns the folder."""
+        """Writes `encoder.json` and `params.msgpack` into `output_dir`; returns the folder.
+
+        Refuses a training workdir (its checkpoints would be shadowed: `load_encoder` could not tell which
+        to read). Each file is written beside itself and swapped into place, params first; encoder.json holds
+        the params' SHA-256, so a load after a crash between the two swaps, or of a truncated copy, fails
+        naming the file instead of reading mismatched weights.
+        """
+        if os.path.isdir(os.path.join(output_dir, CHECKPOINTS_DIR)):
+            raise ValueError(f"{output_dir} is a training workdir (it holds {CHECKPOINTS_DIR}/): an export there "
+                             "would shadow its checkpoints; give another --output, e.g. a subfolder")
         os.makedirs(output_dir, exist_ok=True)
+        params_bytes = flax.serialization.msgpack_serialize(jax.tree.map(np.asarray, self.params))
         meta = {
             "format_version": FORMAT_VERSION,
             "method": self.method_name,
@@ -211,13 +224,42 @@ class AudioEncoder:
             "frontend": self.frontend.to_dict(),
             "norm_stats": list(self.norm_stats),
             "source": source,
+            "params_sha256": hashlib.sha256(params_bytes).hexdigest(),
         }
-        params_bytes = flax.serialization.msgpack_serialize(jax.tree.map(np.asarray, self.params))
-        with open(os.path.join(output_dir, PARAMS_FILE), "wb") as f:
-            f.write(params_bytes)
-        with open(os.path.join(output_dir, ENCODER_JSON), "w") as f:
-            json.dump(meta, f, indent=1)
+        _write_atomically(os.path.join(output_dir, PARAMS_FILE), params_bytes)
+        _write_atomically(os.path.join(output_dir, ENCODER_JSON), json.dumps(meta, indent=1).encode())
         return output_dir
+
+
+def _write_atomically(path: str, data: bytes) -> None:
+    """Writes `data` to `path` through a temporary file beside it (flushed to disk), then os.replace."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
+def _read_exported_params(path: str, meta: dict) -> dict:
+    """The params of an export folder `path`, checked against encoder.json's SHA-256 (exports since 2026-12);
+    errors name the file."""
+    params_path = os.path.join(path, PARAMS_FILE)
+    with open(params_path, "rb") as f:
+        data = f.read()
+    expected = meta.get("params_sha256")
+    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+        raise ValueError(f"{params_path} does not match {os.path.join(path, ENCODER_JSON)} (its SHA-256 differs: a "
+                         "truncated or damaged copy, or an export interrupted between its two files); export again")
+    try:
+        return flax.serialization.msgpack_restore(data)
+    except Exception as e:  # noqa: BLE001 - msgpack raises several types; all mean the same to the user
+        raise ValueError(f"{params_path}: not a readable params file ({type(e).__name__}: {e}); truncated or "
+                         "damaged? export again") from e
 
 
 def restore_train_state(workdir: str, step: int | None = None):
@@ -249,10 +291,32 @@ def restore_train_state(workdir: str, step: int | None = None):
     return method, state, meta
 
 
+def _warn_if_unfinished(workdir: str, step: int) -> None:
+    """Logs a warning when the run's `run_summary.json` says it did not finish (failed, stopped, preempted, or
+    still running / killed), naming the status, the error and the step whose weights are used."""
+    path = os.path.join(workdir, "run_summary.json")  # train.SUMMARY_FILE (this module does not import train)
+    try:
+        with open(path) as f:
+            summary = json.load(f)
+    except FileNotFoundError:
+        logging.warning("%s has no run_summary.json (a run still going, or killed before it wrote one); using its "
+                        "checkpoint at step %d", workdir, step)
+        return
+    except (OSError, ValueError) as e:
+        logging.warning("%s: unreadable (%s); using the checkpoint at step %d", path, e, step)
+        return
+    if not summary.get("finished"):
+        error = f": {summary['error']}" if summary.get("error") else ""
+        logging.warning("the run in %s is not finished (status %s at step %s of %s%s); using its checkpoint at "
+                        "step %d", workdir, summary.get("status", "unknown"), summary.get("step"),
+                        summary.get("total_steps"), error, step)
+
+
 def _from_workdir(workdir: str, step: int | None, freq_pooling: str) -> AudioEncoder:
     """The evaluated encoder (methods.encoder_params: online, or the EMA target where the method says so) of a
     training run's latest (or given) checkpoint."""
     method, state, meta = restore_train_state(workdir, step)
+    _warn_if_unfinished(workdir, int(state["step"]))
     frontend = frontend_lib.LogMelParams.from_dict(meta["frontend"])
     return AudioEncoder(meta["method"], method.config, methods.input_shape(method, frontend, meta["crop_frames"]),
                         frontend, tuple(meta["norm_stats"]),
@@ -262,21 +326,26 @@ def _from_workdir(workdir: str, step: int | None, freq_pooling: str) -> AudioEnc
 def load_encoder(path: str, *, step: int | None = None, freq_pooling: str = "concat") -> AudioEncoder:
     """Loads an exported encoder folder, or the latest (or `step`) checkpoint of a training workdir;
     `freq_pooling` (FREQ_POOLINGS) is how its frame features pool the frequency patches."""
-    if os.path.exists(os.path.join(path, ENCODER_JSON)):
+    is_export = os.path.exists(os.path.join(path, ENCODER_JSON))
+    is_workdir = os.path.isdir(os.path.join(path, CHECKPOINTS_DIR))
+    if is_export and is_workdir:
+        raise ValueError(f"{path} holds both an exported encoder ({ENCODER_JSON}) and a training workdir "
+                         f"({CHECKPOINTS_DIR}/), so which to load is ambiguous; move the export to its own folder "
+                         f"(or delete {ENCODER_JSON} and {PARAMS_FILE}) to load the checkpoints")
+    if is_export:
         with open(os.path.join(path, ENCODER_JSON)) as f:
             meta = json.load(f)
         version = meta.get("format_version")
         if version not in READABLE_FORMAT_VERSIONS:
             raise ValueError(f"{path}/{ENCODER_JSON}: format_version {version!r}, this code reads "
                              f"{READABLE_FORMAT_VERSIONS}")
-        with open(os.path.join(path, PARAMS_FILE), "rb") as f:
-            params = flax.serialization.msgpack_restore(f.read())
+        params = _read_exported_params(path, meta)
         if version == 1:
             params = stack_all_blocks(params)
         return AudioEncoder(meta["method"], ml_collections.ConfigDict(meta["model"]), tuple(meta["input_shape"]),
                             frontend_lib.LogMelParams.from_dict(meta["frontend"]), tuple(meta["norm_stats"]),
                             params, freq_pooling)
-    if os.path.isdir(os.path.join(path, "checkpoints")):
+    if is_workdir:
         return _from_workdir(path, step, freq_pooling)
     raise FileNotFoundError(f"{path} is neither an exported encoder (no {ENCODER_JSON}) nor a training "
                             "workdir (no checkpoints/)")

@@ -10,6 +10,7 @@ shards' path after moving them, speed-only model keys such as dtype or remat) ar
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 
@@ -72,3 +73,42 @@ def check(saved: dict | None, config, *, step: int, workdir: str) -> None:
         if not config.get("allow_resume_changes", False):
             raise ValueError(message)
         logging.warning("%s (allowed by config.allow_resume_changes)", message)
+
+
+def data_identity(manifest: dict | None) -> dict | None:
+    """The identity of a shard set: the SHA-256 of its manifest.json content (canonical JSON) and its clip
+    count, or None without a manifest (the embedded corpus, whose config keys identify it). The manifest
+    holds shard names, counts and the source, not the folder's path, so a moved copy keeps its identity."""
+    if not manifest:
+        return None
+    digest = hashlib.sha256(json.dumps(manifest, sort_keys=True, default=str).encode()).hexdigest()
+    return {"manifest_sha256": digest, "num_clips": manifest.get("num_clips")}
+
+
+def check_data(saved_meta: dict, *, norm_stats: tuple[float, float], identity: dict | None, config, step: int,
+               workdir: str) -> None:
+    """Raises ValueError when a resume would read other data than the checkpoint's run: a shard set with
+    another manifest (`config.data.shards`), or other normalisation statistics (`config.data.norm_stats`, e.g.
+    compute_stats.py run again), unless config.allow_resume_changes. Checkpoints written before the shard
+    set's identity was recorded skip that part."""
+    problems = []
+    saved_stats = saved_meta.get("norm_stats")
+    if saved_stats is not None and [float(v) for v in saved_stats] != [float(v) for v in norm_stats]:
+        problems.append(f"config.data.norm_stats resolves to mean/std {tuple(float(v) for v in norm_stats)}, the "
+                        f"run trained with {tuple(float(v) for v in saved_stats)} (were the statistics computed again?)")
+    if "data_identity" in saved_meta and saved_meta["data_identity"] != identity:
+        problems.append(f"config.data.shards={config.data.get('shards')!r} has another shard set (manifest "
+                        f"{_describe_identity(identity)}) than the run trained on ({_describe_identity(saved_meta['data_identity'])})")
+    if not problems:
+        return
+    message = (f"resuming {workdir} from step {step} on other data: " + "; ".join(problems) +
+               ". Use a new --workdir for a new run, or set --config.allow_resume_changes=True to continue anyway.")
+    if not config.get("allow_resume_changes", False):
+        raise ValueError(message)
+    logging.warning("%s (allowed by config.allow_resume_changes)", message)
+
+
+def _describe_identity(identity: dict | None) -> str:
+    if identity is None:
+        return "none: the embedded corpus"
+    return f"sha256 {identity['manifest_sha256'][:12]}…, {identity.get('num_clips')} clips"

@@ -8,6 +8,8 @@ jitted step with donated state, metrics and progress, and Orbax checkpoints that
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -18,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from audiojepa import checkpointing, frontend, methods, metrics as metrics_lib, optim, resume_check, sharding
+from audiojepa import checkpointing, frontend, locks, methods, metrics as metrics_lib, optim, resume_check, sharding
 from audiojepa.data import pipeline, records, stats, target_records
 
 # config.nonfinite_policy: "stop" raises NonFiniteLossError at the first NaN/Inf loss or gradient;
@@ -26,6 +28,7 @@ from audiojepa.data import pipeline, records, stats, target_records
 NONFINITE_POLICIES = ("stop", "skip")
 MAX_CONSECUTIVE_NONFINITE = 20
 SUMMARY_FILE = "run_summary.json"
+LOCK_FILE = "run.lock"  # held by the training process (workdir_lock)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -57,19 +60,78 @@ class RunCounters:
         return {"skipped_records": self.skipped_records, "skipped_by_reason": dict(self.skipped_by_reason),
                 "nonfinite_skipped_batches": self.nonfinite_skipped_batches}
 
-    def write_summary(self, workdir: str, *, step: int, total_steps: int, global_batch_size: int,
-                      preempted: bool) -> None:
-        """Writes `workdir/run_summary.json` and logs one line with the counts."""
-        summary = {"step": step, "total_steps": total_steps, "finished": step >= total_steps,
-                   "preempted": preempted, "examples_seen": step * global_batch_size, **self.as_dict()}
-        tmp = os.path.join(workdir, SUMMARY_FILE + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(summary, f, indent=1)
-        os.replace(tmp, os.path.join(workdir, SUMMARY_FILE))
+    def describe(self) -> str:
         reasons = ", ".join(f"{r} {n}" for r, n in self.skipped_by_reason.items() if n)
-        logging.info("run summary at step %d/%d: %d records skipped%s, %d non-finite batches skipped (%s)",
-                     step, total_steps, self.skipped_records, f" ({reasons})" if reasons else "",
-                     self.nonfinite_skipped_batches, os.path.join(workdir, SUMMARY_FILE))
+        return (f"{self.skipped_records} records skipped{f' ({reasons})' if reasons else ''}, "
+                f"{self.nonfinite_skipped_batches} non-finite batches skipped")
+
+
+RUN_STATUSES = ("finished", "stopped", "preempted", "failed")
+
+
+@dataclasses.dataclass
+class RunProgress:
+    """What a run has done so far, kept up to date by the trainer so that `run_summary.json` says what is true
+    however the run ends (a return, a preemption, an exception)."""
+    global_batch_size: int
+    total_steps: int | None = None
+    trained_step: int | None = None  # the loop's step: trained in memory, maybe never saved
+    committed_step: int | None = None  # the latest checkpoint on disk
+    preempted: bool = False
+    counters: RunCounters | None = None
+
+    def status(self, error: BaseException | None) -> str:
+        """One of RUN_STATUSES: failed (an exception), preempted, finished (the last step is committed) or
+        stopped (left early on purpose, e.g. `stop_after`)."""
+        if error is not None:
+            return "failed"
+        if self.preempted:
+            return "preempted"
+        done = self.total_steps is not None and (self.committed_step or 0) >= self.total_steps
+        return "finished" if done else "stopped"
+
+
+def committed_step_on_disk(workdir: str) -> int | None:
+    """The latest checkpoint of `workdir` that is committed on disk (None if none, or unreadable)."""
+    if not os.path.isdir(checkpointing.checkpoint_dir(workdir)):
+        return None
+    try:
+        manager = checkpointing.make_manager(workdir, every_steps=1, read_only=True)
+        try:
+            return manager.latest_step()
+        finally:
+            manager.close()
+    except Exception:  # noqa: BLE001 - a summary must still be written; the step is then unknown
+        logging.exception("could not list the checkpoints of %s", workdir)
+        return None
+
+
+def write_run_summary(workdir: str, progress: RunProgress, error: BaseException | None) -> dict:
+    """Writes `workdir/run_summary.json` (atomically) and logs it in one line.
+
+    Fields: "status" (RUN_STATUSES), "finished" (status == "finished"), "step" (the last committed
+    checkpoint, 0 if none: what a resume starts from and an export holds), "trained_step" (the loop's last
+    step), "total_steps", "preempted", "error" ("Type: message" or None), "examples_seen" (committed step x
+    global batch) and the data counts (RunCounters; None when the run failed before reading its checkpoint).
+    """
+    status = progress.status(error)
+    step = progress.committed_step or 0
+    counters = progress.counters.as_dict() if progress.counters is not None else {
+        "skipped_records": None, "skipped_by_reason": None, "nonfinite_skipped_batches": None}
+    summary = {"status": status, "finished": status == "finished", "step": step,
+               "trained_step": progress.trained_step, "total_steps": progress.total_steps,
+               "preempted": progress.preempted,
+               "error": None if error is None else f"{type(error).__name__}: {error}",
+               "examples_seen": step * progress.global_batch_size, **counters}
+    tmp = os.path.join(workdir, SUMMARY_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(summary, f, indent=1)
+    os.replace(tmp, os.path.join(workdir, SUMMARY_FILE))
+    log = logging.error if status == "failed" else logging.info
+    log("run %s at committed step %d/%s%s%s (%s)", status, step, progress.total_steps,
+        f"; {progress.counters.describe()}" if progress.counters is not None else "",
+        f"; {summary['error']}" if error is not None else "", os.path.join(workdir, SUMMARY_FILE))
+    return summary
 
 
 def _run_periodic_eval(name: str, evaluator, eval_encoder, step: int) -> dict[str, float]:
@@ -192,6 +254,7 @@ def _run_meta(config, spec: pipeline.DataSpec, total_steps: int) -> dict:
         "frontend": spec.frontend.to_dict(),
         "crop_frames": spec.crop_frames,
         "norm_stats": [spec.norm_mean, spec.norm_std],
+        "data_identity": resume_check.data_identity(spec.manifest),
         "total_steps": total_steps,
     }
 
@@ -209,29 +272,54 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None, n
       The last logged metrics, plus `preempted` = 1.0 if a preemption signal (SIGTERM) stopped the
       run early, after committing a checkpoint.
     """
+    if "://" in workdir:
+        raise ValueError(f"--workdir={workdir}: URLs are not supported yet (metrics and run files use local file "
+                         "APIs); use a path every process sees, e.g. an NFS share or a Cloud Storage FUSE mount")
     mesh = sharding.make_mesh(num_devices)
-    # Explicit-sharding ops that create arrays (zeros_like, broadcasts) take their mesh from this context
-    # on newer JAX (0.11+); without it they come out replicated and meet batch-sharded operands.
-    with jax.set_mesh(mesh):
-        return _train_on_mesh(config, workdir, mesh, stop_after=stop_after)
+    os.makedirs(workdir, exist_ok=True)
+    with workdir_lock(workdir):  # before anything is written: a second trainer leaves the first's files alone
+        run_progress = RunProgress(global_batch_size=int(config.batch_size))
+        error = None
+        try:
+            # Explicit-sharding ops that create arrays (zeros_like, broadcasts) take their mesh from this
+            # context on newer JAX (0.11+); without it they come out replicated and meet batch-sharded operands.
+            with jax.set_mesh(mesh):
+                return _train_on_mesh(config, workdir, mesh, stop_after=stop_after, run_progress=run_progress)
+        except BaseException as e:
+            error = e
+            raise
+        finally:
+            if jax.process_index() == 0:
+                if run_progress.committed_step is None:  # the run did not get as far as its checkpoint manager
+                    run_progress.committed_step = committed_step_on_disk(workdir)
+                write_run_summary(workdir, run_progress, error)
 
 
-def _train_on_mesh(config, workdir: str, mesh, *, stop_after: int | None) -> dict:
-    """train_and_evaluate's body, run inside `jax.set_mesh(mesh)`."""
+def workdir_lock(workdir: str):
+    """The training workdir's run lock (audiojepa.locks), held by process 0 for the whole run: a second trainer
+    on the same workdir fails at once, naming it and the holder's pid, instead of interleaving checkpoints.
+    Other processes of a multi-host run take no lock (they are the same run)."""
+    if jax.process_index() != 0:
+        return contextlib.nullcontext()
+    path = os.path.join(workdir, LOCK_FILE)
+    return locks.exclusive_lock(path, on_held=lambda holder: locks.RunLockedError(
+        f"workdir {workdir} is in use by another run (pid {holder}; lock file {path}); wait for it to end (a "
+        "resumed run takes the lock again), or give another --workdir"))
+
+
+def _train_on_mesh(config, workdir: str, mesh, *, stop_after: int | None, run_progress: RunProgress) -> dict:
+    """train_and_evaluate's body, run inside `jax.set_mesh(mesh)`; keeps `run_progress` up to date."""
     method_cls = methods.get_method(config.method)  # fail on an unknown method before touching data
     nonfinite_policy = config.get("nonfinite_policy", "stop")
     if nonfinite_policy not in NONFINITE_POLICIES:
         raise ValueError(f"config.nonfinite_policy={nonfinite_policy!r}; valid: {NONFINITE_POLICIES} (stop the run, "
                          "or skip the batch and go on)")
-    if "://" in workdir:
-        raise ValueError(f"--workdir={workdir}: URLs are not supported yet (metrics and run files use local file "
-                         "APIs); use a path every process sees, e.g. an NFS share or a Cloud Storage FUSE mount")
     is_main = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
 
     local_batch = sharding.check_batch_size(config.batch_size, mesh)
     spec = pipeline.resolve_data_spec(config.data)
     total_steps, warmup_steps, steps_per_epoch = steps_and_warmup(config, spec.num_clips)
+    run_progress.total_steps = total_steps
     input_shape = methods.input_shape(method_cls, spec.frontend, spec.crop_frames)
     method = method_cls(config.model, input_shape=input_shape, steps_per_epoch=steps_per_epoch or None)
     methods.check_data(config.method, method, spec)  # e.g. precomputed EnCodec targets for EncodecMAE only
@@ -260,6 +348,10 @@ def _train_on_mesh(config, workdir: str, mesh, *, stop_after: int | None) -> dic
     latest = manager.latest_step()
     saved_meta = checkpointing.restore_meta_item(manager, latest) if latest is not None else {}
     resume_check.check(saved_meta.get("config"), config, step=latest, workdir=workdir)
+    if latest is not None:
+        resume_check.check_data(saved_meta, norm_stats=(spec.norm_mean, spec.norm_std),
+                                identity=resume_check.data_identity(spec.manifest), config=config, step=latest,
+                                workdir=workdir)
     if is_main:  # after the check, so that a refused resume leaves the run's config.json as it was
         tmp = os.path.join(workdir, "config.json.tmp")
         with open(tmp, "w") as f:
@@ -287,6 +379,7 @@ def _train_on_mesh(config, workdir: str, mesh, *, stop_after: int | None) -> dic
             state = jax.device_put(init_state(init_rng), repl)
     start_step = int(state["step"])
     counters = RunCounters(saved_meta.get("counters"))
+    run_progress.counters, run_progress.trained_step, run_progress.committed_step = counters, start_step, latest
 
     train_step = jax.jit(
         make_train_step(method, tx, schedule, spec, device_frontend=device_frontend, total_steps=total_steps),
@@ -390,10 +483,11 @@ def _train_on_mesh(config, workdir: str, mesh, *, stop_after: int | None) -> dic
                 break
     finally:
         watcher.uninstall()
-        manager.wait_until_finished()  # async saves are committed before the process exits
-        manager.close()
-        writer.close()
-        if is_main:
-            counters.write_summary(workdir, step=step, total_steps=total_steps, global_batch_size=config.batch_size,
-                                   preempted=preempted)
+        run_progress.trained_step, run_progress.preempted = step, preempted
+        try:
+            manager.wait_until_finished()  # async saves are committed before the process exits
+        finally:
+            run_progress.committed_step = committed_step_on_disk(workdir)
+            manager.close()
+            writer.close()
     return {**last_logged, "preempted": 1.0} if preempted else last_logged

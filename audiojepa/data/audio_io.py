@@ -8,6 +8,7 @@ resamples with soxr and checks the result. A file that cannot be used raises `Ba
 from __future__ import annotations
 
 import os
+import stat
 import struct
 
 import numpy as np
@@ -29,7 +30,20 @@ SKIP_REASONS = (
         "unsupported extension",  # not one of AUDIO_EXTENSIONS (folder input only)
         "missing",  # listed in a CSV but not on disk
         "decoder crashed",  # the process decoding it died (make_shards --workers; shards.decode_files)
+        "not a regular file",  # a FIFO, socket or device (opening a FIFO would block forever)
+        "unreadable folder",  # a folder of a --input tree that cannot be listed (folder input only)
+        "repeated folder",  # a symlinked folder already listed, or a link loop (folder input only)
 )
+
+_FILE_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder"))
+
+
+def not_regular_file_detail(mode: int) -> str | None:
+    """None for a regular file's `st_mode`, else what it is ("a FIFO (named pipe)", ...), for a skip detail."""
+    if stat.S_ISREG(mode):
+        return None
+    return next((what for is_kind, what in _FILE_KINDS if is_kind(mode)), f"file type {stat.S_IFMT(mode):o}")
 
 
 class BadAudioError(ValueError):
@@ -86,8 +100,15 @@ def load_clip(
     Raises:
       BadAudioError: with a reason from SKIP_REASONS.
     """
-    if not os.path.exists(path):
-        raise BadAudioError("missing", path)
+    try:
+        mode = os.stat(path).st_mode  # follows links; opens nothing
+    except FileNotFoundError:
+        raise BadAudioError("missing", path) from None
+    except OSError as e:
+        raise BadAudioError("unreadable", f"{type(e).__name__}: {e}") from None
+    what = not_regular_file_detail(mode)
+    if what is not None:  # opening a FIFO for reading blocks until a writer comes: never open one
+        raise BadAudioError("not a regular file", f"{path} is {what}")
     if max_seconds is not None:
         try:
             info = sf.info(path)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import ctypes
 import dataclasses
 import fnmatch
 import functools
@@ -24,6 +25,8 @@ import multiprocessing
 import os
 import secrets
 import shutil
+import signal
+import sys
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -34,6 +37,7 @@ import numpy as np
 from array_record.python import array_record_module
 from tqdm import tqdm
 
+from audiojepa import locks
 from audiojepa.data import audio_io, records, stats
 
 MANIFEST = "manifest.json"
@@ -64,20 +68,72 @@ class InputList:
 
 
 def list_folder(folder: str) -> InputList:
-    """All files under `folder` (recursive, sorted); non-audio extensions are listed as skipped."""
+    """All files under `folder`, recursively, in a fixed order: each folder's files by name, then its
+    subfolders by name. Non-audio extensions are listed as skipped; so are the folders it does not read.
+
+    A symlinked folder is followed, once: a link into the `folder` tree (whose files are listed under
+    their own path), to a folder already listed through another link, or to a folder above the link (a
+    loop) is skipped as "repeated folder". A subfolder that cannot be listed
+    is skipped as "unreadable folder" with the error. Skipped folders are listed as "<path>/". Raises the
+    OSError (e.g. PermissionError), naming `folder`, when `folder` itself cannot be listed.
+    """
     items, skipped = [], []
-    for root, dirs, files in os.walk(folder):
-        dirs.sort()
-        for name in sorted(files):
-            path = os.path.join(root, name)
-            rel = os.path.relpath(path, folder).replace(os.sep, "/")
-            if name.startswith(".") or name in (MANIFEST,):
+    root_real = os.path.realpath(folder)
+    listed = {}  # real path of each folder listed -> its path under `folder` ("" for `folder`)
+    pending = [(folder, "", None)]  # folders to list, last first: (path, its path under `folder` + "/", real path
+    # of the folder holding it if it is a symbolic link, else None)
+    while pending:
+        path, rel, link_parent_real = pending.pop()
+        real = os.path.realpath(path)
+        repeat = _repeated_folder(real, link_parent_real, root_real, listed)
+        if repeat:
+            skipped.append({"path": rel, "reason": "repeated folder", "detail": repeat})
+            continue
+        try:
+            with os.scandir(path) as found:
+                entries = sorted(found, key=lambda entry: entry.name)
+        except OSError as e:
+            if not rel:
+                raise type(e)(f"--input {folder}: cannot list it ({type(e).__name__}: {e})") from e
+            skipped.append({"path": rel, "reason": "unreadable folder", "detail": f"{type(e).__name__}: {e}"})
+            continue
+        listed[real] = rel
+        subfolders = []
+        for entry in entries:
+            if _is_folder(entry):
+                subfolders.append((entry.path, f"{rel}{entry.name}/", real if entry.is_symlink() else None))
+            elif entry.name.startswith(".") or entry.name == MANIFEST:
                 continue
-            if os.path.splitext(name)[1].lower() in audio_io.AUDIO_EXTENSIONS:
-                items.append((path, rel, {}))
+            elif os.path.splitext(entry.name)[1].lower() in audio_io.AUDIO_EXTENSIONS:
+                items.append((entry.path, rel + entry.name, {}))  # not opened here: load_clip skips a FIFO
             else:
-                skipped.append({"path": rel, "reason": "unsupported extension"})
+                skipped.append({"path": rel + entry.name, "reason": "unsupported extension"})
+        pending.extend(reversed(subfolders))
     return InputList(items, skipped, [])
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()  # follows symbolic links
+    except OSError:
+        return False  # listed as a file; decoding then says what is wrong with it
+
+
+def _repeated_folder(real: str, link_parent_real: str | None, root_real: str, listed: dict[str, str]) -> str | None:
+    """Why the folder whose real path is `real` is not listed (a symbolic link in the folder `link_parent_real`,
+    or None for a plain folder), or None."""
+    if link_parent_real is not None and _is_within(link_parent_real, real):
+        return f"a link to {real}, a folder above it: a loop"
+    if link_parent_real is not None and _is_within(real, root_real):
+        return f"a link to {real}, listed as {listed.get(real, os.path.relpath(real, root_real) + '/')}"
+    if real in listed:  # also a bind mount seen twice
+        return f"a link to {real}, already listed as {listed[real]}"
+    return None
+
+
+def _is_within(path: str, folder: str) -> bool:
+    """Whether the real path `path` is `folder` or inside it."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def list_table(table_path: str) -> InputList:
@@ -109,7 +165,42 @@ def list_table(table_path: str) -> InputList:
     return InputList(items, skipped, header[1:])
 
 
+class NoClipsError(ValueError):
+    """A run that would write no clips: no audio files in the input, or all of them skipped. `skipped`
+    holds the skipped files, as {"path", "reason", "detail"} (the manifest's list)."""
+
+    def __init__(self, message: str, skipped: list[dict[str, str]]):
+        super().__init__(message)
+        self.skipped = skipped
+
+
+def _skip_summary(skipped: list[dict[str, str]], limit: int = 10) -> str:
+    """The counts per reason and the first `limit` skipped files, one per line, for an error message."""
+    counts: dict[str, int] = {}
+    for item in skipped:
+        counts[item["reason"]] = counts.get(item["reason"], 0) + 1
+    lines = [", ".join(f"{reason}: {n}" for reason, n in counts.items())]
+    for item in skipped[:limit]:
+        detail = f" ({item['detail']})" if item.get("detail") else ""
+        lines.append(f"  {item['path']}: {item['reason']}{detail}")
+    if len(skipped) > limit:
+        lines.append(f"  ... and {len(skipped) - limit} more")
+    return "\n".join(lines)
+
+
 def list_inputs(input_path: str) -> InputList:
+    """The files to shard from a folder (`list_folder`) or a CSV/TSV (`list_table`); NoClipsError naming
+    `input_path` when it lists no audio file."""
+    inputs = _list_inputs(input_path)
+    if not inputs.items:
+        listed = f"; it lists only skipped entries: {_skip_summary(inputs.skipped)}" if inputs.skipped else ""
+        what = (f"no audio files (extensions {', '.join(audio_io.AUDIO_EXTENSIONS)})" if os.path.isdir(input_path)
+                else "no audio files listed (one path per row after the header)")
+        raise NoClipsError(f"--input {input_path}: {what}{listed}", inputs.skipped)
+    return inputs
+
+
+def _list_inputs(input_path: str) -> InputList:
     if os.path.isdir(input_path):
         return list_folder(input_path)
     if os.path.isfile(input_path):
@@ -227,18 +318,20 @@ def make_shards(
 ) -> dict:
     """Decodes every file listed by `input_path` (folder or CSV/TSV) into a shard set.
 
-    Bad files are skipped and listed in the manifest with their reason; nothing aborts the run. A set
-    already in `output_dir` is an error unless `overwrite`, and is replaced only once the new one is
-    complete (`staged_output`). Returns the manifest dict (also written to `output_dir/manifest.json`).
+    Bad files are skipped and listed in the manifest with their reason; none aborts the run. A run that
+    writes no clip (no audio file in the input, or all skipped) raises NoClipsError naming the input and
+    listing the first skipped files, and leaves `output_dir` as it was. A set already in `output_dir` is
+    an error unless `overwrite`, and is replaced only once the new one is complete (`staged_output`).
+    Returns the manifest dict (also written to `output_dir/manifest.json`).
     """
     if codec not in records.CODECS:
         raise ValueError(f"--format {codec!r}; valid: {records.CODECS}")
-    inputs = list_inputs(input_path)
-    num_shards = num_shards or default_num_shards(len(inputs.items))
     decode = functools.partial(_decode_one, sample_rate=sample_rate, codec=codec, min_seconds=min_seconds,
                                max_seconds=max_seconds)
     start = time.time()
-    with staged_output(output_dir, overwrite) as staged:
+    with staged_output(output_dir, overwrite) as staged:  # locks the output first: a second run fails at once
+        inputs = list_inputs(input_path)
+        num_shards = num_shards or default_num_shards(len(inputs.items))
         writer = ShardWriter(staged, num_shards)
         skipped = list(inputs.skipped)
         try:
@@ -253,6 +346,9 @@ def make_shards(
                         bar.set_postfix(skipped=len(skipped), refresh=False)
         finally:
             writer.close()
+        if writer.num_written == 0:  # raised inside the block: the staged set is deleted, the old one kept
+            raise NoClipsError(f"--input {input_path}: 0 clips written, all {len(skipped)} files skipped; "
+                               f"{output_dir} is unchanged. {_skip_summary(skipped)}", skipped)
         manifest = _manifest(writer, sample_rate=sample_rate, codec=codec, skipped=skipped, extra={
             "input": os.path.abspath(input_path),
             "metadata_columns": inputs.metadata_columns,
@@ -339,7 +435,24 @@ def _decode_one_at_a_time(items: list, decode) -> Iterator[tuple]:
 
 
 def _spawn_pool(workers: int) -> ProcessPoolExecutor:
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_die_with_parent, initargs=(os.getpid(),))
+
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Worker initializer: the kernel SIGKILLs this worker when the process that started it dies (Linux).
+
+    Without it, workers of a killed run (SIGKILL, or SIGTERM without a handler) wait forever on their task
+    queue, whose other end they hold themselves. Elsewhere this does nothing.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 def _decode_task(decode, items: list) -> list:
@@ -373,19 +486,89 @@ def staged_output(output_dir: str, overwrite: bool) -> Iterator[str]:
     """Yields an empty folder to write a shard set (manifest last) for `output_dir`; when the block ends
     without an error, the set replaces the one in `output_dir` (`replace_output`).
 
+    The output is locked for the whole block (`output_lock`): a second run into it, in any process, raises
+    OutputLockedError at once, before looking at what `output_dir` holds. Under the lock, what a killed run
+    left is cleaned up first (`clean_stale_staging`).
+
     Until then the old set (shards, manifest and log-mel statistics) is untouched, so an interrupted
     run loses nothing; on an exception the staged folder is deleted. A run killed outright (SIGKILL)
-    leaves it as `.<output name>.tmp-*`, next to the output or inside it (`staging_dir`).
+    leaves it as `.<output name>.tmp-*`, next to the output or inside it (`staging_dir`), for the next
+    run to remove.
     Raises FileExistsError, naming --overwrite, if `output_dir` holds a set and not `overwrite`.
     """
-    check_output(output_dir, overwrite)
-    staged = staging_dir(output_dir)
-    try:
-        yield staged
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
-    replace_output(staged, output_dir)
+    with output_lock(output_dir):
+        clean_stale_staging(output_dir)
+        check_output(output_dir, overwrite)
+        staged = staging_dir(output_dir)
+        try:
+            yield staged
+        except BaseException:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise
+        replace_output(staged, output_dir)
+
+
+def clean_stale_staging(output_dir: str) -> list[str]:
+    """Cleans up after runs into `output_dir` that were killed outright; returns the folders it handled.
+
+    Removes `.<name>.tmp-*` staging folders (unfinished sets) beside or inside `output_dir`, and undoes a
+    swap cut short (`replace_output`): a `.<name>.old-*` folder goes back to `output_dir` when that is
+    missing (the old set was moved aside but the new one never moved in), else its files that are not
+    part of a set move into `output_dir` and it is removed (the new set was in place). Logs a warning
+    naming each folder. Call it only while holding `output_lock`, so no live run owns these folders.
+    """
+    real = os.path.realpath(output_dir)
+    parent, name = os.path.dirname(real), os.path.basename(real)
+    handled = []
+    for folder in (parent, real):
+        for path in sorted(glob.glob(os.path.join(glob.escape(folder), glob.escape(f".{name}.tmp-") + "*"))):
+            shutil.rmtree(path, ignore_errors=True)
+            logging.warning("removed %s: an unfinished shard set for %s left by a run that was killed", path,
+                            output_dir)
+            handled.append(path)
+    for old in sorted(glob.glob(os.path.join(glob.escape(parent), glob.escape(f".{name}.old-") + "*"))):
+        if not os.path.exists(real):
+            os.rename(old, real)
+            logging.warning("restored the previous shard set of %s from %s (a run was killed while swapping in a new "
+                            "one)", output_dir, old)
+        else:
+            for kept in os.listdir(old):
+                if not is_set_file(kept) and not os.path.exists(os.path.join(real, kept)):
+                    os.rename(os.path.join(old, kept), os.path.join(real, kept))
+            shutil.rmtree(old, ignore_errors=True)
+            logging.warning("removed %s: the shard set %s replaced, left by a run killed after the swap (its other "
+                            "files moved into %s)", old, output_dir, output_dir)
+        handled.append(old)
+    return handled
+
+
+class OutputLockedError(locks.RunLockedError):
+    """Another run holds the lock of the output; the message names the output and the holder's pid."""
+
+
+def lock_path(output_dir: str) -> str:
+    """The lock file of `output_dir`: `.<name>.lock` where its staging folders go (`staging_dir`)."""
+    output_dir = os.path.realpath(output_dir)
+    os.makedirs(os.path.dirname(output_dir), exist_ok=True)
+    name = f".{os.path.basename(output_dir)}.lock"
+    if _can_stage_beside(output_dir):
+        return os.path.join(os.path.dirname(output_dir), name)
+    os.makedirs(output_dir, exist_ok=True)
+    return os.path.join(output_dir, name)
+
+
+def output_lock(output_dir: str):
+    """Holds an exclusive lock (audiojepa.locks, an flock) on `output_dir`'s `lock_path` for the block; yields
+    that path.
+
+    Raises OutputLockedError at once, naming `output_dir` and the holder's pid, if another run holds it (in
+    any process, this one included). The file holds the holder's pid and is removed when the block ends;
+    the kernel frees the lock of a process that dies, so a killed run never leaves the output locked.
+    """
+    path = lock_path(output_dir)
+    return locks.exclusive_lock(path, on_held=lambda holder: OutputLockedError(
+        f"{output_dir} is being written by another run (pid {holder}; lock file {path}); wait for it to end, or "
+        "give another --output"))
 
 
 def staging_dir(output_dir: str) -> str:
