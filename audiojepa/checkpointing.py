@@ -7,6 +7,14 @@ and the run's counters). Saves are asynchronous; an interrupted save never repla
 good checkpoint: Orbax writes into `<step>.orbax-checkpoint-tmp-*` and renames it when complete
 (on GCS, a `commit_success.txt` marks completion), and `latest_step()` only sees finished ones.
 
+Faults. A save that fails (a full disk, a lost mount) raises `CheckpointWriteError` at the next call of
+`save` (train.py calls it every step) or `wait_for_saves`, its message starting with the cause ("No space
+left on device ..."), naming the step, and with the partial `<step>.orbax-checkpoint-tmp*` folder removed.
+Each save also records a digest of every state leaf in `meta["state_digests"]`; `restore_verified` checks
+them (checkpoints written before digests get a finite check of every float leaf), and
+`restore_latest_intact` falls back from a damaged or unreadable checkpoint to the previous intact one with a
+warning naming the bad one, which is kept (moved to `workdir/damaged_checkpoints/` where asked).
+
 When to save: every `config.checkpoint_every_steps`, on the last step, and on preemption (Orbax's
 policy in multi-process jobs; SIGTERM through `PreemptionWatcher` in single-process ones). What to
 keep: the latest `config.keep_checkpoints`, plus every `config.keep_every_steps`-th step if > 0.
@@ -14,20 +22,51 @@ keep: the latest `config.keep_checkpoints`, plus every `config.keep_every_steps`
 
 from __future__ import annotations
 
+import errno
+import glob
 import logging
 import os
 import re
+import shutil
 import signal
 import threading
 import time
+import weakref
 
 import grain
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 from orbax.checkpoint.checkpoint_managers import save_decision_policy as sdp
 
 ITEMS = ("state", "data", "meta")
+DIGESTS_KEY = "state_digests"  # meta key: {leaf name: digest} of the saved state (state_digests())
+DAMAGED_DIR = "damaged_checkpoints"  # under the workdir: checkpoints found damaged, moved out of the way
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written. `step`: its step; `cause`: the underlying error in a few words
+    (the start of the message); `original`: the exception Orbax raised (its traceback is in the log)."""
+
+    def __init__(self, message: str, *, step: int, cause: str, original: BaseException):
+        super().__init__(message)
+        self.step, self.cause, self.original = step, cause, original
+
+
+class CheckpointDamagedError(RuntimeError):
+    """A checkpoint cannot be read back, or what it reads back differs from what was saved (or, without
+    digests, is not finite). `step`: which (None when the error is about all of a workdir's checkpoints);
+    `reason`: what is wrong with it."""
+
+    def __init__(self, message: str, *, step: int | None = None, reason: str = ""):
+        super().__init__(message)
+        self.step, self.reason = step, reason
+
+    @classmethod
+    def of(cls, step: int, directory: str, reason: str) -> CheckpointDamagedError:
+        return cls(f"checkpoint {step} in {directory} is damaged: {reason}", step=step, reason=reason)
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -118,20 +157,179 @@ class PreemptionWatcher:
         return False
 
 
+# manager -> step of its last started save whose outcome has not been checked yet
+_unchecked_saves: "weakref.WeakKeyDictionary[ocp.CheckpointManager, int]" = weakref.WeakKeyDictionary()
+
+
 def save(manager: ocp.CheckpointManager, step: int, state, data_iterator, meta: dict, *, force: bool = False) -> bool:
-    """Saves if the policy says so (or `force`); returns whether a save started."""
-    args = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
+    """Saves if the policy says so (or `force`); returns whether a save started.
+
+    Meant to be called every step: it first checks the previous asynchronous save without blocking (and
+    waits for it when a new save is due, as Orbax would), raising `CheckpointWriteError` if that save
+    failed. `meta` gets `state_digests(state)` under DIGESTS_KEY.
+    """
+    due = force or manager.should_save(step)
+    if due and _unchecked_saves.get(manager) is not None:
+        _wait_and_check(manager)
+    elif not due:
+        check_last_save(manager)
+        return False
+    args = {"state": ocp.args.StandardSave(state),
+            "meta": ocp.args.JsonSave({**meta, DIGESTS_KEY: state_digests(state)})}
     if data_iterator is not None:
         args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     start = time.perf_counter()
-    saved = manager.save(step, args=ocp.args.Composite(**args), force=force)
+    try:
+        saved = manager.save(step, args=ocp.args.Composite(**args), force=force)
+    except Exception as e:  # noqa: BLE001 - any failure of a synchronous save (or the blocking part of an
+        # asynchronous one) is a failed write: re-raised as CheckpointWriteError, cause first
+        raise _write_error(manager, step, e) from None
     if saved:
+        _unchecked_saves[manager] = step
         logging.info("checkpoint for step %d started (%.2f s blocking)", step, time.perf_counter() - start)
     return saved
 
 
+def check_last_save(manager: ocp.CheckpointManager) -> None:
+    """Raises `CheckpointWriteError` if the last asynchronous save has failed; never blocks on one still
+    being written (costs a lock when there is nothing to check). `save` already calls it."""
+    if _unchecked_saves.get(manager) is not None and not manager.is_saving_in_progress():
+        _wait_and_check(manager)
+
+
+def wait_for_saves(manager: ocp.CheckpointManager) -> None:
+    """`manager.wait_until_finished()`, raising `CheckpointWriteError` (cause first, partial folder
+    removed) if the last save failed. Call it in place of wait_until_finished before exiting."""
+    _wait_and_check(manager)
+
+
+def _wait_and_check(manager: ocp.CheckpointManager) -> None:
+    step = _unchecked_saves.pop(manager, None)
+    try:
+        manager.wait_until_finished()
+    except Exception as e:
+        if step is None:
+            raise
+        raise _write_error(manager, step, e) from None
+
+
+def _os_cause(error: BaseException) -> str | None:
+    """"No space left on device (errno 28, ENOSPC)" for the first OS error in `error`'s chain or text
+    (TensorStore reports one as `[os_error_code='28']`), else None."""
+    seen = 0
+    while error is not None and seen < 32:
+        code = error.errno if isinstance(error, OSError) and error.errno else None
+        if code is None:
+            found = re.search(r"os_error_code='?(\d+)|\[Errno (\d+)\]", str(error))
+            code = int(found.group(1) or found.group(2)) if found else None
+        if code:
+            return f"{os.strerror(code)} (errno {code}, {errno.errorcode.get(code, '?')})"
+        error = error.__cause__ or error.__context__
+        seen += 1
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
+def _write_error(manager: ocp.CheckpointManager, step: int, error: BaseException) -> CheckpointWriteError:
+    """The error for a failed save of `step`, after removing the partial folder it left."""
+    directory = str(manager.directory)
+    removed = []
+    if jax.process_index() == 0:
+        for partial in glob.glob(os.path.join(directory, f"{step}.orbax-checkpoint-tmp*")):
+            shutil.rmtree(partial, ignore_errors=True)
+            removed.append(os.path.basename(partial))
+    cause = _os_cause(error) or _first_line(error)
+    latest = manager.latest_step()
+    intact = f"checkpoint {latest}" if latest is not None else "none"
+    message = (f"{cause}: the checkpoint of step {step} could not be written to {directory} "
+               f"(partial folder removed: {', '.join(removed) or 'none'}; latest intact checkpoint: {intact}); "
+               f"fix the cause and run again to resume. Orbax: {_first_line(error)[:500]}")
+    return CheckpointWriteError(message, step=step, cause=cause, original=error)
+
+
+def _leaf_name(path) -> str:
+    """'params/stack/blocks/mlp/kernel' for a key path, the same for dicts, namedtuples and lists."""
+    parts = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
+
+
+def _words(x):
+    """The bits of `x` as a flat uint32 vector (narrower types widened, 64-bit ones split)."""
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32).ravel()
+    bits = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+    return jax.lax.bitcast_convert_type(x, bits).astype(jnp.uint32).ravel()
+
+
+@jax.jit
+def _digest_words(leaves):
+    """Per leaf, [sum of words, sum of position-weighted mixed words] mod 2**32: any change of one word
+    changes the first; the second catches swaps. Integer sums, so equal on any device or sharding."""
+    out = []
+    for x in leaves:
+        words = _words(x)
+        weighted = words * (jnp.arange(words.size, dtype=jnp.uint32) * jnp.uint32(2654435761) + jnp.uint32(1))
+        mixed = weighted ^ (weighted >> 15)
+        out.append(jnp.stack([jnp.sum(words, dtype=jnp.uint32), jnp.sum(mixed, dtype=jnp.uint32)]))
+    return out
+
+
+def state_digests(state) -> dict[str, str]:
+    """{leaf name: "<dtype>[shape]:<16 hex digits>"} of a state tree, computed where the arrays live
+    (one small jitted reduction per save; only 8 bytes per leaf come to the host)."""
+    flat = jax.tree_util.tree_flatten_with_path(state)[0]
+    if not flat:
+        return {}
+    sums = jax.device_get(_digest_words([jnp.asarray(x) for _, x in flat]))
+    return {_leaf_name(path): f"{np.asarray(x).dtype}{list(np.shape(x))}:{int(s[0]):08x}{int(s[1]):08x}"
+            for (path, x), s in zip(flat, sums)}
+
+
+@jax.jit
+def _all_finite(leaves):
+    return [jnp.all(jnp.isfinite(x)) for x in leaves]
+
+
+def _verify_state(step: int, directory: str, state, meta: dict) -> None:
+    """Raises CheckpointDamagedError when the restored `state` differs from the digests saved with it
+    (or, for a checkpoint saved without digests, has a non-finite float leaf)."""
+    expected = meta.get(DIGESTS_KEY)
+    if expected is None:
+        flat = [(p, x) for p, x in jax.tree_util.tree_flatten_with_path(state)[0]
+                if jnp.issubdtype(x.dtype, jnp.inexact)]
+        finite = jax.device_get(_all_finite([x for _, x in flat])) if flat else []
+        bad = [_leaf_name(p) for (p, _), ok in zip(flat, finite) if not ok]
+        if bad:
+            raise CheckpointDamagedError.of(step, directory, f"(saved without digests) non-finite values in "
+                                                          f"{len(bad)} state leaves, e.g. state/{bad[0]}")
+        return
+    actual = state_digests(state)
+    wrong = sorted(name for name in expected.keys() | actual.keys() if expected.get(name) != actual.get(name))
+    if wrong:
+        raise CheckpointDamagedError.of(
+            step, directory, f"it reads back different from what was saved: {len(wrong)} of {len(expected)} "
+            f"state leaves differ from their saved digests, e.g. state/{wrong[0]} "
+            f"(saved {expected.get(wrong[0])}, read {actual.get(wrong[0])})")
+
+
+def _public_meta(meta: dict) -> dict:
+    return {k: v for k, v in meta.items() if k != DIGESTS_KEY}
+
+
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iterator=None):
-    """Restores `state` onto the shardings in `abstract_state` (jax.ShapeDtypeStruct leaves).
+    """Restores `state` onto the shardings in `abstract_state` (jax.ShapeDtypeStruct leaves), unverified
+    (`restore_verified` checks it against its digests).
 
     Restoring onto an abstract target (rather than the saved sharding) is what lets a run resume
     on a different number of devices. `data_iterator`, if given, is moved to the saved position.
@@ -142,19 +340,104 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iter
     if data_iterator is not None:
         args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     restored = manager.restore(step, args=ocp.args.Composite(**args))
-    return restored["state"], restored["meta"]
+    return restored["state"], _public_meta(restored["meta"])
+
+
+def restore_verified(manager: ocp.CheckpointManager, step: int, abstract_state, data_iterator=None):
+    """`restore`, then a check of every state leaf against the digests saved with it. Returns (state, meta).
+
+    `abstract_state`: a tree of jax.ShapeDtypeStruct, or a function step -> such a tree (e.g. built from
+    `manager.item_metadata(step)`). Raises CheckpointDamagedError naming the checkpoint when it cannot be
+    read (a truncated or missing file, undecodable data) or reads back different from what was saved; a
+    checkpoint of the old per-block layout still gets check_block_layout's ValueError.
+    """
+    directory = str(manager.directory)
+    try:
+        metadata = manager.item_metadata(step)["state"]
+    except Exception as e:
+        raise CheckpointDamagedError.of(step, directory, f"it cannot be read: {_first_line(e)[:500]}") from e
+    _check_block_layout_of(metadata, step, directory)
+    target = abstract_state(step) if callable(abstract_state) else abstract_state
+    try:
+        args = {"state": ocp.args.StandardRestore(target), "meta": ocp.args.JsonRestore()}
+        if data_iterator is not None:
+            args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        restored = manager.restore(step, args=ocp.args.Composite(**args))
+    except Exception as e:
+        raise CheckpointDamagedError.of(step, directory, f"it cannot be read: {_first_line(e)[:500]}") from e
+    _verify_state(step, directory, restored["state"], restored["meta"])
+    return restored["state"], _public_meta(restored["meta"])
+
+
+def restore_latest_intact(manager: ocp.CheckpointManager, abstract_state, data_iterator=None, *,
+                          move_damaged: bool = False):
+    """(step, state, meta) of the latest checkpoint that reads back as saved (`restore_verified`), or
+    (None, None, {}) when there is none.
+
+    A damaged checkpoint is skipped with a warning naming it and the one used instead, and is never
+    deleted; with `move_damaged` (a training run, which will save again) it is moved to
+    `<workdir>/damaged_checkpoints/<step>` so that new saves of that step and the keep-latest-N policy see
+    only intact checkpoints. Raises CheckpointDamagedError naming every checkpoint when none is intact.
+    """
+    directory = str(manager.directory)
+    problems = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            state, meta = restore_verified(manager, step, abstract_state, data_iterator)
+        except CheckpointDamagedError as e:
+            problems.append((step, e))
+            continue
+        for bad, error in problems:
+            moved = f"; moved to {_move_aside(manager, bad)}" if move_damaged else " (left in place)"
+            logging.warning("%s; using checkpoint %d instead%s", error, step, moved)
+        if move_damaged and problems:
+            manager.reload()
+        return step, state, meta
+    if problems:
+        raise CheckpointDamagedError(
+            f"no intact checkpoint in {directory}: "
+            + "; ".join(f"checkpoint {bad}: {error.reason}" for bad, error in problems)
+            + ". Nothing was deleted; start a new workdir, or restore one of them from a backup.")
+    return None, None, {}
+
+
+def restore_data_iterator(manager: ocp.CheckpointManager, step: int, data_iterator) -> None:
+    """Moves `data_iterator` to the position saved in checkpoint `step` (its `data` item only; no arrays)."""
+    manager.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iterator)))
+
+
+def _move_aside(manager: ocp.CheckpointManager, step: int) -> str:
+    """Moves checkpoint `step` to <workdir>/damaged_checkpoints/<step>[-n]; returns where (process 0 moves,
+    every process waits for it)."""
+    source = os.path.join(str(manager.directory), str(step))
+    root = os.path.join(os.path.dirname(str(manager.directory)), DAMAGED_DIR)
+    dest, n = os.path.join(root, str(step)), 0
+    while os.path.exists(dest):
+        n += 1
+        dest = os.path.join(root, f"{step}-{n}")
+    if jax.process_index() == 0:
+        os.makedirs(root, exist_ok=True)
+        os.replace(source, dest)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"audiojepa_move_damaged_checkpoint_{step}")
+    return dest
 
 
 def check_block_layout(manager: ocp.CheckpointManager, step: int) -> None:
     """Raises a ValueError naming the checkpoint when it stores transformer blocks per block (`blocks_<i>`,
     audiojepa before 2026-11-30) rather than stacked (vit.TransformerStack), instead of Orbax's long list
     of missing keys."""
-    metadata = manager.item_metadata(step)["state"]
+    _check_block_layout_of(manager.item_metadata(step)["state"], step, str(manager.directory))
+
+
+def _check_block_layout_of(metadata, step: int, directory: str) -> None:
     paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(metadata)[0]]
     old = next((path for path in paths if re.search(r"\['blocks_\d+'\]", path)), None)
     if old is not None:
         raise ValueError(
-            f"checkpoint {step} in {manager.directory} stores transformer blocks one by one (e.g. state{old}), "
+            f"checkpoint {step} in {directory} stores transformer blocks one by one (e.g. state{old}), "
             f"the layout of audiojepa before 2026-11-30; this code stores them stacked (params .../blocks/... "
             f"with a leading [depth] axis) and cannot resume it. Start a new workdir, or export the encoder "
             f"with the code that wrote it (tools/export_encoder.py); exported encoders of that layout still load.")
@@ -162,7 +445,7 @@ def check_block_layout(manager: ocp.CheckpointManager, step: int) -> None:
 
 def restore_meta_item(manager: ocp.CheckpointManager, step: int) -> dict:
     """The `meta` dict of checkpoint `step` of an open manager (no arrays are read)."""
-    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    return _public_meta(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
 
 
 def restore_meta(workdir: str, step: int | None = None) -> tuple[int, dict]:
@@ -175,7 +458,7 @@ def restore_meta(workdir: str, step: int | None = None) -> tuple[int, dict]:
         raise FileNotFoundError(f"no checkpoint in {checkpoint_dir(workdir)}")
     meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     manager.close()
-    return step, meta
+    return step, _public_meta(meta)
 
 
 def abstract_like(tree, sharding):

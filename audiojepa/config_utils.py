@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+
 import ml_collections
 
 
@@ -29,7 +31,9 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
                 raise ValueError(f"config arg {item!r}: expected key=value; valid keys: {sorted(defaults)}")
             value = item
         if key not in defaults:
-            raise ValueError(f"config arg {key!r} is unknown; valid: {sorted(defaults)}")
+            close = difflib.get_close_matches(key, list(defaults), n=3, cutoff=0.6)
+            hint = f"did you mean {', '.join(close)}? " if close else ""
+            raise ValueError(f"config arg {key!r} ({item!r}) is unknown; {hint}valid: {sorted(defaults)}")
         default = defaults[key]
         if isinstance(default, bool):
             if value.lower() not in ("true", "false", "1", "0"):
@@ -149,9 +153,44 @@ def apply_runlocal(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     return config
 
 
+def _flat_keys(node, prefix: str = "") -> list[str]:
+    """Every dotted key of a config: ["batch_size", "data", "data.crop_frames", ...]."""
+    out = []
+    for key, value in node.items():
+        out.append(prefix + key)
+        if hasattr(value, "items"):
+            out += _flat_keys(value, prefix + key + ".")
+    return out
+
+
+def _close_keys(config, dotted_key: str, node, prefix: str, name: str) -> list[str]:
+    """Dotted keys of `config` that `dotted_key` may have meant: siblings spelled like `name`, then any key
+    spelled like the whole path (the right name in the wrong group)."""
+    siblings = [prefix + k for k in difflib.get_close_matches(name, list(node.keys()), n=3, cutoff=0.6)]
+    flat = _flat_keys(config)
+    anywhere = difflib.get_close_matches(dotted_key, flat, n=3, cutoff=0.6)
+    anywhere += [k for k in flat if k.rsplit(".", 1)[-1] == dotted_key.rsplit(".", 1)[-1]]
+    return list(dict.fromkeys(siblings + anywhere))
+
+
 def set_by_path(config: ml_collections.ConfigDict, dotted_key: str, value) -> None:
-    """config["a.b.c"] = value, as `--config.a.b.c=value` would set it."""
+    """config["a.b.c"] = value, as `--config.a.b.c=value` would set it.
+
+    Every part of the key must exist already, as for `--config.` flags: a typo is a ValueError naming the
+    key and the close matches (difflib), never a new key that nothing reads.
+    """
     *parents, leaf = dotted_key.split(".")
-    for key in parents:
-        config = config[key]
-    config[leaf] = value
+    node, prefix = config, ""
+    for depth, key in enumerate(parents + [leaf]):
+        if not hasattr(node, "items"):
+            raise ValueError(f"config.{prefix.rstrip('.')} holds a value of type {type(node).__name__}, not a group "
+                             f"of keys: config.{dotted_key} does not exist")
+        if key not in node:
+            close = _close_keys(config, dotted_key, node, prefix, key)
+            hint = f"did you mean {', '.join('config.' + k for k in close)}? " if close else ""
+            raise ValueError(f"config.{dotted_key}: config.{prefix}{key} is unknown; {hint}"
+                             f"valid keys under config{'.' + prefix.rstrip('.') if prefix else ''}: "
+                             f"{sorted(node.keys())}")
+        if depth < len(parents):
+            node, prefix = node[key], prefix + key + "."
+    node[leaf] = value

@@ -263,16 +263,17 @@ def _read_exported_params(path: str, meta: dict) -> dict:
 
 
 def restore_train_state(workdir: str, step: int | None = None):
-    """(method, state, meta) of a training run's latest (or given) checkpoint, on the first local device.
+    """(method, state, meta) of a training run's latest intact (or given) checkpoint, on the first local device.
+    A damaged latest checkpoint (its digests differ, or it cannot be read) is skipped with a warning naming it;
+    a damaged `step` is an error naming it.
 
     `state` is the whole train state {"step", "params", "target_params", "opt_state"} as nested dicts and
     lists (its structure and shapes are read from the checkpoint, so nothing the run's init would read, such
     as EncodecMAE's stage-1 params file, is needed); `method` is built from the run's config and input shape.
     """
-    import orbax.checkpoint as ocp
-
     from audiojepa import checkpointing
 
+    requested_step = step
     step, meta = checkpointing.restore_meta(workdir, step)
     config = ml_collections.ConfigDict(meta["config"])
     frontend = frontend_lib.LogMelParams.from_dict(meta["frontend"])
@@ -280,12 +281,17 @@ def restore_train_state(workdir: str, step: int | None = None):
     input_shape = methods.input_shape(method_cls, frontend, meta["crop_frames"])
     method = method_cls(config.model, input_shape=input_shape)
     manager = checkpointing.make_manager(workdir, every_steps=1, read_only=True)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def abstract(at_step):  # the saved state's own structure, on this process's first device
+        return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                            manager.item_metadata(at_step)["state"])
+
     try:
-        checkpointing.check_block_layout(manager, step)
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                                manager.item_metadata(step)["state"])
-        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+        if requested_step is None:  # the latest checkpoint that reads back as saved (a damaged one: a warning)
+            step, state, meta = checkpointing.restore_latest_intact(manager, abstract)
+        else:
+            state, meta = checkpointing.restore_verified(manager, step, abstract)
     finally:
         manager.close()
     return method, state, meta

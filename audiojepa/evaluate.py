@@ -16,7 +16,12 @@ baseline) or `random:<config>` (that config's encoder at random init). With `--b
 default) the log-mel baseline and the same architecture at random init are evaluated too, so the
 report shows the floor. Writes OUTPUT/results.json (`{task: {"linear": {"mean", "ci95", "metric", "lr",
 "validation", ...}, "knn": {"mean", "metric"} or null, "protocol": {every resolved value, the task's
-unit_sec}}}` for --encoder), all_results.json, results.md and one PNG per task.
+unit_sec}}}` for --encoder), all_results.json, results.md and one PNG per task. The JSON files are strict JSON:
+a one-seed run's `ci95` and `std` are null.
+
+Before anything is embedded, `--output` must be (or become) a writable folder, and every task must have two
+or more classes, a non-empty train and test split (or two folds) and no test class missing from training;
+errors name the path or the task.
 """
 
 from __future__ import annotations
@@ -134,12 +139,15 @@ def evaluate_embedder(embedder, task: tasks.Task, protocol: protocols.Protocol |
     embeddings, test_embeddings, kept, crop = embed_clips(embedder, task, unit_sec=unit_sec,
                                                           crop_seed=protocol.crop_seed, batch_size=batch_size)
     run_knn = "knn" in protocol.probes and (protocol.knn_on_multilabel or not task.multilabel)
-    result = probes.evaluate_task(
-        embeddings, task.label_array()[kept], np.asarray(task.splits)[kept], multilabel=task.multilabel,
-        num_classes=len(task.classes), seeds=protocol.seeds, lr=protocol.lr, k=protocol.knn_k,
-        temperature=protocol.knn_temperature, valid_fraction=protocol.valid_fraction,
-        run_linear="linear" in protocol.probes, run_knn=run_knn, linear_options=protocol.linear_options(),
-        test_embeddings=test_embeddings)
+    try:
+        result = probes.evaluate_task(
+            embeddings, task.label_array()[kept], np.asarray(task.splits)[kept], multilabel=task.multilabel,
+            num_classes=len(task.classes), seeds=protocol.seeds, lr=protocol.lr, k=protocol.knn_k,
+            temperature=protocol.knn_temperature, valid_fraction=protocol.valid_fraction,
+            run_linear="linear" in protocol.probes, run_knn=run_knn, linear_options=protocol.linear_options(),
+            test_embeddings=test_embeddings)
+    except ValueError as e:  # e.g. clips that failed to embed emptied a split: say which task and encoder
+        raise ValueError(f"task {task.name!r}, encoder {embedder.name!r}: {e}") from e
     record = {**protocol.as_record(), "unit_sec_policy": protocol.unit_sec, "unit_sec": unit_sec,
               "unit_sec_source": unit_sec_source, **crop}
     if "knn" in protocol.probes and not run_knn:
@@ -154,8 +162,10 @@ def run(encoder_spec: str, task_specs: list[str], output_dir: str, *, baselines:
     """Evaluates `encoder_spec` (and the floors) on every task; returns {encoder: {task: result}}.
 
     `protocol` is a Protocol or a name (None: "default"); `seeds`, `lr`, `probe_batch_size` and `unit_sec`,
-    when not None, override a named protocol's values. `batch_size` is the embedding batch.
+    when not None, override a named protocol's values. `batch_size` is the embedding batch. The output folder
+    and every task's splits are checked before the first embedding (ValueError naming --output or the task).
     """
+    prepare_output_dir(output_dir)
     if not isinstance(protocol, protocols.Protocol):
         overrides = {"seeds": seeds, "lr": lr, "probe_batch_size": probe_batch_size, "unit_sec": unit_sec}
         protocol = protocols.resolve(protocol, **{k: v for k, v in overrides.items() if v is not None})
@@ -179,6 +189,11 @@ def run(encoder_spec: str, task_specs: list[str], output_dir: str, *, baselines:
             raise ValueError(f"--task={spec} and --task={specs_by_name[task.name]} are both named {task.name!r}; "
                              "results are keyed by task name: rename one folder")
         protocols.task_unit_sec(protocol, task.name, task.unit_sec)  # a missing crop length fails now
+        try:  # an empty test split or a test class never trained on fails now, not after embedding
+            probes.check_splits(task.label_array(), task.splits, multilabel=task.multilabel,
+                                num_classes=len(task.classes))
+        except ValueError as e:
+            raise ValueError(f"task {task.name!r} (--task={spec}): {e}") from e
         specs_by_name[task.name] = spec
         loaded.append(task)
     for task in loaded:
@@ -193,6 +208,20 @@ def run(encoder_spec: str, task_specs: list[str], output_dir: str, *, baselines:
                                 protocol=protocol)
     print(table, flush=True)
     return results
+
+
+def prepare_output_dir(output_dir: str) -> None:
+    """Creates `output_dir` (the report folder) now, so that a path that cannot be a writable folder fails before
+    hours of embedding and probing rather than when the report is written; errors name --output."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ValueError(f"--output={output_dir} is a file, not a folder: the report (results.json, results.md, "
+                         "one PNG per task) needs a folder; pick another path")
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--output={output_dir} cannot be made a folder: {e.strerror or e}") from None
+    if not os.access(output_dir, os.W_OK | os.X_OK):
+        raise ValueError(f"--output={output_dir} is not writable by this user")
 
 
 def _random_encoder_params(enc) -> dict:

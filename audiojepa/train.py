@@ -352,6 +352,12 @@ def _train_on_mesh(config, workdir: str, mesh, *, stop_after: int | None, run_pr
         resume_check.check_data(saved_meta, norm_stats=(spec.norm_mean, spec.norm_std),
                                 identity=resume_check.data_identity(spec.manifest), config=config, step=latest,
                                 workdir=workdir)
+    restored_state = None
+    if latest is not None:  # the latest checkpoint that reads back as saved; damaged ones are moved aside
+        intact, restored_state, _ = checkpointing.restore_latest_intact(
+            manager, checkpointing.abstract_like(abstract_state, repl), move_damaged=True)
+        if intact != latest:
+            latest, saved_meta = intact, checkpointing.restore_meta_item(manager, intact)
     if is_main:  # after the check, so that a refused resume leaves the run's config.json as it was
         tmp = os.path.join(workdir, "config.json.tmp")
         with open(tmp, "w") as f:
@@ -369,8 +375,9 @@ def _train_on_mesh(config, workdir: str, mesh, *, stop_after: int | None, run_pr
                                        worker_buffer_size=config.data.get("worker_buffer_size", 2),
                                        read_threads=config.data.get("read_threads", 0))
     if latest is not None:
-        state, _ = checkpointing.restore(manager, latest, checkpointing.abstract_like(abstract_state, repl),
-                                         data_iter if restore_iterator else None)
+        state = restored_state
+        if restore_iterator:
+            checkpointing.restore_data_iterator(manager, latest, data_iter)
         logging.info("resumed from step %d in %s", latest, checkpointing.checkpoint_dir(workdir))
     else:
         if getattr(method, "jit_init", True):
@@ -428,7 +435,7 @@ def _train_on_mesh(config, workdir: str, mesh, *, stop_after: int | None, run_pr
                 for m in host:
                     nonfinite_in_a_row = nonfinite_in_a_row + 1 if m["nonfinite"] else 0
                 if bad and (nonfinite_policy == "stop" or nonfinite_in_a_row >= MAX_CONSECUTIVE_NONFINITE):
-                    manager.wait_until_finished()  # so that the checkpoint named below is committed
+                    checkpointing.wait_for_saves(manager)  # so that the checkpoint named below is committed
                     why = (f"{nonfinite_in_a_row} steps in a row up to step {bad[-1]}" if nonfinite_policy == "skip"
                            else f"step {bad[0]}")
                     latest = manager.latest_step()
@@ -463,7 +470,7 @@ def _train_on_mesh(config, workdir: str, mesh, *, stop_after: int | None, run_pr
             due = [(name, ev) for name, every, ev in periodic_evals
                    if (step % every == 0 or last_step) and not preempted]
             if due:
-                manager.wait_until_finished()  # an evaluation never overlaps a checkpoint write
+                checkpointing.wait_for_saves(manager)  # an evaluation never overlaps a checkpoint write
                 eval_encoder.params = jax.device_get(methods.encoder_params(method, state["params"],
                                                                             state["target_params"]))
                 row = {}
@@ -485,7 +492,7 @@ def _train_on_mesh(config, workdir: str, mesh, *, stop_after: int | None, run_pr
         watcher.uninstall()
         run_progress.trained_step, run_progress.preempted = step, preempted
         try:
-            manager.wait_until_finished()  # async saves are committed before the process exits
+            checkpointing.wait_for_saves(manager)  # async saves are committed (or their failure raised)
         finally:
             run_progress.committed_step = committed_step_on_disk(workdir)
             manager.close()

@@ -10,7 +10,9 @@ collectives over gloo); `--gpus_per_process` gives process i its own GPUs (CUDA_
 one process per GPU on a multi-GPU box. Output lines are prefixed with `[i]`. If one process fails,
 the others are terminated (they would otherwise wait in a collective forever); SIGTERM/SIGINT to the
 launcher is forwarded to every process, so a preemption checkpoint works as in a cluster job. The exit
-status is the first non-zero one of the processes (0 if all succeed). `--dry_run` prints what would run.
+status is the first non-zero one of the processes (0 if all succeed), as a shell reports it: 128 + N for a
+process killed by signal N (137 for SIGKILL, e.g. the OOM killer), and stderr names the process that died.
+`--dry_run` prints what would run.
 """
 
 from __future__ import annotations
@@ -51,11 +53,29 @@ def _pump(stream, prefix: str) -> None:
         sys.stdout.flush()
 
 
+def shell_status(returncode: int) -> int:
+    """A Popen return code as a shell reports it: 128 + N for a process killed by signal N (SIGKILL: 137), which
+    `sys.exit` can pass on (sys.exit(-9) would exit 247)."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def _describe(process_id: int, returncode: int) -> str:
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"process {process_id} was killed by {name} (status {shell_status(returncode)})"
+    return f"process {process_id} exited with status {returncode}"
+
+
 def run(command: list[str], num_processes: int, *, port: int | None = None, cpu_devices_per_process: int = 0,
         gpus_per_process: int = 0, poll_s: float = 0.2, grace_s: float = 60.0) -> int:
-    """Starts the processes, waits for all of them; returns the first non-zero exit status (or 0).
+    """Starts the processes, waits for all of them; returns the first non-zero exit status (or 0), as a shell
+    reports it (`shell_status`: 137 for a process killed by SIGKILL, e.g. by the OOM killer).
 
-    After a failure the others get SIGTERM, and SIGKILL if they are still running `grace_s` later.
+    After a failure the others get SIGTERM, and SIGKILL if they are still running `grace_s` later. Each
+    process that fails or is killed is named on stderr (`[launcher] process 1 was killed by SIGKILL ...`).
     """
     port = port or free_port()
     procs = []
@@ -74,10 +94,15 @@ def run(command: list[str], num_processes: int, *, port: int | None = None, cpu_
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        status, stopped_at = 0, None
+        status, stopped_at, reported = 0, None, set()
         while True:
             codes = [p.poll() for p in procs]  # poll every process, so that each failure is seen
-            failed = [c for c in codes if c not in (None, 0)]
+            for i, code in enumerate(codes):
+                if code not in (None, 0) and i not in reported:
+                    reported.add(i)
+                    why = " after the launcher stopped it" if stopped_at is not None else ""
+                    print(f"[launcher] {_describe(i, code)}{why}", file=sys.stderr, flush=True)
+            failed = [shell_status(c) for c in codes if c not in (None, 0)]
             if failed and not status:
                 status, stopped_at = failed[0], time.monotonic()
                 for p in procs:
@@ -88,7 +113,7 @@ def run(command: list[str], num_processes: int, *, port: int | None = None, cpu_
                     if p.poll() is None:
                         p.kill()
             if all(c is not None for c in codes):
-                return status or next((c for c in codes if c), 0)
+                return status or next((shell_status(c) for c in codes if c), 0)
             time.sleep(poll_s)
     finally:
         for s, handler in previous.items():

@@ -141,3 +141,31 @@ def test_a_second_trainer_on_a_workdir_in_use_fails_at_once_and_touches_nothing(
     train.train_and_evaluate(rh.tiny_config(total_steps=2), workdir, num_devices=1)
     assert _summary(workdir)["status"] == "finished"
     assert not os.path.exists(os.path.join(workdir, train.LOCK_FILE))
+
+
+def _largest_file(folder):
+    files = [os.path.join(d, f) for d, _, names in os.walk(folder) for f in names]
+    return max(files, key=os.path.getsize)
+
+
+def test_a_damaged_latest_checkpoint_is_skipped_by_the_trainer_and_by_exports(tmp_path, caplog):
+    """Issue 22 item 3 end to end: 64 flipped bytes in the latest checkpoint's largest file used to load silently."""
+    workdir = str(tmp_path / "run")
+    config = rh.tiny_config(total_steps=6, checkpoint_every_steps=2)
+    train.train_and_evaluate(config, workdir, num_devices=1, stop_after=4)
+    path = _largest_file(os.path.join(checkpointing.checkpoint_dir(workdir), "4"))
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        chunk = f.read(64)
+        f.seek(os.path.getsize(path) // 2)
+        f.write(bytes(b ^ 0xFF for b in chunk))
+    with caplog.at_level(logging.WARNING):
+        loaded = encoder_lib.load_encoder(workdir)  # evaluation/export: the step-2 encoder, with a warning
+    assert any("checkpoint 4" in r.getMessage() and "damaged" in r.getMessage() for r in caplog.records)
+    assert loaded.params is not None
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        train.train_and_evaluate(config, workdir, num_devices=1)  # resumes from step 2, moves step 4 aside
+    assert any("using checkpoint 2" in r.getMessage() for r in caplog.records)
+    assert _summary(workdir)["status"] == "finished" and rh.committed_step(workdir) == 6
+    assert os.listdir(os.path.join(workdir, "damaged_checkpoints")) == ["4"]

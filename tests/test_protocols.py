@@ -2,7 +2,6 @@
 the X-ARES head and schedule, the confidence interval and what results.json records."""
 
 import json
-import math
 
 import numpy as np
 import pytest
@@ -366,4 +365,5 @@ def test_results_json_records_the_protocol_and_each_tasks_crop(tmp_path, capsys)
     result = json.loads((out / "results.json").read_text())["tones"]
     assert result["protocol"]["name"] == "xares" and result["protocol"]["unit_sec"] is None
     assert result["protocol"]["head"] == "layernorm_linear" and result["linear"]["runs"][0]["epochs"] == 10
-    assert result["knn"]["metric"] == "accuracy" and math.isnan(result["linear"]["ci95"])
+    # One seed has no interval: null in results.json (strict JSON), NaN only in memory (probes.evaluate_task).
+    assert result["knn"]["metric"] == "accuracy" and result["linear"]["ci95"] is None

@@ -73,10 +73,11 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     workdir = str(tmp_path / "nan")
     train.train_and_evaluate(rh.tiny_config(), workdir, stop_after=3, num_devices=1)
     _, good = rh.latest_state(workdir)
-    # Zero std: every normalised input is +-inf, so the loss is NaN from the first resumed step (a change
-    # of input on resume, which the resume check refuses unless allowed).
+    # A std of 1e-45 (a float32 denormal; zero is refused at start-up): every normalised input is +-inf, so the
+    # loss is NaN from the first resumed step (a change of input on resume, which the resume check refuses
+    # unless allowed).
     with pytest.raises(train.NonFiniteLossError, match="latest checkpoint \\(3\\)"):
-        train.train_and_evaluate(rh.tiny_config(**{"data.norm_stats": "0,0", "allow_resume_changes": True}),
+        train.train_and_evaluate(rh.tiny_config(**{"data.norm_stats": "0,1e-45", "allow_resume_changes": True}),
                                  workdir, num_devices=1)
     step, after = rh.latest_state(workdir)
     assert step == 3
@@ -146,8 +147,9 @@ def test_steps_and_warmup_from_epochs_or_steps():
 
 def test_skip_policy_stops_at_the_limit_of_nonfinite_steps_in_a_row(tmp_path, monkeypatch):
     """nonfinite_policy="skip" goes on past bad batches but stops at MAX_CONSECUTIVE_NONFINITE in a row
-    (README: "stops after 20 in a row"; 3 here): zero std makes every step's loss NaN."""
+    (README: "stops after 20 in a row"; 3 here): a std of 1e-45 (zero is refused at start-up) makes every
+    step's loss NaN."""
     monkeypatch.setattr(train, "MAX_CONSECUTIVE_NONFINITE", 3)
     with pytest.raises(train.NonFiniteLossError, match=r"3 steps in a row up to step 3"):
-        train.train_and_evaluate(rh.tiny_config(**{"data.norm_stats": "0,0", "nonfinite_policy": "skip"}),
+        train.train_and_evaluate(rh.tiny_config(**{"data.norm_stats": "0,1e-45", "nonfinite_policy": "skip"}),
                                  str(tmp_path / "nan"), num_devices=1)

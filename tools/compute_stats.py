@@ -20,7 +20,8 @@ from audiojepa.data import pipeline, shards, stats  # noqa: E402
 flags.DEFINE_string("shards", None, "Shard-set folder (with manifest.json).")
 flags.DEFINE_string("frontend", "m2d", f"Front-end preset: {sorted(frontend.PRESETS)}.")
 flags.DEFINE_integer("crop_frames", 608, "Crop length in frames (the training crop).")
-flags.DEFINE_integer("num_crops", 5000, "Number of random crops (the official M2D code uses 5000).")
+flags.DEFINE_integer("num_crops", 5000, "Number of random crops, > 0 (the official M2D code uses 5000).",
+                     lower_bound=1)
 flags.DEFINE_integer("seed", 0, "Seed for record order and crop offsets.")
 flags.DEFINE_integer("workers", 0, "Decoding processes.")
 flags.mark_flags_as_required(["shards"])

@@ -5,19 +5,26 @@ r"""Converts an official M2D checkpoint into an audiojepa encoder export.
 
 Reads a `.npz` of name -> array (no torch needed) or, with the optional torch extra installed
 (`pip install -e ".[torch]"`), a `.pth` file (loaded with `weights_only=True`; a full training
-checkpoint keeps the state dict under "model"). The size, depth and training width are read from
+checkpoint keeps the state dict under "model"; a `module.` prefix from DataParallel is removed). A file
+without M2D's tensors, NaN/Inf encoder weights or a `norm_stats` that is not (mean, std > 0) is refused
+with an error naming the file and the tensor (`m2d_torch.check_state_dict`). The size, depth and training width are read from
 the tensors; `norm_stats` from the checkpoint if present. The export loads with
 `audiojepa.encoder.load_encoder(OUTPUT)` and evaluates with `python -m audiojepa.evaluate`.
 """
 
 import argparse
+import os
+import sys
 
 import numpy as np
 from absl import app, flags, logging
 
-from audiojepa import encoder, frontend
-from audiojepa.convert import m2d_torch
-from audiojepa.data import stats
+# This checkout's package, not whichever one is installed (as the other tools do).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from audiojepa import encoder, frontend  # noqa: E402
+from audiojepa.convert import m2d_torch  # noqa: E402
+from audiojepa.data import stats  # noqa: E402
 
 flags.DEFINE_string("checkpoint", None, "Official M2D checkpoint: .pth (needs torch) or .npz state dict.")
 flags.DEFINE_string("output", None, "Output folder for encoder.json and params.msgpack.")
@@ -47,7 +54,10 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
 
 def main(argv):
     del argv
-    full_state_dict = load_state_dict(FLAGS.checkpoint)
+    try:  # a foreign, DataParallel-wrapped or damaged file: an error naming it and the tensor, before any work
+        full_state_dict = m2d_torch.check_state_dict(load_state_dict(FLAGS.checkpoint), source=FLAGS.checkpoint)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
     state_dict, dropped = m2d_torch.encoder_entries(full_state_dict)
     if dropped:
         logging.info("not part of the encoder, left out: %s", ", ".join(dropped))
@@ -65,7 +75,7 @@ def main(argv):
     grid = (input_shape[0] // model_config.patch_size[0], input_shape[1] // model_config.patch_size[1])
     params, _ = m2d_torch.state_dict_to_params(state_dict, grid_size=grid)
     norm = state_dict.get("norm_stats")
-    norm_stats = tuple(float(v) for v in norm) if norm is not None else stats.M2D_DEFAULT_STATS
+    norm_stats = tuple(float(v) for v in np.ravel(norm)) if norm is not None else stats.M2D_DEFAULT_STATS
     exported = encoder.AudioEncoder("m2d", model_config, input_shape, params_frontend, norm_stats,
                                     {"encoder": params["encoder"]})
     exported.save(FLAGS.output, source=FLAGS.checkpoint)

@@ -159,6 +159,49 @@ def state_dict_to_params(state_dict: dict[str, np.ndarray], *,
 ENCODER_ENTRIES = ("patch_embed", "cls_token", "pos_embed", "blocks", "norm", "norm_stats")
 
 
+# Tensors every M2D checkpoint has and the export reads first (size, patch and position-table shapes).
+REQUIRED_ENTRIES = ("cls_token", "pos_embed", "patch_embed.proj.weight")
+DATA_PARALLEL_PREFIX = "module."
+
+
+def check_state_dict(state_dict: dict, *, source: str) -> dict:
+    """`state_dict` made ready for conversion, or a ValueError naming `source` (the file) and what is wrong.
+
+    A `module.` prefix on every name (a checkpoint saved from torch's DataParallel/DDP wrapper) is removed.
+    Then: the REQUIRED_ENTRIES and at least one `blocks.<i>` tensor must be there (a foreign file, e.g. another
+    model's, names the missing tensors); every ENCODER_ENTRIES tensor must be finite (NaN/Inf weights would be
+    exported and give NaN embeddings: the error names the tensor); a `norm_stats` entry must be (mean, std)
+    with a finite mean and std > 0. Entries the export leaves out (predictor, EMA target) are not checked.
+    """
+    if state_dict and all(k.startswith(DATA_PARALLEL_PREFIX) for k in state_dict):
+        state_dict = {k[len(DATA_PARALLEL_PREFIX):]: v for k, v in state_dict.items()}
+    missing = [k for k in REQUIRED_ENTRIES if k not in state_dict]
+    if not any(k.startswith("blocks.") for k in state_dict):
+        missing.append("blocks.<i>.*")
+    if missing:
+        names = sorted(state_dict)
+        raise ValueError(f"{source}: no {', '.join(missing)} tensor(s): not an M2D (M2DViT) state dict? It has "
+                         f"{len(names)} entries, e.g. {names[:5]}")
+    kept, _ = encoder_entries(state_dict)
+    for name, value in sorted(kept.items()):
+        value = np.asarray(value)
+        if name == "norm_stats" or value.dtype.kind not in "fc":
+            continue
+        bad = int(np.size(value) - np.count_nonzero(np.isfinite(value)))
+        if bad:
+            raise ValueError(f"{source}: tensor {name} {tuple(value.shape)} has {bad} NaN/Inf value(s); a diverged "
+                             "or damaged checkpoint would export an encoder whose embeddings are NaN")
+    if "norm_stats" in state_dict:
+        from audiojepa.data import stats
+
+        values = np.asarray(state_dict["norm_stats"], np.float64).ravel()
+        if values.size != 2:
+            raise ValueError(f"{source}: norm_stats has {values.size} values {values.tolist()[:8]}; expected "
+                             "(mean, std) of the log-mel values")
+        stats.check_norm_stats(*values, where=f"{source}: norm_stats")
+    return state_dict
+
+
 def encoder_entries(state_dict: dict) -> tuple[dict, list[str]]:
     """(the entries ENCODER_ENTRIES names, the sorted top-level names of the others)."""
     keep = {k: v for k, v in state_dict.items() if k.split(".")[0] in ENCODER_ENTRIES}

@@ -313,6 +313,7 @@ def _norm_stats(norm, folder: str, params: frontend.LogMelParams) -> tuple[float
         except (TypeError, ValueError):
             raise ValueError(f"data.norm_stats={norm!r}; valid: 'shards', 'm2d', 'MEAN,STD' or a (mean, std) "
                              "pair") from None
+        stats.check_norm_stats(mean, std, where=f"config.data.norm_stats={norm!r}")
     return float(mean), float(std)
 
 

@@ -25,6 +25,16 @@ def normalize(lms, mean: float, std: float):
     return (lms - mean) / std
 
 
+def check_norm_stats(mean: float, std: float, *, where: str) -> tuple[float, float]:
+    """(mean, std) as floats, or a ValueError naming `where` (a config key or a statistics file): both must be
+    finite and std > 0, else every normalised log-mel is inf or NaN and the run fails only when its loss does."""
+    mean, std = float(mean), float(std)
+    if not (np.isfinite(mean) and np.isfinite(std) and std > 0):
+        raise ValueError(f"{where}: mean={mean}, std={std}; log-mel statistics need a finite mean and a finite "
+                         "std > 0 (e.g. 'm2d' = -7.1, 4.2)")
+    return mean, std
+
+
 def _read_entries(folder: str) -> list[dict]:
     path = os.path.join(folder, STATS_FILE)
     if not os.path.exists(path):
@@ -41,7 +51,13 @@ def read_stats(folder: str, params) -> tuple[float, float]:
     """(mean, std) stored in `folder` for front end `params`; a clear error if there are none."""
     for entry in _read_entries(folder):
         if entry["frontend"] == params.to_dict():
-            return float(entry["mean"]), float(entry["std"])
+            path = os.path.join(folder, STATS_FILE)
+            try:
+                return check_norm_stats(entry["mean"], entry["std"], where=path)
+            except ValueError as e:
+                raise ValueError(f"{e}. Shards of silence give std=0; re-run `python tools/compute_stats.py "
+                                 f"--shards {folder}` on audible shards, or set config.data.norm_stats to 'm2d' "
+                                 "or a (mean, std) pair") from None
     raise FileNotFoundError(
         f"no log-mel statistics for this front end in {os.path.join(folder, STATS_FILE)}; run "
         f"`python tools/compute_stats.py --shards {folder} --frontend <preset>` or set "
@@ -84,6 +100,8 @@ def compute_logmel_stats(
     pipeline itself (shuffled records, random offsets, short clips zero-padded). Statistics are
     scalars over every element, accumulated in float64, like the official M2D code.
     """
+    if isinstance(num_crops, bool) or not isinstance(num_crops, (int, np.integer)) or num_crops <= 0:
+        raise ValueError(f"num_crops={num_crops!r} (--num_crops): the statistics need a whole number of crops > 0")
     from tqdm import tqdm
 
     from audiojepa.data import pipeline

@@ -3,13 +3,44 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+
+
+def json_safe(value):
+    """`value` with every NaN or infinite float replaced by None, so that strict JSON parsers read the file.
+
+    A one-seed run has no spread: its `ci95` and `std` are NaN in memory and null in results.json."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):  # numpy float64 is a float too
+        return None
+    return value
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _linear_cell(linear: dict | None) -> str:
+    """"81.2 ± 1.3 accuracy", or "81.2 accuracy (1 seed)" where there is no interval."""
+    if linear is None:
+        return "–"
+    if not _finite(linear.get("mean")):
+        return f"n/a {linear['metric']}"
+    if _finite(linear.get("ci95")):
+        return f"{100 * linear['mean']:.1f} ± {100 * linear['ci95']:.1f} {linear['metric']}"
+    seeds = len(linear.get("per_seed") or ())
+    why = "1 seed" if seeds == 1 else "no interval"
+    return f"{100 * linear['mean']:.1f} {linear['metric']} ({why})"
 
 
 def markdown_table(results: dict[str, dict[str, dict]], knn_k: int = 10) -> str:
     """results: {encoder_name: {task_name: {"linear": {...} | None, "knn": {...} | None}}} -> a markdown table.
 
-    A probe the protocol did not run shows as "–"."""
+    A probe the protocol did not run shows as "–"; a one-seed linear probe, which has no interval, "(1 seed)"."""
     # The interval is over the probe's seeds (the test set is fixed), not the test set's sampling error.
     lines = [f"| task | encoder | linear probe (± 95% over seeds) | kNN (k={knn_k}) |", "|---|---|---:|---:|"]
     tasks = sorted({t for per_task in results.values() for t in per_task})
@@ -18,9 +49,9 @@ def markdown_table(results: dict[str, dict[str, dict]], knn_k: int = 10) -> str:
             if task not in per_task:
                 continue
             linear, knn = per_task[task].get("linear"), per_task[task].get("knn")
-            linear_cell = ("–" if linear is None else
-                           f"{100 * linear['mean']:.1f} ± {100 * linear['ci95']:.1f} {linear['metric']}")
-            knn_cell = "–" if knn is None else f"{100 * knn['mean']:.1f} {knn['metric']}"
+            linear_cell = _linear_cell(linear)
+            knn_cell = ("–" if knn is None else f"{100 * knn['mean']:.1f} {knn['metric']}" if _finite(knn.get("mean"))
+                        else f"n/a {knn['metric']}")
             lines.append(f"| {task} | {encoder_name} | {linear_cell} | {knn_cell} |")
     return "\n".join(lines)
 
@@ -58,10 +89,11 @@ def bar_chart(task: str, results: dict[str, dict[str, dict]], path: str) -> str:
     x = np.arange(len(names))
     fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(names), 3.6), dpi=120)
     if any(r is not None for r in linear):
-        ax.bar(x - 0.2, [100 * r["mean"] if r else 0 for r in linear], 0.4,
-               yerr=[100 * r["ci95"] if r else 0 for r in linear], capsize=3, label="linear probe")
+        ax.bar(x - 0.2, [100 * r["mean"] if r and _finite(r["mean"]) else 0 for r in linear], 0.4,
+               yerr=[100 * r["ci95"] if r and _finite(r.get("ci95")) else 0 for r in linear], capsize=3,
+               label="linear probe")
     if any(r is not None for r in knn):
-        ax.bar(x + 0.2, [100 * r["mean"] if r else 0 for r in knn], 0.4, label="kNN")
+        ax.bar(x + 0.2, [100 * r["mean"] if r and _finite(r["mean"]) else 0 for r in knn], 0.4, label="kNN")
     ax.set_xticks(x, [os.path.basename(n.rstrip("/")) or n for n in names], rotation=15, fontsize=8)
     metric = next((r["metric"] for r in linear + knn if r is not None), "")
     ax.set_ylabel(f"{metric} (%)" if metric else "")
@@ -77,12 +109,16 @@ def bar_chart(task: str, results: dict[str, dict[str, dict]], path: str) -> str:
 def write_report(output_dir: str, main_name: str, results: dict[str, dict[str, dict]], extra: dict | None = None,
                  protocol=None):
     """Writes results.json (the main encoder's {task: {...}}), all_results.json, results.md and PNGs; with a
-    `protocol` (protocols.Protocol) the table is followed by its values and each task's crop and validation."""
+    `protocol` (protocols.Protocol) the table is followed by its values and each task's crop and validation.
+
+    The JSON files are strict JSON: a NaN or infinite value (a one-seed run's `ci95` and `std`) is written as
+    null (`json_safe`)."""
     os.makedirs(output_dir, exist_ok=True)
+    results = json_safe(results)
     with open(os.path.join(output_dir, "results.json"), "w") as f:
-        json.dump(results[main_name], f, indent=1)
+        json.dump(results[main_name], f, indent=1, allow_nan=False)
     with open(os.path.join(output_dir, "all_results.json"), "w") as f:
-        json.dump({"results": results, **(extra or {})}, f, indent=1)
+        json.dump(json_safe({"results": results, **(extra or {})}), f, indent=1, allow_nan=False)
     table = markdown_table(results, knn_k=protocol.knn_k if protocol else 10)
     if protocol is not None:
         table += "\n\n" + "\n".join(protocol_lines(protocol, {main_name: results[main_name]}))

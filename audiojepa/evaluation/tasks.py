@@ -33,8 +33,9 @@ and file headers (folder tasks) and leaves decoding to `load_audio`, which then 
 `BadAudioError` for a clip whose samples are corrupt.
 
 A task is rejected (ValueError naming the file and row or class) when its labels cannot give an
-honest score: bad split values, empty train split, fewer than two folds, or a class without any
-training clip (fixed splits: no clip in `train`; folds: all its clips in one fold).
+honest score: bad split values, empty train split, fewer than two folds, a single class (every
+prediction would be right), or a class without any training clip (fixed splits: no clip in `train`;
+folds: all its clips in one fold).
 """
 
 from __future__ import annotations
@@ -238,6 +239,11 @@ def _finish(name: str, clip_ids, labels, splits, skipped, audio_loader, *, where
             raise ValueError(f"{where}: the train split is empty (no usable clip has split 'train')")
         untrainable = {c: s for c, s in where_seen.items() if "train" not in s}
         why = "has no clip in the train split"
+    if len(classes) < 2:
+        # Every prediction would be right: a probe "scores" 100% and says nothing about the encoder.
+        raise ValueError(f"task {name!r} ({where}): only one class, {classes[0]!r}, in its {len(clip_ids)} usable "
+                         "clips; a score needs at least two classes (check the label column, or the clips "
+                         f"skipped: {len(skipped)})")
     if untrainable:
         listed = "; ".join(f"{c!r} (only in {', '.join(map(str, sorted(s)))})"
                            for c, s in sorted(untrainable.items())[:10])
