@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import pytest
 from audiojepa import encoder as encoder_lib
 from audiojepa import checkpointing, frontend, locks, train
 from audiojepa.data import records, shards, stats
+import process_helpers
 import run_helpers as rh
 
 pytestmark = pytest.mark.slow  # short in-process training runs
@@ -169,3 +171,19 @@ def test_a_damaged_latest_checkpoint_is_skipped_by_the_trainer_and_by_exports(tm
     assert any("using checkpoint 2" in r.getMessage() for r in caplog.records)
     assert _summary(workdir)["status"] == "finished" and rh.committed_step(workdir) == 6
     assert os.listdir(os.path.join(workdir, "damaged_checkpoints")) == ["4"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads the process tree from Linux's /proc")
+def test_a_killed_trainer_leaves_no_data_worker_running(tmp_path):
+    """Issue 22 item 8: after SIGKILL of a trainer with num_workers > 0, Grain's worker processes (~250 MB each)
+    stayed alive. They now exit within a second or two of the trainer (worker_lifetime.exit_when_orphaned)."""
+    workdir = str(tmp_path / "run")
+    proc = rh.start(rh.main_command(workdir, **{"total_steps": 500, "data.num_workers": 2}), str(tmp_path / "log"))
+    try:
+        rh.wait_for_step(proc, workdir, 2, rows_before=0)
+        workers = process_helpers.descendants(proc.pid)
+        assert len(workers) >= 2, workers  # the data workers (and multiprocessing's helpers)
+    finally:
+        rh.kill(proc, signal.SIGKILL)
+    process_helpers.wait_for(lambda: not process_helpers.alive(workers), 10,
+                             f"processes of the killed trainer still alive: {process_helpers.alive(workers)}")

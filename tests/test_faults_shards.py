@@ -16,6 +16,7 @@ import pytest
 import soundfile as sf
 
 from audiojepa.data import shards
+import process_helpers
 
 SR = 16000
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -271,41 +272,6 @@ runpy.run_path("tools/make_shards.py", run_name="__main__")
 """
 
 
-def _processes():
-    """{pid: (parent pid, state letter)} of every process, from /proc."""
-    table = {}
-    for stat_path in glob.glob("/proc/[0-9]*/stat"):
-        try:
-            with open(stat_path) as f:
-                text = f.read()
-        except OSError:  # it ended meanwhile
-            continue
-        fields = text.rsplit(")", 1)[1].split()
-        table[int(stat_path.split("/")[2])] = (int(fields[1]), fields[0])
-    return table
-
-
-def _descendants(pid):
-    table, found, frontier = _processes(), set(), {pid}
-    while frontier:
-        frontier = {child for child, (parent, _) in table.items() if parent in frontier} - found
-        found |= frontier
-    return found
-
-
-def _alive(pids):
-    """Those of `pids` still running (a zombie, dead but not yet reaped by its new parent, is not)."""
-    table = _processes()
-    return {pid for pid in pids if pid in table and table[pid][1] not in ("Z", "X")}
-
-
-def _wait_for(condition, seconds, what):
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, f"after {seconds} s: {what}"
-        time.sleep(0.05)
-
-
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads the process tree from Linux's /proc")
 @pytest.mark.parametrize("signal_number", [signal.SIGKILL, signal.SIGTERM])
 def test_a_killed_run_leaves_no_worker_and_the_next_run_cleans_its_staging(tmp_path, caplog, signal_number):
@@ -317,14 +283,15 @@ def test_a_killed_run_leaves_no_worker_and_the_next_run_cleans_its_staging(tmp_p
         workers = set()
 
         def decoding():  # two workers up and the staging folder made: the run is busy
-            workers.update(_descendants(run.pid))
+            workers.update(process_helpers.descendants(run.pid))
             return len(workers) >= 2 and glob.glob(os.path.join(str(tmp_path), ".out.tmp-*"))
 
-        _wait_for(decoding, 60, "the run never got busy")
+        process_helpers.wait_for(decoding, 60, "the run never got busy")
         os.kill(run.pid, signal_number)
         run.wait(timeout=30)
-        workers.update(_descendants(run.pid))
-        _wait_for(lambda: not _alive(workers), 5, f"processes of the killed run still alive: {_alive(workers)}")
+        workers.update(process_helpers.descendants(run.pid))
+        process_helpers.wait_for(lambda: not process_helpers.alive(workers), 5,
+                                 f"processes of the killed run still alive: {process_helpers.alive(workers)}")
     finally:
         run.kill()
         run.wait()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 import inspect
 import logging
 import os
@@ -30,7 +31,7 @@ import time
 import grain
 import numpy as np
 
-from audiojepa import frontend
+from audiojepa import frontend, worker_lifetime
 from audiojepa.data import records, shards, stats, target_records
 
 # How many consecutive undecodable records a read may step over before giving up: far beyond any
@@ -394,8 +395,10 @@ def make_iterator(
         # OpenBLAS's default threads on a busy 2-core machine). The user's own setting wins.
         for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ.setdefault(var, "1")
+        # A worker exits within a second of the training process dying, however it died (SIGKILL included).
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=num_workers, per_worker_buffer_size=worker_buffer_size))
+            num_workers=num_workers, per_worker_buffer_size=worker_buffer_size),
+            worker_init_fn=functools.partial(worker_lifetime.exit_when_orphaned, os.getpid()))
     return iter(it_ds)
 
 

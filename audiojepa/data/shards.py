@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import ctypes
 import dataclasses
 import fnmatch
 import functools
@@ -25,8 +24,6 @@ import multiprocessing
 import os
 import secrets
 import shutil
-import signal
-import sys
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -37,7 +34,7 @@ import numpy as np
 from array_record.python import array_record_module
 from tqdm import tqdm
 
-from audiojepa import locks
+from audiojepa import locks, worker_lifetime
 from audiojepa.data import audio_io, records, stats
 
 MANIFEST = "manifest.json"
@@ -436,23 +433,7 @@ def _decode_one_at_a_time(items: list, decode) -> Iterator[tuple]:
 
 def _spawn_pool(workers: int) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_die_with_parent, initargs=(os.getpid(),))
-
-
-_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Worker initializer: the kernel SIGKILLs this worker when the process that started it dies (Linux).
-
-    Without it, workers of a killed run (SIGKILL, or SIGTERM without a handler) wait forever on their task
-    queue, whose other end they hold themselves. Elsewhere this does nothing.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(1)
+                               initializer=worker_lifetime.die_with_parent, initargs=(os.getpid(),))
 
 
 def _decode_task(decode, items: list) -> list:
