@@ -335,3 +335,22 @@ def test_a_run_killed_while_swapping_sets_is_undone_by_the_next(tmp_path, caplog
     manifest = shards.make_shards(str(tmp_path / "new"), out, num_shards=1, overwrite=True, progress=False)
     assert manifest["num_clips"] == 3 and _snapshot(out)["NOTES.txt"] == b"kept"
     assert _staging_leftovers(out) == []
+
+
+def test_float_audio_beyond_full_scale_is_listed_as_clipped_with_a_warning(tmp_path, caplog):
+    """Issue 22 item 10: a float64 WAV peaking at 5.0 was hard-clipped to 16-bit (5.7% of its samples) without a
+    word. It is still stored (clipped), but the manifest lists it with the clipped fraction and a warning says so."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    t = np.arange(SR) / SR
+    loud = 5.0 * np.sin(2 * np.pi * 440 * t)
+    sf.write(str(folder / "loud.wav"), loud, SR, subtype="DOUBLE")
+    sf.write(str(folder / "fine.wav"), 0.5 * np.sin(2 * np.pi * 440 * t), SR, subtype="DOUBLE")
+    with caplog.at_level(logging.WARNING):
+        manifest = shards.make_shards(str(folder), str(tmp_path / "out"), num_shards=1, progress=False)
+    expected = float(np.mean(np.abs(loud) >= 1.0))  # the samples 16-bit PCM cannot hold
+    assert manifest["num_clips"] == 2
+    assert [c["path"] for c in manifest["clipped"]] == ["loud.wav"]
+    assert manifest["clipped"][0]["fraction"] == pytest.approx(expected, abs=1e-4)
+    assert manifest["clipped"][0]["peak"] == pytest.approx(5.0, rel=1e-3)
+    assert any("clipped" in r.getMessage() and "loud.wav" in r.getMessage() for r in caplog.records)

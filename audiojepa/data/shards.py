@@ -244,8 +244,20 @@ def write_manifest(output_dir: str, manifest: dict) -> None:
     os.replace(tmp, os.path.join(output_dir, MANIFEST))
 
 
+def _clipping(waveform: np.ndarray, codec: str) -> dict | None:
+    """{"fraction", "peak"} when a 16-bit codec must clip `waveform` (float audio beyond full scale, |x| >= 1:
+    int16 holds [-1, 1 - 2^-15]), else None. "f32" records keep such values."""
+    if codec == "f32":
+        return None
+    beyond = np.abs(waveform) >= 1.0
+    if not beyond.any():
+        return None
+    return {"fraction": float(beyond.mean()), "peak": float(np.abs(waveform).max())}
+
+
 def _decode_one(item, *, sample_rate, codec, min_seconds, max_seconds=None):
-    """Worker: (path, id, metadata) -> ("ok", record bytes, num_samples) or ("skip", reason, detail)."""
+    """Worker: (path, id, metadata) -> ("ok", record bytes, num_samples, clipping or None) or ("skip", reason,
+    detail); clipping is `_clipping`'s dict for a file the 16-bit codec clips."""
     path, clip_id, metadata = item
     try:
         waveform = audio_io.load_clip(path, sample_rate=sample_rate, min_seconds=min_seconds, max_seconds=max_seconds)
@@ -254,7 +266,7 @@ def _decode_one(item, *, sample_rate, codec, min_seconds, max_seconds=None):
     except Exception as e:  # anything else a decoder throws: never abort the run for one file
         return ("skip", "unreadable", f"{type(e).__name__}: {e}")
     return ("ok", records.encode_clip(clip_id, waveform, sample_rate, codec=codec, metadata=metadata),
-            waveform.shape[0])
+            waveform.shape[0], _clipping(waveform, codec))
 
 
 def write_shard_set(
@@ -331,6 +343,7 @@ def make_shards(
         num_shards = num_shards or default_num_shards(len(inputs.items))
         writer = ShardWriter(staged, num_shards)
         skipped = list(inputs.skipped)
+        clipped = []  # files stored clipped: float audio beyond full scale in a 16-bit codec
         try:
             with contextlib.closing(decode_files(inputs.items, decode, workers)) as results:
                 bar = tqdm(results, total=len(inputs.items), unit="clip", disable=not progress,
@@ -338,6 +351,8 @@ def make_shards(
                 for (path, clip_id, _), result in zip(inputs.items, bar):
                     if result[0] == "ok":
                         writer.write(result[1], result[2])
+                        if result[3] is not None:
+                            clipped.append({"path": clip_id, **result[3]})
                     else:
                         skipped.append({"path": clip_id, "reason": result[1], "detail": result[2]})
                         bar.set_postfix(skipped=len(skipped), refresh=False)
@@ -349,8 +364,15 @@ def make_shards(
         manifest = _manifest(writer, sample_rate=sample_rate, codec=codec, skipped=skipped, extra={
             "input": os.path.abspath(input_path),
             "metadata_columns": inputs.metadata_columns,
+            "clipped": clipped,
         })
         write_manifest(staged, manifest)
+    if clipped:
+        shown = ", ".join(f"{c['path']} ({100 * c['fraction']:.1f}% of samples, peak {c['peak']:.2f})"
+                          for c in clipped[:10])
+        logging.warning("%d files go beyond full scale and were stored clipped to 16 bits (listed under \"clipped\" "
+                        "in %s; --format=f32 keeps their values): %s%s", len(clipped),
+                        os.path.join(output_dir, MANIFEST), shown, " ..." if len(clipped) > 10 else "")
     logging.info("wrote %d clips (%.2f h) to %d shards in %s in %.1f s; skipped %d files",
                  writer.num_written, manifest["total_hours"], num_shards, output_dir,
                  time.time() - start, len(skipped))
