@@ -44,7 +44,8 @@ def test_plan_resume(caplog):
     with caplog.at_level(logging.WARNING):
         position, restore = pipeline.plan_resume(saved, 100, **{**setup, "process_count": 1})
     assert not restore and position["start_batch"] == 100 and position["first_step"] == 100
-    assert "process_count 2 -> 1" in caplog.text and "the same stream" in caplog.text
+    assert "process_count 2 -> 1" in caplog.text and "the same examples and crops" in caplog.text
+    assert "not bit-identical" in caplog.text  # host log-mels may differ at float32 rounding (issue 22)
     # A later resume of that run, at step 130 with 1 process, restores Grain state built at start_batch 100.
     assert pipeline.plan_resume(position, 130, **{**setup, "process_count": 1}) == (position, True)
     # ... and with 2 processes again, global batch 130 (100 + 30 steps).

@@ -385,7 +385,9 @@ def make_iterator(
 ) -> grain.DatasetIterator:
     """A checkpointable iterator over `ds`; `num_workers` > 0 decodes in that many processes.
 
-    The batches do not depend on `num_workers` or `read_threads`.
+    The batches hold the same examples and crops whatever `num_workers` or `read_threads`; host log-mels may
+    differ at float32 rounding (~5e-7) between num_workers = 0 and > 0, because workers run NumPy's BLAS on
+    one thread (below) and the main process on several.
     """
     read = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(2 * read_threads, 1))
     it_ds = ds.to_iter_dataset(read)
@@ -439,8 +441,10 @@ def plan_resume(saved: dict | None, step: int, **current) -> tuple[dict, bool]:
     next_example = (saved["start_batch"] + step - saved["first_step"]) * saved["global_batch_size"]
     start_batch = -(-next_example // current["global_batch_size"])
     changed = ", ".join(f"{k} {saved.get(k)} -> {v}" for k, v in current.items() if saved.get(k) != v)
-    exact = "the same stream" if saved["global_batch_size"] == current["global_batch_size"] else \
-        "the first batch after the examples already seen (the global batch size changed)"
+    exact = ("the same examples and crops (host log-mels may differ at float32 rounding when num_workers "
+             "changes, so params are not bit-identical to an uninterrupted run)"
+             if saved["global_batch_size"] == current["global_batch_size"] else
+             "the first batch after the examples already seen (the global batch size changed)")
     logging.warning("data iterator: the checkpoint at step %d was written with a different setup (%s). Grain's "
                     "per-process iterator state does not apply, so the stream restarts at global batch %d "
                     "computed from the step: %s.", step, changed, start_batch, exact)
