@@ -194,3 +194,29 @@ def set_by_path(config: ml_collections.ConfigDict, dotted_key: str, value) -> No
         if depth < len(parents):
             node, prefix = node[key], prefix + key + "."
     node[leaf] = value
+
+
+def parse_flags_naming_config_keys(argv: list[str]) -> list[str]:
+    """absl's flag parsing (`app.run(main, flags_parser=...)`), with a `--config.<key>=value` that names no config
+    field reported as one line naming the flag and ml_collections' close match, exit status 1, instead of the
+    KeyError / AttributeError traceback that ml_collections raises while the flags are parsed."""
+    import sys
+
+    from absl import flags
+
+    try:
+        return flags.FLAGS(argv)
+    except (KeyError, AttributeError) as e:
+        import re
+
+        raw = str(e.args[0] if e.args else e)
+        hint = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', raw)
+        unknown = re.search(r"'([^'\\]+)\\?'", raw)
+        detail = (f'"{hint.group(2)}" (did you mean "{hint.group(1)}"?)' if hint else
+                  f'"{unknown.group(1)}"' if unknown else raw)
+        overrides = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+        bad = [a for a in overrides if any(part and part in detail for part in a[len("--config."):].split("."))]
+        named = ", ".join(bad or overrides) or "a --config override"
+        print(f"FATAL Flags parsing error: {named} names no config field: {detail}. The config file's "
+              "get_config() defines the fields.", file=sys.stderr)
+        sys.exit(1)

@@ -16,7 +16,7 @@ if __name__ == "__main__":  # glibc reads GLIBC_TUNABLES only at start-up: re-ex
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from audiojepa import process  # noqa: E402
+from audiojepa import config_utils, process  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/m2d.py:runlocal.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs; a run resumes from it.")
@@ -32,4 +32,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=config_utils.parse_flags_naming_config_keys)

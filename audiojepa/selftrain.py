@@ -43,7 +43,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from audiojepa import encoder as encoder_lib, kmeans, process  # noqa: E402
+from audiojepa import config_utils, encoder as encoder_lib, kmeans, process  # noqa: E402
 from audiojepa.data import pipeline  # noqa: E402
 from audiojepa.methods import encodecmae  # noqa: E402
 
@@ -290,4 +290,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=config_utils.parse_flags_naming_config_keys)

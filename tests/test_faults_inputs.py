@@ -293,3 +293,18 @@ def test_i_the_launcher_cli_exit_status_of_a_killed_child_is_137(tmp_path):
     result = _tool("launch/local.py", "--num_processes=1", "--", "sh", "-c", script)
     assert result.returncode == 137, (result.returncode, result.stderr)
     assert "process 0 was killed by SIGKILL" in result.stderr
+
+
+def test_e_an_unknown_config_flag_is_a_usage_error_naming_it():
+    """`--config.modle.x=1` / `--config.optim.lrr=1` on the command line ended in a bare KeyError / AttributeError
+    traceback from ml_collections' flag parsing; now one line naming the flag and the close match, exit 1."""
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for flag, hint in (("--config.modle.x=1", '"model"'), ("--config.optim.lrr=1", '"lr"')):
+        result = subprocess.run([sys.executable, "-m", "audiojepa.main", "--config=configs/m2d.py:runlocal",
+                                 "--workdir=/nonexistent/never-made", flag], cwd=repo, capture_output=True, text=True,
+                                env={**os.environ, "PYTHONPATH": repo, "AUDIOJEPA_HUGEPAGE_MALLOC": "0"}, timeout=120)
+        assert result.returncode == 1, result.stderr[-2000:]
+        assert flag.split("=")[0] in result.stderr and hint in result.stderr
+        assert "Traceback" not in result.stderr
