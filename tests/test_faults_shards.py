@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
@@ -17,6 +16,7 @@ import soundfile as sf
 
 from audiojepa.data import shards
 import process_helpers
+import fault_helpers
 
 SR = 16000
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,25 +34,6 @@ def _write_wavs(folder, count, seconds=0.2):
     return str(folder)
 
 
-def _within(seconds, fn, *args, **kwargs):
-    """fn(*args, **kwargs), failing the test if it has not returned after `seconds` (it hangs)."""
-    outcome = {}
-
-    def run():
-        try:
-            outcome["value"] = fn(*args, **kwargs)
-        except BaseException as e:  # re-raised in the test's thread
-            outcome["error"] = e
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert not thread.is_alive(), f"{fn.__name__} still running after {seconds} s: it hangs"
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
-
-
 def _skips(manifest):
     return {s["path"]: s["reason"] for s in manifest["skipped"]}
 
@@ -64,8 +45,8 @@ def test_a_fifo_among_wavs_is_skipped_not_opened(tmp_path, workers):
     audio = _write_wavs(tmp_path / "in", 3)
     os.mkfifo(os.path.join(audio, "pipe.wav"))  # opening it for reading blocks until a writer comes
     os.symlink(os.path.join(audio, "pipe.wav"), os.path.join(audio, "link_to_pipe.wav"))
-    manifest = _within(30, shards.make_shards, audio, str(tmp_path / "out"), num_shards=1, workers=workers,
-                       progress=False)
+    manifest = fault_helpers.within(30, shards.make_shards, audio, str(tmp_path / "out"), num_shards=1,
+                                    workers=workers, progress=False)
     assert manifest["num_clips"] == 3
     assert _skips(manifest) == {"pipe.wav": "not a regular file", "link_to_pipe.wav": "not a regular file"}
     assert "FIFO" in manifest["skipped"][0]["detail"]
@@ -75,8 +56,8 @@ def test_a_fifo_listed_in_a_csv_is_skipped_not_opened(tmp_path):
     _write_wavs(tmp_path, 1)
     os.mkfifo(tmp_path / "pipe.wav")
     (tmp_path / "list.csv").write_text("path,label\n00_tone.wav,a\npipe.wav,b\n")
-    manifest = _within(30, shards.make_shards, str(tmp_path / "list.csv"), str(tmp_path / "out"), num_shards=1,
-                       progress=False)
+    manifest = fault_helpers.within(30, shards.make_shards, str(tmp_path / "list.csv"), str(tmp_path / "out"),
+                                    num_shards=1, progress=False)
     assert manifest["num_clips"] == 1
     assert _skips(manifest) == {"pipe.wav": "not a regular file"}
 
@@ -92,7 +73,7 @@ def test_a_symlinked_folder_is_followed_once_and_loops_end(tmp_path):
     os.makedirs(os.path.join(audio, "real"))
     os.symlink(os.path.join(audio, "real"), os.path.join(audio, "again"))  # a second path to a listed folder
     sf.write(os.path.join(audio, "real", "r.wav"), _tone(0.2), SR, subtype="PCM_16")
-    manifest = _within(30, shards.make_shards, audio, str(tmp_path / "out"), num_shards=1, progress=False)
+    manifest = fault_helpers.within(30, shards.make_shards, audio, str(tmp_path / "out"), num_shards=1, progress=False)
     assert manifest["num_clips"] == 4  # 00_tone.wav, linked/00_tone.wav, linked/01_tone.wav, real/r.wav
     assert _skips(manifest) == {"again/": "repeated folder", "loop/": "repeated folder",
                                 "linked/up/": "repeated folder"}
@@ -205,8 +186,8 @@ def test_a_second_run_into_a_busy_output_fails_at_once_naming_it_and_the_holder(
         if not second_runs:  # while the first run decodes its first file
             for overwrite in (False, True):
                 with pytest.raises(shards.OutputLockedError) as caught:
-                    _within(10, shards.make_shards, second_audio, out, num_shards=1, overwrite=overwrite,
-                            progress=False)
+                    fault_helpers.within(10, shards.make_shards, second_audio, out, num_shards=1,
+                                         overwrite=overwrite, progress=False)
                 second_runs.append(str(caught.value))
         return real_decode(item, **kwargs)
 
@@ -306,34 +287,25 @@ def test_a_killed_run_leaves_no_worker_and_the_next_run_cleans_its_staging(tmp_p
     assert manifest["num_clips"] == 40 and _staging_leftovers(out) == []
 
 
-def _snapshot(folder):
-    """{file name: bytes} of every file in `folder`."""
-    out = {}
-    for name in sorted(os.listdir(folder)):
-        with open(os.path.join(folder, name), "rb") as f:
-            out[name] = f.read()
-    return out
-
-
 def test_a_run_killed_while_swapping_sets_is_undone_by_the_next(tmp_path, caplog):
     """Killed between moving the old set aside and moving the new one in: the next run puts the old back."""
     out = str(tmp_path / "out")
     shards.make_shards(_write_wavs(tmp_path / "old", 2), out, num_shards=1, progress=False)
     with open(os.path.join(out, "NOTES.txt"), "w") as f:
         f.write("kept")
-    before = _snapshot(out)
+    before = fault_helpers.snapshot(out)
     os.rename(out, str(tmp_path / ".out.old-dead0001"))
     os.mkdir(tmp_path / ".out.tmp-dead0002")  # the new set, never swapped in
     with caplog.at_level(logging.WARNING), pytest.raises(FileExistsError, match="already holds a shard set"):
         shards.make_shards(_write_wavs(tmp_path / "new", 3), out, num_shards=1, progress=False)
     assert f"restored the previous shard set of {out} from {tmp_path / '.out.old-dead0001'}" in caplog.text
-    assert _snapshot(out) == before
+    assert fault_helpers.snapshot(out) == before
     assert _staging_leftovers(out) == []
     # Killed after the swap, while moving the old folder's other files into the new one.
     os.mkdir(tmp_path / ".out.old-dead0003")
     os.rename(os.path.join(out, "NOTES.txt"), tmp_path / ".out.old-dead0003" / "NOTES.txt")
     manifest = shards.make_shards(str(tmp_path / "new"), out, num_shards=1, overwrite=True, progress=False)
-    assert manifest["num_clips"] == 3 and _snapshot(out)["NOTES.txt"] == b"kept"
+    assert manifest["num_clips"] == 3 and fault_helpers.snapshot(out)["NOTES.txt"] == b"kept"
     assert _staging_leftovers(out) == []
 
 

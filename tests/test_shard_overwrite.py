@@ -12,6 +12,7 @@ import soundfile as sf
 
 from audiojepa import frontend
 from audiojepa.data import pipeline, shards, stats
+import fault_helpers
 
 SR = 16000
 PARAMS = frontend.get_preset("m2d")
@@ -26,15 +27,6 @@ def _write_tones(folder, level, count=6):
         wave = 0.5 * np.sin(2 * np.pi * (300 + 100 * i) * t) + 0.15 * rng.standard_normal(t.shape)
         sf.write(os.path.join(folder, f"tone{i}.wav"), (level * wave).astype(np.float32), SR, subtype="FLOAT")
     return folder
-
-
-def _snapshot(folder):
-    """{file name: bytes} of every file in `folder`."""
-    out = {}
-    for name in sorted(os.listdir(folder)):
-        with open(os.path.join(folder, name), "rb") as f:
-            out[name] = f.read()
-    return out
 
 
 def _leftovers(output_dir):
@@ -65,18 +57,18 @@ def test_interrupted_overwrite_keeps_the_old_set_and_a_finished_one_replaces_it(
     stats.write_stats(out, PARAMS, mean=-3.0, std=1.0)
     with open(os.path.join(out, "NOTES.txt"), "w") as f:
         f.write("not part of the shard set")
-    before = _snapshot(out)
+    before = fault_helpers.snapshot(out)
     new_audio = _write_tones(str(tmp_path / "new_audio"), 0.001, count=5)
 
     with monkeypatch.context() as m:
         _interrupt_third_decode(m)
         with pytest.raises(KeyboardInterrupt):
             shards.make_shards(new_audio, out, num_shards=2, overwrite=True, progress=False)
-    assert _snapshot(out) == before
+    assert fault_helpers.snapshot(out) == before
     assert _leftovers(out) == []
 
     manifest = shards.make_shards(new_audio, out, num_shards=2, overwrite=True, progress=False)
-    after = _snapshot(out)
+    after = fault_helpers.snapshot(out)
     assert manifest["num_clips"] == 5 and shards.read_manifest(out) == manifest
     assert stats.STATS_FILE not in after, "the old audio's log-mel statistics survived the overwrite"
     assert after["NOTES.txt"] == before["NOTES.txt"]
@@ -137,10 +129,10 @@ def test_rerun_without_overwrite_names_the_flag(tmp_path):
     out = str(tmp_path / "out")
     audio = _write_tones(str(tmp_path / "audio"), 0.1, count=2)
     shards.make_shards(audio, out, num_shards=1, progress=False)
-    before = _snapshot(out)
+    before = fault_helpers.snapshot(out)
     with pytest.raises(FileExistsError, match=f"{out} already holds a shard set; pass --overwrite"):
         shards.make_shards(audio, out, num_shards=1, progress=False)
-    assert _snapshot(out) == before and _leftovers(out) == []
+    assert fault_helpers.snapshot(out) == before and _leftovers(out) == []
 
 
 def test_embedded_corpus_folder_is_readable_by_others(tmp_path):

@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ import soundfile as sf
 from array_record.python import array_record_module
 
 from audiojepa.data import records, shards
+import fault_helpers
 
 SR = 16000
 
@@ -121,25 +121,6 @@ def decode_or_die(item, **kwargs):
     return REAL_DECODE(item, **kwargs)
 
 
-def _within(seconds, fn, *args, **kwargs):
-    """fn(*args, **kwargs), failing the test if it has not returned after `seconds` (it hangs)."""
-    outcome = {}
-
-    def run():
-        try:
-            outcome["value"] = fn(*args, **kwargs)
-        except BaseException as e:  # re-raised in the test's thread
-            outcome["error"] = e
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert not thread.is_alive(), f"{fn.__name__} still running after {seconds} s: it hangs"
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
-
-
 def _shard_digests(folder):
     return [hashlib.sha256(open(os.path.join(folder, n), "rb").read()).hexdigest()
             for n in shards.read_manifest(folder)["shards"]]
@@ -152,8 +133,8 @@ def test_a_dead_decoding_process_skips_its_file_only(tmp_path, monkeypatch):
         sf.write(audio / f"{i:02d}_tone.wav", _tone(0.2, 200 + 50 * i), SR, subtype="PCM_16")
     sf.write(audio / f"05_{CRASH_MARK}.wav", _tone(0.2), SR, subtype="PCM_16")
     monkeypatch.setattr(shards, "_decode_one", decode_or_die)
-    manifest = _within(60, shards.make_shards, str(audio), str(tmp_path / "out"), num_shards=3, workers=2,
-                       progress=False)
+    manifest = fault_helpers.within(60, shards.make_shards, str(audio), str(tmp_path / "out"), num_shards=3,
+                                    workers=2, progress=False)
     assert manifest["skipped"] == [{"path": f"05_{CRASH_MARK}.wav", "reason": "decoder crashed",
                                     "detail": manifest["skipped"][0]["detail"]}]
     assert manifest["num_clips"] == 24
