@@ -1,0 +1,199 @@
+"""tools/make_dev_benchmark.py on a fake tree of unpacked packages (tiny WAV/OGG files, a .pk3 zip laid out as the
+real packages are): determinism, task/corpus disjointness, source-disjoint splits, labels.csv, skipped files, the
+missing-package error. No network, no apt."""
+
+import csv
+import hashlib
+import importlib.util
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOL = os.path.join(ROOT, "tools", "make_dev_benchmark.py")
+SR = 8000
+
+
+@pytest.fixture(scope="module")
+def tool():
+    spec = importlib.util.spec_from_file_location("make_dev_benchmark", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _wav_bytes(seed, fmt="WAV", subtype="PCM_16", silent=False):
+    """0.1 s of seeded noise (or zeros) encoded as `fmt`."""
+    noise = 0.3 * np.random.default_rng(seed).standard_normal(SR // 10)
+    buf = io.BytesIO()
+    sf.write(buf, (0 * noise if silent else noise).astype(np.float32), SR, format=fmt, subtype=subtype)
+    return buf.getvalue()
+
+
+def _write(path, data):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+LMMS_FILES = {
+    "drums": ["kick01", "kick02", "kick_soft01", "bassdrum01", "kick_hard01", "snare01", "snare02", "snare_hiphop01",
+              "snare_rim01", "snare_muffled01", "hihat_closed01", "hihat_opened01", "hihat_foot_pedal01", "tom01",
+              "tom_hi01", "tom_low01", "crash01", "ride01", "clap01", "clap02"],
+    "basses": ["bass01", "bass_acid01", "rave_bass01", "synth_acid01"],
+    "instruments": ["piano01", "e_piano_accord01", "church_organ01", "cello01", "violin_pizzicato01",
+                    "steel_guitar01", "steel_guitar_heavy_distorted01", "trumpet01", "flute01"],
+    "latin": ["latin_guitar01", "latin_brass01"],
+    "stringsnpads": ["strings01", "space_strings01"],
+    "beats": ["break01", "jungle01"],
+    "effects": ["explode01"],
+}
+
+
+@pytest.fixture
+def fake_cache(tmp_path, tool):
+    """CACHE/<package>/ trees shaped like the real packages, small enough to build in about a second."""
+    cache = tmp_path / "cache"
+    seed = 0
+    for folder, stems in LMMS_FILES.items():
+        for stem in stems:
+            seed += 1
+            _write(cache / "lmms-common/usr/share/lmms/samples" / folder / f"{stem}.ogg",
+                   _wav_bytes(seed, "OGG", "VORBIS"))
+    # as in the real lmms-common: a file named .ogg that libsndfile refuses
+    _write(cache / "lmms-common/usr/share/lmms/samples/drums/kick04.ogg", b"RIFF\x00\x00\x00\x00WAVEfmt junk")
+    _write(cache / "lmms-common" / tool.VERSION_FILE, b"1.2.2+dfsg1-6\n")
+    oa = cache / "openarena-data/usr/share/games/openarena"
+    os.makedirs(oa / "baseoa")
+    members = [f"sound/weapons/{w}/{w}_fire{i}.wav" for w in ("bfg", "rocket", "plasma", "railgun", "shotgun")
+               for i in (1, 2)]
+    members += [f"sound/player/footsteps/{s}{i}.wav" for s in ("boot", "clank", "flesh", "mech", "step") for i in (1, 2)]
+    members += ["sound/world/ambient/x_drone.wav", "sound/world/new/moan1.wav", "sound/world/wind1.wav",
+                "sound/world/demonwind01.wav", "sound/player/sarge/death1.wav", "sound/misc/menu1.wav",
+                "sound/items/quaddamage.wav", "sound/misc/silence.wav"]
+    with zipfile.ZipFile(oa / "baseoa/pak0.pk3", "w") as archive:
+        for member in members:
+            seed += 1
+            archive.writestr(member, _wav_bytes(seed, silent=member.endswith("silence.wav")))
+    os.makedirs(oa / "missionpack")
+    with zipfile.ZipFile(oa / "missionpack/mp-pak0.pk3", "w") as archive:
+        for name in ("yes", "no", "coverme"):
+            seed += 1
+            archive.writestr(f"sound/voices/rott/{name}.ogg", _wav_bytes(seed, "OGG", "VORBIS"))
+            archive.writestr(f"sound/voices/festivoxmale/{name}.ogg", _wav_bytes(seed + 1000, "OGG", "VORBIS"))
+    for name in ("menu", "track1"):
+        seed += 1
+        _write(cache / "warzone2100-music/usr/share/games/warzone2100/music" / f"{name}.opus",
+               _wav_bytes(seed, "OGG", "VORBIS"))  # Vorbis in an .opus name: the rules look at paths only
+    for name in ("introzik.ogg", "launch.ogg"):
+        seed += 1
+        _write(cache / "frozen-bubble-data/usr/share/games/frozen-bubble/snd" / name, _wav_bytes(seed, "OGG", "VORBIS"))
+    _write(cache / "pingus-data/usr/share/games/pingus/data/sounds/plop.wav", _wav_bytes(seed + 1))
+    _write(cache / "pingus-data/usr/share/games/pingus/data/music/pingus-1.it", b"IMPM not audio we read")
+    _write(cache / "sound-theme-freedesktop/usr/share/sounds/freedesktop/stereo/bell.oga",
+           _wav_bytes(seed + 2, "OGG", "VORBIS"))
+    _write(cache / "alsa-utils/usr/share/sounds/alsa/Front_Left.wav", _wav_bytes(seed + 3))
+    return str(cache)
+
+
+def _tree_digest(folder):
+    digest = hashlib.sha256()
+    for parent, subfolders, files in os.walk(folder):
+        subfolders.sort()
+        for name in sorted(files):
+            path = os.path.join(parent, name)
+            digest.update(os.path.relpath(path, folder).encode() + b"\0")
+            with open(path, "rb") as f:
+                digest.update(f.read())
+    return digest.hexdigest()
+
+
+def _labels(task_dir):
+    with open(os.path.join(task_dir, "labels.csv"), newline="") as f:
+        return list(csv.reader(f))
+
+
+def test_build_is_deterministic_disjoint_and_split_by_source(tool, fake_cache, tmp_path):
+    out1, out2 = str(tmp_path / "b1"), str(tmp_path / "b2")
+    summary = tool.build(out1, fake_cache, seed=0, log=lambda *_: None)
+    tool.build(out2, fake_cache, seed=0, log=lambda *_: None)
+    assert _tree_digest(out1) == _tree_digest(out2)
+
+    assert sorted(summary["tasks"]) == ["drum_type", "game_sfx", "instrument_family"]
+    assert summary["packages"]["lmms-common"] == "1.2.2+dfsg1-6"
+    assert summary["packages"]["alsa-utils"] == "unknown"
+    assert summary["tasks"]["drum_type"]["dropped_labels"] == ["clap"]  # one sample family only
+
+    corpus_files = set()
+    for parent, _, files in os.walk(os.path.join(out1, "corpus")):
+        corpus_files.update(os.path.relpath(os.path.join(parent, f), os.path.join(out1, "corpus")) for f in files)
+    assert "warzone2100-music/usr/share/games/warzone2100/music/menu.opus" in corpus_files
+    assert not any("festivoxmale" in f for f in corpus_files)
+    assert not any(f.endswith(".it") for f in corpus_files)
+    assert summary["corpus"]["files"] == len(corpus_files)
+
+    group_rules = [(r[1], r[2]) for r in tool.TASK_RULES]
+    for task in summary["tasks"]:
+        rows = _labels(os.path.join(out1, "tasks", task))
+        assert rows[0] == ["filename", "label", "split"]
+        assert rows[1:] == sorted(rows[1:])
+        assert {split for _, _, split in rows[1:]} <= {"train", "valid", "test"}
+        groups_by_split = {}
+        for filename, label, split in rows[1:]:
+            assert os.path.isfile(os.path.join(out1, "tasks", task, filename))
+            assert filename.startswith("audio/")
+            source = filename[len("audio/"):]
+            assert source not in corpus_files, f"{task}: {source} is also in the corpus"
+            assert "festivoxmale" not in source
+            package, rel = source.split("/", 1)
+            group = next(re.search(rx, rel).group("group") for p, rx in group_rules
+                         if p == package and re.search(rx, rel))
+            groups_by_split.setdefault(split, set()).add((label, group))
+        assert not groups_by_split["train"] & groups_by_split["test"], task
+        assert not groups_by_split["train"] & groups_by_split.get("valid", set()), task
+        labels = {label for _, label, _ in rows[1:]}
+        for split in ("train", "test"):
+            assert {label for label, _ in groups_by_split[split]} == labels, (task, split)
+    # the split record in benchmark.json agrees with the files: no group in two splits
+    with open(os.path.join(out1, "benchmark.json")) as f:
+        recorded = json.load(f)
+    for task, t in recorded["tasks"].items():
+        assert not set(t["groups"]["train"]) & set(t["groups"]["test"])
+
+
+def test_skipped_files_are_listed(tool, fake_cache, tmp_path):
+    summary = tool.build(str(tmp_path / "b"), fake_cache, log=lambda *_: None)
+    skipped = {(s["package"], s["path"].rsplit("/", 1)[1]): s["reason"] for s in summary["skipped"]}
+    assert skipped == {("lmms-common", "kick04.ogg"): "unreadable", ("openarena-data", "silence.wav"): "silent"}
+    rows = _labels(str(tmp_path / "b/tasks/drum_type"))
+    assert not any("kick04" in row[0] for row in rows)
+
+
+def test_seed_changes_the_split_not_the_files(tool, fake_cache, tmp_path):
+    a = tool.build(str(tmp_path / "a"), fake_cache, seed=0, log=lambda *_: None)
+    b = tool.build(str(tmp_path / "b"), fake_cache, seed=1, log=lambda *_: None)
+    assert a["corpus"] == b["corpus"]
+    assert any(a["tasks"][t]["groups"] != b["tasks"][t]["groups"] for t in a["tasks"])
+    for t in a["tasks"]:
+        assert a["tasks"][t]["clips"] == b["tasks"][t]["clips"]
+
+
+def test_missing_package_names_it_and_the_apt_command(tool, fake_cache, tmp_path):
+    shutil.rmtree(os.path.join(fake_cache, "openarena-data"))
+    with pytest.raises(tool.MissingPackageError, match="openarena-data") as info:
+        tool.build(str(tmp_path / "b"), fake_cache, log=lambda *_: None)
+    assert "apt-get download openarena-data" in str(info.value)
+    assert not os.path.exists(tmp_path / "b")
+    cmd = [sys.executable, TOOL, f"--cache={fake_cache}", f"--output={tmp_path / 'c'}"]
+    result = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "openarena-data" in result.stderr and "apt-get download" in result.stderr
