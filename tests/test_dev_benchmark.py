@@ -1,10 +1,9 @@
-"""tools/make_dev_benchmark.py on a fake tree of unpacked packages (tiny WAV/OGG files, a .pk3 zip laid out as the
+"""tools/make_dev_benchmark.py (audiojepa.data.dev_benchmark) on a fake tree of unpacked packages (tiny WAV/OGG files, a .pk3 zip laid out as the
 real packages are): determinism, task/corpus disjointness, source-disjoint splits, labels.csv, skipped files, the
 missing-package error. No network, no apt."""
 
 import csv
 import hashlib
-import importlib.util
 import io
 import json
 import os
@@ -18,6 +17,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from audiojepa.data import dev_benchmark
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "make_dev_benchmark.py")
 SR = 8000
@@ -25,10 +26,8 @@ SR = 8000
 
 @pytest.fixture(scope="module")
 def tool():
-    spec = importlib.util.spec_from_file_location("make_dev_benchmark", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The builder's library module (the CLI's absl flags would clash with other tools' in one pytest worker)."""
+    return dev_benchmark
 
 
 def _wav_bytes(seed, fmt="WAV", subtype="PCM_16", silent=False):
