@@ -331,7 +331,10 @@ def test_worker_env_simulates_cpu_devices_or_leaves_the_accelerators_alone():
     cpu = bench_train.worker_env(8, "cpu", environ=base)
     assert (cpu["JAX_PLATFORMS"], cpu["JAX_NUM_CPU_DEVICES"], cpu["PATH"]) == ("cpu", "8", "/bin")
     gpu = bench_train.worker_env(1, "gpu", environ=base)
-    assert gpu["JAX_PLATFORMS"] == "gpu" and "JAX_NUM_CPU_DEVICES" not in gpu
+    # JAX 0.11 reads JAX_PLATFORMS=gpu as "cuda or rocm" and fails on a CUDA-only install (seen on an H200):
+    # "gpu" is passed on as "cuda".
+    assert gpu["JAX_PLATFORMS"] == "cuda" and "JAX_NUM_CPU_DEVICES" not in gpu
+    assert bench_train.worker_env(1, "tpu", environ=base)["JAX_PLATFORMS"] == "tpu"
     assert base == {"PATH": "/bin", "JAX_NUM_CPU_DEVICES": "4"}  # the caller's environment is untouched
     # Workers allocate as `python -m audiojepa.main` does: huge pages where glibc and the kernel allow them.
     assert cpu.get("GLIBC_TUNABLES") == (host_memory.hugepage_env(base) or {}).get("GLIBC_TUNABLES")

@@ -158,6 +158,53 @@ def test_cudnn_attention_off_a_gpu_fails_naming_the_key():
         jax.eval_shape(stack.init, jax.random.key(0), jnp.zeros((1, 4, 32)))
 
 
+@pytest.mark.parametrize("with_valid", [False, True])
+def test_attention_padded_to_the_cudnn_token_multiple_equals_unpadded_attention(with_valid):
+    """cuDNN's fused kernel refuses odd token counts in training (JAX 0.11 on an H200: "Unsupported sequence
+    length Q 191, KV 191"), so the cudnn path pads tokens to a multiple of 64 and masks the padding out. The
+    padding path, run with XLA's attention here, must give the unpadded result (float32, 1e-6)."""
+    from audiojepa.models.vit import padded_dot_product_attention
+    batch, tokens, heads, head_dim = 3, 13, 2, 8
+    q, k, v = jax.random.normal(jax.random.key(1), (3, batch, tokens, heads, head_dim))
+    valid = None
+    if with_valid:
+        valid = jnp.arange(tokens)[None, :] < jnp.array([13, 7, 1])[:, None]
+        valid = valid.at[1, 2].set(False)  # not only a prefix
+    mask = None if valid is None else valid[:, None, None, :]
+    expected = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=0.3)
+    padded = padded_dot_product_attention(q, k, v, 0.3, "xla", valid, multiple=64)
+    assert padded.shape == expected.shape
+    np.testing.assert_allclose(np.asarray(padded), np.asarray(expected), rtol=1e-6, atol=1e-6)
+    grad = lambda f: jax.grad(lambda q: jnp.sum(f(q) ** 2))(q)
+    np.testing.assert_allclose(
+        np.asarray(grad(lambda q: padded_dot_product_attention(q, k, v, 0.3, "xla", valid, multiple=64))),
+        np.asarray(grad(lambda q: jax.nn.dot_product_attention(q, k, v, mask=mask, scale=0.3))), rtol=1e-5, atol=1e-6)
+
+
+def test_cudnn_attention_runs_per_shard_under_the_explicit_data_mesh():
+    """Under the trainer's Explicit `data` mesh, JAX 0.11.2's cuDNN attention fails its backward pass
+    ("Expected cotangent type bfloat16[256@data,191,...] but got bfloat16[256,191,...]", H200), so the cudnn
+    path runs inside a shard_map over the batch. That wrapping, run with XLA's attention on 8 CPU devices,
+    must give the unsharded values and gradients (float32, 1e-5)."""
+    from audiojepa import sharding
+    from audiojepa.models.vit import padded_dot_product_attention
+    mesh = sharding.make_mesh()
+    batch = 2 * mesh.devices.size
+    q, k, v = jax.random.normal(jax.random.key(2), (3, batch, 11, 2, 8))
+    valid = jnp.arange(11)[None, :] < jax.random.randint(jax.random.key(3), (batch, 1), 1, 12)
+
+    def loss(q, k, v, valid, per_shard):
+        out = padded_dot_product_attention(q, k, v, 0.3, "xla", valid, multiple=64, per_shard=per_shard)
+        return jnp.sum(jnp.where(valid[:, :, None, None], out, 0.0) ** 2)
+
+    expected = jax.value_and_grad(loss)(q, k, v, valid, False)
+    with jax.set_mesh(mesh):
+        placed = jax.device_put((q, k, v, valid), sharding.batch_sharding(mesh))
+        got = jax.jit(jax.value_and_grad(loss), static_argnums=4)(*placed, True)
+    np.testing.assert_allclose(float(got[0]), float(expected[0]), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(got[1]), np.asarray(expected[1]), rtol=1e-5, atol=1e-5)
+
+
 # -- the M2D train step -----------------------------------------------------------------------------------
 
 M2D_INPUT_SHAPE = (32, 64)  # 2 × 4 patches

@@ -554,10 +554,11 @@ def _add_data_rates(rows: list[dict]) -> None:
 
 def worker_env(num_devices: int, platform: str, environ=None) -> dict:
     """The environment of a worker: `num_devices` simulated CPU devices for platform "cpu"; otherwise
-    JAX_PLATFORMS=platform and no simulated-device setting (the worker meshes its first n devices). Huge
+    JAX_PLATFORMS=platform ("gpu" as "cuda": JAX 0.11 reads "gpu" as CUDA or ROCm and fails when the ROCm
+    plugin is absent) and no simulated-device setting (the worker meshes its first n devices). Huge
     pages for glibc's large allocations as `python -m audiojepa.main` has them (audiojepa.host_memory;
     AUDIOJEPA_HUGEPAGE_MALLOC=0 turns them off)."""
-    env = dict(os.environ if environ is None else environ, JAX_PLATFORMS=platform)
+    env = dict(os.environ if environ is None else environ, JAX_PLATFORMS="cuda" if platform == "gpu" else platform)
     env = host_memory.hugepage_env(env) or env
     if platform == "cpu":
         env["JAX_NUM_CPU_DEVICES"] = str(num_devices)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 9's GPU measurement, prepared as one command for a session that is lent the device machine.
 # That machine's image (KINDS.md of the device tool) has Python 3.12 with JAX 0.11 (CUDA), flax, optax and
-# orbax, but not grain, array-record, ml-collections, soundfile or soxr, and it cannot fetch anything.
+# orbax, but not grain, array-record, ml-collections, soundfile, soxr or tensorboardX, and it cannot fetch anything.
 #
 #   tools/gpu_bench.sh fetch   # here: those packages as CPython 3.12 manylinux wheels in .whl/ (~7 MB)
 #   bash tools/gpu_bench.sh run   # there, with .whl carried; ~4 minutes on an H200
@@ -15,7 +15,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PACKAGES=(grain==0.2.18 array-record==0.8.6 ml-collections==1.1.0 soundfile==0.14.0 soxr==1.1.0 cffi pycparser
-        portpicker googleapis-common-protos)
+        portpicker googleapis-common-protos tensorboardX)
 python=${PYTHON:-python3}
 
 case "${1:-}" in

@@ -120,6 +120,11 @@ def performance_options(model_config) -> dict[str, Any]:
                 scan_layers=scan_layers)
 
 
+# cuDNN's fused attention refuses odd token counts when training (JAX 0.11.2, H200: "Unsupported sequence
+# length Q 191, KV 191"); its kernels tile tokens by 64, so the cudnn path pads to this multiple.
+CUDNN_TOKEN_MULTIPLE = 64
+
+
 def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, scale: float,
                           implementation: str | None, valid: jax.Array | None = None) -> jax.Array:
     """jax.nn.dot_product_attention of [batch, tokens, heads, head_dim] arrays (no bias).
@@ -127,13 +132,55 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, sc
     valid: None, or [batch, tokens] bool: False marks padding tokens, which no query attends to (a key
         mask); their own outputs are computed but meaningless, and callers drop them. Every row needs at
         least one valid token.
-    "cudnn" off a GPU fails here, naming the config key, rather than deep inside JAX.
+    "cudnn" off a GPU fails here, naming the config key, rather than deep inside JAX. On a GPU it pads the
+    tokens to a multiple of CUDNN_TOKEN_MULTIPLE (padded_dot_product_attention).
     """
-    if implementation == "cudnn" and jax.default_backend() not in GPU_PLATFORMS:
-        raise ValueError(f"config.model.attention_impl='cudnn' needs an NVIDIA GPU with cuDNN; this JAX backend is "
-                         f"{jax.default_backend()!r}. Use attention_impl=None (XLA) here.")
+    if implementation == "cudnn":
+        if jax.default_backend() not in GPU_PLATFORMS:
+            raise ValueError(f"config.model.attention_impl='cudnn' needs an NVIDIA GPU with cuDNN; this JAX backend "
+                             f"is {jax.default_backend()!r}. Use attention_impl=None (XLA) here.")
+        return padded_dot_product_attention(query, key, value, scale, implementation, valid, CUDNN_TOKEN_MULTIPLE,
+                                            per_shard=True)
     mask = None if valid is None else valid[:, None, None, :]  # [batch, 1 (heads), 1 (queries), keys]
     return jax.nn.dot_product_attention(query, key, value, mask=mask, scale=scale, implementation=implementation)
+
+
+def padded_dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, scale: float,
+                                 implementation: str | None, valid: jax.Array | None, multiple: int,
+                                 per_shard: bool = False) -> jax.Array:
+    """dot_product_attention with the tokens zero-padded to a multiple of `multiple` and the padding masked
+    out of the keys (by sequence lengths when `valid` is None, cuDNN's padding mask, else by the padded
+    `valid` as a [batch, 1, queries, keys] mask, the one bias shape cuDNN takes); the padded queries'
+    outputs are dropped. Same [batch, tokens, heads, head_dim] result.
+
+    per_shard: under a mesh whose batch axis is sharded in the arrays' types (the trainer's Explicit `data`
+    mesh), run the attention inside a shard_map over the batch: JAX 0.11.2's cuDNN attention loses the
+    sharding of its cotangents otherwise. Attention is per example, so the result is the same.
+    """
+    if per_shard:
+        batch_spec = jax.typeof(query).sharding.spec[0] if jax.typeof(query).sharding is not None else None
+        mesh = jax.sharding.get_abstract_mesh()
+        if batch_spec is not None and not mesh.empty:
+            spec = jax.sharding.PartitionSpec(batch_spec)
+            local = lambda q, k, v, valid: padded_dot_product_attention(q, k, v, scale, implementation, valid,
+                                                                        multiple)
+            return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, None if valid is None else spec),
+                                 out_specs=spec)(query, key, value, valid)
+    batch, tokens = query.shape[:2]
+    padded = -(-tokens // multiple) * multiple
+    if padded == tokens and valid is None:
+        return jax.nn.dot_product_attention(query, key, value, scale=scale, implementation=implementation)
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, padded - tokens), (0, 0), (0, 0)))
+    query, key, value = pad(query), pad(key), pad(value)
+    if valid is None:
+        lengths = jnp.full((batch,), tokens, jnp.int32)
+        out = jax.nn.dot_product_attention(query, key, value, scale=scale, implementation=implementation,
+                                           query_seq_lengths=lengths, key_value_seq_lengths=lengths)
+    else:
+        keys = jnp.pad(valid, ((0, 0), (0, padded - tokens)))
+        mask = jnp.broadcast_to(keys[:, None, None, :], (batch, 1, padded, padded))
+        out = jax.nn.dot_product_attention(query, key, value, mask=mask, scale=scale, implementation=implementation)
+    return out[:, :tokens]
 
 
 POS_EMBEDS = ("sincos", "learned")
