@@ -6,7 +6,8 @@
 #   tools/gpu_bench.sh fetch   # here: those packages as CPython 3.12 manylinux wheels in .whl/ (~7 MB)
 #   bash tools/gpu_bench.sh run   # there, with .whl carried; ~4 minutes on an H200
 #
-# `run` installs the wheels into /tmp/site and prints the Python, JAX and GPU it found. Then it runs
+# `run` installs the wheels into /tmp/site and prints the Python, JAX and GPU it found, checks cuDNN's attention
+# against XLA's (tools/check_cudnn_attention.py). Then it runs
 # tools/bench_train.py twice, in separate processes, for M2D ViT-B, batch 256, bfloat16 compute:
 # attention by XLA, then cuDNN's fused attention. Each run's table goes to $OUT/BENCHMARKS.gpu.md (or
 # ./BENCHMARKS.gpu.md without $OUT), with MFU against both the measured bfloat16 matmul and the
@@ -41,6 +42,7 @@ case "${1:-}" in
 print(f"Python {sys.version.split()[0]}:", ", ".join(f"{p} {v(p)}" for p in ("jax", "jaxlib", "flax", "optax",
       "orbax-checkpoint", "grain")), "| devices:", jax.devices())'
     command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv || true
+    "$python" tools/check_cudnn_attention.py || echo "cuDNN attention differs from XLA's: see the lines above" >&2
     for attention in xla cudnn; do
       "$python" tools/bench_train.py --platform="${PLATFORM:-gpu}" --config=configs/m2d.py \
         --variants="${VARIANT:-B}" --devices=1 --batch_b="${BATCH:-256}" --batch_tiny="${BATCH:-256}" \
