@@ -101,6 +101,27 @@ def fake_cache(tmp_path, tool):
     _write(cache / "sound-theme-freedesktop/usr/share/sounds/freedesktop/stereo/bell.oga",
            _wav_bytes(seed + 2, "OGG", "VORBIS"))
     _write(cache / "alsa-utils/usr/share/sounds/alsa/Front_Left.wav", _wav_bytes(seed + 3))
+    seed += 10
+    mg = cache / "megaglest-data/usr/share/games/megaglest"
+    for faction, unit in (("egypt", "spearman"), ("indian", "archer"), ("magic", "initiate"), ("norsemen", "swordman"),
+                          ("persian", "swordman")):
+        for kind in ("ack1", "select2", "attack1", "attack3b", "die1", "hit1"):
+            seed += 1
+            _write(mg / f"techs/megapack/factions/{faction}/units/{unit}/sounds/{unit}_{kind}.wav", _wav_bytes(seed))
+    for rel in ("techs/megapack/commondata/sounds/wolf1.wav", "techs/megapack/commondata/sounds/archer_ack1.wav",
+                "techs/megapack/factions/tech/units/guard/sounds/guard_ack1.wav",
+                "techs/megapack/factions/magic/music/music_magic.ogg", "tilesets/meadow/sounds/bird1.wav"):
+        seed += 1
+        _write(mg / rel, _wav_bytes(seed))
+    for name in ("human-die-1", "human-female-hit-2", "orc-hit-1", "wolf-growl-1", "drake-die", "sword-1", "bow-miss",
+                 "axe", "throwing-knife", "mace", "magic-holy-1", "magic-missile-2-miss", "fire", "lightning", "heal",
+                 "squishy-hit"):
+        seed += 1
+        _write(cache / "wesnoth-1.16-data/usr/share/games/wesnoth/1.16/data/core/sounds" / f"{name}.ogg",
+               _wav_bytes(seed, "OGG", "VORBIS"))
+    _write(cache / "ktuberling-data/usr/share/ktuberling/sounds/en/hat.ogg", _wav_bytes(seed + 1, "OGG", "VORBIS"))
+    _write(cache / "ktuberling-data/usr/share/ktuberling/sounds/fr/chapeau.wav", _wav_bytes(seed + 2))
+    _write(cache / "klettres-data/usr/share/klettres/de/alpha/a.ogg", _wav_bytes(seed + 3, "OGG", "VORBIS"))
     return str(cache)
 
 
@@ -127,7 +148,7 @@ def test_build_is_deterministic_disjoint_and_split_by_source(tool, fake_cache, t
     tool.build(out2, fake_cache, seed=0, log=lambda *_: None)
     assert _tree_digest(out1) == _tree_digest(out2)
 
-    assert sorted(summary["tasks"]) == ["drum_type", "game_sfx", "instrument_family"]
+    assert sorted(summary["tasks"]) == ["battle_sound", "drum_type", "game_sfx", "instrument_family", "unit_sound"]
     assert summary["packages"]["lmms-common"] == "1.2.2+dfsg1-6"
     assert summary["packages"]["alsa-utils"] == "unknown"
     assert summary["tasks"]["drum_type"]["dropped_labels"] == ["clap"]  # one sample family only
@@ -138,6 +159,13 @@ def test_build_is_deterministic_disjoint_and_split_by_source(tool, fake_cache, t
     assert "warzone2100-music/usr/share/games/warzone2100/music/menu.opus" in corpus_files
     assert not any("festivoxmale" in f for f in corpus_files)
     assert not any(f.endswith(".it") for f in corpus_files)
+    for speech in ("ktuberling-data/usr/share/ktuberling/sounds/fr/chapeau.wav",
+                   "klettres-data/usr/share/klettres/de/alpha/a.ogg",
+                   "megaglest-data/usr/share/games/megaglest/techs/megapack/commondata/sounds/wolf1.wav"):
+        assert speech in corpus_files
+    # spoken acknowledgements of units outside the task stay out of the corpus too; the task's factions' other
+    # sounds (hit) are in neither
+    assert not any(f.endswith(("archer_ack1.wav", "guard_ack1.wav", "_hit1.wav")) for f in corpus_files)
     assert summary["corpus"]["files"] == len(corpus_files)
 
     group_rules = [(r[1], r[2]) for r in tool.TASK_RULES]
@@ -158,10 +186,20 @@ def test_build_is_deterministic_disjoint_and_split_by_source(tool, fake_cache, t
                          if p == package and re.search(rx, rel))
             groups_by_split.setdefault(split, set()).add((label, group))
         assert not groups_by_split["train"] & groups_by_split["test"], task
+        if task in tool.SHARED_SPLIT_TASKS:  # a faction (its voice actors) is in one split, whatever the label
+            factions = {split: {g for _, g in pairs} for split, pairs in groups_by_split.items()}
+            assert not factions["train"] & factions["test"] and not factions["train"] & factions.get("valid", set())
+            assert not factions["test"] & factions.get("valid", set())
         assert not groups_by_split["train"] & groups_by_split.get("valid", set()), task
         labels = {label for _, label, _ in rows[1:]}
         for split in ("train", "test"):
             assert {label for label, _ in groups_by_split[split]} == labels, (task, split)
+    battle = {row[0].rsplit("/", 1)[1]: row[1] for row in _labels(os.path.join(out1, "tasks", "battle_sound"))[1:]}
+    assert battle["human-female-hit-2.ogg"] == "creature" and battle["throwing-knife.ogg"] == "weapon"
+    assert battle["magic-missile-2-miss.ogg"] == "magic" and "squishy-hit.ogg" not in battle
+    unit = {row[0].rsplit("/", 1)[1]: row[1] for row in _labels(os.path.join(out1, "tasks", "unit_sound"))[1:]}
+    assert {unit["initiate_select2.wav"], unit["initiate_attack3b.wav"], unit["initiate_die1.wav"]} == {
+        "voice", "attack", "death"}
     # the split record in benchmark.json agrees with the files: no group in two splits
     with open(os.path.join(out1, "benchmark.json")) as f:
         recorded = json.load(f)

@@ -253,3 +253,29 @@ def test_files_longer_than_max_seconds_are_skipped_from_their_header(tmp_path):
     unlimited = shards.make_shards(str(folder), str(tmp_path / "all"), sample_rate=SR, workers=0, progress=False,
                                    max_seconds=None)
     assert unlimited["num_clips"] == 2 and unlimited["skipped"] == []
+
+
+def test_segment_seconds_cuts_long_files_into_consecutive_records(tmp_path):
+    """--segment_seconds: a file longer than a segment becomes consecutive records of that length (AudioSet-style
+    10 s clips from long recordings, so an hour-long track is not sampled as often as a one-second one); the last,
+    shorter piece is kept unless it is shorter than --min_seconds; the records join back into the file."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    long_wave = _tone(2.5) * np.linspace(0.5, 1.0, int(2.5 * SR), dtype=np.float32)
+    sf.write(folder / "long.wav", long_wave, SR, subtype="FLOAT")
+    sf.write(folder / "short.wav", _tone(0.4), SR, subtype="FLOAT")
+    sf.write(folder / "tail.wav", _tone(2.1, 330.0), SR, subtype="FLOAT")  # a 0.1 s tail: under min_seconds
+    manifest = shards.make_shards(str(folder), str(tmp_path / "out"), sample_rate=SR, workers=0, progress=False,
+                                  codec="f32", segment_seconds=1.0, min_seconds=0.2)
+    _, raws = _read_all(str(tmp_path / "out"))
+    clips = {records.decode_header(r)["id"]: records.decode_waveform(r) for r in raws}
+    long_ids = sorted(k for k in clips if k.startswith("long.wav"))
+    assert [len(clips[k]) for k in long_ids] == [SR, SR, SR // 2]
+    np.testing.assert_array_equal(np.concatenate([clips[k] for k in long_ids]), long_wave)
+    assert [len(clips[k]) for k in sorted(k for k in clips if k.startswith("tail.wav"))] == [SR, SR]
+    assert [len(v) for k, v in clips.items() if k.startswith("short.wav")] == [int(0.4 * SR)]
+    assert manifest["num_clips"] == 6 and manifest["num_files"] == 3 and manifest["segment_seconds"] == 1.0
+    assert manifest["total_hours"] == pytest.approx((2.5 + 0.4 + 2.0) / 3600)
+    with pytest.raises(ValueError, match="segment_seconds"):
+        shards.make_shards(str(folder), str(tmp_path / "bad"), sample_rate=SR, workers=0, progress=False,
+                           segment_seconds=-1.0)

@@ -2,11 +2,12 @@ r"""Builds a real-audio dev benchmark from audio that Debian packages ship: an u
 
     python tools/make_dev_benchmark.py --output /data/devbench --download
 
-needs these packages from the apt registry (173 MB of .deb files), downloaded and unpacked into --cache without
+needs these packages from the apt registry (~650 MB of .deb files), downloaded and unpacked into --cache without
 root (`--download` does this, skipping what the cache already holds):
 
     cd CACHE/debs && apt-get download lmms-common openarena-data warzone2100-music frozen-bubble-data \
-        pingus-data sound-theme-freedesktop alsa-utils
+        pingus-data sound-theme-freedesktop alsa-utils megaglest-data wesnoth-1.16-data ktuberling-data \
+        klettres-data
     dpkg-deb -x CACHE/debs/PKG_*.deb CACHE/PKG     # for each PKG
 
 It writes
@@ -28,10 +29,16 @@ corpus, and the corpus takes no file from a folder a task draws on. Files that d
 dropped (listed under "dropped_labels"), since it could not be tested on an unseen source.
 
 From Debian bookworm's packages (lmms-common 1.2.2+dfsg1-6, openarena-data 0.8.5split-14, warzone2100-music
-4.3.3-3, ...) it writes 113 MB in about 70 s on one core: a corpus of 212 files, 4.32 hours (4.05 h of it the
-Warzone 2100 soundtrack; 0.2 h other music, 0.06 h effects, 0.006 h speech), and three tasks: drum_type (53 clips,
-5 labels), game_sfx (142 clips, 4 labels: weapon, footstep, ambience, voice) and instrument_family (45 clips,
-5 labels). Six files do not decode (five LMMS .ogg files that are broken WAVs, one silent file) and are listed.
+4.3.3-3, megaglest-data 3.13.0-3, wesnoth-1.16-data 1:1.16.9-1, ktuberling-data and klettres-data 4:22.12.3-1, ...)
+it writes a corpus of 3973 files, 7.8 hours in about 2 minutes: music 4.8 h (4.05 h of it the Warzone 2100
+soundtrack), speech 1.34 h (spoken words, letters and syllables in ~25 languages), effects 0.7 h; and five tasks:
+unit_sound (776 clips: a MegaGlest unit's spoken acknowledgement, attack or death cry; split by faction, so no
+voice actor is on both sides; test 180 clips), battle_sound (226 clips: Wesnoth creature cries, weapons, spells;
+test 45), game_sfx (142 clips, 4 labels: weapon, footstep, ambience, voice), drum_type (53 clips, 5 labels) and
+instrument_family (45 clips, 5 labels). The last two are small (11-13 test clips): their scores are noisy.
+Six files do not decode (five LMMS .ogg files that are broken WAVs, one silent file) and are listed. Give the
+corpus to `tools/make_shards.py --segment_seconds 10` so that the long soundtrack files are sampled per
+10-second segment, not once per file.
 
 Sources kept aside for an independent check are never read: the FluidR3, TimGM6mb and MuseScore soundfonts,
 espeak-ng, flite, festival voices (so also OpenArena's "festivoxmale" voice pack, made with Festival), asterisk

@@ -37,6 +37,9 @@ flags.DEFINE_enum("format", "pcm16", ["pcm16", "flac"], "Audio codec inside each
 flags.DEFINE_integer("num_shards", None, "Number of shards (default: one per ~1024 clips).")
 flags.DEFINE_integer("workers", os.cpu_count() or 1, "Decoding processes (0 = decode in this process).")
 flags.DEFINE_float("min_seconds", 0.0, "Skip clips shorter than this, in seconds.")
+flags.DEFINE_float("segment_seconds", None, "Cut files longer than this into consecutive records of this many "
+                   "seconds (e.g. 10, as AudioSet's clips), so a long recording is sampled per segment rather than "
+                   "once per file; a last piece under --min_seconds is dropped and counted in the manifest.")
 flags.DEFINE_float("max_seconds", shards.DEFAULT_MAX_SECONDS, "Skip files longer than this, in seconds (each is "
                    "decoded whole in memory; 0: no limit).")
 flags.DEFINE_bool("overwrite", False, "Replace an existing shard set in --output (and its log-mel statistics) "
@@ -59,7 +62,7 @@ def main(argv):
         manifest = shards.make_shards(
             FLAGS.input, FLAGS.output, sample_rate=FLAGS.sample_rate, codec=FLAGS.format,
             num_shards=FLAGS.num_shards, workers=FLAGS.workers, min_seconds=FLAGS.min_seconds,
-            max_seconds=FLAGS.max_seconds or None,
+            max_seconds=FLAGS.max_seconds or None, segment_seconds=FLAGS.segment_seconds,
             overwrite=FLAGS.overwrite)
     except (shards.NoClipsError, shards.OutputLockedError, FileExistsError) as e:  # the message says it all
         sys.exit(f"make_shards: {e}")

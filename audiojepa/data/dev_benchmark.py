@@ -25,7 +25,8 @@ import zipfile
 from audiojepa.data import audio_io
 
 PACKAGES = ("lmms-common", "openarena-data", "warzone2100-music", "frozen-bubble-data", "pingus-data",
-            "sound-theme-freedesktop", "alsa-utils")
+            "sound-theme-freedesktop", "alsa-utils", "megaglest-data", "wesnoth-1.16-data", "ktuberling-data",
+            "klettres-data")
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "audiojepa", "dev_benchmark")
 SAMPLE_RATE = 16000  # Hz, only to check that a file decodes and to measure its duration
 VERSION_FILE = ".deb-version"  # written next to an unpacked package: the .deb's Version field
@@ -34,6 +35,15 @@ SPLIT_FRACTIONS = {"valid": 0.2, "test": 0.2}  # of each label's source groups; 
 
 _LMMS = "usr/share/lmms/samples/"
 _OA = "usr/share/games/openarena/"
+_MG = "usr/share/games/megaglest/"
+# The MegaGlest factions whose units have spoken acknowledgements, attack and death sounds of their own.
+_MG_FACTIONS = "egypt|indian|magic|norsemen|persian"
+_MG_UNIT_SOUND = _MG + r"techs/megapack/factions/(?P<group>" + _MG_FACTIONS + r")/units/[a-z_]+/sounds/(?:[a-z_]+_)?"
+_WN = "usr/share/games/wesnoth/1.16/data/core/sounds/"
+_WN_WEAPONS = ("axe|bow|club|crossbow|dagger|dart|flail|hatchet|throwing-knife|knife|mace|spear|staff|sword|sling|"
+               "throw|fist|claws|bite|tail|pincers|net|torch|thunderstick|dragonstick|gunshot")
+_WN_MAGIC = ("magic-[a-z]+|magicmissile|melee-fire|fire|flame|lightning|heal|entangle|water-blast|ink|mud|poison|"
+             "slowed|petrified")
 # Sample family: the file stem without its trailing number ("snare_hiphop02.ogg" -> "snare_hiphop").
 _FAMILY = r"(?P<group>[a-z_]+?)_?\d*\.ogg$"
 
@@ -79,7 +89,27 @@ TASK_RULES = (
      "the Sarge player model's grunts and taunts (one voice)"),
     ("game_sfx", "openarena-data", _OA + r"missionpack/mp-pak0\.pk3/sound/voices/(?P<group>rott)/", "voice",
      "the 'rott' team-chat voice (a human voice actor)"),
+    # --- unit_sound: MegaGlest units' spoken acknowledgements vs their attacks vs their death cries. The group is
+    # the faction, and a faction's clips all go to one split (SHARED_SPLIT_TASKS): its voice actors are never
+    # on both sides.
+    ("unit_sound", "megaglest-data", _MG_UNIT_SOUND + r"(?:ack|select|sel)\d*\.(?:wav|ogg)$", "voice",
+     "<unit>_ack/_select: spoken acknowledgements ('yes, my lord')"),
+    ("unit_sound", "megaglest-data", _MG_UNIT_SOUND + r"attack\d*[a-z]?\.(?:wav|ogg)$", "attack",
+     "<unit>_attack: weapon swings, spells, war cries"),
+    ("unit_sound", "megaglest-data", _MG_UNIT_SOUND + r"die\d*\.(?:wav|ogg)$", "death", "<unit>_die: death cries"),
+    # --- battle_sound: Battle for Wesnoth's combat sounds; the group is the creature, weapon or spell family.
+    ("battle_sound", "wesnoth-1.16-data",
+     _WN + r"(?!squishy)(?P<group>[a-z]+(?:-(?:female|old|small|big))?)-(?:die|hit|growl|shriek|laugh)(?:-\d)?"
+     r"\.(?:ogg|wav)$", "creature", "<creature>-die/-hit/-growl/-shriek: cries of humans, orcs, wolves, drakes ..."),
+    ("battle_sound", "wesnoth-1.16-data", _WN + r"(?P<group>" + _WN_WEAPONS + r")(?:-[a-z0-9-]*)?\.(?:ogg|wav)$",
+     "weapon", "blades, bows, clubs, slings, claws, bites (incl. their -miss variants)"),
+    ("battle_sound", "wesnoth-1.16-data", _WN + r"(?P<group>" + _WN_MAGIC + r")(?:-[a-z0-9-]*)?\.(?:ogg|wav)$",
+     "magic", "spells: magic-*, fire, lightning, healing, entangle, ink, mud ..."),
 )
+
+# Tasks whose source groups go to one split whatever their label (assign_splits over all groups at once): a
+# MegaGlest faction's voice actors speak its acknowledgements and cry its deaths.
+SHARED_SPLIT_TASKS = ("unit_sound",)
 
 # (package, path regex, kind, why): what goes into the unlabelled corpus; the first match wins.
 CORPUS_RULES = (
@@ -95,6 +125,15 @@ CORPUS_RULES = (
     ("lmms-common", _LMMS + r"(?:effects|misc)/", "effects", "effects, crowds, metronome"),
     ("openarena-data", _OA + r"[^/]+/[^/]+\.pk3/sound/(?:misc|movers|feedback|player/announcer|items)/",
      "effects", "menus, doors, pickups, hit feedback, the announcer"),
+    ("ktuberling-data", r"sounds/[a-z@_]+/[^/]+\.(?:ogg|wav)$", "speech",
+     "spoken object names (hat, nose, pizza ...) in 26 languages, one speaker each"),
+    ("klettres-data", r"klettres/[a-z_A-Z]+/(?:alpha|syllab)/[^/]+\.ogg$", "speech",
+     "spoken letters and syllables in 25 languages"),
+    ("megaglest-data", _MG + r".*/music/", "music", "faction and menu music"),
+    ("megaglest-data", _MG + r"(?:tilesets/[^/]+/sounds|data/core/water_sounds)/", "effects",
+     "tileset ambiences: birds, wind, rain, water"),
+    ("megaglest-data", _MG + r"techs/megapack/commondata/sounds/(?![^/]*(?:ack|select|sel)\d*\.)", "effects",
+     "shared unit sounds (attacks, deaths, animals, spells), without spoken acknowledgements"),
 )
 
 # (package, path regex, why): never read, even when a rule above would match.
@@ -109,6 +148,8 @@ _TASK_FOLDERS = {
     "openarena-data": (_OA + "baseoa/pak0.pk3/sound/weapons/", _OA + "missionpack/mp-pak0.pk3/sound/weapons/",
                        _OA + "baseoa/pak0.pk3/sound/player/footsteps/", _OA + "baseoa/pak0.pk3/sound/world/",
                        _OA + "baseoa/pak0.pk3/sound/player/sarge/", _OA + "missionpack/mp-pak0.pk3/sound/voices/"),
+    "megaglest-data": tuple(f"{_MG}techs/megapack/factions/{f}/units/" for f in _MG_FACTIONS.split("|")),
+    "wesnoth-1.16-data": (_WN,),
 }
 
 
@@ -222,7 +263,10 @@ def _corpus_kind(package: str, rel: str):
 
 def assign_splits(groups_by_label: dict[str, list[str]], seed: int, task: str) -> dict[str, str]:
     """Group -> split. Each label's sorted groups are shuffled by a generator seeded with (seed, task, label);
-    the first ~20% go to test, the next ~20% to valid (only with 3+ groups), the rest to train."""
+    the first ~20% go to test, the next ~20% to valid (only with 3+ groups), the rest to train. A task of
+    SHARED_SPLIT_TASKS shuffles all its groups at once (as one label "*"), so a group is in one split only."""
+    if task in SHARED_SPLIT_TASKS:
+        groups_by_label = {"*": sorted({g for groups in groups_by_label.values() for g in groups})}
     split_of = {}
     for label in sorted(groups_by_label):
         groups = sorted(groups_by_label[label])

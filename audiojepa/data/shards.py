@@ -255,9 +255,11 @@ def _clipping(waveform: np.ndarray, codec: str) -> dict | None:
     return {"fraction": float(beyond.mean()), "peak": float(np.abs(waveform).max())}
 
 
-def _decode_one(item, *, sample_rate, codec, min_seconds, max_seconds=None):
-    """Worker: (path, id, metadata) -> ("ok", record bytes, num_samples, clipping or None) or ("skip", reason,
-    detail); clipping is `_clipping`'s dict for a file the 16-bit codec clips."""
+def _decode_one(item, *, sample_rate, codec, min_seconds, max_seconds=None, segment_seconds=None):
+    """Worker: (path, id, metadata) -> ("ok", [(record bytes, num_samples), ...], clipping or None, dropped tail
+    samples) or ("skip", reason, detail); clipping is `_clipping`'s dict for a file the 16-bit codec clips. With
+    `segment_seconds`, a longer file gives consecutive records of that length with ids "<id>#00000", ... (the last
+    one shorter, or dropped and counted when under `min_seconds`)."""
     path, clip_id, metadata = item
     try:
         waveform = audio_io.load_clip(path, sample_rate=sample_rate, min_seconds=min_seconds, max_seconds=max_seconds)
@@ -265,8 +267,15 @@ def _decode_one(item, *, sample_rate, codec, min_seconds, max_seconds=None):
         return ("skip", e.reason, e.detail)
     except Exception as e:  # anything else a decoder throws: never abort the run for one file
         return ("skip", "unreadable", f"{type(e).__name__}: {e}")
-    return ("ok", records.encode_clip(clip_id, waveform, sample_rate, codec=codec, metadata=metadata),
-            waveform.shape[0], _clipping(waveform, codec))
+    pieces, dropped = [(clip_id, waveform)], 0
+    segment = int(round(segment_seconds * sample_rate)) if segment_seconds else 0
+    if segment and waveform.shape[0] > segment:
+        pieces = [(f"{clip_id}#{i:05d}", waveform[start:start + segment])
+                  for i, start in enumerate(range(0, waveform.shape[0], segment))]
+        if pieces[-1][1].shape[0] < min_seconds * sample_rate:
+            dropped = pieces.pop()[1].shape[0]
+    return ("ok", [(records.encode_clip(piece_id, piece, sample_rate, codec=codec, metadata=metadata), piece.shape[0])
+                   for piece_id, piece in pieces], _clipping(waveform, codec), dropped)
 
 
 def write_shard_set(
@@ -322,6 +331,7 @@ def make_shards(
     workers: int = 0,
     min_seconds: float = 0.0,
     max_seconds: float | None = DEFAULT_MAX_SECONDS,
+    segment_seconds: float | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
@@ -331,12 +341,16 @@ def make_shards(
     writes no clip (no audio file in the input, or all skipped) raises NoClipsError naming the input and
     listing the first skipped files, and leaves `output_dir` as it was. A set already in `output_dir` is
     an error unless `overwrite`, and is replaced only once the new one is complete (`staged_output`).
+    `segment_seconds`: cut files longer than this into consecutive records of this length (see _decode_one), so
+    that long recordings are sampled per segment, as AudioSet's 10 s clips are, rather than once per file.
     Returns the manifest dict (also written to `output_dir/manifest.json`).
     """
     if codec not in records.CODECS:
         raise ValueError(f"--format {codec!r}; valid: {records.CODECS}")
+    if segment_seconds is not None and not segment_seconds > 0:
+        raise ValueError(f"--segment_seconds={segment_seconds}: must be > 0 (or unset: one record per file)")
     decode = functools.partial(_decode_one, sample_rate=sample_rate, codec=codec, min_seconds=min_seconds,
-                               max_seconds=max_seconds)
+                               max_seconds=max_seconds, segment_seconds=segment_seconds)
     start = time.time()
     with staged_output(output_dir, overwrite) as staged:  # locks the output first: a second run fails at once
         inputs = list_inputs(input_path)
@@ -344,15 +358,20 @@ def make_shards(
         writer = ShardWriter(staged, num_shards)
         skipped = list(inputs.skipped)
         clipped = []  # files stored clipped: float audio beyond full scale in a 16-bit codec
+        num_files, tails = 0, []  # files written; samples of segment tails dropped (under min_seconds)
         try:
             with contextlib.closing(decode_files(inputs.items, decode, workers)) as results:
                 bar = tqdm(results, total=len(inputs.items), unit="clip", disable=not progress,
                            desc=f"sharding {os.path.basename(os.path.normpath(input_path))}")
                 for (path, clip_id, _), result in zip(inputs.items, bar):
                     if result[0] == "ok":
-                        writer.write(result[1], result[2])
-                        if result[3] is not None:
-                            clipped.append({"path": clip_id, **result[3]})
+                        num_files += 1
+                        for record, num_samples in result[1]:
+                            writer.write(record, num_samples)
+                        if result[2] is not None:
+                            clipped.append({"path": clip_id, **result[2]})
+                        if result[3]:
+                            tails.append(result[3])
                     else:
                         skipped.append({"path": clip_id, "reason": result[1], "detail": result[2]})
                         bar.set_postfix(skipped=len(skipped), refresh=False)
@@ -365,6 +384,9 @@ def make_shards(
             "input": os.path.abspath(input_path),
             "metadata_columns": inputs.metadata_columns,
             "clipped": clipped,
+            "num_files": num_files,
+            "segment_seconds": segment_seconds,
+            "segment_tails_dropped": {"count": len(tails), "seconds": sum(tails) / sample_rate},
         })
         write_manifest(staged, manifest)
     if clipped:
