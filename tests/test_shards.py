@@ -276,6 +276,22 @@ def test_segment_seconds_cuts_long_files_into_consecutive_records(tmp_path):
     assert [len(v) for k, v in clips.items() if k.startswith("short.wav")] == [int(0.4 * SR)]
     assert manifest["num_clips"] == 6 and manifest["num_files"] == 3 and manifest["segment_seconds"] == 1.0
     assert manifest["total_hours"] == pytest.approx((2.5 + 0.4 + 2.0) / 3600)
+    assert manifest["segments_dropped"] == {"short tail": {"count": 1, "seconds": pytest.approx(0.1)},
+                                            "silent": {"count": 0, "seconds": 0.0}}
     with pytest.raises(ValueError, match="segment_seconds"):
         shards.make_shards(str(folder), str(tmp_path / "bad"), sample_rate=SR, workers=0, progress=False,
                            segment_seconds=-1.0)
+
+
+def test_silent_segments_are_dropped_and_counted(tmp_path):
+    """A segment as silent as a file make_shards skips (a track's silent end) is not stored, so training never
+    reads and skips it; the manifest counts it."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    wave = np.concatenate([_tone(1.0), np.zeros(SR, np.float32), _tone(1.0, 550.0)])
+    sf.write(folder / "gap.wav", wave, SR, subtype="FLOAT")
+    manifest = shards.make_shards(str(folder), str(tmp_path / "out"), sample_rate=SR, workers=0, progress=False,
+                                  codec="f32", segment_seconds=1.0)
+    _, raws = _read_all(str(tmp_path / "out"))
+    assert sorted(records.decode_header(r)["id"] for r in raws) == ["gap.wav#00000", "gap.wav#00002"]
+    assert manifest["segments_dropped"]["silent"] == {"count": 1, "seconds": 1.0}

@@ -39,7 +39,8 @@ flags.DEFINE_integer("workers", os.cpu_count() or 1, "Decoding processes (0 = de
 flags.DEFINE_float("min_seconds", 0.0, "Skip clips shorter than this, in seconds.")
 flags.DEFINE_float("segment_seconds", None, "Cut files longer than this into consecutive records of this many "
                    "seconds (e.g. 10, as AudioSet's clips), so a long recording is sampled per segment rather than "
-                   "once per file; a last piece under --min_seconds is dropped and counted in the manifest.")
+                   "once per file; a last piece under --min_seconds and silent segments are dropped and counted in the "
+                   "manifest (segments_dropped).")
 flags.DEFINE_float("max_seconds", shards.DEFAULT_MAX_SECONDS, "Skip files longer than this, in seconds (each is "
                    "decoded whole in memory; 0: no limit).")
 flags.DEFINE_bool("overwrite", False, "Replace an existing shard set in --output (and its log-mel statistics) "

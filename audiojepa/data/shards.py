@@ -244,6 +244,10 @@ def write_manifest(output_dir: str, manifest: dict) -> None:
     os.replace(tmp, os.path.join(output_dir, MANIFEST))
 
 
+SEGMENT_SILENCE_PEAK = 1e-4  # audio_io.load_clip's default for a silent file, applied to each segment
+SEGMENT_DROP_REASONS = ("short tail", "silent")
+
+
 def _clipping(waveform: np.ndarray, codec: str) -> dict | None:
     """{"fraction", "peak"} when a 16-bit codec must clip `waveform` (float audio beyond full scale, |x| >= 1:
     int16 holds [-1, 1 - 2^-15]), else None. "f32" records keep such values."""
@@ -255,11 +259,13 @@ def _clipping(waveform: np.ndarray, codec: str) -> dict | None:
     return {"fraction": float(beyond.mean()), "peak": float(np.abs(waveform).max())}
 
 
-def _decode_one(item, *, sample_rate, codec, min_seconds, max_seconds=None, segment_seconds=None):
-    """Worker: (path, id, metadata) -> ("ok", [(record bytes, num_samples), ...], clipping or None, dropped tail
-    samples) or ("skip", reason, detail); clipping is `_clipping`'s dict for a file the 16-bit codec clips. With
-    `segment_seconds`, a longer file gives consecutive records of that length with ids "<id>#00000", ... (the last
-    one shorter, or dropped and counted when under `min_seconds`)."""
+def _decode_one(item, *, sample_rate, codec, min_seconds, max_seconds=None, segment_seconds=None,
+                silence_peak=SEGMENT_SILENCE_PEAK):
+    """Worker: (path, id, metadata) -> ("ok", [(record bytes, num_samples), ...], clipping or None, dropped) or
+    ("skip", reason, detail); clipping is `_clipping`'s dict for a file the 16-bit codec clips. With
+    `segment_seconds`, a longer file gives consecutive records of that length with ids "<id>#00000", ...
+    (numbered by position); the last, shorter one is dropped when under `min_seconds`, and a segment whose peak is
+    under `silence_peak` (a file's silent stretch) is dropped; `dropped` lists them as (reason, samples)."""
     path, clip_id, metadata = item
     try:
         waveform = audio_io.load_clip(path, sample_rate=sample_rate, min_seconds=min_seconds, max_seconds=max_seconds)
@@ -267,13 +273,18 @@ def _decode_one(item, *, sample_rate, codec, min_seconds, max_seconds=None, segm
         return ("skip", e.reason, e.detail)
     except Exception as e:  # anything else a decoder throws: never abort the run for one file
         return ("skip", "unreadable", f"{type(e).__name__}: {e}")
-    pieces, dropped = [(clip_id, waveform)], 0
+    pieces, dropped = [(clip_id, waveform)], []
     segment = int(round(segment_seconds * sample_rate)) if segment_seconds else 0
     if segment and waveform.shape[0] > segment:
-        pieces = [(f"{clip_id}#{i:05d}", waveform[start:start + segment])
-                  for i, start in enumerate(range(0, waveform.shape[0], segment))]
-        if pieces[-1][1].shape[0] < min_seconds * sample_rate:
-            dropped = pieces.pop()[1].shape[0]
+        pieces = []
+        for i, start in enumerate(range(0, waveform.shape[0], segment)):
+            piece = waveform[start:start + segment]
+            if piece.shape[0] < min_seconds * sample_rate:
+                dropped.append(("short tail", piece.shape[0]))
+            elif np.abs(piece).max() < silence_peak:
+                dropped.append(("silent", piece.shape[0]))
+            else:
+                pieces.append((f"{clip_id}#{i:05d}", piece))
     return ("ok", [(records.encode_clip(piece_id, piece, sample_rate, codec=codec, metadata=metadata), piece.shape[0])
                    for piece_id, piece in pieces], _clipping(waveform, codec), dropped)
 
@@ -358,7 +369,8 @@ def make_shards(
         writer = ShardWriter(staged, num_shards)
         skipped = list(inputs.skipped)
         clipped = []  # files stored clipped: float audio beyond full scale in a 16-bit codec
-        num_files, tails = 0, []  # files written; samples of segment tails dropped (under min_seconds)
+        num_files = 0
+        segments_dropped = {reason: {"count": 0, "seconds": 0.0} for reason in SEGMENT_DROP_REASONS}
         try:
             with contextlib.closing(decode_files(inputs.items, decode, workers)) as results:
                 bar = tqdm(results, total=len(inputs.items), unit="clip", disable=not progress,
@@ -370,8 +382,9 @@ def make_shards(
                             writer.write(record, num_samples)
                         if result[2] is not None:
                             clipped.append({"path": clip_id, **result[2]})
-                        if result[3]:
-                            tails.append(result[3])
+                        for reason, num_samples in result[3]:
+                            segments_dropped[reason]["count"] += 1
+                            segments_dropped[reason]["seconds"] += num_samples / sample_rate
                     else:
                         skipped.append({"path": clip_id, "reason": result[1], "detail": result[2]})
                         bar.set_postfix(skipped=len(skipped), refresh=False)
@@ -386,7 +399,7 @@ def make_shards(
             "clipped": clipped,
             "num_files": num_files,
             "segment_seconds": segment_seconds,
-            "segment_tails_dropped": {"count": len(tails), "seconds": sum(tails) / sample_rate},
+            "segments_dropped": segments_dropped,
         })
         write_manifest(staged, manifest)
     if clipped:
