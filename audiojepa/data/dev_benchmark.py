@@ -36,8 +36,10 @@ SPLIT_FRACTIONS = {"valid": 0.2, "test": 0.2}  # of each label's source groups; 
 _LMMS = "usr/share/lmms/samples/"
 _OA = "usr/share/games/openarena/"
 _MG = "usr/share/games/megaglest/"
-# The MegaGlest factions whose units have spoken acknowledgements, attack and death sounds of their own.
-_MG_FACTIONS = "egypt|indian|magic|norsemen|persian"
+# The MegaGlest factions whose units have spoken acknowledgements, weapon attacks and death sounds of their own.
+# The "magic" faction is left out: its units' attacks are spells, another kind of sound under the same label,
+# which made a split with magic as the test faction measure the label's meaning rather than the encoder.
+_MG_FACTIONS = "egypt|indian|norsemen|persian"
 _MG_UNIT_SOUND = _MG + r"techs/megapack/factions/(?P<group>" + _MG_FACTIONS + r")/units/[a-z_]+/sounds/(?:[a-z_]+_)?"
 _WN = "usr/share/games/wesnoth/1.16/data/core/sounds/"
 _WN_WEAPONS = ("axe|bow|club|crossbow|dagger|dart|flail|hatchet|throwing-knife|knife|mace|spear|staff|sword|sling|"
