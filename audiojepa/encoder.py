@@ -11,6 +11,10 @@ chunk (positions restart at 0), concatenate the frequency patches of each time s
 (`[T', n_freq_patches x dim]`, one row per patch width of frames) and join the chunks in time.
 The clip embedding is the mean over time.
 
+`layer` picks the encoder layer that embeds (audiojepa.models.encoder_layers): None (the default) the final
+output, an int that block's output, "all" every layer from one pass, each feature then with a leading
+[depth] axis. It is an evaluation choice: exports do not store it.
+
 Waveform models (EncodecMAE) cut the waveform into chunks of the training crop (the last one
 zero-padded to a full chunk and its extra frames dropped), encode each chunk and join the frame
 features in time; the clip embedding is again the time mean.
@@ -19,6 +23,7 @@ features in time; the clip embedding is again the time mean.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
@@ -34,6 +39,7 @@ import numpy as np
 from audiojepa import frontend as frontend_lib
 from audiojepa import methods
 from audiojepa.data import stats
+from audiojepa.models import encoder_layers
 from audiojepa.models.vit import stack_all_blocks
 
 ENCODER_JSON = "encoder.json"
@@ -78,6 +84,9 @@ class AudioEncoder:
       frontend: the log-mel parameters (for waveform methods: the sample rate and frame grid).
       norm_stats: (mean, std) of log-mel values used to normalise inputs (unused by waveform methods).
       params: what the method's `encode` takes (`methods.encoder_params`; {"encoder": ...} for patch models).
+      freq_pooling: FREQ_POOLINGS.
+      layer: the layer that embeds: None (final output), an int in [-num_layers, num_layers) or "all" (every
+        layer; frame features [depth, batch, T', D], clip embeddings [depth, batch, D]); module docstring.
     """
 
     method_name: str
@@ -87,6 +96,7 @@ class AudioEncoder:
     norm_stats: tuple[float, float]
     params: dict
     freq_pooling: str = "concat"
+    layer: int | str | None = None
 
     def __post_init__(self):
         if self.freq_pooling not in FREQ_POOLINGS:
@@ -98,10 +108,31 @@ class AudioEncoder:
             model_shape = (model_shape[0], model_shape[1] // int(patch[1]) * int(patch[1]))
         self.method = methods.get_method(self.method_name)(inference_model_config(self.model_config),
                                                            input_shape=model_shape)
-        self._encode = jax.jit(self.method.encode)
+        self.layer = encoder_layers.check_layer_choice(self.layer, self.num_layers)
+        # One compile per layer used (and input shape); "all" is one more.
+        self._encode = jax.jit(self.method.encode, static_argnames="layer")
+        self._encode_layers = jax.jit(self.method.encode_layers)
         self.is_waveform_model = methods.input_kind(self.method) == "waveform"
         if "encodec" in self.params and hasattr(self.method, "set_encodec_params"):
             self.method.set_encodec_params(self.params["encodec"])  # no need for the EnCodec checkpoint file
+
+    @property
+    def num_layers(self) -> int:
+        """The evaluated encoder's depth: the layers `layer` can pick."""
+        return int(self.method.encoder_depth)
+
+    def with_layer(self, layer: int | str | None) -> AudioEncoder:
+        """This encoder embedding with `layer` (checked), sharing the method, params and compiled functions."""
+        out = copy.copy(self)
+        out.layer = encoder_layers.check_layer_choice(layer, self.num_layers)
+        return out
+
+    def _tokens(self, params, x):
+        """The method's encode of x at self.layer: [batch, tokens, D], or [depth, batch, tokens, D] for "all";
+        under jax.eval_shape too."""
+        if self.layer == encoder_layers.ALL:
+            return self._encode_layers(params, x)
+        return self._encode(params, x, layer=self.layer)
 
     @property
     def patch_size(self) -> tuple[int, int]:
@@ -122,18 +153,20 @@ class AudioEncoder:
 
     @property
     def feature_dim(self) -> int:
-        """D of the frame features [batch, T', D], from shapes only (no compile)."""
+        """D of the frame features [batch, T', D] (of each layer's with layer="all"), from shapes only (no
+        compile)."""
         if self.is_waveform_model:
             x = jax.ShapeDtypeStruct((1, self.input_shape[0]), jnp.float32)
-            return int(jax.eval_shape(self.method.encode, self.params, x).shape[-1])
+            return int(jax.eval_shape(self._tokens, self.params, x).shape[-1])
         n_mels, chunk_frames = self.input_shape
-        tokens = jax.eval_shape(self.method.encode, self.params, jax.ShapeDtypeStruct((1, n_mels, chunk_frames),
-                                                                                      jnp.float32))
+        tokens = jax.eval_shape(self._tokens, self.params, jax.ShapeDtypeStruct((1, n_mels, chunk_frames),
+                                                                                jnp.float32))
         per_patch = int(tokens.shape[-1])
         return per_patch if self.freq_pooling == "mean" else int(n_mels // self.patch_size[0]) * per_patch
 
     def waveform_frame_features(self, waveform: np.ndarray) -> np.ndarray:
-        """Waveform models: [batch, samples] -> [batch, ceil(samples / hop), D], chunked at the training crop.
+        """Waveform models: [batch, samples] -> [batch, ceil(samples / hop), D] ([depth, ...] with layer="all"),
+        chunked at the training crop.
 
         Each chunk is encoded on its own, the last (shorter) one at its own length rounded up to whole
         frames, as EncodecMAE's reference does (shared/reference/encodecmae.md §1.14): padding it to a
@@ -148,8 +181,8 @@ class AudioEncoder:
             frames = -(-piece.shape[1] // hop)
             if piece.shape[1] < frames * hop:  # less than one hop of zeros, where EnCodec would pad anyway
                 piece = np.pad(piece, ((0, 0), (0, frames * hop - piece.shape[1])))
-            outputs.append(np.asarray(self._encode(self.params, jnp.asarray(piece)))[:, :frames])
-        return np.concatenate(outputs, axis=1)
+            outputs.append(np.asarray(self._tokens(self.params, jnp.asarray(piece)))[..., :frames, :])
+        return np.concatenate(outputs, axis=-2)
 
     def normalized_logmel(self, waveform: np.ndarray) -> np.ndarray:
         """waveform: [batch, samples] (or [samples]) at `frontend.sample_rate` -> [batch, n_mels, frames]."""
@@ -158,20 +191,22 @@ class AudioEncoder:
         return stats.normalize(lms, *self.norm_stats)
 
     def _encode_chunk(self, chunk: np.ndarray) -> np.ndarray:
-        """chunk: [batch, n_mels, t] with t a multiple of the patch width -> [batch, t', F x D]."""
-        tokens = np.asarray(self._encode(self.params, jnp.asarray(chunk)))
-        tokens = tokens[:, getattr(self.method, "num_prefix_tokens", 1):]
-        batch, _, dim = tokens.shape
+        """chunk: [batch, n_mels, t] with t a multiple of the patch width -> [batch, t', F x D] ([depth, ...]
+        with layer="all")."""
+        tokens = np.asarray(self._tokens(self.params, jnp.asarray(chunk)))
+        tokens = tokens[..., getattr(self.method, "num_prefix_tokens", 1):, :]
+        *lead, _, dim = tokens.shape  # lead: [batch] or [depth, batch]
         grid_f, grid_t = chunk.shape[1] // self.patch_size[0], chunk.shape[2] // self.patch_size[1]
         # Tokens are frequency-major (f·t' + t): [B, F, t', D] -> [B, t', F, D] -> [B, t', F·D] (or the mean
         # over F: [B, t', D]).
-        per_step = tokens.reshape(batch, grid_f, grid_t, dim).transpose(0, 2, 1, 3)
+        per_step = np.swapaxes(tokens.reshape(*lead, grid_f, grid_t, dim), -3, -2)
         if self.freq_pooling == "mean":
-            return per_step.mean(axis=2)
-        return per_step.reshape(batch, grid_t, grid_f * dim)
+            return per_step.mean(axis=-2)
+        return per_step.reshape(*lead, grid_t, grid_f * dim)
 
     def frame_features(self, lms: np.ndarray) -> np.ndarray:
-        """Normalised log-mels [batch, n_mels, frames] (any frames >= 1) -> [batch, T', F x D].
+        """Normalised log-mels [batch, n_mels, frames] (any frames >= 1) -> [batch, T', F x D] ([depth, batch,
+        T', F x D] with layer="all").
 
         As M2D's runtime (shared/reference/m2d.md §5): chunks of `chunk_frames`; only a shorter last chunk is
         zero-padded, to whole patches. A full chunk whose width is not whole patches (80x1001 models) loses
@@ -188,23 +223,25 @@ class AudioEncoder:
             if pad:
                 chunk = np.pad(chunk, ((0, 0), (0, 0), (0, pad)))
             outputs.append(self._encode_chunk(chunk))
-        return np.concatenate(outputs, axis=1)
+        return np.concatenate(outputs, axis=-2)
 
     def clip_embedding(self, lms: np.ndarray) -> np.ndarray:
-        """[batch, n_mels, frames] -> [batch, F x D]: the time mean of `frame_features`."""
-        return self.frame_features(lms).mean(axis=1)
+        """[batch, n_mels, frames] -> [batch, F x D] ([depth, ...] with layer="all"): the time mean of
+        `frame_features`."""
+        return self.frame_features(lms).mean(axis=-2)
 
     def embed_waveform(self, waveform: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """waveform [batch, samples] -> (frame features [batch, T', D], clip embeddings [batch, D]);
-        D = F x token width for patch models."""
+        D = F x token width for patch models; with layer="all" each has a leading [depth] axis."""
         if self.is_waveform_model:
             features = self.waveform_frame_features(waveform)
         else:
             features = self.frame_features(self.normalized_logmel(waveform))
-        return features, features.mean(axis=1)
+        return features, features.mean(axis=-2)
 
     def save(self, output_dir: str, *, source: str = "") -> str:
-        """Writes `encoder.json` and `params.msgpack` into `output_dir`; returns the folder.
+        """Writes `encoder.json` and `params.msgpack` into `output_dir`; returns the folder. (Not `layer` or
+        `freq_pooling`: evaluation choices, given to `load_encoder`.)
 
         Refuses a training workdir (its checkpoints would be shadowed: `load_encoder` could not tell which
         to read). Each file is written beside itself and swapped into place, params first; encoder.json holds
@@ -318,7 +355,7 @@ def _warn_if_unfinished(workdir: str, step: int) -> None:
                         summary.get("total_steps"), error, step)
 
 
-def _from_workdir(workdir: str, step: int | None, freq_pooling: str) -> AudioEncoder:
+def _from_workdir(workdir: str, step: int | None, freq_pooling: str, layer: int | str | None) -> AudioEncoder:
     """The evaluated encoder (methods.encoder_params: online, or the EMA target where the method says so) of a
     training run's latest (or given) checkpoint."""
     method, state, meta = restore_train_state(workdir, step)
@@ -326,12 +363,14 @@ def _from_workdir(workdir: str, step: int | None, freq_pooling: str) -> AudioEnc
     frontend = frontend_lib.LogMelParams.from_dict(meta["frontend"])
     return AudioEncoder(meta["method"], method.config, methods.input_shape(method, frontend, meta["crop_frames"]),
                         frontend, tuple(meta["norm_stats"]),
-                        methods.encoder_params(method, state["params"], state["target_params"]), freq_pooling)
+                        methods.encoder_params(method, state["params"], state["target_params"]), freq_pooling, layer)
 
 
-def load_encoder(path: str, *, step: int | None = None, freq_pooling: str = "concat") -> AudioEncoder:
+def load_encoder(path: str, *, step: int | None = None, freq_pooling: str = "concat",
+                 layer: int | str | None = None) -> AudioEncoder:
     """Loads an exported encoder folder, or the latest (or `step`) checkpoint of a training workdir;
-    `freq_pooling` (FREQ_POOLINGS) is how its frame features pool the frequency patches."""
+    `freq_pooling` (FREQ_POOLINGS) is how its frame features pool the frequency patches, `layer` which layer
+    embeds (AudioEncoder.layer; None: the final output)."""
     is_export = os.path.exists(os.path.join(path, ENCODER_JSON))
     is_workdir = os.path.isdir(os.path.join(path, CHECKPOINTS_DIR))
     if is_export and is_workdir:
@@ -350,8 +389,8 @@ def load_encoder(path: str, *, step: int | None = None, freq_pooling: str = "con
             params = stack_all_blocks(params)
         return AudioEncoder(meta["method"], ml_collections.ConfigDict(meta["model"]), tuple(meta["input_shape"]),
                             frontend_lib.LogMelParams.from_dict(meta["frontend"]), tuple(meta["norm_stats"]),
-                            params, freq_pooling)
+                            params, freq_pooling, layer)
     if is_workdir:
-        return _from_workdir(path, step, freq_pooling)
+        return _from_workdir(path, step, freq_pooling, layer)
     raise FileNotFoundError(f"{path} is neither an exported encoder (no {ENCODER_JSON}) nor a training "
                             "workdir (no checkpoints/)")

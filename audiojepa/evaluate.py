@@ -4,6 +4,7 @@ r"""Frozen-embedding evaluation: linear probe (EVAR) and kNN (X-ARES) on one or 
     python -m audiojepa.evaluate --encoder=/ckpt/m2d/export --task=/data/tasks/esc50 --task=tfds:speech_commands \
         --output=/ckpt/m2d/eval
     python -m audiojepa.evaluate --protocol=evar --encoder=/ckpt/m2d/export --task=/data/tasks/esc50 --output=/tmp/e
+    python -m audiojepa.evaluate --layer=all --encoder=/tmp/audiojepa_runlocal --task=embedded --output=/tmp/layers
 
 `--protocol=evar|matpac|xares` probes as that benchmark does (M2D and Riou et al.: EVAR; MATPAC: its
 paper's probe; Audio-JEPA: X-ARES): learning rate, probe minibatch, epochs, model selection (best validation
@@ -18,6 +19,14 @@ report shows the floor. Writes OUTPUT/results.json (`{task: {"linear": {"mean", 
 "validation", ...}, "knn": {"mean", "metric"} or null, "protocol": {every resolved value, the task's
 unit_sec}}}` for --encoder), all_results.json, results.md and one PNG per task. The JSON files are strict JSON:
 a one-seed run's `ci95` and `std` are null.
+
+`--layer` picks the encoder layer that embeds (audiojepa/models/encoder_layers.py), for the encoder and its
+random init: unset, the final output (as before the flag); an integer k (0-based, -1 the last block), block k's
+output (intermediate blocks without the final norm; the last block is the final output), in rows
+"NAME (layer k)" whose results record "layer": k; `all`, every layer from one forward pass per batch of clips,
+one row per (encoder, layer) and per (random init, layer), results.json keeping each task's last-layer (= final
+output) result on top and every layer's under "layers": {"k": {"linear", "knn", "layer"}}, and results.md naming
+each task's best layer. The log-mel baseline has no layers: one row. all_results.json records "layer".
 
 Before anything is embedded, `--output` must be (or become) a writable folder, and every task must have two
 or more classes, a non-empty train and test split (or two folds) and no test class missing from training;
@@ -38,6 +47,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from audiojepa.evaluation import embedders, probes, protocols, report, tasks  # noqa: E402
+from audiojepa.models import encoder_layers  # noqa: E402
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -66,6 +76,10 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_float("unit_sec", None, "Crop or zero-pad every clip to this many seconds before embedding, as "
                        "EVAR does (random start for train/valid clips, start 0 for test); overrides the protocol's "
                        "(evar: each task's; others: whole clips).", flag_values=flag_values)
+    flags.DEFINE_string("layer", None, "Encoder layer that embeds: an integer (0-based block, -1 the last; "
+                        "intermediate blocks unnormed, the last = the final output) or 'all' (every layer, one row "
+                        "each); unset = the final output. Applies to the encoder and its random init.",
+                        flag_values=flag_values)
     flags.DEFINE_integer("batch_size", 32, "Clips per embedding batch (does not change the embeddings; the probe's "
                          "minibatch is --probe_batch_size).", flag_values=flag_values)
 
@@ -86,9 +100,23 @@ def protocol_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> protocol
     return protocols.resolve(flag_values["protocol"].value, **overrides)
 
 
+def parse_layer(value: str | None) -> int | str | None:
+    """--layer's value -> None (unset or empty), an int, or encoder_layers.ALL; ValueError naming the flag."""
+    if value is None or value == "":
+        return None
+    if value == encoder_layers.ALL:
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"--layer={value!r}: give an integer layer (0-based, negative from the end) or "
+                         f"{encoder_layers.ALL!r}") from None
+
+
 def embed_clips(embedder, task: tasks.Task, *, unit_sec: float | None, crop_seed: int = 0, batch_size: int = 32
                 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, dict]:
-    """Embeddings of `task`'s clips, whole or cut to `unit_sec` seconds as EVAR cuts them.
+    """Embeddings of `task`'s clips, whole or cut to `unit_sec` seconds as EVAR cuts them ([n, depth, dim]
+    instead of [n, dim] below for an embedder of every layer).
 
     With `unit_sec`, a clip of more than `int(sample_rate * unit_sec)` samples (EVAR's rounding) is cropped
     at a random start (train and valid clips; `np.random.default_rng((crop_seed, clip index))`, one draw
@@ -131,45 +159,72 @@ def embed_clips(embedder, task: tasks.Task, *, unit_sec: float | None, crop_seed
 
 
 def evaluate_embedder(embedder, task: tasks.Task, protocol: protocols.Protocol | None = None, *,
-                      batch_size: int = 32) -> dict:
+                      batch_size: int = 32) -> dict | list[dict]:
     """Probe scores of one embedder on one task under `protocol` (None: the default), with the protocol's
-    resolved values (and the task's unit_sec) under "protocol"."""
+    resolved values (and the task's unit_sec) under "protocol", and "layer" for an encoder at a chosen layer.
+
+    An embedder of every layer (layer "all") is embedded once and probed per layer: a list of results, layer k's
+    at index k.
+    """
     protocol = protocol or protocols.resolve(None)
     unit_sec, unit_sec_source = protocols.task_unit_sec(protocol, task.name, task.unit_sec)
     embeddings, test_embeddings, kept, crop = embed_clips(embedder, task, unit_sec=unit_sec,
                                                           crop_seed=protocol.crop_seed, batch_size=batch_size)
     run_knn = "knn" in protocol.probes and (protocol.knn_on_multilabel or not task.multilabel)
-    try:
-        result = probes.evaluate_task(
-            embeddings, task.label_array()[kept], np.asarray(task.splits)[kept], multilabel=task.multilabel,
-            num_classes=len(task.classes), seeds=protocol.seeds, lr=protocol.lr, k=protocol.knn_k,
-            temperature=protocol.knn_temperature, valid_fraction=protocol.valid_fraction,
-            run_linear="linear" in protocol.probes, run_knn=run_knn, linear_options=protocol.linear_options(),
-            test_embeddings=test_embeddings)
-    except ValueError as e:  # e.g. clips that failed to embed emptied a split: say which task and encoder
-        raise ValueError(f"task {task.name!r}, encoder {embedder.name!r}: {e}") from e
     record = {**protocol.as_record(), "unit_sec_policy": protocol.unit_sec, "unit_sec": unit_sec,
               "unit_sec_source": unit_sec_source, **crop}
     if "knn" in protocol.probes and not run_knn:
         record["knn_skipped"] = f"multi-label task: protocol {protocol.name} runs kNN on single-label tasks only"
-    result["protocol"] = record
-    return result
+
+    def probe(train_rows: np.ndarray, test_rows: np.ndarray | None, layer: int | None) -> dict:
+        try:
+            result = probes.evaluate_task(
+                train_rows, task.label_array()[kept], np.asarray(task.splits)[kept], multilabel=task.multilabel,
+                num_classes=len(task.classes), seeds=protocol.seeds, lr=protocol.lr, k=protocol.knn_k,
+                temperature=protocol.knn_temperature, valid_fraction=protocol.valid_fraction,
+                run_linear="linear" in protocol.probes, run_knn=run_knn, linear_options=protocol.linear_options(),
+                test_embeddings=test_rows)
+        except ValueError as e:  # e.g. clips that failed to embed emptied a split: say which task and encoder
+            at_layer = "" if layer is None else f" at layer {layer}"
+            raise ValueError(f"task {task.name!r}, encoder {embedder.name!r}{at_layer}: {e}") from e
+        result["protocol"] = record
+        if layer is not None:
+            result["layer"] = layer
+        return result
+
+    layer = getattr(embedder, "layer", None)
+    if layer != encoder_layers.ALL:
+        return probe(embeddings, test_embeddings, layer)
+    return [probe(embeddings[:, k], None if test_embeddings is None else test_embeddings[:, k], k)
+            for k in range(embeddings.shape[1])]
 
 
 def run(encoder_spec: str, task_specs: list[str], output_dir: str, *, baselines: bool = True,
         protocol: protocols.Protocol | str | None = None, seeds=None, batch_size: int = 32, lr: float | None = None,
-        probe_batch_size: int | None = None, unit_sec: float | None = None) -> dict:
-    """Evaluates `encoder_spec` (and the floors) on every task; returns {encoder: {task: result}}.
+        probe_batch_size: int | None = None, unit_sec: float | None = None, layer: int | str | None = None) -> dict:
+    """Evaluates `encoder_spec` (and the floors) on every task; returns {row name: {task: result}}.
 
     `protocol` is a Protocol or a name (None: "default"); `seeds`, `lr`, `probe_batch_size` and `unit_sec`,
-    when not None, override a named protocol's values. `batch_size` is the embedding batch. The output folder
-    and every task's splits are checked before the first embedding (ValueError naming --output or the task).
+    when not None, override a named protocol's values. `batch_size` is the embedding batch. `layer` (None, an
+    int or "all"; module docstring) is the layer of the encoder and of its random init that embeds. The output
+    folder and every task's splits are checked before the first embedding (ValueError naming --output or the
+    task).
     """
     prepare_output_dir(output_dir)
     if not isinstance(protocol, protocols.Protocol):
         overrides = {"seeds": seeds, "lr": lr, "probe_batch_size": probe_batch_size, "unit_sec": unit_sec}
         protocol = protocols.resolve(protocol, **{k: v for k, v in overrides.items() if v is not None})
     main = embedders.make_embedder(encoder_spec)
+    if layer is not None:
+        if not isinstance(main, embedders.EncoderEmbedder):
+            raise ValueError(f"--layer={layer}: --encoder={encoder_spec} has no layers; leave --layer out")
+        try:
+            main.encoder = main.encoder.with_layer(layer)
+        except ValueError as e:
+            raise ValueError(f"--layer={layer}, --encoder={encoder_spec}: {e}") from None
+        layer = main.layer  # an int layer as its index 0 … depth-1
+        if isinstance(layer, int):
+            main.name = report.layer_row(main.name, layer)
     candidates = [main]
     if baselines and encoder_spec != "logmel":
         if isinstance(main, embedders.EncoderEmbedder):
@@ -177,9 +232,10 @@ def run(encoder_spec: str, task_specs: list[str], output_dir: str, *, baselines:
             candidates.append(embedders.LogMelEmbedder(enc.frontend, enc.norm_stats))
             random_init = embedders.encoder_lib.AudioEncoder(
                 enc.method_name, enc.model_config, enc.input_shape, enc.frontend, enc.norm_stats,
-                _random_encoder_params(enc))
-            candidates.append(embedders.EncoderEmbedder(random_init, name="random init"))
-    results: dict[str, dict] = {c.name: {} for c in candidates}
+                _random_encoder_params(enc), layer=layer)
+            name = report.layer_row("random init", layer) if isinstance(layer, int) else "random init"
+            candidates.append(embedders.EncoderEmbedder(random_init, name=name))
+    results: dict[str, dict] = {}
     skipped = {}
     specs_by_name: dict[str, str] = {}
     loaded = []
@@ -198,14 +254,21 @@ def run(encoder_spec: str, task_specs: list[str], output_dir: str, *, baselines:
         loaded.append(task)
     for task in loaded:
         for embedder in candidates:
-            results[embedder.name][task.name] = evaluate_embedder(embedder, task, protocol, batch_size=batch_size)
+            result = evaluate_embedder(embedder, task, protocol, batch_size=batch_size)
+            if isinstance(result, list):  # every layer: one row each
+                for k, layer_result in enumerate(result):
+                    results.setdefault(report.layer_row(embedder.name, k), {})[task.name] = layer_result
+            else:
+                results.setdefault(embedder.name, {})[task.name] = result
         skipped[task.name] = task.skipped
         if task.skipped:
             logging.warning("%s: %d clips skipped (see all_results.json): %s", task.name, len(task.skipped),
                             sorted({s["reason"] for s in task.skipped}))
-    table = report.write_report(output_dir, main.name, results,
-                                extra={"skipped": skipped, "protocol": protocol.as_record()},
-                                protocol=protocol)
+    main_rows = ([report.layer_row(main.name, k) for k in range(main.encoder.num_layers)]
+                 if layer == encoder_layers.ALL else None)
+    table = report.write_report(output_dir, main_rows[-1] if main_rows else main.name, results,
+                                extra={"skipped": skipped, "protocol": protocol.as_record(), "layer": layer},
+                                protocol=protocol, main_rows=main_rows)
     print(table, flush=True)
     return results
 
@@ -237,7 +300,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's restore chatter
     run(FLAGS.encoder, FLAGS.task, FLAGS.output, baselines=FLAGS.baselines, protocol=protocol_from_flags(FLAGS),
-        batch_size=FLAGS.batch_size)
+        batch_size=FLAGS.batch_size, layer=parse_layer(FLAGS.layer))
     print(f"report: {os.path.join(FLAGS.output, 'results.md')}")
 
 

@@ -398,7 +398,8 @@ def _train_on_mesh(config, workdir: str, mesh, *, stop_after: int | None, run_pr
         from audiojepa import encoder as encoder_lib
         from audiojepa.evaluation import evaluators
 
-        periodic_evals = evaluators.from_config(config.evals, sample_rate=spec.frontend.sample_rate)
+        periodic_evals = evaluators.from_config(config.evals, sample_rate=spec.frontend.sample_rate,
+                                                num_layers=method.encoder_depth)
         # Built once (one compile); its params are swapped for the current ones at each evaluation.
         eval_encoder = encoder_lib.AudioEncoder(
             config.method, config.model, input_shape, spec.frontend, (spec.norm_mean, spec.norm_std),

@@ -3,7 +3,8 @@
 An embedder has `name`, `sample_rate` (Hz) and `embed_batch(waveform [batch, samples]) -> [batch, dim]`.
 
 - `EncoderEmbedder`: a frozen encoder (export or training workdir); clip embedding = time mean of
-  its chunked frame features.
+  its chunked frame features at the encoder's `layer` (audiojepa.models.encoder_layers). With layer="all"
+  every layer comes from one pass: `embed_batch` gives [batch, depth, dim].
 - `LogMelEmbedder` (`--encoder=logmel`): the mean and the std over time of the normalised log-mel,
   concatenated: [2 x n_mels].
 - `random:<config>`: the config's encoder at random initialisation (seeded), through
@@ -23,6 +24,7 @@ from tqdm import tqdm
 from audiojepa import encoder as encoder_lib
 from audiojepa import frontend as frontend_lib
 from audiojepa.data import audio_io, stats
+from audiojepa.models import encoder_layers
 
 # Decoded clips held at once while embedding, beyond one batch per length: bounds memory on large tasks
 # (FSD50K decoded whole would be ~25 GB of float32 at 16 kHz).
@@ -35,8 +37,15 @@ class EncoderEmbedder:
         self.name = name
         self.sample_rate = audio_encoder.frontend.sample_rate
 
+    @property
+    def layer(self) -> int | str | None:
+        """The encoder's `layer`: None (final output), its index, or "all"."""
+        return self.encoder.layer
+
     def embed_batch(self, waveform: np.ndarray) -> np.ndarray:
-        return self.encoder.embed_waveform(waveform)[1]
+        """[batch, samples] -> [batch, dim], or [batch, depth, dim] with layer="all"."""
+        clips = self.encoder.embed_waveform(waveform)[1]
+        return np.moveaxis(clips, 0, 1) if self.layer == encoder_layers.ALL else clips
 
 
 class LogMelEmbedder:
@@ -111,7 +120,8 @@ def fit_to_unit(waveform: np.ndarray, unit_samples: int, *, start: int = 0) -> n
 def embed_task(embedder, task, *, batch_size: int = 32, max_buffered_clips: int = MAX_BUFFERED_CLIPS,
                prepare: Callable[[int, np.ndarray], np.ndarray] | None = None,
                clip_indices: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Clip embeddings [n_kept, dim] of every clip of `task` (a tasks.Task), and the indices of the clips kept.
+    """Clip embeddings [n_kept, dim] (an every-layer embedder's: [n_kept, depth, dim]) of every clip of `task` (a
+    tasks.Task), and the indices of the clips kept.
 
     Clips are batched by length (no padding: padding would change the time mean), in one streaming pass:
     a length's batch is embedded when it holds `batch_size` clips, and when more than `max_buffered_clips`

@@ -1,4 +1,9 @@
-"""Evaluation reports: a markdown table (printed and saved), results.json and a bar chart per task."""
+"""Evaluation reports: a markdown table (printed and saved), results.json and a bar chart per task.
+
+An encoder evaluated at a chosen layer (`evaluate --layer`) has rows named `layer_row(name, k)`, one per layer
+with `--layer=all`; each of their results records its "layer" (0-based). A result without "layer" (from a run
+without --layer, or from before it existed) is the encoder's final output.
+"""
 
 from __future__ import annotations
 
@@ -56,6 +61,46 @@ def markdown_table(results: dict[str, dict[str, dict]], knn_k: int = 10) -> str:
     return "\n".join(lines)
 
 
+def layer_row(name: str, layer: int) -> str:
+    """The report row of encoder `name` at `layer`, e.g. "random init (layer 3)"."""
+    return f"{name} (layer {layer})"
+
+
+def every_layer_results(results: dict[str, dict[str, dict]], rows: list[str]) -> dict[str, dict]:
+    """results.json of an encoder evaluated at every layer (`rows`: its rows, layer 0 first).
+
+    Each task keeps the last layer's result on top (the final output: the numbers and "protocol" that
+    results.json holds without --layer, so readers of older files find the same keys) and adds
+    "layers": {"<k>": {"linear", "knn", "layer"}} for every layer k.
+    """
+    out = {}
+    for task, last in results[rows[-1]].items():
+        layers = {str(k): {key: results[row][task].get(key) for key in ("linear", "knn")} | {"layer": k}
+                  for k, row in enumerate(rows)}
+        out[task] = {**last, "layers": layers}
+    return out
+
+
+def _score(result: dict) -> tuple[float, str] | None:
+    """(the linear probe's mean, "linear probe"), else kNN's; None when neither ran or is finite."""
+    for probe, label in (("linear", "linear probe"), ("knn", "kNN")):
+        mean = (result.get(probe) or {}).get("mean")
+        if _finite(mean):
+            return mean, label
+    return None
+
+
+def best_layer_lines(main_results: dict[str, dict]) -> list[str]:
+    """One line per task of an every-layer results.json (`every_layer_results`): its best layer and score."""
+    lines = []
+    for task, result in sorted(main_results.items()):
+        scored = [(_score(r), int(k)) for k, r in result.get("layers", {}).items() if _score(r) is not None]
+        if scored:
+            (score, probe), layer = max(scored, key=lambda s: (s[0][0], -s[1]))  # ties: the earlier layer
+            lines.append(f"- {task}: layer {layer} ({probe} {100 * score:.1f})")
+    return lines
+
+
 def protocol_lines(protocol, results: dict[str, dict[str, dict]]) -> list[str]:
     """What decided the scores: the protocol's values, each task's crop length and validation clips."""
     batch = protocol.probe_batch_size or "min(200, n_train)"
@@ -107,19 +152,25 @@ def bar_chart(task: str, results: dict[str, dict[str, dict]], path: str) -> str:
 
 
 def write_report(output_dir: str, main_name: str, results: dict[str, dict[str, dict]], extra: dict | None = None,
-                 protocol=None):
+                 protocol=None, main_rows: list[str] | None = None):
     """Writes results.json (the main encoder's {task: {...}}), all_results.json, results.md and PNGs; with a
     `protocol` (protocols.Protocol) the table is followed by its values and each task's crop and validation.
 
+    `main_rows`: the main encoder's rows when it was evaluated at every layer (layer 0 first; `main_name` is
+    then the last one): results.json is `every_layer_results` and results.md names each task's best layer.
     The JSON files are strict JSON: a NaN or infinite value (a one-seed run's `ci95` and `std`) is written as
     null (`json_safe`)."""
     os.makedirs(output_dir, exist_ok=True)
     results = json_safe(results)
+    main_results = every_layer_results(results, main_rows) if main_rows else results[main_name]
     with open(os.path.join(output_dir, "results.json"), "w") as f:
-        json.dump(results[main_name], f, indent=1, allow_nan=False)
+        json.dump(main_results, f, indent=1, allow_nan=False)
     with open(os.path.join(output_dir, "all_results.json"), "w") as f:
         json.dump(json_safe({"results": results, **(extra or {})}), f, indent=1, allow_nan=False)
     table = markdown_table(results, knn_k=protocol.knn_k if protocol else 10)
+    if main_rows:
+        table += "\n\nBest layer of the encoder per task (chosen on test scores: for comparing layers, not for " \
+                 "reporting a score):\n" + "\n".join(best_layer_lines(main_results))
     if protocol is not None:
         table += "\n\n" + "\n".join(protocol_lines(protocol, {main_name: results[main_name]}))
     with open(os.path.join(output_dir, "results.md"), "w") as f:

@@ -102,7 +102,7 @@ from audiojepa import kmeans as kmeans_lib
 from audiojepa import masking
 from audiojepa.convert import encodec_torch
 from audiojepa.methods import encodecmae_loss
-from audiojepa.models import encodec
+from audiojepa.models import encodec, encoder_layers
 from audiojepa.models import encodecmae as mae
 from audiojepa.models.vit import per_block_ndim, performance_options
 
@@ -311,6 +311,7 @@ class EncodecMAE:
 
         size = mae.decode_variant(c.size)
         self.width = size["width"]
+        self.encoder_depth = size["encoder_depth"]  # the layers `encode` can return
         self.model = mae.EncodecMAEModel(
             **size, num_codebooks=self.num_codebooks if self.uses_codes else 0,
             codebook_size=encodec.CODEBOOK_SIZE, num_clusters=int(c.num_clusters) if self.uses_kmeans else 0,
@@ -574,7 +575,8 @@ class EncodecMAE:
             out["encodec"] = target_params["encodec"]
         return out
 
-    def encode(self, params: Params, x: jax.Array, encodec_params: Params | None = None) -> jax.Array:
+    def encode(self, params: Params, x: jax.Array, encodec_params: Params | None = None, *,
+               layer: int | None = None) -> jax.Array:
         """Frame features for evaluation: EnCodec → the MAE encoder on all frames, no masking.
 
         Args:
@@ -582,13 +584,29 @@ class EncodecMAE:
                 used).
             x: [batch, samples] 24 kHz waveform, or [batch, frames, 128] precomputed EnCodec frames.
             encodec_params: the frozen EnCodec params (default: the constructor's, `encodec_params`).
+            layer: None, the final output (the reference's layer −1); k in [-encoder_depth, encoder_depth),
+                encoder layer k's output (audiojepa.models.encoder_layers: ResiDual layers' x0, the last
+                one the final output).
 
         Returns:
-            [batch, frames, D] float32 at 75 Hz (the reference's layer −1 output). The reference encodes
-            long audio in independent 4 s chunks and concatenates them; that is the caller's choice.
+            [batch, frames, D] float32 at 75 Hz. The reference encodes long audio in independent 4 s chunks
+            and concatenates them; that is the caller's choice.
         """
+        params, features = self._encoder_input(params, x, encodec_params)
+        return encoder_layers.encode_at(
+            layer, self.encoder_depth,
+            lambda: self.model.apply({"params": params}, features, method=mae.EncodecMAEModel.encode),
+            lambda: self.model.apply({"params": params}, features, method=mae.EncodecMAEModel.encode_layers))
+
+    def encode_layers(self, params: Params, x: jax.Array, encodec_params: Params | None = None) -> jax.Array:
+        """Every layer of `encode` from one pass: [encoder_depth, batch, frames, D] float32."""
+        params, features = self._encoder_input(params, x, encodec_params)
+        return self.model.apply({"params": params}, features, method=mae.EncodecMAEModel.encode_layers)
+
+    def _encoder_input(self, params: Params, x: jax.Array, encodec_params: Params | None):
+        """(params without "encodec", EnCodec frames [batch, frames, 128]) for `encode`'s arguments."""
         params = dict(params)
         encodec_params = params.pop("encodec", None) or encodec_params
         if x.ndim == 2:
             x = self.encodec_features(encodec_params or self.encodec_params, x)
-        return self.model.apply({"params": params}, x, method=mae.EncodecMAEModel.encode)
+        return params, x

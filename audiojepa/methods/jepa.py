@@ -83,7 +83,7 @@ from ml_collections import config_dict
 
 from audiojepa import losses, masking
 from audiojepa.methods.m2d import ema_update, linear_ema_decay
-from audiojepa.models import Predictor, ViTEncoder, checked_grid_size, decode_variant
+from audiojepa.models import Predictor, ViTEncoder, checked_grid_size, decode_variant, encoder_layers
 from audiojepa.models.vit import per_block_ndim, performance_options
 
 Params = dict[str, Any]
@@ -230,6 +230,7 @@ class JEPA:
         size = decode_variant(model_config.variant)
         options = performance_options(model_config)  # dtype, attention_impl, remat
         self.width = size["width"]
+        self.encoder_depth = size["depth"]  # the layers `encode` can return
         self.encoder = ViTEncoder(**size, patch_size=self.patch_size, use_cls=self.use_cls, **options)
         self.predictor = Predictor(grid_size=self.grid_size, width=int(model_config.predictor_width),
                                    depth=int(model_config.predictor_depth),
@@ -431,11 +432,21 @@ class JEPA:
             return {"encoder": target_params}
         return {"encoder": params["encoder"]}
 
-    def encode(self, params: Params, lms: jax.Array) -> jax.Array:
+    def encode(self, params: Params, lms: jax.Array, *, layer: int | None = None) -> jax.Array:
         """The evaluated encoder on all patches: lms [batch, n_mels, frames] → [batch, prefix + L, D]
         (prefix = num_prefix_tokens: 1 CLS with use_cls, else 0). `params` holds "encoder" (the training params
-        or `encoder_params`, which picks the context or target encoder by config.model.eval_encoder)."""
-        return self.encoder.apply({"params": params["encoder"]}, lms)
+        or `encoder_params`, which picks the context or target encoder by config.model.eval_encoder).
+        `layer`: None, the final output; k in [-encoder_depth, encoder_depth), block k's output
+        (audiojepa.models.encoder_layers: intermediate blocks raw, the last one the final output)."""
+        return encoder_layers.encode_at(layer, self.encoder_depth,
+                                        lambda: self.encoder.apply({"params": params["encoder"]}, lms),
+                                        lambda: self.encode_layers(params, lms))
+
+    def encode_layers(self, params: Params, lms: jax.Array) -> jax.Array:
+        """Every layer of `encode` from one pass: lms [batch, n_mels, frames] → [encoder_depth, batch, prefix + L,
+        D]."""
+        return encoder_layers.runtime_layers(*self.encoder.apply({"params": params["encoder"]}, lms,
+                                                                 return_layers=True))
 
     # -- target network -------------------------------------------------------------------------------
 

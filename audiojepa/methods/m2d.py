@@ -51,7 +51,7 @@ from audiojepa.losses import (  # noqa: F401
     standardize_tokens,
 )
 from audiojepa.losses import token_spread as _spread  # noqa: F401
-from audiojepa.models import Predictor, TransformerStack, ViTEncoder, checked_grid_size, decode_variant
+from audiojepa.models import Predictor, TransformerStack, ViTEncoder, checked_grid_size, decode_variant, encoder_layers
 from audiojepa.models.vit import POS_EMBEDS, per_block_ndim, performance_options
 
 Params = dict[str, Any]
@@ -139,6 +139,7 @@ class M2D:
         if self.eval_encoder not in EVAL_ENCODERS:
             raise ValueError(f"config.model.eval_encoder={self.eval_encoder!r}; valid: {EVAL_ENCODERS}.")
         self.width = size["width"]
+        self.encoder_depth = size["depth"]  # the layers `encode` can return
         self.encoder = ViTEncoder(**size, patch_size=self.patch_size, pos_embed=pos_embed, pos_grid=self.grid_size,
                                   **options)
         self.target_stack = TransformerStack(size["depth"], size["num_heads"], size["mlp_dim"], **options)
@@ -245,15 +246,24 @@ class M2D:
             raise ValueError("config.model.eval_encoder='target' needs the target params (a training state).")
         return {"encoder": {**params["encoder"], "stack": self.target_stack_params(target_params)}}
 
-    def encode(self, params: Params, lms: jax.Array) -> jax.Array:
+    def encode(self, params: Params, lms: jax.Array, *, layer: int | None = None) -> jax.Array:
         """The evaluated encoder on all patches: lms [batch, n_mels, frames] → [batch, 1 + L, D], CLS first.
         `params` holds "encoder" (the training params, or `encoder_params`: online or EMA-target stack).
+        `layer`: None, the final output; k in [-encoder_depth, encoder_depth), block k's output
+        (audiojepa.models.encoder_layers: intermediate blocks raw, the last one the final output).
 
         Any number of frames works (the time grid is frames // patch frames); positions are those of a
         clip starting at frame 0. A learned position table (pos_embed="learned") serves at most the training
         grid; audiojepa.encoder embeds longer inputs in chunks of the training width.
         """
-        return self.encoder.apply({"params": params["encoder"]}, lms)
+        return encoder_layers.encode_at(layer, self.encoder_depth,
+                                        lambda: self.encoder.apply({"params": params["encoder"]}, lms),
+                                        lambda: self.encode_layers(params, lms))
+
+    def encode_layers(self, params: Params, lms: jax.Array) -> jax.Array:
+        """Every layer of `encode` from one pass: lms [batch, n_mels, frames] → [encoder_depth, batch, 1 + L, D]."""
+        return encoder_layers.runtime_layers(*self.encoder.apply({"params": params["encoder"]}, lms,
+                                                                 return_layers=True))
 
     # -- target network -------------------------------------------------------------------------------
 

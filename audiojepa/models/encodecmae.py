@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from audiojepa.masking import gather_tokens
+from audiojepa.models import encoder_layers
 from audiojepa.models.pos_embed import sincos_1d
 from audiojepa.models.vit import TransformerStack, dense_kernel_init, dot_product_attention, remat_block, token_init
 
@@ -312,6 +313,12 @@ class EncodecMAEModel(nn.Module):
         """All frames, no masking: features [batch, frames, 128] → [batch, frames, D] (the final encoder
         output, what the reference's feature extraction returns for layer -1)."""
         return self.encode_tokens(self.embed(features))
+
+    def encode_layers(self, features: jax.Array) -> jax.Array:
+        """All frames, no masking: features [batch, frames, 128] → [encoder_depth, batch, frames, D], every
+        layer's output with the last one replaced by `encode`'s (ResiDual: each layer's x0; the reference v2's
+        activations with postnorm_last_activation; audiojepa.models.encoder_layers)."""
+        return encoder_layers.runtime_layers(*self.encode_tokens(self.embed(features), return_layers=True))
 
     def cluster_features(self, features: jax.Array) -> jax.Array:
         """What the self-training stage clusters (§1.13): features [batch, frames, 128] → [batch, frames, D],
