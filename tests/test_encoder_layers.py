@@ -21,6 +21,7 @@ from audiojepa import encoder, frontend
 from audiojepa.methods import encodecmae, jepa, m2d
 from audiojepa.models import encodecmae as mae
 from audiojepa.models import vit
+import task_helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INPUT_SHAPE = (80, 48)  # 5 x 3 patches of 16 x 16
@@ -180,17 +181,7 @@ def test_a_waveform_encoder_embeds_with_the_chosen_layer():
 # -- evaluate --layer ------------------------------------------------------------------------------------
 
 
-def _tones(root):
-    """Low vs high tones, 24 clips of 0.25 s: 16 train, 4 valid, 4 test."""
-    root.mkdir()
-    rows = ["filename,label,split"]
-    for i in range(24):
-        t = np.arange(4000) / 16000
-        sf.write(root / f"c{i:02d}.wav", (0.3 * np.sin(2 * np.pi * (300 if i % 2 else 3000) * (1 + i / 50) * t))
-                 .astype(np.float32), 16000)
-        rows.append(f"c{i:02d}.wav,{'low' if i % 2 else 'high'},{'train' if i < 16 else 'valid' if i < 20 else 'test'}")
-    (root / "labels.csv").write_text("\n".join(rows) + "\n")
-    return root
+_tones = task_helpers.tone_task
 
 
 def test_the_layer_flag_takes_an_int_or_all(tiny_export, tmp_path):

@@ -10,6 +10,7 @@ import soundfile as sf
 from absl import flags
 
 from audiojepa.evaluation import embedders, probes, protocols, tasks
+import task_helpers
 
 # ------------------------------------------------------------------------------------------------
 # Resolved values: each literal comes from the source cited in protocols.py's table.
@@ -326,16 +327,7 @@ def test_a_fold_task_says_its_model_was_selected_on_held_out_training_clips():
     assert result["linear"]["validation"].startswith("10% of the training clips held out per seed and fold")
 
 
-def _tones(root, n=24):
-    root.mkdir()
-    rows = ["filename,label,split"]
-    for i in range(n):
-        t = np.arange(4000 + 800 * (i % 3)) / 16000  # 0.25-0.35 s
-        sf.write(root / f"c{i:02d}.wav", (0.3 * np.sin(2 * np.pi * (300 if i % 2 else 3000) * (1 + i / 50) * t))
-                 .astype(np.float32), 16000)
-        rows.append(f"c{i:02d}.wav,{'low' if i % 2 else 'high'},{'train' if i < 16 else 'valid' if i < 20 else 'test'}")
-    (root / "labels.csv").write_text("\n".join(rows) + "\n")
-    return root
+_tones = task_helpers.tone_task
 
 
 def test_results_json_records_the_protocol_and_each_tasks_crop(tmp_path, capsys):
