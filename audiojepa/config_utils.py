@@ -153,6 +153,21 @@ def apply_runlocal(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     return config
 
 
+SMALL_STEPS = 4000  # `small`: ~11 min for M2D's tiny ViT at batch 32 on 2 CPU cores (BENCHMARKS.md, issue 23)
+
+
+def apply_small(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The `small` preset every ViT method shares: `runlocal`'s tiny encoder, predictor, batch and lr, trained
+    SMALL_STEPS steps on a few hours of real audio (`--config.data.shards`); chosen on the dev benchmark
+    (tools/make_dev_benchmark.py; docs/dev_benchmark.md). Method-specific settings (EMA, crop) stay in each
+    config."""
+    apply_runlocal(config)
+    config.total_steps = SMALL_STEPS
+    config.checkpoint_every_steps = 1000
+    config.log_every_steps = 50
+    return config
+
+
 def _flat_keys(node, prefix: str = "") -> list[str]:
     """Every dotted key of a config: ["batch_size", "data", "data.crop_frames", ...]."""
     out = []

@@ -57,7 +57,7 @@ Arguments (`:arg`): `runlocal`, `variant=tiny|S|B|L`, `recipe=paper|code`.
 from ml_collections import config_dict
 
 from audiojepa import frontend
-from audiojepa.config_utils import adamw_config, apply_runlocal, data_config, parse_arg, run_config
+from audiojepa.config_utils import adamw_config, apply_runlocal, apply_small, data_config, parse_arg, run_config
 from audiojepa.methods import jepa
 
 CLIP_SECONDS = 10.0
@@ -76,7 +76,7 @@ def crop_frames_for(duration_s: float, frontend_preset: str = "audiojepa_paper")
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, variant="B", runlocal=False, recipe="paper")
+    arg = parse_arg(arg, variant="B", runlocal=False, small=False, recipe="paper")
     if arg.recipe not in RECIPES:
         raise ValueError(f"config arg recipe={arg.recipe!r}; valid: {RECIPES}.")
     paper = arg.recipe == "paper"
@@ -118,8 +118,11 @@ def get_config(arg=None):
     if not paper:
         config.optim.weight_decay = 1e-6  # the code's CosineWDScheduler overrides the optimiser's 0.05
 
-    if arg.runlocal:
-        apply_runlocal(config)
+    if arg.runlocal or arg.small:
+        if arg.small:
+            apply_small(config)
+        else:
+            apply_runlocal(config)
         # The embedded clips are 3 s: 77 frames (paper front end) -> 64 = 8 x 4 patches; 154 (code) -> 144.
         config.data.crop_frames = crop_frames_for(3.0, preset)
         # 300 steps need a target that moves faster than 0.996.

@@ -59,20 +59,33 @@ On 2 CPU cores (measured 2026-12-04, embedded corpus version 2; wall times on a 
   this corpus (M2D's 1500-step runlocal does); whether pretraining helps at this scale is issue 23's work.
   Other maskings: `:runlocal,masking=multiblock`, `:runlocal,masking=time,target_domain=latent`.
 
+Small run on a few hours of real audio (`:small`: runlocal's tiny ViT, predictor, batch 32, lr 1e-3, EMA
+0.99 -> 0.999, 80x208 crops, 4000 steps; recipe paper, unstructured masking, input-domain targets), on the
+real-audio dev benchmark (shards as in configs/m2d.py's docstring):
+
+    python -m audiojepa.main --config=configs/jepa.py:small --workdir=/tmp/jepa_small \
+        --config.data.shards=/data/devbench/shards
+
+  About 12 minutes on 2 cores (~180 clips/s); loss 160 at step 20, 47 at 1000, 50 at 4000 (Eq. 3's L1-norm
+  scale). On the dev benchmark (evaluated as configs/m2d.py's docstring shows), linear / kNN, measured
+  2026-12-04: game_sfx 43.8 +- 37.0 / 45.3 (log-mel 35.9 / 23.4, random init 24.5 / 20.3), unit_sound
+  49.1 +- 1.8 / 59.0 (39.3 / 66.7, 46.2 / 50.0), battle_sound 46.7 +- 5.5 / 48.9 (52.6 / 62.2, 53.3 / 46.7):
+  both floors beaten on game_sfx, and on unit_sound's linear probe only (docs/dev_benchmark.md).
+
 Speed and memory options (the param tree, hence checkpoints, is the same whatever they are set to):
 `--config.model.dtype=bfloat16`: bfloat16 matmuls; params, norms, softmax and loss stay float32.
 `--config.model.attention_impl=cudnn`: cuDNN's fused attention (NVIDIA GPU and bfloat16 only; default XLA).
 `--config.model.remat=block|dots`: recompute block activations in the backward pass (less memory, more compute).
 `--config.model.scan_layers=False`: unroll the transformer blocks instead of one lax.scan over them (default True).
 
-Arguments (`:arg`, comma-separated): `runlocal`, `variant=tiny|S|B|L`, `recipe=paper|code`,
+Arguments (`:arg`, comma-separated): `runlocal`, `small`, `variant=tiny|S|B|L`, `recipe=paper|code`,
 `masking=unstructured|multiblock|time`, `target_domain=input|latent`, `duration=2.1|3.2|6.4` (seconds
 of crop -> 208 / 320 / 640 frames, whole 16-frame patches).
 """
 
 from ml_collections import config_dict
 
-from audiojepa.config_utils import adamw_config, apply_runlocal, data_config, parse_arg, run_config
+from audiojepa.config_utils import adamw_config, apply_runlocal, apply_small, data_config, parse_arg, run_config
 from audiojepa.methods import jepa
 
 FRAMES_PER_SECOND = 100  # the m2d front end's 10 ms hop
@@ -93,8 +106,8 @@ def crop_frames_for(duration_s: float) -> int:
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, variant="B", runlocal=False, masking="unstructured", target_domain="input", duration=2.1,
-                    recipe="paper")
+    arg = parse_arg(arg, variant="B", runlocal=False, small=False, masking="unstructured", target_domain="input",
+                    duration=2.1, recipe="paper")
     if arg.masking not in MASKINGS:
         raise ValueError(f"config arg masking={arg.masking!r}; valid: {MASKINGS}.")
     if arg.target_domain not in TARGET_DOMAINS:
@@ -136,8 +149,11 @@ def get_config(arg=None):
 
     config.optim = adamw_config()  # their `effective_lr`: 3e-4 x batch / 256
 
-    if arg.runlocal:
-        apply_runlocal(config)
+    if arg.runlocal or arg.small:
+        if arg.small:
+            apply_small(config)
+        else:
+            apply_runlocal(config)
         # A 300-step run needs a target that moves: the paper's 0.99995 would keep it at its init.
         config.model.ema_decay_init = 0.99
         config.model.ema_decay = 0.999
@@ -148,7 +164,7 @@ def get_sweep(arg=None):
     """Overrides for `launch/sweep.py`: Table 3 (masking x target domain) at 2.08 s, then the crop
     duration study with the default masking and target domain (2.08 s is already in Table 3). Under
     recipe=code the latent domain also predicts every patch, as the code's mask_targets=False does."""
-    code = parse_arg(arg, variant="B", runlocal=False, masking="unstructured", target_domain="input",
+    code = parse_arg(arg, variant="B", runlocal=False, small=False, masking="unstructured", target_domain="input",
                      duration=2.1, recipe="paper").recipe == "code"
     table3 = [{"model.masking": m, "model.target_domain": d} for m in MASKINGS for d in TARGET_DOMAINS]
     if code:

@@ -62,12 +62,25 @@ runlocal, 80x208 crops, lr 1e-3 and eps 1e-8 as M2D's runlocal in both recipes):
   `:runlocal` (recipe=paper: logit centre, learned tables, frozen gain) is checked only by the 40-step run
   of tests/test_matpac.py (no collapse: tens of prototypes in use); its full run is not measured yet.
 
+Small run on a few hours of real audio (`:small`: as M2D's `:small`, tiny ViT, batch 32, lr 1e-3, EMA 0.999 ->
+0.9999, 4000 steps, plus the 256-prototype head; recipe paper), on the real-audio dev benchmark (shards as in
+configs/m2d.py's docstring, statistics with `--frontend matpac`):
+
+    python -m audiojepa.main --config=configs/matpac.py:small --workdir=/tmp/matpac_small \
+        --config.data.shards=/data/devbench/shards
+
+  About 18-25 minutes on 2 cores (85-115 clips/s); loss 2.14 at step 1000, 1.21 at 4000. On the dev benchmark
+  (evaluated as configs/m2d.py's docstring shows), linear / kNN, measured 2026-12-04: game_sfx 42.7 +- 55.1 /
+  51.6 (log-mel 39.6 / 18.8, random init 26.0 / 20.3), unit_sound 58.1 +- 1.8 / 55.1 (41.0 / 67.9, 45.7 /
+  46.2), battle_sound 43.7 +- 24.9 / 51.1 (50.4 / 62.2, 48.1 / 51.1): both floors beaten on game_sfx, and on
+  unit_sound's linear probe only (docs/dev_benchmark.md).
+
 Speed and memory options (the param tree, hence checkpoints, is the same whatever they are set to):
 `--config.model.dtype=bfloat16`: bfloat16 matmuls; params, norms, softmax and loss stay float32.
 `--config.model.attention_impl=cudnn`: cuDNN's fused attention (NVIDIA GPU and bfloat16 only; default XLA).
 `--config.model.remat=block|dots`: recompute block activations in the backward pass (less memory, more compute).
 
-Arguments (`:arg`): `runlocal`, `variant=tiny|S|B|L`, `mask_ratio=0.7`, `recipe=paper|code`,
+Arguments (`:arg`): `runlocal`, `small`, `variant=tiny|S|B|L`, `mask_ratio=0.7`, `recipe=paper|code`,
 `center_from=probabilities|logits` (overrides the recipe's centre).
 """
 
@@ -79,20 +92,21 @@ RECIPES = ("paper", "code")
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, variant="B", runlocal=False, mask_ratio=0.7, recipe="paper", center_from=None)
+    arg = parse_arg(arg, variant="B", runlocal=False, small=False, mask_ratio=0.7, recipe="paper", center_from=None)
     if arg.recipe not in RECIPES:
         raise ValueError(f"config arg recipe={arg.recipe!r}; valid: {RECIPES}.")
     paper = arg.recipe == "paper"
     # Everything M2D's recipe sets (data, schedule, optimizer, encoder, predictor, dtype/attention_impl/remat),
     # then MATPAC's changes.
     m2d_config = load_config_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "m2d.py"))
-    config = m2d_config.get_config(f"variant={arg.variant},mask_ratio={arg.mask_ratio},runlocal={arg.runlocal}")
+    config = m2d_config.get_config(f"variant={arg.variant},mask_ratio={arg.mask_ratio},runlocal={arg.runlocal},"
+                                   f"small={arg.small}")
     config.method = "matpac"
     config.recipe = arg.recipe
     config.data.frontend = "matpac"  # M2D's front end without centre padding, as MATPAC's preprocessing
 
     # paper: M2D's optimizer as configs/m2d.py sets it (lr = 3e-4 x batch / 256, eps 1e-8).
-    if not paper and not arg.runlocal:  # matpac.yaml: lr 3e-4 as is (fairseq does not scale it), eps 1e-6
+    if not paper and not (arg.runlocal or arg.small):  # matpac.yaml: lr 3e-4 as is (fairseq does not scale it), eps 1e-6
         config.optim.lr = 3e-4  # runlocal keeps M2D runlocal's lr 1e-3 and eps, as measured in the docstring
         config.optim.eps = 1e-6
 
@@ -115,7 +129,7 @@ def get_config(arg=None):
     model.head_ema_decay = 1.0
     model.pred_loss_weight = 0.5  # alpha: loss = (1 - alpha) L_cls + alpha L_pred
 
-    if arg.runlocal:  # m2d.py:runlocal already set the tiny encoder, 1500 steps and the fast EMA
+    if arg.runlocal or arg.small:  # m2d.py's runlocal/small already set the tiny encoder, steps and EMA
         model.num_prototypes = 256
         model.head_hidden_dim = 256
         model.head_bottleneck_dim = 64

@@ -15,13 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import soundfile as sf
+import task_helpers
 
 from audiojepa import encoder, frontend
 from audiojepa.methods import encodecmae, jepa, m2d
 from audiojepa.models import encodecmae as mae
 from audiojepa.models import vit
-import task_helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INPUT_SHAPE = (80, 48)  # 5 x 3 patches of 16 x 16

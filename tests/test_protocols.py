@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import scipy.stats
 import soundfile as sf
+import task_helpers
 from absl import flags
 
 from audiojepa.evaluation import embedders, probes, protocols, tasks
-import task_helpers
 
 # ------------------------------------------------------------------------------------------------
 # Resolved values: each literal comes from the source cited in protocols.py's table.
