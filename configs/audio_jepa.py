@@ -44,13 +44,29 @@ On 2 CPU cores (measured 2026-12-04; wall times on a loaded machine): the 32 kHz
   beat the floor (issue 23). `:runlocal,recipe=code` (96 x 144 crops): loss 1.48 at step 20, 0.092 at 300
   (171 s); linear 42.8 +- 7.5, kNN 28.0.
 
+Small run on a few hours of real audio (`:small`: runlocal's tiny ViT, predictor, batch 32, lr 1e-3, EMA from
+0.99, 128x64 crops = 2.5 s, 4000 steps; recipe paper), on the real-audio dev benchmark, whose corpus is sharded
+a second time at 32 kHz for this front end (otherwise as in configs/m2d.py's docstring):
+
+    python tools/make_shards.py --input /data/devbench/corpus --output /data/devbench/shards32k \
+        --sample_rate 32000 --segment_seconds 10 --min_seconds 0.25
+    python tools/compute_stats.py --shards /data/devbench/shards32k --frontend audiojepa_paper --crop_frames 64
+    python -m audiojepa.main --config=configs/audio_jepa.py:small --workdir=/tmp/audio_jepa_small \
+        --config.data.shards=/data/devbench/shards32k
+
+  About 12 minutes on 2 cores (155-215 clips/s); loss 141 at step 50, 13.8 at 1000, 12.1 at 4000.
+  On the dev benchmark (the target encoder), linear / kNN, measured 2026-12-04: game_sfx 20.3 +- 3.9 / 17.2 (log-mel at
+  32 kHz 19.3 / 17.2, random init 20.3 / 15.6: nothing learns this task at this front end), unit_sound
+  56.0 +- 12.1 / 50.0 (53.0 / 57.7, 50.4 / 55.1), battle_sound 42.2 +- 9.6 / 53.3 (50.4 / 48.9, 46.7 / 51.1):
+  both floors beaten on unit_sound's linear probe and battle_sound's kNN only (docs/dev_benchmark.md).
+
 Speed and memory options (the param tree, hence checkpoints, is the same whatever they are set to):
 `--config.model.dtype=bfloat16`: bfloat16 matmuls; params, norms, softmax and loss stay float32.
 `--config.model.attention_impl=cudnn`: cuDNN's fused attention (NVIDIA GPU and bfloat16 only; default XLA).
 `--config.model.remat=block|dots`: recompute block activations in the backward pass (less memory, more compute).
 `--config.model.scan_layers=False`: unroll the transformer blocks instead of one lax.scan over them (default True).
 
-Arguments (`:arg`): `runlocal`, `variant=tiny|S|B|L`, `recipe=paper|code`.
+Arguments (`:arg`): `runlocal`, `small`, `variant=tiny|S|B|L`, `recipe=paper|code`.
 """
 
 
