@@ -97,7 +97,7 @@ TASK_RULES = (
     ("unit_sound", "megaglest-data", _MG_UNIT_SOUND + r"(?:ack|select|sel)\d*\.(?:wav|ogg)$", "voice",
      "<unit>_ack/_select: spoken acknowledgements ('yes, my lord')"),
     ("unit_sound", "megaglest-data", _MG_UNIT_SOUND + r"attack\d*[a-z]?\.(?:wav|ogg)$", "attack",
-     "<unit>_attack: weapon swings, spells, war cries"),
+     "<unit>_attack: weapon swings, shots, war cries"),
     ("unit_sound", "megaglest-data", _MG_UNIT_SOUND + r"die\d*\.(?:wav|ogg)$", "death", "<unit>_die: death cries"),
     # --- battle_sound: Battle for Wesnoth's combat sounds; the group is the creature, weapon or spell family.
     ("battle_sound", "wesnoth-1.16-data",
