@@ -8,12 +8,14 @@ about 1% on these models. (tools/bench_train.py itself counts the lowered step w
 stacks, because XLA's cost analysis counts a scan's body once; the CLI smoke test checks that count.)
 """
 
+import glob
 import os
 import subprocess
 import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from audiojepa import config_utils, flops, host_memory, sharding
@@ -391,3 +393,11 @@ def test_a_failing_device_count_keeps_the_rows_of_the_others():
     rows, failures = bench_train.collect_rows([1, 8, 2], run_worker)
     assert rows == [dict(devices=1), dict(devices=2)]
     assert failures == ["the 8-device worker failed (exit 1): ..."]
+
+
+def test_trace_steps_writes_a_profile_of_the_steps(tmp_path):
+    step = jax.jit(lambda state, batch, rng: (state + batch.sum(), {"loss": state.sum()}))
+    state, metrics = bench_train.trace_steps(step, jnp.zeros(3), jnp.ones((2, 3)), None, str(tmp_path / "row"), 2)
+    np.testing.assert_allclose(np.asarray(state), 12.0)  # two steps of +6
+    traces = glob.glob(str(tmp_path / "row" / "plugins" / "profile" / "*" / "*.xplane.pb"))
+    assert len(traces) == 1 and os.path.getsize(traces[0]) > 0

@@ -429,3 +429,25 @@ def test_attention_key_bias_gets_no_gradient():
     g = np.asarray(grads["attn"]["qkv"]["bias"]).reshape(3, 48)  # [q, k, v] thirds, as Attention splits them
     assert np.abs(g[0]).max() > 1e-2 and np.abs(g[2]).max() > 1e-2
     assert np.abs(g[1]).max() < 1e-5 * np.abs(g[0]).max()
+
+
+@pytest.mark.parametrize("patch_size,n_mels,frames", [((16, 16), 80, 64), ((16, 8), 64, 40), ((8, 4), 16, 12), ((16, 16), 80, 70)])
+def test_patch_embed_matches_numpy_per_patch_projection(patch_size, n_mels, frames):
+    """Each token is the dot product of one patch (frequency-major tokens) with the [pf, pt, 1, D] kernel,
+    plus the bias: a NumPy transcription of the conv with stride = kernel = patch size ("VALID": frames past
+    the last whole patch are dropped)."""
+    from audiojepa.models.vit import PatchEmbed
+    lms = np.random.default_rng(0).standard_normal((3, n_mels, frames)).astype(np.float32)
+    embed = PatchEmbed(24, patch_size)
+    params = embed.init(jax.random.key(1), jnp.asarray(lms))["params"]
+    assert params["proj"]["kernel"].shape == (*patch_size, 1, 24) and params["proj"]["bias"].shape == (24,)
+    out = np.asarray(embed.apply({"params": params}, jnp.asarray(lms)))
+    kernel, bias = np.asarray(params["proj"]["kernel"], np.float64), np.asarray(params["proj"]["bias"], np.float64)
+    pf, pt = patch_size
+    grid_f, grid_t = n_mels // pf, frames // pt
+    expected = np.empty((3, grid_f * grid_t, 24))
+    for f in range(grid_f):
+        for t in range(grid_t):
+            patch = lms[:, f * pf:(f + 1) * pf, t * pt:(t + 1) * pt].astype(np.float64)
+            expected[:, f * grid_t + t] = np.einsum("bij,ijd->bd", patch, kernel[:, :, 0]) + bias
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-5)

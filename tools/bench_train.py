@@ -145,6 +145,9 @@ flags.DEFINE_integer("gemm_repeats", 5, "Timed matmuls; the best is reported.")
 flags.DEFINE_float("max_memory_fraction", 0.7,
                    "Skip a row whose estimated host memory (n devices × replicated train state, gradients and "
                    "updates) exceeds this fraction of MemAvailable: simulated devices each hold a full copy.")
+flags.DEFINE_string("profile_dir", "", "If set, each row also runs --profile_steps more steps under jax.profiler.trace "
+                    "into <profile_dir>/<variant>[_<targets>]_<devices>dev (TensorBoard's profile plugin / XProf).")
+flags.DEFINE_integer("profile_steps", 3, "Steps traced per row (--profile_dir).")
 flags.DEFINE_bool("data", False, "Also time each row config's input pipeline (clips/s) as the trainer builds it.")
 flags.DEFINE_integer("data_batches", 10, "Timed batches of the input pipeline (--data).")
 flags.DEFINE_integer("data_warmup", 2, "Untimed batches first (worker start-up, first fills) (--data).")
@@ -453,6 +456,10 @@ def _measure_row(variant: str, config, targets: str | None, mesh) -> dict:
         state, metrics = compiled(state, batch, rng)
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - start)
+    if FLAGS.profile_dir:
+        name = "_".join([variant, *([targets] if targets else []), f"{num_devices}dev"])
+        state, metrics = trace_steps(compiled, state, batch, rng, os.path.join(FLAGS.profile_dir, name),
+                                     FLAGS.profile_steps)
     loss = float(metrics["loss"])
     if not np.isfinite(loss):
         raise RuntimeError(f"{variant} on {num_devices} devices: non-finite loss {loss}")
@@ -460,6 +467,16 @@ def _measure_row(variant: str, config, targets: str | None, mesh) -> dict:
                # A partitioned module is one device's program: scale to the whole step.
                xla_flops=None if per_device_flops is None else per_device_flops * num_devices)
     return row
+
+
+def trace_steps(step, state, batch, rng, directory: str, steps: int):
+    """Runs `steps` more steps under `jax.profiler.trace(directory)` (an .xplane.pb under
+    directory/plugins/profile/<run>/); returns the last (state, metrics)."""
+    with jax.profiler.trace(directory):
+        for _ in range(steps):
+            state, metrics = step(state, batch, rng)
+        jax.block_until_ready((state, metrics))
+    return state, metrics
 
 
 def gemm_size() -> int:
