@@ -82,7 +82,7 @@ import jax
 from audiojepa.methods import JEPA, M2D, MATPAC, EncodecMAE
 from audiojepa.models import encodec
 from audiojepa.models import encodecmae as encodecmae_models
-from audiojepa.models.vit import decode_variant
+from audiojepa.models.vit import model_size
 
 BATCH_KEYS_WAVEFORM = ("waveform",)  # EncodecMAE on device: EnCodec, RVQ (and the teacher) inside the step
 BATCH_KEYS_PRECOMPUTED = ("features", "codes", "kmeans_ids")  # everything precomputed
@@ -185,7 +185,7 @@ def _step(per_example: dict[str, int], frozen: tuple[str, ...], batch_size: int)
 
 
 def _m2d_per_example(method) -> dict[str, int]:
-    size = decode_variant(method.config.variant)
+    size = model_size(method.config)
     width, depth, mlp_dim = size["width"], size["depth"], size["mlp_dim"]
     num_patches, num_visible = method.num_patches, method.num_visible
     num_masked = num_patches - num_visible
@@ -193,7 +193,8 @@ def _m2d_per_example(method) -> dict[str, int]:
         "patch_embed": dense_flops(num_patches, method.patch_size[0] * method.patch_size[1], width),
         "online_encoder": depth * block_flops(1 + num_visible, width, mlp_dim),
         "predictor": predictor_flops(1 + num_visible, 1 + num_patches, num_masked, width,
-                                     int(method.config.predictor_width), int(method.config.predictor_depth)),
+                                     int(method.config.predictor_width), int(method.config.predictor_depth),
+                                     method.config.get("predictor_mlp_dim")),
         "target_encoder": depth * block_flops(1 + num_masked, width, mlp_dim),
     }
 
@@ -244,7 +245,7 @@ def jepa_step_flops(method, batch_size: int, mask_variant: int | None = None) ->
         "target_encoder" (both frozen), and "forward", "backward", "total".
     """
     c = method.config
-    size = decode_variant(c.variant)
+    size = model_size(c)
     width, depth, mlp_dim = size["width"], size["depth"], size["mlp_dim"]
     prefix, num_patches = method.num_prefix_tokens, method.num_patches
     num_context, num_target = jepa_mask_counts(method, mask_variant)
@@ -256,7 +257,7 @@ def jepa_step_flops(method, batch_size: int, mask_variant: int | None = None) ->
         "patch_embed": patch_embed,
         "context_encoder": depth * block_flops(prefix + num_context, width, mlp_dim),
         "predictor": predictor_flops(prefix + num_context, sequence, queries, width, int(c.predictor_width),
-                                     int(c.predictor_depth)),
+                                     int(c.predictor_depth), c.get("predictor_mlp_dim")),
         "target_patch_embed": patch_embed,
         "target_encoder": depth * block_flops(prefix + target_tokens, width, mlp_dim),
     }

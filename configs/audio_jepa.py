@@ -67,6 +67,8 @@ Speed and memory options (the param tree, hence checkpoints, is the same whateve
 `--config.model.scan_layers=False`: unroll the transformer blocks instead of one lax.scan over them (default True).
 
 Arguments (`:arg`): `runlocal`, `small`, `variant=tiny|S|B|L`, `recipe=paper|code`.
+Sizes other than the named variants: `--config.model.width=512 --config.model.depth=8` (also `num_heads`,
+default width / 64, and `mlp_dim`, default 4 x width; `predictor_width/depth/heads/mlp_dim` likewise).
 """
 
 

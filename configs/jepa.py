@@ -81,6 +81,8 @@ Speed and memory options (the param tree, hence checkpoints, is the same whateve
 Arguments (`:arg`, comma-separated): `runlocal`, `small`, `variant=tiny|S|B|L`, `recipe=paper|code`,
 `masking=unstructured|multiblock|time`, `target_domain=input|latent`, `duration=2.1|3.2|6.4` (seconds
 of crop -> 208 / 320 / 640 frames, whole 16-frame patches).
+Sizes other than the named variants: `--config.model.width=512 --config.model.depth=8` (also `num_heads`,
+default width / 64, and `mlp_dim`, default 4 x width; `predictor_width/depth/heads/mlp_dim` likewise).
 """
 
 from ml_collections import config_dict

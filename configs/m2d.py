@@ -55,12 +55,15 @@ facts are in shared/reference/m2d.md). Its one choice the papers leave open, the
 independently of the online encoder (`model.init_target_from_online=False`), is the code's.
 
 Arguments (`:arg`): `runlocal`, `small`, `variant=tiny|S|B|L`, `mask_ratio=0.6`, `recipe=paper|code`.
+Sizes other than the named variants: `--config.model.width=512 --config.model.depth=8` (also `num_heads`,
+default width / 64, and `mlp_dim`, default 4 x width; `predictor_width/depth/heads/mlp_dim` likewise).
 """
 
 import ml_collections
 from ml_collections import config_dict
 
 from audiojepa.config_utils import adamw_config, apply_runlocal, apply_small, data_config, parse_arg, run_config
+from audiojepa.models.vit import size_override_keys
 
 RECIPES = ("paper", "code")
 
@@ -76,11 +79,13 @@ def get_config(arg=None):
 
     config.model = ml_collections.ConfigDict()
     config.model.variant = arg.variant
+    config.model.update(size_override_keys())  # width/depth/num_heads/mlp_dim: None = the variant's
     config.model.patch_size = (16, 16)  # (frequency, time) bins
     config.model.mask_ratio = arg.mask_ratio
     config.model.predictor_width = 512
     config.model.predictor_depth = 8
     config.model.predictor_heads = 16
+    config.model.predictor_mlp_dim = config_dict.placeholder(int)  # None: 4 x predictor_width
     config.model.loss_type = "norm_mse"  # 2 - 2 cos; or "mse"
     config.model.norm_target = True  # standardise each target token (unbiased variance + 1e-6)
     config.model.ema_decay_init = 0.99995

@@ -82,6 +82,8 @@ Speed and memory options (the param tree, hence checkpoints, is the same whateve
 
 Arguments (`:arg`): `runlocal`, `small`, `variant=tiny|S|B|L`, `mask_ratio=0.7`, `recipe=paper|code`,
 `center_from=probabilities|logits` (overrides the recipe's centre).
+Sizes other than the named variants: `--config.model.width=512 --config.model.depth=8` (also `num_heads`,
+default width / 64, and `mlp_dim`, default 4 x width; `predictor_width/depth/heads/mlp_dim` likewise).
 """
 
 import os

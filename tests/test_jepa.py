@@ -9,7 +9,7 @@ from audiojepa.config_utils import set_by_path
 from audiojepa import encoder as encoder_lib
 from audiojepa import frontend, losses, masking, metrics, train
 from audiojepa.methods import METHODS, jepa
-from audiojepa.models import ViTEncoder
+from audiojepa.models import ViTEncoder, decode_variant
 from configs import audio_jepa as audio_jepa_config
 from configs import jepa as jepa_config
 
@@ -128,7 +128,7 @@ def test_target_encoder_sees_targets_only_in_the_input_domain(target_domain):
     assert context_idx.shape == (2, 6) and target_idx.shape == (2, 9)  # int(15 * 0.4) = 6
     forward = jax.jit(method.forward_from_indices)
     out = forward(params, target_params, lms, context_idx, target_idx)
-    embedded = ViTEncoder(**jepa.decode_variant("tiny"), use_cls=False).apply(
+    embedded = ViTEncoder(**decode_variant("tiny"), use_cls=False).apply(
         {"params": target_params}, lms, method=ViTEncoder.embed)
     if target_domain == "latent":
         np.testing.assert_allclose(out["target_tokens"], embedded, atol=ATOL)  # all 15 patches

@@ -55,14 +55,16 @@ def m2d_sizes(config) -> dict:
     and its analytic step FLOPs (audiojepa.flops.m2d_step_flops), taken from the JAX method itself, so
     that both frameworks time the same step."""
     from audiojepa import flops, frontend, methods
-    from audiojepa.models.vit import decode_variant
+    from audiojepa.models.vit import model_size
 
     if config.method != "m2d":
         raise ValueError(f"config.method={config.method!r}: tools/bench_torch_m2d.py times M2D only.")
     model_config = config.model
+    if model_config.get("predictor_mlp_dim") is not None:
+        raise ValueError("config.model.predictor_mlp_dim: the torch yardstick's predictor has a 4 x width MLP only.")
     n_mels = frontend.get_preset(config.data.frontend).n_mels
     method = methods.get_method("m2d")(model_config, input_shape=(n_mels, int(config.data.crop_frames)))
-    size = decode_variant(model_config.variant)
+    size = model_size(model_config)
     batch = int(config.batch_size)
     return dict(
         grid=tuple(method.grid_size), patch=tuple(method.patch_size), num_patches=method.num_patches,

@@ -7,8 +7,9 @@ Reads a `.npz` of name -> array (no torch needed) or, with the optional torch ex
 (`pip install -e ".[torch]"`), a `.pth` file (loaded with `weights_only=True`; a full training
 checkpoint keeps the state dict under "model"; a `module.` prefix from DataParallel is removed). A file
 without M2D's tensors, NaN/Inf encoder weights or a `norm_stats` that is not (mean, std > 0) is refused
-with an error naming the file and the tensor (`m2d_torch.check_state_dict`). The size, depth and training width are read from
-the tensors; `norm_stats` from the checkpoint if present. The export loads with
+with an error naming the file and the tensor (`m2d_torch.check_state_dict`). The width, depth, MLP size and training
+width are read from the tensors (any size: a named variant when they match one, else config.model.width/depth/
+mlp_dim, with `--num_heads`, default width / 64); `norm_stats` from the checkpoint if present. The export loads with
 `audiojepa.encoder.load_encoder(OUTPUT)` and evaluates with `python -m audiojepa.evaluate`.
 """
 
@@ -33,6 +34,8 @@ flags.DEFINE_string("frontend", "m2d", f"Front-end preset the model was trained 
 flags.DEFINE_integer("input_frames", None, "Training width in frames, the chunk width of the export (e.g. 1001 for "
                      "the 80x1001 models). Default: from the checkpoint path's '<mels>x<frames>p<pf>x<pt>' as M2D's "
                      "runtime reads it, else whole patches of the position table.")
+flags.DEFINE_integer("num_heads", None, "Attention heads of the encoder, which its tensors cannot tell. Default: the "
+                     "named variant whose width, depth and MLP the tensors have, else width / 64.")
 flags.mark_flags_as_required(["checkpoint", "output"])
 FLAGS = flags.FLAGS
 
@@ -69,7 +72,8 @@ def main(argv):
     params_frontend = frontend.get_preset(preset)
     input_frames = FLAGS.input_frames or m2d_torch.frames_from_path(FLAGS.checkpoint)
     try:
-        model_config, input_shape = m2d_torch.model_config_for(full_state_dict, params_frontend.n_mels, input_frames)
+        model_config, input_shape = m2d_torch.model_config_for(full_state_dict, params_frontend.n_mels, input_frames,
+                                                               num_heads=FLAGS.num_heads)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     grid = (input_shape[0] // model_config.patch_size[0], input_shape[1] // model_config.patch_size[1])

@@ -224,21 +224,31 @@ def frames_from_path(path: str) -> int | None:
     return int(match.group(2)) if match else None
 
 
-def model_config_for(state_dict: dict[str, np.ndarray], n_mels: int, input_frames: int | None = None):
+def model_config_for(state_dict: dict[str, np.ndarray], n_mels: int, input_frames: int | None = None,
+                     num_heads: int | None = None):
     """(M2D model config, input_shape) inferred from tensor shapes; `input_frames` (checked against the
-    position table) when the training width is not whole patches. ValueError when nothing matches."""
+    position table) when the training width is not whole patches.
+
+    Width, depth and MLP size come from the tensors: a named variant when they (and `num_heads`, if given)
+    are one, else config.model.width/depth/num_heads/mlp_dim. The heads cannot be read from the tensors:
+    `num_heads`, default width / 64 (vit.model_size). ValueError when the sizes do not make a model."""
     from audiojepa.methods import m2d
     from audiojepa.models import VARIANTS
+    from audiojepa.models.vit import model_size
 
-    width = state_dict["cls_token"].shape[-1]
+    width = int(state_dict["cls_token"].shape[-1])
     depth = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
-    variant = next((name for name, v in VARIANTS.items() if v["width"] == width and v["depth"] == depth), None)
+    mlp_dim = int(state_dict["blocks.0.mlp.fc1.weight"].shape[0]) if "blocks.0.mlp.fc1.weight" in state_dict else 4 * width
+    size = dict(width=width, depth=depth, mlp_dim=mlp_dim)
+    variant = next((name for name, v in VARIANTS.items() if all(v[k] == size[k] for k in size)
+                    and num_heads in (None, v["num_heads"])), None)
+    config = m2d.default_config(variant or "B")
     if variant is None:
-        raise ValueError(f"width {width} / depth {depth} match no variant of {sorted(VARIANTS)}")
+        config.update(size, num_heads=num_heads)
+        model_size(config)  # raises, naming the key, for heads that do not divide the width
     patch_f, patch_t = state_dict["patch_embed.proj.weight"].shape[2:]
     num_patches = state_dict["pos_embed"].shape[1] - 1
     grid_f = n_mels // patch_f
-    config = m2d.default_config(variant)
     config.patch_size = (int(patch_f), int(patch_t))
     if "decoder_embed.weight" in state_dict:
         config.predictor_width = int(state_dict["decoder_embed.weight"].shape[0])

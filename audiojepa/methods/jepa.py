@@ -83,7 +83,8 @@ from ml_collections import config_dict
 
 from audiojepa import losses, masking
 from audiojepa.methods.m2d import ema_update, linear_ema_decay
-from audiojepa.models import Predictor, ViTEncoder, checked_grid_size, decode_variant, encoder_layers
+from audiojepa.models import Predictor, ViTEncoder, checked_grid_size, encoder_layers
+from audiojepa.models.vit import model_size, size_override_keys
 from audiojepa.models.vit import per_block_ndim, performance_options
 
 Params = dict[str, Any]
@@ -107,6 +108,7 @@ def default_config(variant: str = "B") -> ml_collections.ConfigDict:
     512/8/16, smooth L1 on standardised targets, EMA linear 0.99995 → 0.99999 (their code's values)."""
     return ml_collections.ConfigDict(dict(
         variant=variant,
+        **size_override_keys(),
         patch_size=(16, 16),
         use_cls=False,
         masking="unstructured",
@@ -128,6 +130,7 @@ def default_config(variant: str = "B") -> ml_collections.ConfigDict:
         predictor_width=512,
         predictor_depth=8,
         predictor_heads=16,
+        predictor_mlp_dim=config_dict.placeholder(int),  # None: 4 x predictor_width
         predictor_full_grid=False,
         loss_type="smooth_l1",
         target_norm="standardize",
@@ -227,7 +230,7 @@ class JEPA:
             for variant in range(self.num_mask_variants):
                 self._mask_counts(variant)  # fail now, naming the key, if a ratio leaves an empty side
 
-        size = decode_variant(model_config.variant)
+        size = model_size(model_config)  # the variant's, or config.model.width/depth/num_heads/mlp_dim
         options = performance_options(model_config)  # dtype, attention_impl, remat
         self.width = size["width"]
         self.encoder_depth = size["depth"]  # the layers `encode` can return
@@ -235,7 +238,7 @@ class JEPA:
         self.predictor = Predictor(grid_size=self.grid_size, width=int(model_config.predictor_width),
                                    depth=int(model_config.predictor_depth),
                                    num_heads=int(model_config.predictor_heads), out_dim=self.width,
-                                   use_cls=self.use_cls, full_grid=bool(model_config.predictor_full_grid),
+                                   mlp_dim=model_config.get("predictor_mlp_dim"), use_cls=self.use_cls, full_grid=bool(model_config.predictor_full_grid),
                                    **options)
 
     # -- masks ----------------------------------------------------------------------------------------

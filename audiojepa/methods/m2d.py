@@ -51,7 +51,8 @@ from audiojepa.losses import (  # noqa: F401
     standardize_tokens,
 )
 from audiojepa.losses import token_spread as _spread  # noqa: F401
-from audiojepa.models import Predictor, TransformerStack, ViTEncoder, checked_grid_size, decode_variant, encoder_layers
+from audiojepa.models import Predictor, TransformerStack, ViTEncoder, checked_grid_size, encoder_layers
+from audiojepa.models.vit import model_size, size_override_keys
 from audiojepa.models.vit import POS_EMBEDS, per_block_ndim, performance_options
 
 Params = dict[str, Any]
@@ -66,11 +67,13 @@ def default_config(variant: str = "B") -> ml_collections.ConfigDict:
     """The official M2D settings (m2d_vit_base, 16×16 patches, mask 0.7, EMA 0.99995 → 0.99999)."""
     return ml_collections.ConfigDict(dict(
         variant=variant,
+        **size_override_keys(),
         patch_size=(16, 16),
         mask_ratio=0.7,
         predictor_width=512,
         predictor_depth=8,
         predictor_heads=16,
+        predictor_mlp_dim=config_dict.placeholder(int),  # None: 4 x predictor_width
         loss_type="norm_mse",
         norm_target=True,
         ema_decay_init=0.99995,
@@ -129,7 +132,7 @@ class M2D:
             raise ValueError(f"config.model.mask_ratio={self.mask_ratio} leaves {self.num_visible} of "
                              f"{self.num_patches} patches visible; M2D needs both visible and masked patches.")
 
-        size = decode_variant(model_config.variant)
+        size = model_size(model_config)  # the variant's, or config.model.width/depth/num_heads/mlp_dim
         options = performance_options(model_config)  # dtype, attention_impl, remat
         # Configs and checkpoints from before the key: the official fixed tables.
         pos_embed = model_config.get("pos_embed", "sincos")
@@ -146,7 +149,7 @@ class M2D:
         self.predictor = Predictor(grid_size=self.grid_size, width=int(model_config.predictor_width),
                                    depth=int(model_config.predictor_depth),
                                    num_heads=int(model_config.predictor_heads), out_dim=self.width,
-                                   pos_embed=pos_embed, **options)
+                                   mlp_dim=model_config.get("predictor_mlp_dim"), pos_embed=pos_embed, **options)
 
     # -- params ---------------------------------------------------------------------------------------
 

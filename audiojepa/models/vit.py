@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from ml_collections import config_dict
 
 from audiojepa.models.pos_embed import sincos_2d
 
@@ -54,6 +55,42 @@ def decode_variant(name: str) -> dict[str, int]:
     if name not in VARIANTS:
         raise ValueError(f"Unknown model variant {name!r}; valid variants: {sorted(VARIANTS)}.")
     return dict(VARIANTS[name])
+
+
+SIZE_KEYS = ("width", "depth", "num_heads", "mlp_dim")
+HEAD_DIM = 64  # every named variant's width / num_heads, the default heads of an overridden width
+
+
+def size_override_keys() -> dict:
+    """The config keys of SIZE_KEYS, unset (None: the variant's), typed so that `--config.model.width=384` parses."""
+    return {key: config_dict.placeholder(int) for key in SIZE_KEYS}
+
+
+def model_size(model_config) -> dict[str, int]:
+    """The encoder size of a model config: `variant`'s sizes, each overridden by `config.model.<key>` for the
+    keys of SIZE_KEYS that are set (not None; configs from before the keys have none). A width set without
+    num_heads / mlp_dim gets width / 64 heads and a 4·width MLP, as every named variant has.
+
+    Raises:
+        ValueError naming the config key: a size that is not a positive integer, a width that the heads do not
+        divide, or a width that is not a multiple of 64 without num_heads.
+    """
+    size = decode_variant(model_config.variant)
+    overrides = {key: model_config.get(key) for key in SIZE_KEYS if model_config.get(key) is not None}
+    for key, value in overrides.items():
+        if isinstance(value, bool) or int(value) != value or value <= 0:
+            raise ValueError(f"config.model.{key}={value!r}: a positive integer (or None for the variant's).")
+    overrides = {key: int(value) for key, value in overrides.items()}
+    if "width" in overrides:
+        width = overrides["width"]
+        if "num_heads" not in overrides and width % HEAD_DIM:
+            raise ValueError(f"config.model.width={width} is not a multiple of {HEAD_DIM}: set config.model.num_heads.")
+        size.update(num_heads=width // HEAD_DIM, mlp_dim=4 * width)
+    size.update(overrides)
+    if size["width"] % size["num_heads"]:
+        raise ValueError(f"config.model.num_heads={size['num_heads']} does not divide the width {size['width']} "
+                         f"(config.model.width / variant {model_config.variant!r}).")
+    return size
 
 
 # config.model.remat: rematerialisation of every transformer block (encoders, predictors, EncodecMAE's
