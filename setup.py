@@ -21,6 +21,7 @@ setuptools.setup(
         "numpy",
         "scipy",
         "msgpack",
+        "safetensors>=0.4",  # weights out (tools/export_torch.py) and in (config.init_from), no torch needed
         "einops",
         "soundfile>=0.12",
         "soxr",
