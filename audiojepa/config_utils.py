@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -84,6 +85,9 @@ def run_config(method: str, *, batch_size: int, seed: int = 0) -> ml_collections
         "async_checkpoints": True,
         "nonfinite_policy": "stop",  # NaN/Inf loss: "stop" the run, or "skip" the batch and go on
         "allow_resume_changes": False,  # True: resume even if method, seed, batch, model or input changed
+        # Start from weights (audiojepa/init_from.py): an export, a workdir, or an official .pth/.npz/.safetensors;
+        # ignored when the workdir already has a checkpoint.
+        "init_from": config_dict.placeholder(str),
         "tensorboard": True,
         # Periodic evaluators (audiojepa/evaluation/evaluators.py), none by default; from the command line:
         # --config.evals='{"knn": {"type": "knn", "task": "embedded", "every_steps": 250}}'

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from audiojepa import checkpointing, frontend, locks, methods, metrics as metrics_lib, optim, resume_check, sharding
+from audiojepa import checkpointing, frontend, init_from, locks, methods, optim, resume_check, sharding
+from audiojepa import metrics as metrics_lib
 from audiojepa.data import pipeline, records, stats, target_records
 
 # config.nonfinite_policy: "stop" raises NonFiniteLossError at the first NaN/Inf loss or gradient;
@@ -246,6 +247,19 @@ def init_train_state(method, optim_config, schedule, rng) -> dict:
             "opt_state": tx.init(params)}
 
 
+def _state_from_weights(path: str, method, tx, state: dict, rng, sharding) -> dict:
+    """`state` (step 0) with its params and target from `path` (audiojepa.init_from) and a fresh optimizer state."""
+    # Replicated: every process holds the whole value (its first local shard), and reads the same source.
+    host = jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data),
+                        {"params": state["params"], "target_params": state["target_params"]})
+    params, target_params, report = init_from.initialize(path, method, host["params"], host["target_params"],
+                                                         jax.random.fold_in(rng, 1))
+    logging.info("config.init_from=%s: %s", path, report.describe())
+    params, target_params = jax.device_put((params, target_params), sharding)
+    return {**state, "params": params, "target_params": target_params,
+            "opt_state": jax.jit(tx.init, out_shardings=sharding)(params)}
+
+
 def _run_meta(config, spec: pipeline.DataSpec, total_steps: int) -> dict:
     """What evaluation needs to rebuild the encoder and its input pipeline."""
     return {
@@ -379,11 +393,16 @@ def _train_on_mesh(config, workdir: str, mesh, *, stop_after: int | None, run_pr
         if restore_iterator:
             checkpointing.restore_data_iterator(manager, latest, data_iter)
         logging.info("resumed from step %d in %s", latest, checkpointing.checkpoint_dir(workdir))
+        if config.get("init_from"):
+            logging.warning("config.init_from=%s ignored: the run resumes from its own checkpoint (step %d)",
+                            config.init_from, latest)
     else:
         if getattr(method, "jit_init", True):
             state = jax.jit(init_state, out_shardings=repl)(init_rng)
         else:  # a method whose init holds large host arrays (frozen networks) that should not become constants
             state = jax.device_put(init_state(init_rng), repl)
+        if config.get("init_from"):
+            state = _state_from_weights(config.init_from, method, tx, state, init_rng, repl)
     start_step = int(state["step"])
     counters = RunCounters(saved_meta.get("counters"))
     run_progress.counters, run_progress.trained_step, run_progress.committed_step = counters, start_step, latest

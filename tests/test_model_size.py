@@ -77,7 +77,7 @@ def test_m2d_of_an_unnamed_size_builds_trains_and_counts_its_flops():
     assert params["predictor"]["head"]["kernel"].shape == (32, 96)
     assert _leaf_shapes(target) == _leaf_shapes(stack)
     lms = jax.random.normal(jax.random.key(1), (2, *INPUT_SHAPE))
-    loss, _ = method.loss(params, target, {"lms": lms}, jax.random.key(2), 0)
+    loss, _ = jax.jit(method.loss)(params, target, {"lms": lms}, jax.random.key(2), 0)
     assert np.isfinite(float(loss))
     parts = flops._m2d_per_example(method)
     assert parts["online_encoder"] == 3 * flops.block_flops(1 + method.num_visible, 96, 160)

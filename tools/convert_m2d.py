@@ -3,7 +3,7 @@ r"""Converts an official M2D checkpoint into an audiojepa encoder export.
     python tools/convert_m2d.py --checkpoint m2d_vit_base-80x608p16x16/checkpoint-300.pth --output /ckpt/m2d_official
     python tools/convert_m2d.py --checkpoint state_dict.npz --output /tmp/m2d_small
 
-Reads a `.npz` of name -> array (no torch needed) or, with the optional torch extra installed
+Reads a `.npz` or `.safetensors` of name -> array (no torch needed) or, with the optional torch extra installed
 (`pip install -e ".[torch]"`), a `.pth` file (loaded with `weights_only=True`; a full training
 checkpoint keeps the state dict under "model"; a `module.` prefix from DataParallel is removed). A file
 without M2D's tensors, NaN/Inf encoder weights or a `norm_stats` that is not (mean, std > 0) is refused
@@ -13,7 +13,6 @@ mlp_dim, with `--num_heads`, default width / 64); `norm_stats` from the checkpoi
 `audiojepa.encoder.load_encoder(OUTPUT)` and evaluates with `python -m audiojepa.evaluate`.
 """
 
-import argparse
 import os
 import sys
 
@@ -24,10 +23,10 @@ from absl import app, flags, logging
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from audiojepa import encoder, frontend  # noqa: E402
-from audiojepa.convert import m2d_torch  # noqa: E402
+from audiojepa.convert import m2d_torch, state_dict_io  # noqa: E402
 from audiojepa.data import stats  # noqa: E402
 
-flags.DEFINE_string("checkpoint", None, "Official M2D checkpoint: .pth (needs torch) or .npz state dict.")
+flags.DEFINE_string("checkpoint", None, "Official M2D checkpoint: .pth (needs torch), .npz or .safetensors state dict.")
 flags.DEFINE_string("output", None, "Output folder for encoder.json and params.msgpack.")
 flags.DEFINE_string("frontend", "m2d", f"Front-end preset the model was trained with: {sorted(frontend.PRESETS)}. "
                     "Default: from the weight folder name as M2D's runtime reads it (p32k: m2d_32k), else m2d.")
@@ -40,25 +39,11 @@ flags.mark_flags_as_required(["checkpoint", "output"])
 FLAGS = flags.FLAGS
 
 
-def load_state_dict(path: str) -> dict[str, np.ndarray]:
-    if path.endswith(".npz"):
-        return dict(np.load(path))
-    try:
-        import torch
-    except ImportError:
-        raise app.UsageError(f"{path}: reading .pth files needs the optional torch extra "
-                             "(pip install -e '.[torch]'), or convert it to .npz elsewhere") from None
-    # MAE-style training checkpoints also hold the run's argparse.Namespace ("args"): allowed, nothing else.
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else checkpoint
-    return {k: v.detach().cpu().numpy() for k, v in state.items()}
-
-
 def main(argv):
     del argv
     try:  # a foreign, DataParallel-wrapped or damaged file: an error naming it and the tensor, before any work
-        full_state_dict = m2d_torch.check_state_dict(load_state_dict(FLAGS.checkpoint), source=FLAGS.checkpoint)
+        full_state_dict = m2d_torch.check_state_dict(state_dict_io.read_state_dict(FLAGS.checkpoint),
+                                                     source=FLAGS.checkpoint)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     state_dict, dropped = m2d_torch.encoder_entries(full_state_dict)

@@ -328,11 +328,13 @@ class JEPA:
             rng_predictor, jnp.zeros((1, self.num_prefix_tokens + 1, self.width), jnp.float32),
             jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), jnp.int32))["params"]
         params = {"encoder": encoder, "predictor": predictor}
+        return params, self.init_target(rng_target, params)
+
+    def init_target(self, rng: jax.Array, params: Params) -> Params:
+        """The target encoder: a copy of params["encoder"], or (init_target_from_online False) a fresh one from rng."""
         if self.config.init_target_from_online:
-            target_params = jax.tree.map(jnp.copy, encoder)
-        else:
-            target_params = self.encoder.init(rng_target, dummy_lms)["params"]
-        return params, target_params
+            return jax.tree.map(jnp.copy, params["encoder"])
+        return self.encoder.init(rng, jnp.zeros((1, *self.input_shape), jnp.float32))["params"]
 
     def weight_decay_mask(self, params: Params) -> Params:
         """config.model.weight_decay_on "matrices" (default): True for tensors with ndim > 1 per block

@@ -162,9 +162,13 @@ class M2D:
             jnp.arange(self.num_visible, dtype=jnp.int32)[None],
             jnp.arange(self.num_visible, self.num_patches, dtype=jnp.int32)[None])["params"]
         params = {"encoder": encoder, "predictor": predictor}
-        return params, self.init_target(rng_target, params)
+        return params, self.init_target_stack(rng_target, params)
 
     def init_target(self, rng: jax.Array, params: Params) -> Params:
+        """The EMA target of `params` (e.g. loaded weights; audiojepa.init_from): M2D's is the target stack."""
+        return self.init_target_stack(rng, params)
+
+    def init_target_stack(self, rng: jax.Array, params: Params) -> Params:
         """A fresh target stack: independently initialised from rng (as the official code), or a copy of
         params["encoder"]["stack"] when config.model.init_target_from_online."""
         if self.config.init_target_from_online:

@@ -105,9 +105,16 @@ class MATPAC(m2d.M2D):
         rng_m2d, rng_head = jax.random.split(rng)
         params, encoder_stack = super().init(rng_m2d)
         params["head"] = self.head.init(rng_head, jnp.zeros((1, 1, self.width), jnp.float32))["params"]
-        target_params = {"encoder_stack": encoder_stack, "head": jax.tree.map(jnp.copy, params["head"]),
-                         "center": jnp.zeros((int(self.config.num_prototypes),), jnp.float32)}
-        return params, target_params
+        return params, self._target_tree(encoder_stack, params)
+
+    def init_target(self, rng: jax.Array, params: Params) -> Params:
+        """The teacher from `params` (e.g. loaded weights): M2D's target stack (init_target), the student's head
+        copied, a zero centre."""
+        return self._target_tree(self.init_target_stack(rng, params), params)
+
+    def _target_tree(self, encoder_stack: Params, params: Params) -> Params:
+        return {"encoder_stack": encoder_stack, "head": jax.tree.map(jnp.copy, params["head"]),
+                "center": jnp.zeros((int(self.config.num_prototypes),), jnp.float32)}
 
     # -- schedules ------------------------------------------------------------------------------------
 
