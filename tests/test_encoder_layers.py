@@ -8,8 +8,6 @@ import functools
 import json
 import os
 import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -201,10 +199,13 @@ def test_evaluate_cli_reports_every_layer(tiny_export, tmp_path):
     keeps the final output's numbers on top and every layer's under "layers". --layer=0 records layer 0."""
     task = _tones(tmp_path / "tones")
     out = tmp_path / "all"
-    result = subprocess.run([sys.executable, "-m", "audiojepa.evaluate", f"--encoder={tiny_export}", f"--task={task}",
-                             f"--output={out}", "--seeds=1", "--layer=all"],
-                            cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
+    from absl.testing import flagsaver
+
+    from audiojepa import evaluate
+
+    # The CLI's main with its flags as typed (in this process: a subprocess would import JAX and compile again).
+    with flagsaver.as_parsed(encoder=str(tiny_export), task=str(task), output=str(out), seeds="1", layer="all"):
+        evaluate.main(["evaluate"])
     names = [f"{tiny_export} (layer {k})" for k in range(TINY_DEPTH)] + ["logmel"] + \
         [f"random init (layer {k})" for k in range(TINY_DEPTH)]
     everything = json.loads((out / "all_results.json").read_text())
@@ -219,8 +220,6 @@ def test_evaluate_cli_reports_every_layer(tiny_export, tmp_path):
         assert row["layer"] == k and tones["layers"][str(k)]["linear"] == row["linear"]
         assert tones["layers"][str(k)]["knn"] == row["knn"]
     assert tones["linear"] == tones["layers"][str(TINY_DEPTH - 1)]["linear"]
-
-    from audiojepa import evaluate
 
     out = tmp_path / "layer0"
     results = evaluate.run(tiny_export, [str(task)], str(out), baselines=False, seeds=(0,), layer=0)

@@ -18,8 +18,9 @@ def test_run_writes_the_xla_table_and_cudnn_fails_by_name_on_cpu(tmp_path):
     # No wheels to install here (WHEELS_DIR empty): this interpreter already has the project's packages.
     env = rh.subprocess_env(PLATFORM="cpu", VARIANT="tiny", BATCH=8, STEPS=1, OUT=out, PYTHON=sys.executable,
                             WHEELS_DIR=tmp_path / "no_wheels")
-    result = subprocess.run(["bash", "tools/gpu_bench.sh", "run"], cwd=rh.REPO, env=env, capture_output=True,
-                            text=True, timeout=600)
+    # Flags after `run` go to bench_train: a small peak matmul and no warm-up steps keep this test short.
+    result = subprocess.run(["bash", "tools/gpu_bench.sh", "run", "--gemm_size=256", "--gemm_repeats=1", "--warmup=0"],
+                            cwd=rh.REPO, env=env, capture_output=True, text=True, timeout=600)
     log = result.stdout + result.stderr
     assert result.returncode != 0, log[-3000:]
     assert "attention_impl='cudnn' needs an NVIDIA GPU with cuDNN" in log, log[-3000:]
