@@ -22,7 +22,6 @@ Performance options (`config.model`; they change speed and memory, never the par
 import re
 from typing import Any
 
-import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -307,9 +306,9 @@ class PatchProjection(nn.Module):
         # One axis split per reshape: under an Explicit mesh JAX refuses to split two axes in one reshape.
         x = x.reshape(x.shape[0], grid_f, patch_f, grid_t * patch_t)
         x = x.reshape(x.shape[0], grid_f, patch_f, grid_t, patch_t)
-        patches = einops.rearrange(x, "b f i t j -> b f t (i j)")
-        weights = einops.rearrange(kernel, "i j 1 d -> (i j) d")
-        out = jnp.dot(patches.astype(self.dtype), weights.astype(self.dtype), preferred_element_type=jnp.float32)
+        # [batch, F, pf, T', pt] · [pf, pt, D] → [batch, F, T', D], contracting each patch's bins and frames.
+        out = jnp.einsum("bfitj,ijd->bftd", x.astype(self.dtype), kernel[:, :, 0].astype(self.dtype),
+                         preferred_element_type=jnp.float32)
         return (out + bias).astype(self.dtype)
 
 
@@ -329,7 +328,8 @@ class PatchEmbed(nn.Module):
     def __call__(self, lms: jax.Array) -> jax.Array:
         """lms: [batch, n_mels, frames] → [batch, F·T', width], frequency-major (token f·T' + t)."""
         x = PatchProjection(self.width, tuple(self.patch_size), self.dtype, name="proj")(lms)
-        return einops.rearrange(x, "b f t d -> b (f t) d")
+        batch, grid_f, grid_t, width = x.shape
+        return x.reshape(batch, grid_f * grid_t, width)
 
 
 class Attention(nn.Module):
