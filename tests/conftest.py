@@ -21,6 +21,12 @@ if "AUDIOJEPA_CACHE" not in os.environ:
     os.environ["AUDIOJEPA_CACHE"] = _corpus_dir
     atexit.register(shutil.rmtree, _corpus_dir, ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# Cheaper XLA:CPU compiles for the whole session (about half the compile time of the tiny train step on 2 cores;
+# the suite is mostly compiles of tiny models), the same flags as the training subprocesses
+# (tests/run_helpers.py FAST_COMPILE_FLAGS), so in-process and subprocess runs compile alike.
+_FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = " ".join(f for f in (os.environ.get("XLA_FLAGS", ""), _FAST_COMPILE_FLAGS) if f)
 
 from absl import flags  # noqa: E402
 

@@ -60,7 +60,8 @@ FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expe
 def subprocess_env(**extra) -> dict[str, str]:
     """This session's environment (compile cache, corpus cache, devices) plus fast-compile XLA flags
     and `extra`."""
-    xla_flags = " ".join(f for f in (os.environ.get("XLA_FLAGS", ""), FAST_COMPILE_FLAGS) if f)
+    current = os.environ.get("XLA_FLAGS", "")  # conftest has usually added them already
+    xla_flags = current if FAST_COMPILE_FLAGS in current else " ".join(f for f in (current, FAST_COMPILE_FLAGS) if f)
     return {**os.environ, "PYTHONPATH": REPO, "XLA_FLAGS": xla_flags, **{k: str(v) for k, v in extra.items()}}
 
 
