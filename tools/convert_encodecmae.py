@@ -23,7 +23,7 @@ from absl import app, flags, logging
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from audiojepa import encoder, frontend  # noqa: E402
-from audiojepa.convert import encodecmae_torch, matpac_torch  # noqa: E402
+from audiojepa.convert import encodecmae_torch, state_dict_io  # noqa: E402
 from audiojepa.methods import encodecmae  # noqa: E402
 from audiojepa.models import encodec  # noqa: E402
 
@@ -40,7 +40,7 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     try:
-        full_state_dict = matpac_torch.read_checkpoint(FLAGS.checkpoint)
+        full_state_dict = state_dict_io.read_state_dict(FLAGS.checkpoint)
         state_dict, dropped = encodecmae_torch.encoder_entries(full_state_dict)
         if dropped:
             logging.info("not part of the encoder, left out: %s", ", ".join(dropped))

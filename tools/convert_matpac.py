@@ -5,7 +5,7 @@ r"""Converts an official MATPAC checkpoint (aurianworld/matpac) into an audiojep
 
 Reads a `.npz` or `.safetensors` of name -> array (no torch needed) or, with the optional torch extra, a `.pt`/`.pth`
 file (weights_only=True): a released file (the inference wrapper's names) or a fairseq training checkpoint (the
-state dict under "model", its `_ema` teacher nested; audiojepa.convert.matpac_torch.read_checkpoint). Only the
+state dict under "model", its `_ema` teacher nested; audiojepa.convert.state_dict_io.read_state_dict). Only the
 student encoder is exported (patch embedding, CLS, positions, `student_encoder.*`); the decoder, classification
 heads, teacher and any fine-tuning head are left out with a log line. Width, depth, MLP size, patch size and the
 training width come from the tensors (`--num_heads`: the encoder's heads, which they cannot tell; default: the
@@ -23,7 +23,7 @@ from absl import app, flags, logging
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from audiojepa import encoder, frontend  # noqa: E402
-from audiojepa.convert import matpac_torch  # noqa: E402
+from audiojepa.convert import matpac_torch, state_dict_io  # noqa: E402
 from audiojepa.data import stats  # noqa: E402
 
 MATPAC_NORM_STATS = (-7.056, 4.193)  # inference_matpac/matpac/model.py general_config lms_mean / lms_std
@@ -43,7 +43,7 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     try:
-        full_state_dict = matpac_torch.read_checkpoint(FLAGS.checkpoint)
+        full_state_dict = state_dict_io.read_state_dict(FLAGS.checkpoint)
         missing = [k for k in ("cls_token", "pos_embed", "patch_embed.proj.weight") if k not in full_state_dict]
         if missing or not any(k.startswith("student_encoder.blocks.") for k in full_state_dict):
             names = sorted(full_state_dict)

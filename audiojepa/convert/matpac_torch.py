@@ -33,7 +33,6 @@ fine-tuned / probe checkpoints (`head.*`, `head_norm.*`, `probe.*`). An encoder 
 (tools/convert_matpac.py) keeps only ENCODER_ENTRIES and logs what it leaves out.
 """
 
-import argparse
 import re
 
 import numpy as np
@@ -61,47 +60,8 @@ NO_COUNTERPART = {
 }
 # What an encoder export needs; the rest is left out by tools/convert_matpac.py (with a log line).
 ENCODER_ENTRIES = ("patch_embed.", "cls_token", "pos_embed", "student_encoder.")
-WRAPPER_KEYS = ("model", "state_dict")  # fairseq / MAE-style and Lightning checkpoints hold the dict there
-
-
-def flatten(state_dict: dict, prefix: str = "") -> dict[str, np.ndarray]:
-    """{dotted name: array}: nested dicts (fairseq's `_ema`, `_cls_head_ema`) become `_ema.blocks.0…` names."""
-    out = {}
-    for name, value in state_dict.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{name}."))
-        else:
-            out[f"{prefix}{name}"] = np.asarray(value)
-    return out
-
-
-def read_checkpoint(path: str) -> dict[str, np.ndarray]:
-    """A reference checkpoint's flat {name: array}. `.npz`/`.safetensors`: state_dict_io.read_state_dict.
-    `.pt`/`.pth` (the optional torch extra; weights_only=True): the state dict under "model" (fairseq) or
-    "state_dict" (Lightning) when there is one, nested dicts flattened, non-tensor entries (step counters,
-    configs stored as plain values) left out."""
-    if not path.endswith((".pt", ".pth")):
-        return state_dict_io.read_state_dict(path)
-    try:
-        import torch
-    except ImportError:
-        raise ValueError(f"{path}: reading .pt/.pth files needs the optional torch extra (pip install -e '.[torch]'), "
-                         "or save the state dict as .npz / .safetensors elsewhere") from None
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    for key in WRAPPER_KEYS:
-        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
-            checkpoint = checkpoint[key]
-            break
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f"{path}: holds a {type(checkpoint).__name__}, not a state dict")
-
-    def tensors(tree):
-        return {k: tensors(v) if isinstance(v, dict) else v.detach().cpu().float().numpy()
-                if v.dtype.is_floating_point else v.detach().cpu().numpy()
-                for k, v in tree.items() if isinstance(v, (dict, torch.Tensor))}
-
-    return flatten(tensors(checkpoint))
+# Reading a checkpoint file (nested dicts flattened, "model"/"state_dict" wrappers): convert/state_dict_io.py.
+flatten = state_dict_io.flatten
 
 
 def to_m2d_name(name: str) -> str | None:
