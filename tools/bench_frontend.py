@@ -37,9 +37,10 @@ import librosa  # noqa: E402
 import numpy as np  # noqa: E402
 import scipy  # noqa: E402
 
-from audiojepa import frontend  # noqa: E402
+# The repo root: this checkout's package (as the other tools do) and tools/.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for tools/
+from audiojepa import frontend  # noqa: E402
 from tools import bench_common  # noqa: E402
 
 FLAGS = flags.FLAGS
