@@ -83,9 +83,9 @@ def merge(fresh, loaded, *, source: str, prefix: str = ""):
     return merged, report
 
 
-def read_source(path: str, *, source: str) -> tuple[dict, dict | None]:
-    """(params, target_params or None) as trees of numpy arrays, from an export folder, a training workdir or
-    a state-dict file in the official M2D names (STATE_DICT_SUFFIXES)."""
+def read_source(path: str, *, source: str) -> tuple[dict, dict | None, list[str]]:
+    """(params, target_params or None, names it holds that this code cannot place) as trees of numpy arrays, from
+    an export folder, a training workdir or a state-dict file in the official M2D names (STATE_DICT_SUFFIXES)."""
     from audiojepa import encoder as encoder_lib
     from audiojepa.convert import m2d_torch, state_dict_io
 
@@ -94,9 +94,9 @@ def read_source(path: str, *, source: str) -> tuple[dict, dict | None]:
                 os.path.join(path, encoder_lib.ENCODER_JSON)):
             _, state, _ = encoder_lib.restore_train_state(path)
             to_numpy = lambda tree: jax.tree.map(np.asarray, tree)
-            return to_numpy(state["params"]), to_numpy(state["target_params"])
+            return to_numpy(state["params"]), to_numpy(state["target_params"]), []
         if os.path.exists(os.path.join(path, encoder_lib.ENCODER_JSON)):
-            return {"encoder": jax.tree.map(np.asarray, encoder_lib.load_encoder(path).params["encoder"])}, None
+            return {"encoder": jax.tree.map(np.asarray, encoder_lib.load_encoder(path).params["encoder"])}, None, []
     if os.path.isfile(path) and path.endswith(STATE_DICT_SUFFIXES):
         state_dict = state_dict_io.read_state_dict(path)
         if state_dict and all(k.startswith(m2d_torch.DATA_PARALLEL_PREFIX) for k in state_dict):
@@ -107,19 +107,17 @@ def read_source(path: str, *, source: str) -> tuple[dict, dict | None]:
             raise ValueError(f"{source}: no tensor in the official M2D names (e.g. blocks.0.attn.qkv.weight); "
                              f"it has {len(state_dict)}, e.g. {sorted(state_dict)[:5]}")
         params, target = m2d_torch.state_dict_to_params(known)
-        unknown = sorted(set(state_dict) - set(known))
-        if unknown:
-            params.setdefault("_unknown_names", {name: np.zeros(0) for name in unknown})
-        return params, target
+        return params, target, sorted(set(state_dict) - set(known))
     raise FileNotFoundError(f"{source}: not an encoder export (encoder.json), a training workdir (checkpoints/) "
                             f"or a state dict ({', '.join(STATE_DICT_SUFFIXES)})")
 
 
-def place(method, params, target_params, loaded_params: dict, loaded_target: dict | None, rng, *, source: str):
-    """(params, target_params, Report): the loaded trees merged into the method's fresh ones (module docstring)."""
-    unknown = sorted(loaded_params.pop("_unknown_names", {}))
+def place(method, params, target_params, loaded_params: dict, loaded_target: dict | None, rng, *, source: str,
+          unplaced: list[str] = ()):
+    """(params, target_params, Report): the loaded trees merged into the method's fresh ones (module docstring);
+    `unplaced`: the source's names read_source could not place, reported as unused."""
     params, report = merge(params, loaded_params, source=source)
-    report.unused = sorted(report.unused + unknown)
+    report.unused = sorted(report.unused + list(unplaced))
     if loaded_target is not None:
         target_params, target_report = merge(target_params, loaded_target, source=source, prefix="target/")
         report.loaded += target_report.loaded
@@ -138,5 +136,5 @@ def place(method, params, target_params, loaded_params: dict, loaded_target: dic
 def initialize(path: str, method, params, target_params, rng):
     """(params, target_params, Report) of a run that starts from `path` (config.init_from)."""
     source = f"config.init_from={path}"
-    loaded_params, loaded_target = read_source(path, source=source)
-    return place(method, params, target_params, loaded_params, loaded_target, rng, source=source)
+    loaded_params, loaded_target, unplaced = read_source(path, source=source)
+    return place(method, params, target_params, loaded_params, loaded_target, rng, source=source, unplaced=unplaced)
