@@ -18,7 +18,7 @@ import logging
 IDENTITY_KEYS = ("method", "seed", "batch_size", "model.", "data.frontend", "data.crop_frames", "data.norm_stats",
                  "data.embedded.", "data.device_frontend")
 # Keys under those prefixes that change only speed or memory, never the values trained.
-SPEED_ONLY_KEYS = ("model.dtype", "model.attention_impl", "model.remat", "model.scan_layers")
+SPEED_ONLY_KEYS = ("model.dtype", "model.attention_impl", "model.remat", "model.scan_layers", "model.residual_dtype")
 
 
 def flatten(tree, prefix: str = "") -> dict:

@@ -72,6 +72,7 @@ Speed and memory options (the param tree, hence checkpoints, is the same whateve
 `--config.model.attention_impl=cudnn`: cuDNN's fused attention (NVIDIA GPU and bfloat16 only; default XLA).
 `--config.model.remat=block|dots`: recompute block activations in the backward pass (less memory, more compute).
 `--config.model.scan_layers=False`: unroll the transformer blocks instead of one lax.scan over them (default True).
+`--config.model.residual_dtype=bfloat16` (with dtype bfloat16): a bfloat16 residual stream (EncodecMAE: with `stack_type='pre_ln'` only); faster on GPU, not the same numbers.
 
 Arguments (`:arg`): `runlocal`, `size=tiny|small|base|large`, `targets=codes|codes+kmeans|kmeans`,
 `recipe=paper|code`.
@@ -147,6 +148,7 @@ def get_config(arg=None):
     config.model.attention_impl = config_dict.placeholder(str)  # None = XLA; "cudnn" (NVIDIA GPU, bfloat16)
     config.model.remat = "none"  # "block" | "dots": rematerialise each transformer block to save memory
     config.model.scan_layers = True  # one lax.scan over the blocks (faster compile and, on CPU, step)
+    config.model.residual_dtype = "float32"  # "bfloat16" (with dtype bfloat16): bf16 residual stream
 
     # Constant lr 1e-4 (the reference has no scheduler): no warm-up and min_lr = lr.
     config.optim = adamw_config(lr=1e-4, min_lr=1e-4, weight_decay=0.05)

@@ -77,6 +77,7 @@ Speed and memory options (the param tree, hence checkpoints, is the same whateve
 `--config.model.attention_impl=cudnn`: cuDNN's fused attention (NVIDIA GPU and bfloat16 only; default XLA).
 `--config.model.remat=block|dots`: recompute block activations in the backward pass (less memory, more compute).
 `--config.model.scan_layers=False`: unroll the transformer blocks instead of one lax.scan over them (default True).
+`--config.model.residual_dtype=bfloat16` (with dtype bfloat16): a bfloat16 residual stream; faster on GPU, not the same numbers.
 
 Arguments (`:arg`, comma-separated): `runlocal`, `small`, `variant=tiny|S|B|L`, `recipe=paper|code`,
 `masking=unstructured|multiblock|time`, `target_domain=input|latent`, `duration=2.1|3.2|6.4` (seconds
@@ -148,6 +149,7 @@ def get_config(arg=None):
     config.model.attention_impl = config_dict.placeholder(str)  # None = XLA; "cudnn" (NVIDIA GPU, bfloat16)
     config.model.remat = "none"  # "block" | "dots": rematerialise each transformer block to save memory
     config.model.scan_layers = True  # one lax.scan over the blocks (faster compile and, on CPU, step)
+    config.model.residual_dtype = "float32"  # "bfloat16" (with dtype bfloat16): bf16 residual stream
 
     config.optim = adamw_config()  # their `effective_lr`: 3e-4 x batch / 256
 

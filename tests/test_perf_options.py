@@ -140,7 +140,14 @@ def test_unknown_remat_is_an_error_naming_the_key():
 
 def test_performance_option_errors_and_defaults():
     assert performance_options(ml_collections.ConfigDict()) == dict(dtype=jnp.float32, attention_impl=None,
-                                                                     remat="none", scan_layers=True)
+                                                                     remat="none", scan_layers=True,
+                                                                     residual_dtype=jnp.float32)
+    assert performance_options(ml_collections.ConfigDict(dict(dtype="bfloat16", residual_dtype="bfloat16"))
+                               )["residual_dtype"] == jnp.bfloat16
+    with pytest.raises(ValueError, match=r"config\.model\.residual_dtype='bfloat16' needs config\.model\.dtype="):
+        performance_options(ml_collections.ConfigDict(dict(residual_dtype="bfloat16")))
+    with pytest.raises(ValueError, match=r"config\.model\.residual_dtype='half'"):
+        performance_options(ml_collections.ConfigDict(dict(dtype="bfloat16", residual_dtype="half")))
     with pytest.raises(ValueError, match=r"config\.model\.scan_layers='yes'"):
         performance_options(ml_collections.ConfigDict(dict(scan_layers="yes")))
     with pytest.raises(ValueError, match=r"config\.model\.dtype='float16'"):
@@ -354,3 +361,75 @@ def test_scanned_and_unrolled_stacks_agree(remat):
              for scan, s in stacks.items()}
     for a, b in zip(jax.tree.leaves((outputs[True], grads[True])), jax.tree.leaves((outputs[False], grads[False]))):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _scan_carry_dtypes(fn, *args) -> set:
+    """The dtypes of every lax.scan carry in fn's jaxpr (outer level)."""
+    jaxpr = jax.make_jaxpr(fn)(*args)
+    dtypes = set()
+    for eqn in jaxpr.jaxpr.eqns:
+        if eqn.primitive.name == "scan":
+            num_carry = eqn.params["num_carry"]
+            dtypes |= {v.aval.dtype for v in eqn.outvars[:num_carry]}
+    return dtypes
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_bfloat16_residual_stream(scan_layers):
+    """residual_dtype=bfloat16 carries the residual stream in bfloat16 (the scan's carry is bfloat16; with
+    the default it is float32), keeps the params, returns float32, and stays within bfloat16 rounding of the
+    float32 model while differing from the float32-residual bfloat16 model (it does change the numbers)."""
+    x = jax.random.normal(jax.random.key(0), (2, 6, 32))
+    stacks = {name: TransformerStack(3, 4, 64, dtype=jnp.dtype(dtype), scan_layers=scan_layers,
+                                     residual_dtype=jnp.dtype(residual))
+              for name, (dtype, residual) in dict(f32=("float32", "float32"), bf16=("bfloat16", "float32"),
+                                                  bf16_residual=("bfloat16", "bfloat16")).items()}
+    params = stacks["f32"].init(jax.random.key(1), x)["params"]
+    assert (jax.tree.map(jnp.shape, stacks["bf16_residual"].init(jax.random.key(1), x)["params"])
+            == jax.tree.map(jnp.shape, params))
+    out = {name: jax.jit(lambda p, s=s: s.apply({"params": p}, x, return_layers=True))(params)
+           for name, s in stacks.items()}
+    for normed, layers in out.values():
+        assert normed.dtype == jnp.float32 and layers.dtype == jnp.float32
+    # Normed outputs are O(1); 3 blocks of bfloat16 adds (2^-9 relative each) stay well under 0.1.
+    np.testing.assert_allclose(out["bf16_residual"][0], out["f32"][0], atol=0.1)
+    assert float(jnp.abs(out["bf16_residual"][0] - out["bf16"][0]).max()) > 1e-4
+    # Every block's output (the residual stream itself) is bfloat16-representable.
+    layers = np.asarray(out["bf16_residual"][1])
+    np.testing.assert_array_equal(layers, layers.astype(jnp.bfloat16).astype(np.float32))
+    if scan_layers:
+        apply = lambda p, s: s.apply({"params": p}, x)
+        assert _scan_carry_dtypes(lambda p: apply(p, stacks["bf16_residual"]), params) == {jnp.dtype(jnp.bfloat16)}
+        assert _scan_carry_dtypes(lambda p: apply(p, stacks["bf16"]), params) == {jnp.dtype(jnp.float32)}
+
+
+def test_bfloat16_residual_m2d_loss_and_gradients(m2d_params):
+    """A tiny M2D with residual_dtype=bfloat16: float32 loss and gradients on the same param tree, the loss within
+    bfloat16 rounding of the float32 model's and the gradient direction kept."""
+    params, target_params = m2d_params
+    lms = jax.random.normal(jax.random.key(3), (4, *M2D_INPUT_SHAPE))
+    by_name = {name: m2d.M2D(tiny_m2d_config(**options), input_shape=M2D_INPUT_SHAPE)
+               for name, options in dict(f32={}, bf16_residual=dict(dtype="bfloat16",
+                                                                     residual_dtype="bfloat16")).items()}
+    mask = by_name["f32"].sample_mask(jax.random.key(5), 4)
+
+    @jax.jit
+    def loss_and_grads(params, target_params):
+        return {name: jax.value_and_grad(lambda p, m=method: m.loss_from_indices(p, target_params, lms, *mask)[0])(
+            params) for name, method in by_name.items()}
+
+    out = loss_and_grads(params, target_params)
+    (loss16, grads16), (loss32, grads32) = out["bf16_residual"], out["f32"]
+    assert loss16.dtype == jnp.float32 and all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads16))
+    assert jax.tree.structure(grads16) == jax.tree.structure(grads32)
+    # Each residual add also rounds to bfloat16 here: allow twice the compute-only tolerance.
+    np.testing.assert_allclose(loss16, loss32, rtol=2 * BF16_LOSS_RTOL)
+    flat16, flat32 = (jnp.concatenate([g.ravel() for g in jax.tree.leaves(g)]) for g in (grads16, grads32))
+    assert float(jnp.dot(flat16, flat32) / (jnp.linalg.norm(flat16) * jnp.linalg.norm(flat32))) > 0.99
+
+
+def test_bfloat16_residual_needs_a_pre_ln_stack_in_encodecmae():
+    with pytest.raises(ValueError, match=r"residual_dtype='bfloat16' needs config\.model\.stack_type='pre_ln'"):
+        mae.make_stack("residual", 2, 2, 64, True, jnp.bfloat16, None, residual_dtype=jnp.bfloat16)
+    stack = mae.make_stack("pre_ln", 2, 2, 64, False, jnp.bfloat16, None, residual_dtype=jnp.bfloat16)
+    assert stack.residual_dtype == jnp.bfloat16

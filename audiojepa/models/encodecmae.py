@@ -233,15 +233,19 @@ class ResiDualStack(nn.Module):
 
 
 def make_stack(stack_type: str, depth: int, num_heads: int, ff_dim: int, share_ffn: bool, dtype: Any,
-               attention_impl: str | None, remat: str = "none", scan_layers: bool = True) -> nn.Module:
-    """A ResiDualStack ("residual"; always unrolled) or a vit.TransformerStack ("pre_ln"; share_ffn must be
-    False there; scanned unless scan_layers is False)."""
+               attention_impl: str | None, remat: str = "none", scan_layers: bool = True,
+               residual_dtype: Any = jnp.float32) -> nn.Module:
+    """A ResiDualStack ("residual"; always unrolled; float32 residual streams only) or a vit.TransformerStack
+    ("pre_ln"; share_ffn must be False there; scanned unless scan_layers is False)."""
     if stack_type == "residual":
+        if jnp.dtype(residual_dtype) != jnp.float32:
+            raise ValueError(f"config.model.residual_dtype={jnp.dtype(residual_dtype).name!r} needs "
+                             f"config.model.stack_type='pre_ln'; the ResiDual stack keeps float32 streams.")
         return ResiDualStack(depth, num_heads, ff_dim, share_ffn, dtype, attention_impl, remat)
     if stack_type == "pre_ln":
         if share_ffn:
             raise ValueError("share_ffn=True needs stack_type='residual'; the pre-LN stack has one MLP per block.")
-        return TransformerStack(depth, num_heads, ff_dim, dtype, attention_impl, remat, scan_layers)
+        return TransformerStack(depth, num_heads, ff_dim, dtype, attention_impl, remat, scan_layers, residual_dtype)
     raise ValueError(f"Unknown stack_type {stack_type!r}; valid: {STACK_TYPES}.")
 
 
@@ -265,6 +269,7 @@ class EncodecMAEModel(nn.Module):
         attention_impl: passed to jax.nn.dot_product_attention.
         remat: rematerialisation of the encoder and decoder layers (vit.REMAT_POLICIES).
         scan_layers: run a "pre_ln" stack as one scan over its layers (vit.TransformerStack).
+        residual_dtype: a "pre_ln" stack's residual stream dtype (vit.TransformerStack).
     """
     width: int
     encoder_depth: int
@@ -281,10 +286,11 @@ class EncodecMAEModel(nn.Module):
     attention_impl: str | None = None
     remat: str = "none"
     scan_layers: bool = True
+    residual_dtype: Any = jnp.float32
 
     def setup(self):
         stack_args = (self.num_heads, self.ff_dim, self.share_ffn, self.dtype, self.attention_impl, self.remat,
-                      self.scan_layers)
+                      self.scan_layers, self.residual_dtype)
         self.input_proj = linear(self.width, self.dtype)
         self.encoder_positions = ScaledSinusoidalPositions()
         self.encoder = make_stack(self.stack_type, self.encoder_depth, *stack_args)

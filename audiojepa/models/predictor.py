@@ -29,7 +29,7 @@ class Predictor(nn.Module):
         use_cls: the context starts with one CLS token, which is kept at the front of the sequence (its
             position code is zero).
         full_grid: see the module docstring.
-        dtype, attention_impl, remat, scan_layers: as in ViTEncoder.
+        dtype, attention_impl, remat, scan_layers, residual_dtype: as in ViTEncoder.
         pos_embed: "sincos" (fixed table) or "learned" (a trainable table initialised with the sin-cos one,
             CLS row included and added to the CLS token; MATPAC's paper).
     """
@@ -46,6 +46,7 @@ class Predictor(nn.Module):
     remat: str = "none"
     scan_layers: bool = True
     pos_embed: str = "sincos"
+    residual_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, context_tokens: jax.Array, context_idx: jax.Array, target_idx: jax.Array,
@@ -108,7 +109,8 @@ class Predictor(nn.Module):
                     all_valid(queries) if target_valid is None else all_valid(queries) & target_valid], axis=1)
 
         stack = TransformerStack(self.depth, self.num_heads, self.mlp_dim or 4 * self.width, self.dtype,
-                                 self.attention_impl, self.remat, self.scan_layers, name="stack")
+                                 self.attention_impl, self.remat, self.scan_layers, self.residual_dtype,
+                                 name="stack")
         x = stack(sequence, valid=valid)[:, prefix.shape[1]:]
         if self.full_grid:
             x = gather_tokens(x, target_idx)

@@ -6,8 +6,9 @@ M2D/timm PyTorch names (`patch_embed/proj`, `blocks/{norm1,attn/qkv,attn/proj,no
 blocks' params are stored stacked (`blocks/...` leaves [depth, ...], TransformerStack).
 
 Mixed precision: `dtype` is the compute dtype of the matmuls, convolutions and attention; parameters
-are always float32. LayerNorm statistics, the attention softmax and the residual stream stay float32,
-so a bfloat16 model returns float32 activations that are close to the float32 model's.
+are always float32. LayerNorm statistics and the attention softmax stay float32, and so does the residual
+stream unless `residual_dtype` says otherwise, so a bfloat16 model returns float32 activations that are
+close to the float32 model's.
 
 Performance options (`config.model`; they change speed and memory, never the param tree):
     dtype: "float32" | "bfloat16" compute dtype (above).
@@ -16,6 +17,12 @@ Performance options (`config.model`; they change speed and memory, never the par
     remat: what the backward pass keeps of each transformer block (REMAT_POLICIES).
     scan_layers: True (default) runs each pre-LN TransformerStack as one lax.scan over its blocks;
         False unrolls them (TransformerStack).
+    residual_dtype: "float32" (default) | "bfloat16": the dtype of the residual stream between and inside
+        the blocks of a TransformerStack (the sum x + attn(...), x + mlp(...)), and so of its gradient in the
+        backward pass. "bfloat16" (with dtype "bfloat16" only) halves the bytes of the float32 elementwise
+        work that dominates a bfloat16 step once the matmuls are fast (BENCHMARKS.md, H200 profile); the
+        stack's input is rounded to bfloat16 and its output normed in float32. It changes the numbers
+        (each residual add rounds to 8 bits of mantissa), not the params.
 `performance_options(config.model)` checks them and gives the keyword arguments of the modules.
 """
 
@@ -136,9 +143,10 @@ def remat_block(block_cls: type[nn.Module], remat: str) -> type[nn.Module]:
 
 
 def performance_options(model_config) -> dict[str, Any]:
-    """config.model's dtype, attention_impl, remat and scan_layers, checked, as module keyword arguments
-    dict(dtype=jnp dtype, attention_impl=, remat=, scan_layers=). Missing keys (configs written before
-    they existed) take the defaults "float32", None, "none" and True."""
+    """config.model's dtype, attention_impl, remat, scan_layers and residual_dtype, checked, as module
+    keyword arguments dict(dtype=jnp dtype, attention_impl=, remat=, scan_layers=, residual_dtype=jnp dtype).
+    Missing keys (configs written before they existed) take the defaults "float32", None, "none", True and
+    "float32"."""
     name = model_config.get("dtype", "float32")
     try:
         dtype = as_dtype(name)
@@ -153,8 +161,16 @@ def performance_options(model_config) -> dict[str, Any]:
     scan_layers = model_config.get("scan_layers", True)
     if not isinstance(scan_layers, bool):
         raise ValueError(f"config.model.scan_layers={scan_layers!r}; valid: True, False.")
+    residual_name = model_config.get("residual_dtype", "float32")
+    try:
+        residual_dtype = as_dtype(residual_name)
+    except ValueError:
+        raise ValueError(f"config.model.residual_dtype={residual_name!r}; valid: 'float32', 'bfloat16'.") from None
+    if residual_dtype != jnp.float32 and residual_dtype != dtype:
+        raise ValueError(f"config.model.residual_dtype={residual_name!r} needs config.model.dtype={residual_name!r} "
+                         f"(a residual stream narrower than the compute dtype); got dtype={name!r}.")
     return dict(dtype=dtype, attention_impl=attention_impl, remat=check_remat(model_config.get("remat", "none")),
-                scan_layers=scan_layers)
+                scan_layers=scan_layers, residual_dtype=residual_dtype)
 
 
 # cuDNN's fused attention refuses odd token counts when training (JAX 0.11.2, H200: "Unsupported sequence
@@ -403,6 +419,9 @@ class TransformerStack(nn.Module):
     over slices of the same params (the same values up to float rounding). Storing the params stacked,
     rather than stacking per-block trees in every step, saves a copy of every block param (and of its
     gradient) per step.
+
+    `residual_dtype` (module docstring): the input is cast to it, so every block adds in it; the final norm
+    and the returned layers are float32.
     """
     depth: int
     num_heads: int
@@ -411,6 +430,7 @@ class TransformerStack(nn.Module):
     attention_impl: str | None = None
     remat: str = "none"
     scan_layers: bool = True
+    residual_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, return_layers: bool = False, valid: jax.Array | None = None):
@@ -439,6 +459,7 @@ class TransformerStack(nn.Module):
 
         if check_remat(self.remat) != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat])
+        x = x.astype(self.residual_dtype)
         if self.scan_layers:
             x, layers = jax.lax.scan(body, x, blocks)
         else:
@@ -449,7 +470,7 @@ class TransformerStack(nn.Module):
             layers = jnp.stack(outputs) if return_layers else None
         out = _layer_norm("norm")(x)
         if return_layers:
-            return out, layers
+            return out, layers.astype(jnp.float32)
         return out
 
 
@@ -520,6 +541,7 @@ class ViTEncoder(nn.Module):
         attention_impl: passed to jax.nn.dot_product_attention (None = XLA, "cudnn").
         remat: rematerialisation of the blocks (REMAT_POLICIES).
         scan_layers: run the blocks as one lax.scan (TransformerStack).
+        residual_dtype: the residual stream's dtype (TransformerStack).
         use_cls: prepend a learnable CLS token (M2D); False encodes the patch tokens alone (I-JEPA and
             the audio JEPAs), and outputs have no prefix token.
         pos_embed: "sincos" (fixed 2-D sin-cos table, M2D and the JEPAs) or "learned" (a trainable table
@@ -540,6 +562,7 @@ class ViTEncoder(nn.Module):
     scan_layers: bool = True
     pos_embed: str = "sincos"
     pos_grid: tuple[int, int] | None = None
+    residual_dtype: Any = jnp.float32
 
     def setup(self):
         self.patch_embed = PatchEmbed(self.width, tuple(self.patch_size), self.dtype)
@@ -552,7 +575,7 @@ class ViTEncoder(nn.Module):
             self.pos_table = self.param("pos_embed", sincos_init(grid_f, grid_t), (1, grid_f * grid_t, self.width),
                                         jnp.float32)
         self.stack = TransformerStack(self.depth, self.num_heads, self.mlp_dim, self.dtype, self.attention_impl,
-                                      self.remat, self.scan_layers)
+                                      self.remat, self.scan_layers, self.residual_dtype)
 
     def embed(self, lms: jax.Array) -> jax.Array:
         """lms: [batch, n_mels, frames] → patch tokens with positions added, [batch, F·T', width] float32.
