@@ -282,6 +282,10 @@ def test_row_config_variants_and_overrides():
                                overrides={"model.dtype": "bfloat16"})
     assert (b.model.variant, b.model.predictor_width, b.data.crop_frames, b.model.mask_ratio) == ("B", 512, 208, 0.6)
     assert bench_train.config_options(b).startswith("bfloat16, attention xla")
+    assert "unrolled" not in bench_train.config_options(b) and "residual" not in bench_train.config_options(b)
+    fast = bench_train.row_config(m2d, "B", overrides={"model.dtype": "bfloat16", "model.scan_layers": False,
+                                                       "model.residual_dtype": "bfloat16"})
+    assert bench_train.config_options(fast).endswith("remat none, unrolled, residual bfloat16")
     assert bench_train.row_config(m2d, "B", batch_size=8, overrides={"batch_size": 2}).batch_size == 2
     with pytest.raises(ValueError, match="--variants=B"):
         bench_train.row_config(m2d + ":runlocal", "B")

@@ -231,17 +231,17 @@ def test_full_export_of_a_workdir_holds_the_checkpoint(tmp_path):
         assert np.array_equal(value, exported[name]), name
 
 
-@pytest.mark.parametrize("case", ["suffix", "full_of_an_export", "encodecmae"])
+@pytest.mark.parametrize("case", ["suffix", "full_of_an_export", "unknown_method"])
 def test_usage_errors(tmp_path, case):
     export = tmp_path / "export"
     export.mkdir()
     # The tool reads the method (and refuses --full) before any weights: encoder.json alone is enough here.
-    method = "encodecmae" if case == "encodecmae" else "m2d"
+    method = "byol" if case == "unknown_method" else "m2d"
     (export / encoder.ENCODER_JSON).write_text(json.dumps({"format_version": 2, "method": method}))
     flags, message = {
         "suffix": ([f"--output={tmp_path / 'w.bin'}"], r"must end with one of \('.safetensors', '.pth'\)"),
         "full_of_an_export": ([f"--output={tmp_path / 'w.safetensors'}", "--full"], "--full needs a training workdir"),
-        "encodecmae": ([f"--output={tmp_path / 'w.safetensors'}"], "method 'encodecmae' is not supported yet"),
+        "unknown_method": ([f"--output={tmp_path / 'w.safetensors'}"], "method 'byol' is not supported"),
     }[case]
     result = _export_torch(f"--encoder={export}", *flags)
     assert result.returncode != 0

@@ -224,11 +224,15 @@ def row_config(config_arg: str, variant: str, *, overrides: dict | None = None, 
 
 def config_options(config) -> str:
     """The config's settings that change the step's speed: dtype, attention, remat (when the key
-    exists), device front end (when on)."""
+    exists), unrolled blocks and a residual stream other than float32 (when set), device front end (when on)."""
     model = config.model
     options = [model.get("dtype", "float32"), f"attention {model.get('attention_impl', None) or 'xla'}"]
     if "remat" in model:
         options.append(f"remat {model.remat}")
+    if not model.get("scan_layers", True):
+        options.append("unrolled")
+    if model.get("residual_dtype", "float32") != "float32":
+        options.append(f"residual {model.residual_dtype}")
     if config.data.get("device_frontend", False):
         options.append("device log-mel")
     return ", ".join(options)

@@ -1,10 +1,12 @@
-r"""Exports an encoder trained here to PyTorch, in the official M2D / timm state-dict names.
+r"""Exports an encoder trained here to PyTorch: the ViT methods (M2D, MATPAC, JEPA) in the official M2D / timm
+state-dict names, EncodecMAE in the reference implementation's (habla-liaa/encodecmae v1).
 
     python tools/export_torch.py --encoder=/ckpt/m2d/export --output=/weights/m2d_tiny-80x208p16x16/weights.safetensors
     python tools/export_torch.py --encoder=/ckpt/m2d --output=/weights/m2d.pth --full --step=3000
+    python tools/export_torch.py --encoder=/ckpt/encodecmae_base/export --output=/weights/encodecmae_base.safetensors
 
---encoder is an export folder (tools/export_encoder.py, tools/convert_m2d.py) or a training workdir (its latest
-checkpoint, or --step). The output is one file of {name: float32 tensor}:
+--encoder is an export folder (tools/export_encoder.py, tools/convert_m2d.py, tools/convert_encodecmae.py) or a
+training workdir (its latest checkpoint, or --step). The output is one file of {name: float32 tensor}:
   `.safetensors`  written with safetensors' numpy API (no torch needed); load it with
                   `safetensors.torch.load_file(FILE)`.
   `.pth`          `torch.save` of {name: tensor}; needs the optional torch extra (`pip install -e ".[torch]"`).
@@ -21,7 +23,21 @@ defaults; tests/test_export_torch.py checks such a ViT against this package's en
 `decoder_pos_embed`, `decoder_blocks.<i>`, `decoder_norm`, `decoder_pred`) and the EMA target (`target_blocks.<i>`,
 `target_norm`), as the official M2D training checkpoint's "model" holds them; `blocks.<i>` is then the online
 encoder. Params with no M2D name (MATPAC's classification head, learned position tables, the JEPA target's own
-patch embedding) are an error naming them, never dropped. EncodecMAE is not supported yet.
+patch embedding) are an error naming them, never dropped.
+
+EncodecMAE (audiojepa.convert.encodecmae_export; the names of v1's Lightning `EncodecMAE.state_dict()`, which
+tools/convert_encodecmae.py reads back): without --full the encoder and the EnCodec copy it runs on,
+`wav_encoder.model.model.*` (the EnCodec encoder; convs weight-normed as `weight_g`/`weight_v`),
+`target_encoder.model.vq.layers.<q>._codebook.embed` (the run's n_q codebooks; the converter needs them),
+`feat_projector.*`, `positional_encoder.scale`, `visible_encoder.encoder_layers.<i>.*` (attention heads in the
+reference's interleaved order; a shared FFN under every layer's `ff_layer`, as v1's state dict repeats its one
+module) and `visible_encoder.final_norm.*`. --full adds `decoder_projector.*`, `decoder.*`, `head.layer.*` and,
+self-trained, `extra_head.layer.*`. Not written: the other codebooks of the reference's 32-codebook RVQ and its
+k-means buffers (`inited`, `cluster_size`, `embed_avg`), which are no params here: load with `strict=False` into a
+module built on the pretrained EnCodec. Every tensor reads back bit for bit except the EnCodec conv kernels (1 ulp:
+weight norm's g is rounded to float32). Params with no v1 name are an error naming them: a learned mask token, the
+self-training teacher and centroids, a "pre_ln" stack, and a decoder position scale that differs from the
+encoder's (v1 shares one `positional_encoder.scale`; runs here learn two, so --full of a trained run stops there).
 
 What you see (absl logging on stderr; the tiny M2D of shared/fixtures/m2d, ~3 s on 2 CPU cores):
 
@@ -30,6 +46,15 @@ What you see (absl logging on stderr; the tiny M2D of shared/fixtures/m2d, ~3 s 
         norm_stats) to /weights/m2d_tiny-80x208p16x16/weights.safetensors (3.8 MB)
 
 `m2d_torch.state_dict_to_params` (tools/convert_m2d.py) reads such a file back into the same params, bit for bit.
+EncodecMAE, a base-size export (e.g. tools/convert_encodecmae.py of the released encodecmae-base; ~8 s on 2 CPU
+cores; the .safetensors holds a copy of the shared FFN per layer, safetensors having no shared tensors):
+
+    I... export_torch.py] encodecmae encoder of /ckpt/encodecmae_base/export (base, share_ffn=True, 8 codebooks,
+        chunks of 96000 samples)
+    I... export_torch.py] wrote 195 tensors, 95,161,857 values (56,666,880 of them repeats of the shared FFN, stored
+        once in a .pth) to /weights/encodecmae_base.safetensors (380.7 MB)
+
+and `encodecmae_torch.state_dict_to_params` (tools/convert_encodecmae.py) reads it back into the same params.
 """
 
 import json
@@ -43,13 +68,13 @@ from absl import app, flags, logging
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from audiojepa import checkpointing, encoder, frontend, methods  # noqa: E402
-from audiojepa.convert import m2d_export  # noqa: E402
+from audiojepa.convert import encodecmae_export, m2d_export  # noqa: E402
 from audiojepa.models import vit  # noqa: E402
 
 flags.DEFINE_string("encoder", None, "Exported encoder folder (encoder.json) or training workdir (checkpoints/).")
 flags.DEFINE_string("output", None, "Output file: .safetensors (no torch needed) or .pth (needs the torch extra).")
 flags.DEFINE_bool("full", False, "Also write the predictor (decoder_*) and the EMA target (target_*), as M2D's "
-                  "training checkpoints; a training workdir only.")
+                  "training checkpoints (EncodecMAE: the decoder and heads, as v1's module); a training workdir only.")
 flags.DEFINE_integer("step", None, "Checkpoint step of a training workdir (default: the latest).")
 flags.mark_flags_as_required(["encoder", "output"])
 FLAGS = flags.FLAGS
@@ -57,6 +82,8 @@ FLAGS = flags.FLAGS
 SUFFIXES = (".safetensors", ".pth")
 # audiojepa.methods.METHODS names of the ViT methods (Audio-JEPA is a configuration of "jepa").
 VIT_METHODS = ("m2d", "matpac", "jepa")
+SUPPORTED_METHODS = VIT_METHODS + ("encodecmae",)
+FIXED_TENSORS = ("pos_embed", "decoder_pos_embed", "norm_stats")  # M2D's, rebuilt rather than trained
 
 
 def method_name(path: str, step: int | None) -> str:
@@ -93,6 +120,33 @@ def full_state_dict(workdir: str, step: int | None) -> tuple[dict[str, np.ndarra
     return state_dict, description
 
 
+def encodecmae_encoder_state_dict(path: str, step: int | None) -> tuple[dict[str, np.ndarray], str]:
+    """(v1 state dict of the encoder and the EnCodec copy it runs on, a description) of an export folder or a
+    workdir."""
+    loaded = encoder.load_encoder(path, step=step)
+    # The export's own EnCodec copy (params["encodec"]), or else the one its config names.
+    params = {**loaded.params, "encodec": loaded.method.encodec_params}
+    state_dict = encodecmae_export.params_to_state_dict(params, model_config=loaded.model_config, encoder_only=True)
+    return state_dict, _describe_encodecmae("encodecmae encoder", path, loaded.model_config, loaded.input_shape)
+
+
+def encodecmae_full_state_dict(workdir: str, step: int | None) -> tuple[dict[str, np.ndarray], str]:
+    """(v1 state dict of the whole model: EnCodec copy, encoder, decoder, heads; a description) of a workdir's
+    checkpoint."""
+    method, state, meta = encoder.restore_train_state(workdir, step)
+    state_dict = encodecmae_export.params_to_state_dict(state["params"], state["target_params"],
+                                                        model_config=method.config)
+    input_shape = methods.input_shape(method, frontend.LogMelParams.from_dict(meta["frontend"]), meta["crop_frames"])
+    description = _describe_encodecmae("encodecmae encoder, decoder and heads", f"{workdir} step "
+                                       f"{int(state['step'])}", method.config, input_shape)
+    return state_dict, description
+
+
+def _describe_encodecmae(what, source, model_config, input_shape) -> str:
+    return (f"{what} of {source} ({model_config.get('size')}, share_ffn={model_config.get('share_ffn')}, "
+            f"{model_config.get('num_codebooks')} codebooks, chunks of {input_shape[0]} samples)")
+
+
 def _describe(what, source, model_config, input_shape, patch_size, norm_stats) -> str:
     shape = "x".join(str(n) for n in input_shape) + "p" + "x".join(str(p) for p in patch_size)
     stats = tuple(round(float(v), 4) for v in norm_stats)
@@ -121,7 +175,11 @@ def write(state_dict: dict[str, np.ndarray], output: str, *, metadata: dict[str,
                 f.write(save(state_dict, metadata=metadata))
         else:
             torch = _torch(output)
-            torch.save({name: torch.from_numpy(value) for name, value in state_dict.items()}, tmp)
+            # One tensor per array: a shared array (EncodecMAE's shared FFN under every layer) is stored once, as in
+            # the reference's own checkpoints.
+            tensors = {}
+            torch.save({name: tensors.setdefault(id(value), torch.from_numpy(value))
+                        for name, value in state_dict.items()}, tmp)
         os.replace(tmp, output)
     finally:
         if os.path.exists(tmp):
@@ -150,20 +208,27 @@ def main(argv):
         name = method_name(path, FLAGS.step)
     except (OSError, ValueError, KeyError) as e:  # no such step, an unreadable encoder.json
         raise app.UsageError(f"{path}: cannot read the method ({type(e).__name__}: {e})") from None
-    if name not in VIT_METHODS:
-        raise app.UsageError(f"{path}: method {name!r} is not supported yet; exports to the M2D/timm layout take "
-                             f"the ViT methods {VIT_METHODS}")
+    if name not in SUPPORTED_METHODS:
+        raise app.UsageError(f"{path}: method {name!r} is not supported; exports take the ViT methods {VIT_METHODS} "
+                             "(M2D/timm names) and 'encodecmae' (encodecmae v1 names)")
+    if name == "encodecmae":
+        export, layout = (encodecmae_full_state_dict if FLAGS.full else encodecmae_encoder_state_dict), "v1's module"
+    else:
+        export, layout = (full_state_dict if FLAGS.full else encoder_state_dict), "M2D's training layout"
     try:
-        state_dict, description = (full_state_dict if FLAGS.full else encoder_state_dict)(path, FLAGS.step)
-    except ValueError as e:  # params with no M2D name, a damaged checkpoint: the message names them
-        hint = "; --full writes M2D's training layout, without it the evaluated encoder alone" if FLAGS.full else ""
+        state_dict, description = export(path, FLAGS.step)
+    except ValueError as e:  # params with no reference name, a damaged checkpoint: the message names them
+        hint = f"; --full writes {layout}, without it the evaluated encoder alone" if FLAGS.full else ""
         raise app.UsageError(f"{path}: {e}{hint}") from None
     logging.info("%s", description)
     write(state_dict, output, metadata={"format": "pt", "source": os.path.abspath(path), "method": name})
     values = sum(v.size for v in state_dict.values())
-    fixed = sum(state_dict[k].size for k in ("pos_embed", "decoder_pos_embed", "norm_stats") if k in state_dict)
-    logging.info("wrote %d tensors, %s values (%s of them in the fixed position tables and norm_stats) to %s "
-                 "(%.1f MB)", len(state_dict), f"{values:,}", f"{fixed:,}", output, os.path.getsize(output) / 1e6)
+    fixed = sum(state_dict[k].size for k in FIXED_TENSORS if k in state_dict)
+    repeated = values - sum(v.size for v in {id(v): v for v in state_dict.values()}.values())
+    notes = ([f"{fixed:,} of them in the fixed position tables and norm_stats"] if fixed else []) + (
+        [f"{repeated:,} of them repeats of the shared FFN, stored once in a .pth"] if repeated else [])
+    logging.info("wrote %d tensors, %s values%s to %s (%.1f MB)", len(state_dict), f"{values:,}",
+                 f" ({'; '.join(notes)})" if notes else "", output, os.path.getsize(output) / 1e6)
 
 
 if __name__ == "__main__":
