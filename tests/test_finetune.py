@@ -108,6 +108,75 @@ def test_mixup_and_spec_masks_match_numpy():
     assert not off["freq_width"].any() and not off["time_width"].any()
 
 
+def numpy_batchnorm1d(batches, eps=1e-5, momentum=0.1):
+    """torch.nn.BatchNorm1d(affine=False) as its documentation states it, transcribed: training mode normalises
+    with the batch mean and biased variance, and the running mean / variance (init 0 / 1) move `momentum`
+    towards the batch mean and the unbiased variance. Returns (each batch normalised, the final running stats)."""
+    mean, var, outputs = np.zeros(batches[0].shape[1]), np.ones(batches[0].shape[1]), []
+    for x in batches:
+        x = x.astype(np.float64)
+        outputs.append((x - x.mean(0)) / np.sqrt(x.var(0) + eps))
+        mean = (1 - momentum) * mean + momentum * x.mean(0)
+        var = (1 - momentum) * var + momentum * x.var(0, ddof=1)
+    return outputs, {"mean": mean, "var": var}
+
+
+def test_head_batchnorm_matches_torch_batchnorm1d():
+    rng = np.random.default_rng(0)
+    batches = [rng.normal(3.0, 2.0, size=(6, 5)).astype(np.float32) for _ in range(3)]
+    expected_outputs, expected_stats = numpy_batchnorm1d(batches)
+    stats = finetuning.init_head_stats(5)
+    for x, expected in zip(batches, expected_outputs):
+        out, stats = jax.jit(finetuning.batchnorm_train)(stats, jnp.asarray(x))
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    for key in ("mean", "var"):
+        np.testing.assert_allclose(stats[key], expected_stats[key], rtol=1e-5, atol=1e-6)
+    held_out = rng.normal(3.0, 2.0, size=(4, 5)).astype(np.float32)
+    expected_eval = (held_out - expected_stats["mean"]) / np.sqrt(expected_stats["var"] + 1e-5)
+    np.testing.assert_allclose(finetuning.batchnorm_eval(jax.device_get(stats), held_out), expected_eval,
+                               rtol=1e-5, atol=1e-5)
+    torch = pytest.importorskip("torch")
+    norm = torch.nn.BatchNorm1d(5, affine=False)
+    for x in batches:
+        norm.train()(torch.from_numpy(x))
+    np.testing.assert_allclose(stats["mean"], norm.running_mean.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats["var"], norm.running_var.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(finetuning.batchnorm_eval(jax.device_get(stats), held_out),
+                               norm.eval()(torch.from_numpy(held_out)).detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_train_step_normalises_the_batch_and_moves_the_head_stats(tiny_export):
+    """The step's loss is the head on the batch-normalised clip embeddings, and its head_stats move towards the
+    batch's statistics; head_norm="none" leaves them and feeds the raw embeddings."""
+    enc = encoder.load_encoder(tiny_export)
+    lms = np.random.default_rng(4).normal(size=(4, *INPUT_SHAPE)).astype(np.float32)
+    targets = np.eye(2, dtype=np.float32)[[0, 1, 1, 0]]
+    no_masks = {k: np.zeros(4, np.int32) for k in ("freq_start", "freq_width", "time_start", "time_width")}
+    batch = {"lms": jnp.asarray(lms), "targets": jnp.asarray(targets), **no_masks}
+    embedding = np.asarray(finetuning.clip_embedding(enc.method, enc.params, jnp.asarray(lms)), np.float64)
+    dim = embedding.shape[1]  # logits O(1) on normalised features: a loss far from 0, compared relatively
+    head = {"kernel": jnp.asarray(np.random.default_rng(5).normal(size=(dim, 2)) / np.sqrt(dim), jnp.float32),
+            "bias": jnp.zeros((2,), jnp.float32)}
+    params = {**enc.params, "head": head}
+    tx = optax.sgd(0.0)
+    schedule = optax.constant_schedule(0.0)
+    expected_outputs, expected_stats = numpy_batchnorm1d([embedding])
+    for head_norm, features in (("batchnorm", expected_outputs[0]), ("none", embedding)):
+        state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+                 "head_stats": finetuning.init_head_stats(embedding.shape[1])}
+        step = jax.jit(finetuning.make_train_step(enc.method, tx, schedule, False, head_norm))
+        new_state, out = step(state, batch, jnp.float32(1.0))
+        logits = features @ np.asarray(head["kernel"], np.float64)
+        log_probs = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True)) \
+            - logits.max(1, keepdims=True)
+        np.testing.assert_allclose(float(out["loss"]), -(targets * log_probs).sum(1).mean(), rtol=1e-4)
+        if head_norm == "batchnorm":
+            for key in ("mean", "var"):
+                np.testing.assert_allclose(new_state["head_stats"][key], expected_stats[key], rtol=1e-4, atol=1e-6)
+        else:
+            jax.tree.map(np.testing.assert_array_equal, new_state["head_stats"], state["head_stats"])
+
+
 def test_the_training_forward_is_the_evaluation_clip_embedding(tiny_export):
     enc = encoder.load_encoder(tiny_export)
     lms = np.random.default_rng(3).normal(size=(2, *INPUT_SHAPE)).astype(np.float32)
@@ -134,6 +203,14 @@ def test_cli_fine_tunes_writes_the_report_and_an_export(tiny_export, tones, tmp_
     assert "| tones |" in (out / "results.md").read_text()
     tuned, initial = encoder.load_encoder(result["export"]), encoder.load_encoder(tiny_export)
     assert result["export"] == str(out / "tones" / "encoder")
+    # head.npz holds the linear layer and BatchNorm's running statistics (moved from their 0 / 1 init); the
+    # export and head.npz alone give the reported test score back.
+    head = dict(np.load(out / "tones" / "head.npz"))
+    assert sorted(head) == ["bias", "kernel", "norm_mean", "norm_var"]
+    assert np.abs(head["norm_mean"]).max() > 0 and np.abs(head["norm_var"] - 1).max() > 0
+    data = finetuning.prepare_task(tuned, tasks.load_task(tones, sample_rate=16000))
+    stats = {"mean": head["norm_mean"], "var": head["norm_var"]}
+    assert finetuning.score_split(tuned, head, data, data.test, 4, stats) == ft["mean"]
     diffs = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), tuned.params, initial.params)
     assert max(jax.tree.leaves(diffs)) > 0
 
@@ -150,6 +227,10 @@ def test_a_resumed_run_ends_with_the_uninterrupted_runs_params(tiny_export, tone
     assert resumed["steps"] == 4 and resumed["finished"]
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), resumed_params, whole_params)
     assert resumed["test"] == whole["test"] and resumed["history"] == whole["history"]
+    heads = [np.load(tmp_path / run / "tones" / finetuning.HEAD_FILE) if (tmp_path / run / "tones").exists()
+             else np.load(tmp_path / run / finetuning.HEAD_FILE) for run in ("whole", "resumed")]
+    for name in ("norm_mean", "norm_var"):  # BatchNorm's running statistics resume too
+        np.testing.assert_allclose(heads[1][name], heads[0][name], rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match=r"config.seed=0, now 1"):
         finetuning.finetune_task(enc, task, str(tmp_path / "resumed"), small_config(epochs=2, seed=1))
 

@@ -13,11 +13,15 @@ The recipe of the M2D / AudioMAE fine-tuning scripts, as keys of `configs/finetu
     freq_mask, time_mask: SpecAugment-style masks per example on the normalised log-mel: one band of
         uniform width in [0, freq_mask) mel bins and one of [0, time_mask) frames, set to 0 (the normalisation
         mean); 0 disables a mask. Applied after mixup, as AudioMAE masks the mixed fbank.
+    head_norm: "batchnorm" (M2D's fine-tuning head, shared/reference/m2d.md §5, and EVAR's TaskHead:
+        `BatchNorm1d(dim, affine=False)` on the clip embedding before the linear layer; `batchnorm_train`) or
+        "none" (the linear layer alone).
+    head_init_std: std of the head's normal kernel init (M2D's runtime: 2e-5; its bias starts at 0).
     checkpoint_every_steps, keep_checkpoints, log_every_steps, eval_batch_size, seed.
 No dropout. Loss: softmax cross-entropy (single-label; accuracy) or sigmoid binary cross-entropy averaged over
 classes (multi-label; mAP), both on mixed soft targets.
 
-Forward. The head is linear on the clip embedding of the evaluation path (audiojepa.encoder.AudioEncoder):
+Forward. The head is (batch-normalised, then) linear on the clip embedding of the evaluation path (audiojepa.encoder.AudioEncoder):
 the method's `encode` of the params, prefix tokens dropped, the F frequency patches of each time step
 concatenated (F x D) and the mean taken over time (`clip_embedding`, the same function of the params as
 `AudioEncoder.clip_embedding` on one chunk). Training sees a random crop of `input_shape[1]` frames of each
@@ -25,12 +29,19 @@ clip's normalised log-mel (a shorter clip zero-padded at the end to the crop). V
 whole, exactly as evaluation embeds them: chunks of the crop width, the last one padded to whole patches
 only, the time mean of all their frame features (AudioEncoder.clip_embedding), then the head.
 
+Head BatchNorm (torch's BatchNorm1d, affine=False, eps 1e-5, momentum 0.1): a training step normalises the
+embeddings with the statistics of its global batch (over every device of the mesh, as SyncBatchNorm; the
+mixed, masked batch the loss sees) and moves the running statistics (`head_stats`: mean, and the variance with
+Bessel's correction, as torch keeps it) 10% towards them; scoring normalises with the running statistics.
+They are state, not params: no gradient, no weight decay; checkpointed, selected with the best epoch's params,
+and written to head.npz (`norm_mean`, `norm_var`).
+
 Data order. Step s draws its batch from (seed, epoch) permutations and its crops, masks and mixup lambda from
 (seed, s) alone, so a resumed run sees the same batches as an uninterrupted one. An epoch is
 max(1, n_train // batch_size) steps (a train split smaller than the batch wraps around).
 
 Checkpoints (Orbax, `TASK_DIR/checkpoints`, audiojepa.checkpointing): every `checkpoint_every_steps` and at the
-end; state {"step", "params", "opt_state", "best_params"}, meta {"config", "history", "best"...}. Running
+end; state {"step", "params", "opt_state", "best_params", "head_stats", "best_head_stats"}, meta {"config", "history", "best"...}. Running
 again resumes from the latest; a finished run re-run only rescores and rewrites its outputs.
 
 Model selection: with a valid split, the params of the epoch with the best valid metric (ties: the earlier
@@ -56,12 +67,15 @@ from audiojepa.evaluation import probes, tasks
 from audiojepa.models import vit
 
 CONFIG_KEYS = ("epochs", "batch_size", "base_lr", "lr", "min_lr", "warmup_epochs", "b1", "b2", "weight_decay",
-               "layer_decay", "mixup_alpha", "freq_mask", "time_mask", "checkpoint_every_steps", "keep_checkpoints",
-               "log_every_steps", "eval_batch_size", "seed")
+               "layer_decay", "mixup_alpha", "freq_mask", "time_mask", "head_norm", "head_init_std",
+               "checkpoint_every_steps", "keep_checkpoints", "log_every_steps", "eval_batch_size", "seed")
 # Keys that do not change the trained params: a resumed run may change them.
 RESUMABLE_CHANGES = ("checkpoint_every_steps", "keep_checkpoints", "log_every_steps", "eval_batch_size")
 NO_WEIGHT_DECAY = ("cls_token", "pos_embed")  # timm's no_weight_decay list, which MAE/AudioMAE fine-tuning uses
-HEAD_INIT_STD = 2e-5  # M2D's fine-tuning head (trunc_normal std 2e-5; a normal here)
+HEAD_NORMS = ("batchnorm", "none")
+# torch.nn.BatchNorm1d's defaults, which M2D's and EVAR's fine-tuning heads use.
+BATCHNORM_EPS = 1e-5
+BATCHNORM_MOMENTUM = 0.1
 ENCODER_DIR = "encoder"
 HEAD_FILE = "head.npz"
 
@@ -80,6 +94,13 @@ def check_config(config) -> None:
             raise ValueError(f"config.{key}={config[key]!r}; expected >= 0")
     if not 0 < config.layer_decay <= 1:
         raise ValueError(f"config.layer_decay={config.layer_decay!r}; expected in (0, 1] (1: no decay)")
+    if config.head_norm not in HEAD_NORMS:
+        raise ValueError(f"config.head_norm={config.head_norm!r}; valid: {HEAD_NORMS}")
+    if config.head_norm == "batchnorm" and config.batch_size < 2:
+        raise ValueError(f"config.head_norm='batchnorm' needs config.batch_size >= 2 (batch statistics); got "
+                         f"{config.batch_size}")
+    if not config.head_init_std > 0:
+        raise ValueError(f"config.head_init_std={config.head_init_std!r}; expected > 0")
 
 
 # -- optimizer -------------------------------------------------------------------------------------------
@@ -201,6 +222,29 @@ def head_logits(head, embedding):
     return embedding @ head["kernel"] + head["bias"]
 
 
+def init_head_stats(dim: int) -> dict:
+    """BatchNorm's running statistics before any batch: mean 0, variance 1 (torch's init), [dim] each."""
+    return {"mean": jnp.zeros((dim,), jnp.float32), "var": jnp.ones((dim,), jnp.float32)}
+
+
+def batchnorm_train(stats: dict, x: jax.Array) -> tuple[jax.Array, dict]:
+    """torch BatchNorm1d(affine=False) in training mode: x [batch, dim] normalised with the batch's mean and
+    biased variance; the running statistics move BATCHNORM_MOMENTUM towards the batch's mean and its unbiased
+    variance. Returns (normalised x, new stats)."""
+    mean = x.mean(axis=0)
+    var = jnp.mean(jnp.square(x - mean), axis=0)
+    n = x.shape[0]
+    new = {"mean": (1 - BATCHNORM_MOMENTUM) * stats["mean"] + BATCHNORM_MOMENTUM * mean,
+           "var": (1 - BATCHNORM_MOMENTUM) * stats["var"] + BATCHNORM_MOMENTUM * var * (n / (n - 1))}
+    return (x - mean) * jax.lax.rsqrt(var + BATCHNORM_EPS), jax.lax.stop_gradient(new)
+
+
+def batchnorm_eval(stats, x):
+    """BatchNorm1d(affine=False) in eval mode: x [batch, dim] normalised with the running statistics (NumPy or
+    JAX arrays)."""
+    return (x - stats["mean"]) / np.sqrt(np.asarray(stats["var"]) + BATCHNORM_EPS)
+
+
 def loss_of(logits: jax.Array, targets: jax.Array, multilabel: bool) -> jax.Array:
     """Mean softmax cross-entropy (single-label) or mean sigmoid BCE over batch and classes (multi-label)."""
     if multilabel:
@@ -208,22 +252,26 @@ def loss_of(logits: jax.Array, targets: jax.Array, multilabel: bool) -> jax.Arra
     return optax.softmax_cross_entropy(logits, targets).mean()
 
 
-def make_train_step(method, tx, schedule, multilabel: bool):
+def make_train_step(method, tx, schedule, multilabel: bool, head_norm: str = "batchnorm"):
     """(state, batch, lam) -> (state, {"loss", "lr"}); batch: lms [B, n_mels, frames], targets [B, classes] and
-    the spec masks' [B] int32 arrays (sample_spec_masks); lam: the batch's mixup lambda."""
+    the spec masks' [B] int32 arrays (sample_spec_masks); lam: the batch's mixup lambda. With head_norm
+    "batchnorm" the step also moves state["head_stats"] (batchnorm_train)."""
     def step_fn(state, batch, lam):
         lms, targets = mixup(batch["lms"], batch["targets"], lam)
         lms = apply_spec_masks(lms, batch["freq_start"], batch["freq_width"], batch["time_start"],
                                batch["time_width"])
 
         def loss_fn(params):
-            return loss_of(head_logits(params["head"], clip_embedding(method, params, lms)), targets, multilabel)
+            embedding, head_stats = clip_embedding(method, params, lms), state["head_stats"]
+            if head_norm == "batchnorm":
+                embedding, head_stats = batchnorm_train(head_stats, embedding)
+            return loss_of(head_logits(params["head"], embedding), targets, multilabel), head_stats
 
-        loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+        (loss, head_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        return ({**state, "step": state["step"] + 1, "params": params, "opt_state": opt_state},
-                {"loss": loss, "lr": schedule(state["step"])})
+        return ({**state, "step": state["step"] + 1, "params": params, "opt_state": opt_state,
+                 "head_stats": head_stats}, {"loss": loss, "lr": schedule(state["step"])})
     return step_fn
 
 
@@ -286,9 +334,10 @@ def host_batch(data: TaskData, config, step: int, frames: int) -> tuple[dict, fl
 
 
 def score_split(enc: encoder_lib.AudioEncoder, head: dict, data: TaskData, idx: np.ndarray,
-                batch_size: int) -> float:
+                batch_size: int, head_stats: dict | None = None) -> float:
     """Accuracy or mAP of the clips `idx`, embedded whole as evaluation embeds them (enc.clip_embedding) with
-    `enc.params`, scored by the head."""
+    `enc.params`, normalised with the running `head_stats` (batchnorm_eval; None: not normalised), scored by
+    the head."""
     by_length: dict[int, list[int]] = {}
     for i in idx:
         by_length.setdefault(data.lms[i].shape[1], []).append(int(i))
@@ -297,6 +346,8 @@ def score_split(enc: encoder_lib.AudioEncoder, head: dict, data: TaskData, idx: 
         for start in range(0, len(members), batch_size):
             chunk = members[start:start + batch_size]
             emb = enc.clip_embedding(np.stack([data.lms[i] for i in chunk]))
+            if head_stats is not None:
+                emb = batchnorm_eval(head_stats, emb)
             logits.append(emb @ np.asarray(head["kernel"]) + np.asarray(head["bias"]))
             rows.extend(chunk)
     scores, labels = np.concatenate(logits), data.labels[np.asarray(rows)]
@@ -346,8 +397,9 @@ def finetune_task(enc: encoder_lib.AudioEncoder, task: tasks.Task, task_dir: str
         warmup_steps=round(config.warmup_epochs * per_epoch))
     method = enc.method
     dim = enc.feature_dim
-    head = {"kernel": HEAD_INIT_STD * jax.random.normal(jax.random.key(config.seed), (dim, data.num_classes)),
+    head = {"kernel": config.head_init_std * jax.random.normal(jax.random.key(config.seed), (dim, data.num_classes)),
             "bias": jnp.zeros((data.num_classes,), jnp.float32)}
+    batchnorm = config.head_norm == "batchnorm"
     params = {**jax.tree.map(jnp.asarray, enc.params), "head": head}
     tx = make_optimizer(config, schedule, params, method.encoder_depth)
     repl = sharding.replicated(mesh)
@@ -364,7 +416,8 @@ def finetune_task(enc: encoder_lib.AudioEncoder, task: tasks.Task, task_dir: str
     try:
         with jax.set_mesh(mesh):
             init = jax.jit(lambda p: {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": tx.init(p),
-                                      "best_params": p}, out_shardings=repl)
+                                      "best_params": p, "head_stats": init_head_stats(dim),
+                                      "best_head_stats": init_head_stats(dim)}, out_shardings=repl)
             abstract = jax.eval_shape(init, params)
             latest = manager.latest_step()
             if latest is not None:
@@ -376,8 +429,8 @@ def finetune_task(enc: encoder_lib.AudioEncoder, task: tasks.Task, task_dir: str
                 logging.info("resumed from step %d in %s", latest, checkpointing.checkpoint_dir(task_dir))
             else:
                 state, history, best = init(params), [], {"epoch": None, "valid": None}
-            train_step = jax.jit(make_train_step(method, tx, schedule, data.multilabel), donate_argnums=(0,),
-                                 out_shardings=(repl, repl))
+            train_step = jax.jit(make_train_step(method, tx, schedule, data.multilabel, config.head_norm),
+                                 donate_argnums=(0,), out_shardings=(repl, repl))
             step = int(state["step"])
             progress = metrics_lib.Progress(first_step=step, total_steps=total_steps,
                                             global_batch_size=config.batch_size)
@@ -396,11 +449,13 @@ def finetune_task(enc: encoder_lib.AudioEncoder, task: tasks.Task, task_dir: str
                     if len(data.valid):
                         eval_enc.params = jax.device_get({k: v for k, v in state["params"].items() if k != "head"})
                         valid = score_split(eval_enc, jax.device_get(state["params"]["head"]), data, data.valid,
-                                            int(config.eval_batch_size))
+                                            int(config.eval_batch_size),
+                                            jax.device_get(state["head_stats"]) if batchnorm else None)
                     history.append({"epoch": epoch, "step": step, "valid": valid})
                     if valid is None or best["valid"] is None or valid > best["valid"]:
                         best = {"epoch": epoch, "valid": valid}
-                        state = {**state, "best_params": jax.tree.map(jnp.copy, state["params"])}
+                        state = {**state, "best_params": jax.tree.map(jnp.copy, state["params"]),
+                                 "best_head_stats": jax.tree.map(jnp.copy, state["head_stats"])}
                     if valid is not None:
                         logging.info("epoch %d (step %d): valid %s %.4f (best %.4f at epoch %d)", epoch, step,
                                      metric, valid, best["valid"], best["epoch"])
@@ -421,12 +476,18 @@ def finetune_task(enc: encoder_lib.AudioEncoder, task: tasks.Task, task_dir: str
                       "test": None, "export": None, "num_devices": int(mesh.devices.size)}
             if finished:
                 selected = jax.device_get(state["best_params"])
+                selected_stats = jax.device_get(state["best_head_stats"]) if batchnorm else None
                 eval_enc.params = {k: v for k, v in selected.items() if k != "head"}
-                result["test"] = score_split(eval_enc, selected["head"], data, data.test, int(config.eval_batch_size))
+                result["test"] = score_split(eval_enc, selected["head"], data, data.test, int(config.eval_batch_size),
+                                             selected_stats)
                 if jax.process_index() == 0:
                     result["export"] = eval_enc.save(os.path.join(task_dir, ENCODER_DIR),
                                                      source=f"finetuned {source} on {task.source}")
-                    np.savez(os.path.join(task_dir, HEAD_FILE), **{k: np.asarray(v) for k, v in selected["head"].items()})
+                    head_arrays = {k: np.asarray(v) for k, v in selected["head"].items()}
+                    if batchnorm:
+                        head_arrays.update(norm_mean=np.asarray(selected_stats["mean"]),
+                                           norm_var=np.asarray(selected_stats["var"]))
+                    np.savez(os.path.join(task_dir, HEAD_FILE), **head_arrays)
                 logging.info("%s: test %s %.4f (valid %s, epoch %s of %d)", task.name, metric, result["test"],
                              best["valid"], best["epoch"], config.epochs)
             return result, jax.device_get(state["params"])
