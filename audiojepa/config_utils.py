@@ -89,6 +89,8 @@ def run_config(method: str, *, batch_size: int, seed: int = 0) -> ml_collections
         # ignored when the workdir already has a checkpoint.
         "init_from": config_dict.placeholder(str),
         "tensorboard": True,
+        # "START,COUNT": a jax.profiler trace of the COUNT steps after step START into workdir/tb (profiling.py).
+        "profile_steps": config_dict.placeholder(str),
         # Periodic evaluators (audiojepa/evaluation/evaluators.py), none by default; from the command line:
         # --config.evals='{"knn": {"type": "knn", "task": "embedded", "every_steps": 250}}'
         "evals": {},

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from audiojepa import checkpointing, frontend, init_from, locks, methods, optim, resume_check, sharding
+from audiojepa import checkpointing, frontend, init_from, locks, methods, optim, profiling, resume_check, sharding
 from audiojepa import metrics as metrics_lib
 from audiojepa.data import pipeline, records, stats, target_records
 
@@ -324,6 +324,7 @@ def workdir_lock(workdir: str):
 def _train_on_mesh(config, workdir: str, mesh, *, stop_after: int | None, run_progress: RunProgress) -> dict:
     """train_and_evaluate's body, run inside `jax.set_mesh(mesh)`; keeps `run_progress` up to date."""
     method_cls = methods.get_method(config.method)  # fail on an unknown method before touching data
+    profile_window = profiling.parse_profile_steps(config.get("profile_steps"))  # fail now, naming the key
     nonfinite_policy = config.get("nonfinite_policy", "stop")
     if nonfinite_policy not in NONFINITE_POLICIES:
         raise ValueError(f"config.nonfinite_policy={nonfinite_policy!r}; valid: {NONFINITE_POLICIES} (stop the run, "
@@ -435,15 +436,18 @@ def _train_on_mesh(config, workdir: str, mesh, *, stop_after: int | None, run_pr
     step = start_step
     preempted = False
     watcher = checkpointing.PreemptionWatcher().install()
+    profiler = profiling.StepProfiler(profile_window, workdir, first_step=start_step)
     logging.info("compiling the train step (the first step takes longer)")
     try:
         while step < total_steps:
             t0 = time.perf_counter()
             batch = sharding.to_global_batch(next(data_iter), mesh)
             data_wait += time.perf_counter() - t0
+            profiler.before_step(step)
             state, step_metrics = train_step(state, batch, train_rng, mask_variant(step))
             pending.append(step_metrics)
             step += 1
+            profiler.after_step(step, state)
             # (A signal during the final step is not a preemption: the run is complete.)
             preempted = step < total_steps and (watcher.requested or manager.reached_preemption(step))
             last_step = step == total_steps or step == stop_after or preempted
@@ -509,6 +513,7 @@ def _train_on_mesh(config, workdir: str, mesh, *, stop_after: int | None, run_pr
             if stop_after is not None and step >= stop_after:
                 break
     finally:
+        profiler.close()
         watcher.uninstall()
         run_progress.trained_step, run_progress.preempted = step, preempted
         try:
