@@ -20,6 +20,11 @@ report shows the floor. Writes OUTPUT/results.json (`{task: {"linear": {"mean", 
 unit_sec}}}` for --encoder), all_results.json, results.md and one PNG per task. The JSON files are strict JSON:
 a one-seed run's `ci95` and `std` are null.
 
+Embeddings are cached (audiojepa/evaluation/embedding_cache.py) in OUTPUT/embedding_cache, or in
+`--embedding_cache=DIR` (shared by several reports), keyed by the encoder's params, the task's clips and the crop:
+re-running with another probe setting (`--lr`, `--seeds`, `--protocol`, ...) re-embeds nothing, and a new
+checkpoint misses. `--embedding_cache=none` embeds every time.
+
 `--layer` picks the encoder layer that embeds (audiojepa/models/encoder_layers.py), for the encoder and its
 random init: unset, the final output (as before the flag); an integer k (0-based, -1 the last block), block k's
 output (intermediate blocks without the final norm; the last block is the final output), in rows
@@ -46,7 +51,7 @@ import os  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from audiojepa.evaluation import embedders, probes, protocols, report, tasks  # noqa: E402
+from audiojepa.evaluation import embedders, embedding_cache, probes, protocols, report, tasks  # noqa: E402
 from audiojepa.models import encoder_layers  # noqa: E402
 
 
@@ -80,6 +85,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                         "intermediate blocks unnormed, the last = the final output) or 'all' (every layer, one row "
                         "each); unset = the final output. Applies to the encoder and its random init.",
                         flag_values=flag_values)
+    flags.DEFINE_string("embedding_cache", None, "Folder of cached embeddings (default OUTPUT/embedding_cache); "
+                        "'none' embeds every time.", flag_values=flag_values)
     flags.DEFINE_integer("batch_size", 32, "Clips per embedding batch (does not change the embeddings; the probe's "
                          "minibatch is --probe_batch_size).", flag_values=flag_values)
 
@@ -158,18 +165,43 @@ def embed_clips(embedder, task: tasks.Task, *, unit_sec: float | None, crop_seed
     return emb, test_embeddings, kept, info
 
 
+def cached_embed_clips(embedder, task: tasks.Task, *, unit_sec: float | None, crop_seed: int, batch_size: int,
+                       cache_dir: str | None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, dict]:
+    """`embed_clips`, through the embedding cache in `cache_dir` (None: no cache). A hit also restores the clips
+    that failed to load into `task.skipped`, as embedding them again would."""
+    if cache_dir is None:
+        return embed_clips(embedder, task, unit_sec=unit_sec, crop_seed=crop_seed, batch_size=batch_size)
+    key, parts = embedding_cache.cache_key(embedder, task, unit_sec=unit_sec, crop_seed=crop_seed)
+    path = embedding_cache.entry_path(cache_dir, task.name, embedder.name, key)
+    hit = embedding_cache.load(path)
+    if hit is not None:
+        emb, test_emb, kept, meta = hit
+        for entry in meta["skipped"]:
+            if entry not in task.skipped:
+                task.skipped.append(entry)
+        logging.info("%s, %s: %d embeddings from the cache (%s)", task.name, embedder.name, len(kept), path)
+        return emb, test_emb, kept, meta["crop"]
+    emb, test_emb, kept, crop = embed_clips(embedder, task, unit_sec=unit_sec, crop_seed=crop_seed,
+                                            batch_size=batch_size)
+    failed = {task.clip_ids[i] for i in sorted(set(range(len(task.clip_ids))) - set(kept.tolist()))}
+    embedding_cache.save(path, emb, test_emb, kept, {"crop": crop, "key": parts,
+                                                     "skipped": [s for s in task.skipped if s["path"] in failed]})
+    return emb, test_emb, kept, crop
+
+
 def evaluate_embedder(embedder, task: tasks.Task, protocol: protocols.Protocol | None = None, *,
-                      batch_size: int = 32) -> dict | list[dict]:
+                      batch_size: int = 32, cache_dir: str | None = None) -> dict | list[dict]:
     """Probe scores of one embedder on one task under `protocol` (None: the default), with the protocol's
     resolved values (and the task's unit_sec) under "protocol", and "layer" for an encoder at a chosen layer.
+    `cache_dir`: the embedding cache (cached_embed_clips), None for none.
 
     An embedder of every layer (layer "all") is embedded once and probed per layer: a list of results, layer k's
     at index k.
     """
     protocol = protocol or protocols.resolve(None)
     unit_sec, unit_sec_source = protocols.task_unit_sec(protocol, task.name, task.unit_sec)
-    embeddings, test_embeddings, kept, crop = embed_clips(embedder, task, unit_sec=unit_sec,
-                                                          crop_seed=protocol.crop_seed, batch_size=batch_size)
+    embeddings, test_embeddings, kept, crop = cached_embed_clips(
+        embedder, task, unit_sec=unit_sec, crop_seed=protocol.crop_seed, batch_size=batch_size, cache_dir=cache_dir)
     run_knn = "knn" in protocol.probes and (protocol.knn_on_multilabel or not task.multilabel)
     record = {**protocol.as_record(), "unit_sec_policy": protocol.unit_sec, "unit_sec": unit_sec,
               "unit_sec_source": unit_sec_source, **crop}
@@ -201,16 +233,21 @@ def evaluate_embedder(embedder, task: tasks.Task, protocol: protocols.Protocol |
 
 def run(encoder_spec: str, task_specs: list[str], output_dir: str, *, baselines: bool = True,
         protocol: protocols.Protocol | str | None = None, seeds=None, batch_size: int = 32, lr: float | None = None,
-        probe_batch_size: int | None = None, unit_sec: float | None = None, layer: int | str | None = None) -> dict:
+        probe_batch_size: int | None = None, unit_sec: float | None = None, layer: int | str | None = None,
+        embedding_cache_dir: str | None = "") -> dict:
     """Evaluates `encoder_spec` (and the floors) on every task; returns {row name: {task: result}}.
 
     `protocol` is a Protocol or a name (None: "default"); `seeds`, `lr`, `probe_batch_size` and `unit_sec`,
     when not None, override a named protocol's values. `batch_size` is the embedding batch. `layer` (None, an
     int or "all"; module docstring) is the layer of the encoder and of its random init that embeds. The output
     folder and every task's splits are checked before the first embedding (ValueError naming --output or the
-    task).
+    task). `embedding_cache_dir`: "" (default) OUTPUT/embedding_cache, a folder, or None / "none" for no cache.
     """
     prepare_output_dir(output_dir)
+    if embedding_cache_dir == "":
+        embedding_cache_dir = os.path.join(output_dir, "embedding_cache")
+    elif embedding_cache_dir == embedding_cache.DISABLED:
+        embedding_cache_dir = None
     if not isinstance(protocol, protocols.Protocol):
         overrides = {"seeds": seeds, "lr": lr, "probe_batch_size": probe_batch_size, "unit_sec": unit_sec}
         protocol = protocols.resolve(protocol, **{k: v for k, v in overrides.items() if v is not None})
@@ -254,7 +291,7 @@ def run(encoder_spec: str, task_specs: list[str], output_dir: str, *, baselines:
         loaded.append(task)
     for task in loaded:
         for embedder in candidates:
-            result = evaluate_embedder(embedder, task, protocol, batch_size=batch_size)
+            result = evaluate_embedder(embedder, task, protocol, batch_size=batch_size, cache_dir=embedding_cache_dir)
             if isinstance(result, list):  # every layer: one row each
                 for k, layer_result in enumerate(result):
                     results.setdefault(report.layer_row(embedder.name, k), {})[task.name] = layer_result
@@ -300,7 +337,8 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's restore chatter
     run(FLAGS.encoder, FLAGS.task, FLAGS.output, baselines=FLAGS.baselines, protocol=protocol_from_flags(FLAGS),
-        batch_size=FLAGS.batch_size, layer=parse_layer(FLAGS.layer))
+        batch_size=FLAGS.batch_size, layer=parse_layer(FLAGS.layer),
+        embedding_cache_dir="" if FLAGS.embedding_cache is None else FLAGS.embedding_cache)
     print(f"report: {os.path.join(FLAGS.output, 'results.md')}")
 
 
