@@ -20,6 +20,14 @@ report shows the floor. Writes OUTPUT/results.json (`{task: {"linear": {"mean", 
 unit_sec}}}` for --encoder), all_results.json, results.md and one PNG per task. The JSON files are strict JSON:
 a one-seed run's `ci95` and `std` are null.
 
+`--steps=all` (every kept checkpoint) or `--steps=N,M` evaluates a training workdir at several checkpoints into
+one report: rows "WORKDIR @ step N", results.json with the last step on top and every step under
+"steps": {"N": {"linear", "knn", "step"}}, a table of the scores by step in results.md and scores_by_step.png
+(score against step, per task and probe). The floors are evaluated once. The checkpoints are loaded one at a
+time and share the first one's compiled encoder:
+
+    python -m audiojepa.evaluate --encoder=/ckpt/m2d --steps=all --task=/data/tasks/esc50 --output=/ckpt/m2d/by_step
+
 Embeddings are cached (audiojepa/evaluation/embedding_cache.py) in OUTPUT/embedding_cache, or in
 `--embedding_cache=DIR` (shared by several reports), keyed by the encoder's params, the task's clips and the crop:
 re-running with another probe setting (`--lr`, `--seeds`, `--protocol`, ...) re-embeds nothing, and a new
@@ -45,6 +53,7 @@ from audiojepa import host_memory
 if __name__ == "__main__":  # glibc reads GLIBC_TUNABLES only at start-up: re-execute before the heavy imports
     host_memory.reexec_with_hugepage_malloc()
 
+import copy  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 
@@ -85,6 +94,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                         "intermediate blocks unnormed, the last = the final output) or 'all' (every layer, one row "
                         "each); unset = the final output. Applies to the encoder and its random init.",
                         flag_values=flag_values)
+    flags.DEFINE_string("steps", None, "Checkpoints of a training workdir --encoder to evaluate into one report: "
+                        "'all' (every kept one) or 'N,M,...' (default: the latest).", flag_values=flag_values)
     flags.DEFINE_string("embedding_cache", None, "Folder of cached embeddings (default OUTPUT/embedding_cache); "
                         "'none' embeds every time.", flag_values=flag_values)
     flags.DEFINE_integer("batch_size", 32, "Clips per embedding batch (does not change the embeddings; the probe's "
@@ -234,7 +245,7 @@ def evaluate_embedder(embedder, task: tasks.Task, protocol: protocols.Protocol |
 def run(encoder_spec: str, task_specs: list[str], output_dir: str, *, baselines: bool = True,
         protocol: protocols.Protocol | str | None = None, seeds=None, batch_size: int = 32, lr: float | None = None,
         probe_batch_size: int | None = None, unit_sec: float | None = None, layer: int | str | None = None,
-        embedding_cache_dir: str | None = "") -> dict:
+        embedding_cache_dir: str | None = "", steps: str | None = None) -> dict:
     """Evaluates `encoder_spec` (and the floors) on every task; returns {row name: {task: result}}.
 
     `protocol` is a Protocol or a name (None: "default"); `seeds`, `lr`, `probe_batch_size` and `unit_sec`,
@@ -242,6 +253,7 @@ def run(encoder_spec: str, task_specs: list[str], output_dir: str, *, baselines:
     int or "all"; module docstring) is the layer of the encoder and of its random init that embeds. The output
     folder and every task's splits are checked before the first embedding (ValueError naming --output or the
     task). `embedding_cache_dir`: "" (default) OUTPUT/embedding_cache, a folder, or None / "none" for no cache.
+    `steps`: None (the workdir's latest checkpoint, or an export), "all" or "N,M,..." (checkpoint_steps).
     """
     prepare_output_dir(output_dir)
     if embedding_cache_dir == "":
@@ -251,8 +263,15 @@ def run(encoder_spec: str, task_specs: list[str], output_dir: str, *, baselines:
     if not isinstance(protocol, protocols.Protocol):
         overrides = {"seeds": seeds, "lr": lr, "probe_batch_size": probe_batch_size, "unit_sec": unit_sec}
         protocol = protocols.resolve(protocol, **{k: v for k, v in overrides.items() if v is not None})
-    main = embedders.make_embedder(encoder_spec)
-    if layer is not None:
+    step_list = checkpoint_steps(encoder_spec, steps) if steps else None
+    if step_list and layer == encoder_layers.ALL:
+        raise ValueError(f"--steps={steps} with --layer=all: pick one layer (or none) to compare checkpoints")
+    if step_list:
+        step_candidates, main = _step_candidates(encoder_spec, step_list, layer)
+        layer = main.layer  # checked by load_encoder; an int layer as its index 0 … depth-1
+    else:
+        main = embedders.make_embedder(encoder_spec)
+    if layer is not None and not step_list:
         if not isinstance(main, embedders.EncoderEmbedder):
             raise ValueError(f"--layer={layer}: --encoder={encoder_spec} has no layers; leave --layer out")
         try:
@@ -262,16 +281,19 @@ def run(encoder_spec: str, task_specs: list[str], output_dir: str, *, baselines:
         layer = main.layer  # an int layer as its index 0 … depth-1
         if isinstance(layer, int):
             main.name = report.layer_row(main.name, layer)
-    candidates = [main]
+    # (row name, make embedder): built when evaluated, so several checkpoints are never in memory at once.
+    candidates = step_candidates if step_list else [(main.name, lambda: main)]
     if baselines and encoder_spec != "logmel":
         if isinstance(main, embedders.EncoderEmbedder):
             enc = main.encoder
-            candidates.append(embedders.LogMelEmbedder(enc.frontend, enc.norm_stats))
+            logmel = embedders.LogMelEmbedder(enc.frontend, enc.norm_stats)
+            candidates.append((logmel.name, lambda: logmel))
             random_init = embedders.encoder_lib.AudioEncoder(
                 enc.method_name, enc.model_config, enc.input_shape, enc.frontend, enc.norm_stats,
                 _random_encoder_params(enc), layer=layer)
             name = report.layer_row("random init", layer) if isinstance(layer, int) else "random init"
-            candidates.append(embedders.EncoderEmbedder(random_init, name=name))
+            random_embedder = embedders.EncoderEmbedder(random_init, name=name)
+            candidates.append((name, lambda: random_embedder))
     results: dict[str, dict] = {}
     skipped = {}
     specs_by_name: dict[str, str] = {}
@@ -289,25 +311,76 @@ def run(encoder_spec: str, task_specs: list[str], output_dir: str, *, baselines:
             raise ValueError(f"task {task.name!r} (--task={spec}): {e}") from e
         specs_by_name[task.name] = spec
         loaded.append(task)
-    for task in loaded:
-        for embedder in candidates:
+    for _, make in candidates:
+        embedder = make()
+        for task in loaded:
             result = evaluate_embedder(embedder, task, protocol, batch_size=batch_size, cache_dir=embedding_cache_dir)
             if isinstance(result, list):  # every layer: one row each
                 for k, layer_result in enumerate(result):
                     results.setdefault(report.layer_row(embedder.name, k), {})[task.name] = layer_result
             else:
                 results.setdefault(embedder.name, {})[task.name] = result
+        del embedder
+    for task in loaded:
         skipped[task.name] = task.skipped
         if task.skipped:
             logging.warning("%s: %d clips skipped (see all_results.json): %s", task.name, len(task.skipped),
                             sorted({s["reason"] for s in task.skipped}))
     main_rows = ([report.layer_row(main.name, k) for k in range(main.encoder.num_layers)]
                  if layer == encoder_layers.ALL else None)
-    table = report.write_report(output_dir, main_rows[-1] if main_rows else main.name, results,
-                                extra={"skipped": skipped, "protocol": protocol.as_record(), "layer": layer},
-                                protocol=protocol, main_rows=main_rows)
+    step_rows = [(s, report.step_row(encoder_spec, s)) for s in step_list] if step_list else None
+    main_name = main_rows[-1] if main_rows else step_rows[-1][1] if step_rows else main.name
+    table = report.write_report(output_dir, main_name, results,
+                                extra={"skipped": skipped, "protocol": protocol.as_record(), "layer": layer,
+                                       "steps": step_list},
+                                protocol=protocol, main_rows=main_rows, step_rows=step_rows)
     print(table, flush=True)
     return results
+
+
+def checkpoint_steps(workdir: str, steps: str) -> list[int]:
+    """--steps of training workdir `workdir`: "all" (every kept checkpoint) or "N,M,..." -> ascending steps.
+    Errors name --steps and list the steps the workdir holds."""
+    from audiojepa import checkpointing
+
+    if not os.path.isdir(checkpointing.checkpoint_dir(workdir)):
+        raise ValueError(f"--steps={steps}: --encoder={workdir} is not a training workdir (no checkpoints/); "
+                         "--steps picks checkpoints of a run")
+    manager = checkpointing.make_manager(workdir, every_steps=1, read_only=True)
+    try:
+        kept = sorted(int(s) for s in manager.all_steps())
+    finally:
+        manager.close()
+    if not kept:
+        raise ValueError(f"--steps={steps}: {workdir} holds no checkpoint")
+    if steps.strip() == "all":
+        return kept
+    try:
+        wanted = sorted({int(s) for s in steps.split(",") if s.strip()})
+    except ValueError:
+        raise ValueError(f"--steps={steps!r}: give 'all' or steps as integers, e.g. --steps=1000,2000") from None
+    missing = [s for s in wanted if s not in kept]
+    if missing or not wanted:
+        raise ValueError(f"--steps={steps}: {workdir} holds no checkpoint at step(s) {missing}; kept: {kept}")
+    return wanted
+
+
+def _step_candidates(encoder_spec: str, steps: list[int], layer) -> tuple[list, embedders.EncoderEmbedder]:
+    """One (row name, make embedder) per step, loaded when evaluated; every step's encoder is a copy of the
+    first's with its own params (the compiled functions are shared). Also returns the first step's embedder."""
+    from audiojepa import encoder as encoder_lib
+
+    first = encoder_lib.load_encoder(encoder_spec, step=steps[0], layer=layer)
+
+    def make(step):
+        def load():
+            enc = first if step == steps[0] else copy.copy(first)
+            if step != steps[0]:
+                enc.params = encoder_lib.load_encoder(encoder_spec, step=step).params
+            return embedders.EncoderEmbedder(enc, name=report.step_row(encoder_spec, step))
+        return load
+    return ([(report.step_row(encoder_spec, s), make(s)) for s in steps],
+            embedders.EncoderEmbedder(first, name=report.step_row(encoder_spec, steps[0])))
 
 
 def prepare_output_dir(output_dir: str) -> None:
@@ -338,7 +411,7 @@ def main(argv):
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's restore chatter
     run(FLAGS.encoder, FLAGS.task, FLAGS.output, baselines=FLAGS.baselines, protocol=protocol_from_flags(FLAGS),
         batch_size=FLAGS.batch_size, layer=parse_layer(FLAGS.layer),
-        embedding_cache_dir="" if FLAGS.embedding_cache is None else FLAGS.embedding_cache)
+        embedding_cache_dir="" if FLAGS.embedding_cache is None else FLAGS.embedding_cache, steps=FLAGS.steps)
     print(f"report: {os.path.join(FLAGS.output, 'results.md')}")
 
 

@@ -81,6 +81,66 @@ def every_layer_results(results: dict[str, dict[str, dict]], rows: list[str]) ->
     return out
 
 
+def step_row(name: str, step: int) -> str:
+    """The report row of training workdir `name` at checkpoint `step`, e.g. "/ckpt/m2d @ step 3000"."""
+    return f"{name} @ step {step}"
+
+
+def every_step_results(results: dict[str, dict[str, dict]], step_rows: list[tuple[int, str]]) -> dict[str, dict]:
+    """results.json of a workdir evaluated at several checkpoints (`step_rows`: (step, row), ascending): each
+    task keeps the last step's result on top and adds "steps": {"<step>": {"linear", "knn", "step"}}."""
+    out = {}
+    for task, last in results[step_rows[-1][1]].items():
+        steps = {str(step): {key: results[row][task].get(key) for key in ("linear", "knn")} | {"step": step}
+                 for step, row in step_rows if task in results[row]}
+        out[task] = {**last, "steps": steps}
+    return out
+
+
+def step_table(main_results: dict[str, dict]) -> str:
+    """The scores of an every-step results.json (`every_step_results`) as a markdown table, step by step."""
+    lines = ["| task | step | linear probe | kNN |", "|---|---:|---:|---:|"]
+    for task, result in sorted(main_results.items()):
+        for step, r in sorted(result["steps"].items(), key=lambda item: int(item[0])):
+            knn = r.get("knn")
+            knn_cell = f"{100 * knn['mean']:.1f}" if knn and _finite(knn.get("mean")) else "–"
+            lines.append(f"| {task} | {step} | {_linear_cell(r.get('linear'))} | {knn_cell} |")
+    return "\n".join(lines)
+
+
+def step_chart(main_results: dict[str, dict], path: str) -> str:
+    """scores_by_step.png: each task's linear probe (with its 95% interval) and kNN against the checkpoint step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=120)
+    metrics = set()
+    for task, result in sorted(main_results.items()):
+        steps = sorted(result["steps"].values(), key=lambda r: r["step"])
+        for probe, style in (("linear", "-o"), ("knn", "--s")):
+            points = [(r["step"], r[probe]) for r in steps if r.get(probe) and _finite(r[probe].get("mean"))]
+            if not points:
+                continue
+            metrics.add(points[0][1]["metric"])
+            x = [s for s, _ in points]
+            y = [100 * p["mean"] for _, p in points]
+            line, = ax.plot(x, y, style, label=f"{task} {'linear probe' if probe == 'linear' else 'kNN'}")
+            ci = [100 * p["ci95"] if _finite(p.get("ci95")) else 0.0 for _, p in points]
+            if probe == "linear" and any(ci):
+                ax.fill_between(x, [a - b for a, b in zip(y, ci)], [a + b for a, b in zip(y, ci)],
+                                color=line.get_color(), alpha=0.15)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(" / ".join(f"{m} (%)" for m in sorted(metrics)))
+    ax.set_title("score by checkpoint")
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def _score(result: dict) -> tuple[float, str] | None:
     """(the linear probe's mean, "linear probe"), else kNN's; None when neither ran or is finite."""
     for probe, label in (("linear", "linear probe"), ("knn", "kNN")):
@@ -152,17 +212,21 @@ def bar_chart(task: str, results: dict[str, dict[str, dict]], path: str) -> str:
 
 
 def write_report(output_dir: str, main_name: str, results: dict[str, dict[str, dict]], extra: dict | None = None,
-                 protocol=None, main_rows: list[str] | None = None):
+                 protocol=None, main_rows: list[str] | None = None, step_rows: list[tuple[int, str]] | None = None):
     """Writes results.json (the main encoder's {task: {...}}), all_results.json, results.md and PNGs; with a
     `protocol` (protocols.Protocol) the table is followed by its values and each task's crop and validation.
 
     `main_rows`: the main encoder's rows when it was evaluated at every layer (layer 0 first; `main_name` is
     then the last one): results.json is `every_layer_results` and results.md names each task's best layer.
+    `step_rows`: (step, row) of a workdir evaluated at several checkpoints (ascending; `main_name` is the last
+    row): results.json is `every_step_results`, results.md adds the scores step by step, and
+    scores_by_step.png plots them.
     The JSON files are strict JSON: a NaN or infinite value (a one-seed run's `ci95` and `std`) is written as
     null (`json_safe`)."""
     os.makedirs(output_dir, exist_ok=True)
     results = json_safe(results)
-    main_results = every_layer_results(results, main_rows) if main_rows else results[main_name]
+    main_results = (every_layer_results(results, main_rows) if main_rows
+                    else every_step_results(results, step_rows) if step_rows else results[main_name])
     with open(os.path.join(output_dir, "results.json"), "w") as f:
         json.dump(main_results, f, indent=1, allow_nan=False)
     with open(os.path.join(output_dir, "all_results.json"), "w") as f:
@@ -171,6 +235,9 @@ def write_report(output_dir: str, main_name: str, results: dict[str, dict[str, d
     if main_rows:
         table += "\n\nBest layer of the encoder per task (chosen on test scores: for comparing layers, not for " \
                  "reporting a score):\n" + "\n".join(best_layer_lines(main_results))
+    if step_rows:
+        table += "\n\nScores by checkpoint (scores_by_step.png):\n" + step_table(main_results)
+        step_chart(main_results, os.path.join(output_dir, "scores_by_step.png"))
     if protocol is not None:
         table += "\n\n" + "\n".join(protocol_lines(protocol, {main_name: results[main_name]}))
     with open(os.path.join(output_dir, "results.md"), "w") as f:
