@@ -11,13 +11,29 @@ chunk (positions restart at 0), concatenate the frequency patches of each time s
 (`[T', n_freq_patches x dim]`, one row per patch width of frames) and join the chunks in time.
 The clip embedding is the mean over time.
 
+Fixed shapes: XLA compiles the encoder once per input shape, so embedding clips of many lengths
+(FSD50K: 0.3-30 s) at each chunk's own width would compile thousands of times. Instead every chunk is
+zero-padded to the smallest of a few widths (`time_buckets`: powers of two of patches up to a full
+chunk) and the patches past the chunk's end are masked out of attention (the method's
+`encode(..., valid=)`; a CLS token stays valid) and their outputs dropped: the same features as the
+per-length path, to float32 rounding (tests/test_bounded_compiles.py, 1e-5). Chunk rows of all clips
+wait per bucket and are encoded `batch_size` at a time; a last partial batch is padded with zero rows
+to a power of two (`padded_rows`). So embedding compiles at most len(time_buckets) x
+(1 + ceil(log2(batch_size))) shapes whatever the clip lengths, and a streaming pass over a task (each
+bucket: full batches, then one partial batch) at most 2 x len(time_buckets). `compile_count` counts them
+(each trace of the encoder is one compile) and each new one is logged.
+
 `layer` picks the encoder layer that embeds (audiojepa.models.encoder_layers): None (the default) the final
 output, an int that block's output, "all" every layer from one pass, each feature then with a leading
 [depth] axis. It is an evaluation choice: exports do not store it.
 
-Waveform models (EncodecMAE) cut the waveform into chunks of the training crop (the last one
-zero-padded to a full chunk and its extra frames dropped), encode each chunk and join the frame
-features in time; the clip embedding is again the time mean.
+Waveform models (EncodecMAE) cut the waveform into chunks of the training crop, encode each chunk and
+join the frame features in time; the clip embedding is again the time mean. A shorter last chunk is
+encoded at its own length rounded up to whole frames, as EncodecMAE's reference does. Full chunks share
+one shape, but each distinct last-chunk length (in 75 Hz frames) still compiles once per padded row
+count: the remaining unbounded case. Padding it would need a padding mask in the MAE transformer
+(audiojepa.models.encodecmae has none: every frame attends to every frame, silence included); EnCodec
+itself already takes per-row lengths (audiojepa.models.encodec, `num_samples`).
 """
 
 from __future__ import annotations
@@ -29,6 +45,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable, Hashable, Iterable, Iterator
 
 import flax.serialization
 import jax
@@ -58,6 +75,13 @@ FREQ_POOLINGS = ("concat", "mean")
 # XLA attention (cuDNN's needs an NVIDIA GPU and bfloat16), no rematerialisation (no backward pass).
 INFERENCE_COMPUTE = {"dtype": "float32", "attention_impl": None, "remat": "none"}
 
+# Chunk rows per encoder call when embedding (AudioEncoder.batch_size).
+BATCH_SIZE = 32
+# Chunk rows that may wait for their bucket's batch to fill before the fullest bucket goes early: only
+# waveform models, whose buckets are exact last-chunk lengths, come near it (patch models wait at most
+# len(time_buckets) x batch_size rows).
+MAX_WAITING_ROWS = 2048
+
 
 def inference_model_config(model_config):
     """A copy of `config.model` with INFERENCE_COMPUTE in place of its training compute settings (the params
@@ -70,6 +94,118 @@ def inference_model_config(model_config):
             if key in config:
                 config[key] = value
     return config
+
+
+def time_buckets(chunk_frames: int, patch_frames: int) -> tuple[int, ...]:
+    """The widths, in patches (time steps), that patch models' chunks are zero-padded to: the powers of two below
+    a full chunk's steps, a full chunk's steps (chunk_frames // patch_frames) and, where a chunk is not whole
+    patches, a shorter last chunk's largest count (ceil): 208-frame chunks, 16-frame patches: (1, 2, 4, 8, 13);
+    608: (1, ..., 32, 38); 1001: (1, ..., 32, 62, 63). Padding at most doubles a last chunk's patches (about
+    1.2x on average over evenly spread lengths), where the full chunk as the only bucket would make a 0.3 s
+    clip cost as much as 6 s (608 frames: 2 of 38 steps)."""
+    full, longest = chunk_frames // patch_frames, -(-chunk_frames // patch_frames)
+    return tuple(sorted({1 << k for k in range(full.bit_length()) if 1 << k < full} | {full, longest}))
+
+
+def padded_rows(num_rows: int, batch_size: int) -> int:
+    """Rows of an encoder call of 1 <= num_rows <= batch_size chunks: the next power of two, at most batch_size
+    (zero rows fill the rest)."""
+    return min(int(batch_size), 1 << (int(num_rows) - 1).bit_length())
+
+
+def patch_validity(valid_steps: jax.Array, grid_f: int, grid_t: int) -> jax.Array:
+    """valid_steps [batch] int -> [batch, grid_f x grid_t] bool over frequency-major patch tokens (f·T' + t):
+    True where t < valid_steps."""
+    return jnp.tile(jnp.arange(grid_t)[None, :] < valid_steps[:, None], (1, grid_f))
+
+
+def _counted_encode(method, traced: list) -> Callable:
+    """method.encode (or encode_layers for layer="all") as one jitted function (params, x, valid_steps=None, *,
+    layer) -> tokens, which appends x's shape to `traced` and logs it each time it is traced, i.e. compiled.
+
+    valid_steps: None (waveform models), or [batch] int: the time steps of each row of log-mels x [batch,
+    n_mels, frames] that are content; the patches after them are masked out of attention."""
+    def encode(params, x, valid_steps=None, *, layer=None):
+        traced.append(tuple(x.shape))
+        logging.info("AudioEncoder: compiling the encoder for inputs %s (layer %s); %d shapes so far",
+                     tuple(x.shape), layer, len(traced))
+        kwargs = {}
+        if valid_steps is not None:
+            patch_f, patch_t = method.patch_size
+            kwargs["valid"] = patch_validity(valid_steps, x.shape[1] // patch_f, x.shape[2] // patch_t)
+        if layer == encoder_layers.ALL:
+            return method.encode_layers(params, x, **kwargs)
+        return method.encode(params, x, layer=layer, **kwargs)
+    return jax.jit(encode, static_argnames="layer")
+
+
+class _ChunkBatcher:
+    """Encodes the chunks of many clips in batches of a few fixed shapes, streaming (AudioEncoder's core).
+
+    A clip arrives as chunk rows (bucket, row, steps): `bucket` names the row's padded shape. Rows wait per
+    bucket; a bucket is encoded when it holds `batch_size` rows, or, when more than `max_waiting` rows wait,
+    the fullest goes early; `flush` encodes the rest. A clip is done once all its chunks are: its frame
+    features joined in time, or with `pool` their time mean only (a running sum per chunk, so a waiting clip
+    holds one embedding, not its features). Each row's output depends on its own content and the call's
+    shape only, never on the other rows.
+    """
+
+    def __init__(self, encode_rows: Callable, batch_size: int, pool: bool, max_waiting: int = MAX_WAITING_ROWS):
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size={batch_size}: need at least 1 chunk row per encoder call")
+        self.encode_rows, self.batch_size, self.pool = encode_rows, int(batch_size), pool
+        self.max_waiting = max(int(max_waiting), self.batch_size)
+        self.queues: dict = {}  # bucket -> [(clip key, chunk index, row, steps)]
+        self.parts: dict = {}  # clip key -> per chunk: features [..., steps, D], or with pool (sum [..., D], steps)
+        self.remaining: dict = {}  # clip key -> chunks not encoded yet
+        self.done: list = []
+        self.num_waiting = 0
+
+    def add(self, key: Hashable, rows: list) -> list[tuple[Hashable, np.ndarray]]:
+        """Queues one clip's chunk rows; returns the clips completed, [(key, output)]."""
+        if key in self.parts:
+            raise ValueError(f"clip {key!r} given twice")
+        if not rows:
+            raise ValueError(f"clip {key!r} has no frames to encode")
+        self.parts[key], self.remaining[key] = [None] * len(rows), len(rows)
+        for index, (bucket, row, steps) in enumerate(rows):
+            queue = self.queues.setdefault(bucket, [])
+            queue.append((key, index, row, steps))
+            self.num_waiting += 1
+            if len(queue) == self.batch_size:
+                self._encode(bucket)
+            elif self.num_waiting > self.max_waiting:
+                self._encode(max(self.queues, key=lambda b: len(self.queues[b])))
+        return self._take_done()
+
+    def flush(self) -> list[tuple[Hashable, np.ndarray]]:
+        """Encodes every waiting row; returns the clips completed."""
+        for bucket in list(self.queues):
+            self._encode(bucket)
+        return self._take_done()
+
+    def _encode(self, bucket) -> None:
+        queue = self.queues.pop(bucket)
+        self.num_waiting -= len(queue)
+        outputs = self.encode_rows([row for _, _, row, _ in queue], [steps for *_, steps in queue],
+                                   padded_rows(len(queue), self.batch_size))
+        for (key, index, _, steps), features in zip(queue, outputs):
+            self.parts[key][index] = (features.sum(axis=-2, dtype=np.float64), steps) if self.pool else features
+            self.remaining[key] -= 1
+            if not self.remaining[key]:
+                self.done.append(key)
+
+    def _take_done(self) -> list[tuple[Hashable, np.ndarray]]:
+        out = []
+        for key in self.done:
+            parts = self.parts.pop(key)
+            del self.remaining[key]
+            if self.pool:
+                out.append((key, (sum(s for s, _ in parts) / sum(n for _, n in parts)).astype(np.float32)))
+            else:
+                out.append((key, np.concatenate(parts, axis=-2)))
+        self.done = []
+        return out
 
 
 @dataclasses.dataclass
@@ -87,6 +223,7 @@ class AudioEncoder:
       freq_pooling: FREQ_POOLINGS.
       layer: the layer that embeds: None (final output), an int in [-num_layers, num_layers) or "all" (every
         layer; frame features [depth, batch, T', D], clip embeddings [depth, batch, D]); module docstring.
+      batch_size: chunk rows per encoder call (module docstring: fixed shapes).
     """
 
     method_name: str
@@ -97,6 +234,7 @@ class AudioEncoder:
     params: dict
     freq_pooling: str = "concat"
     layer: int | str | None = None
+    batch_size: int = BATCH_SIZE
 
     def __post_init__(self):
         if self.freq_pooling not in FREQ_POOLINGS:
@@ -109,9 +247,12 @@ class AudioEncoder:
         self.method = methods.get_method(self.method_name)(inference_model_config(self.model_config),
                                                            input_shape=model_shape)
         self.layer = encoder_layers.check_layer_choice(self.layer, self.num_layers)
-        # One compile per layer used (and input shape); "all" is one more.
-        self._encode = jax.jit(self.method.encode, static_argnames="layer")
-        self._encode_layers = jax.jit(self.method.encode_layers)
+        if int(self.batch_size) < 1:
+            raise ValueError(f"batch_size={self.batch_size}: need at least 1 chunk row per encoder call")
+        # One compile per input shape and layer used ("all" is one more), each noted in _traced; with_layer
+        # copies share both.
+        self._traced: list[tuple[int, ...]] = []
+        self._encode = _counted_encode(self.method, self._traced)
         self.is_waveform_model = methods.input_kind(self.method) == "waveform"
         if "encodec" in self.params and hasattr(self.method, "set_encodec_params"):
             self.method.set_encodec_params(self.params["encodec"])  # no need for the EnCodec checkpoint file
@@ -127,12 +268,15 @@ class AudioEncoder:
         out.layer = encoder_layers.check_layer_choice(layer, self.num_layers)
         return out
 
-    def _tokens(self, params, x):
-        """The method's encode of x at self.layer: [batch, tokens, D], or [depth, batch, tokens, D] for "all";
-        under jax.eval_shape too."""
-        if self.layer == encoder_layers.ALL:
-            return self._encode_layers(params, x)
-        return self._encode(params, x, layer=self.layer)
+    @property
+    def compile_count(self) -> int:
+        """Encoder input shapes compiled so far (by this encoder and its with_layer copies; a layer is its own)."""
+        return len(self._traced)
+
+    @property
+    def traced_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """The input shapes compiled so far, in order: [rows, n_mels, width] (waveform models: [rows, samples])."""
+        return tuple(self._traced)
 
     @property
     def patch_size(self) -> tuple[int, int]:
@@ -142,6 +286,11 @@ class AudioEncoder:
     def chunk_frames(self) -> int:
         """Log-mel frames per chunk (patch models)."""
         return int(self.input_shape[1])
+
+    @property
+    def time_buckets(self) -> tuple[int, ...]:
+        """Patch models: the chunk widths in patches that chunks are padded to (`time_buckets` function)."""
+        return time_buckets(self.chunk_frames, self.patch_size[1])
 
     @property
     def frame_hop_seconds(self) -> float:
@@ -155,13 +304,12 @@ class AudioEncoder:
     def feature_dim(self) -> int:
         """D of the frame features [batch, T', D] (of each layer's with layer="all"), from shapes only (no
         compile)."""
+        # The final output's width (every layer's is the same), traced without the compiled function.
+        x = jax.ShapeDtypeStruct((1, *self.input_shape), jnp.float32)
+        per_patch = int(jax.eval_shape(self.method.encode, self.params, x).shape[-1])
         if self.is_waveform_model:
-            x = jax.ShapeDtypeStruct((1, self.input_shape[0]), jnp.float32)
-            return int(jax.eval_shape(self._tokens, self.params, x).shape[-1])
-        n_mels, chunk_frames = self.input_shape
-        tokens = jax.eval_shape(self._tokens, self.params, jax.ShapeDtypeStruct((1, n_mels, chunk_frames),
-                                                                                jnp.float32))
-        per_patch = int(tokens.shape[-1])
+            return per_patch
+        n_mels = self.input_shape[0]
         return per_patch if self.freq_pooling == "mean" else int(n_mels // self.patch_size[0]) * per_patch
 
     def waveform_frame_features(self, waveform: np.ndarray) -> np.ndarray:
@@ -170,39 +318,17 @@ class AudioEncoder:
 
         Each chunk is encoded on its own, the last (shorter) one at its own length rounded up to whole
         frames, as EncodecMAE's reference does (shared/reference/encodecmae.md §1.14): padding it to a
-        full chunk would let its frames attend to the silence. Each distinct last-chunk length compiles
-        once (clips of one length: one extra compile).
+        full chunk would let its frames attend to the silence (the model has no padding mask). Full chunks
+        share one compile; each distinct last-chunk length compiles once (module docstring).
         """
         waveform = np.atleast_2d(np.asarray(waveform, np.float32))
-        chunk, hop = self.input_shape[0], self.method.frame_hop_samples
-        outputs = []
-        for start in range(0, waveform.shape[1], chunk):
-            piece = waveform[:, start:start + chunk]
-            frames = -(-piece.shape[1] // hop)
-            if piece.shape[1] < frames * hop:  # less than one hop of zeros, where EnCodec would pad anyway
-                piece = np.pad(piece, ((0, 0), (0, frames * hop - piece.shape[1])))
-            outputs.append(np.asarray(self._tokens(self.params, jnp.asarray(piece)))[..., :frames, :])
-        return np.concatenate(outputs, axis=-2)
+        return self._stacked_features(waveform, self._waveform_rows)
 
     def normalized_logmel(self, waveform: np.ndarray) -> np.ndarray:
         """waveform: [batch, samples] (or [samples]) at `frontend.sample_rate` -> [batch, n_mels, frames]."""
         waveform = np.atleast_2d(np.asarray(waveform, np.float32))
         lms = frontend_lib.logmel_host(waveform, self.frontend)
         return stats.normalize(lms, *self.norm_stats)
-
-    def _encode_chunk(self, chunk: np.ndarray) -> np.ndarray:
-        """chunk: [batch, n_mels, t] with t a multiple of the patch width -> [batch, t', F x D] ([depth, ...]
-        with layer="all")."""
-        tokens = np.asarray(self._tokens(self.params, jnp.asarray(chunk)))
-        tokens = tokens[..., getattr(self.method, "num_prefix_tokens", 1):, :]
-        *lead, _, dim = tokens.shape  # lead: [batch] or [depth, batch]
-        grid_f, grid_t = chunk.shape[1] // self.patch_size[0], chunk.shape[2] // self.patch_size[1]
-        # Tokens are frequency-major (f·t' + t): [B, F, t', D] -> [B, t', F, D] -> [B, t', F·D] (or the mean
-        # over F: [B, t', D]).
-        per_step = np.swapaxes(tokens.reshape(*lead, grid_f, grid_t, dim), -3, -2)
-        if self.freq_pooling == "mean":
-            return per_step.mean(axis=-2)
-        return per_step.reshape(*lead, grid_t, grid_f * dim)
 
     def frame_features(self, lms: np.ndarray) -> np.ndarray:
         """Normalised log-mels [batch, n_mels, frames] (any frames >= 1) -> [batch, T', F x D] ([depth, batch,
@@ -211,19 +337,97 @@ class AudioEncoder:
         As M2D's runtime (shared/reference/m2d.md §5): chunks of `chunk_frames`; only a shorter last chunk is
         zero-padded, to whole patches. A full chunk whose width is not whole patches (80x1001 models) loses
         its last frames to the patch embedding's stride, as in the runtime: 1001 frames give 62 steps.
+        Computed from padded, masked chunks in a few fixed shapes (module docstring): the same values.
         """
         lms = np.asarray(lms, np.float32)
         if lms.ndim != 3 or lms.shape[1] != self.input_shape[0]:
             raise ValueError(f"expected log-mels [batch, {self.input_shape[0]}, frames], got {lms.shape}")
-        patch_t = self.patch_size[1]
-        outputs = []
-        for start in range(0, lms.shape[2], self.chunk_frames):
-            chunk = lms[:, :, start:start + self.chunk_frames]
-            pad = -chunk.shape[2] % patch_t if chunk.shape[2] < self.chunk_frames else 0
-            if pad:
-                chunk = np.pad(chunk, ((0, 0), (0, 0), (0, pad)))
-            outputs.append(self._encode_chunk(chunk))
-        return np.concatenate(outputs, axis=-2)
+        return self._stacked_features(lms, self._logmel_rows)
+
+    def clip_embeddings(self, clips: Iterable[tuple[Hashable, np.ndarray]], *, batch_size: int | None = None,
+                        max_waiting_rows: int = MAX_WAITING_ROWS) -> Iterator[tuple[Hashable, np.ndarray]]:
+        """(key, waveform [samples] at `frontend.sample_rate`) pairs of any lengths -> (key, clip embedding [D],
+        [depth, D] with layer="all") pairs, each as soon as its last chunk is encoded (not in input order).
+
+        Streaming, for a whole task: the chunks of all clips are encoded in shared batches of `batch_size`
+        rows (default self.batch_size), at most ~2 shapes per time bucket; memory is the waiting chunk rows
+        (at most `max_waiting_rows`) and one embedding per waiting clip. Each embedding is the time mean of
+        `embed_waveform`'s frame features of the clip alone, to float32 rounding.
+        """
+        batcher = _ChunkBatcher(self._encode_rows, batch_size or self.batch_size, pool=True,
+                                max_waiting=max_waiting_rows)
+        for key, waveform in clips:
+            waveform = np.asarray(waveform, np.float32)
+            if waveform.ndim != 1:
+                raise ValueError(f"clip {key!r}: expected a waveform [samples], got shape {waveform.shape}")
+            rows = self._waveform_rows(waveform) if self.is_waveform_model else \
+                self._logmel_rows(self.normalized_logmel(waveform)[0])
+            yield from batcher.add(key, rows)
+        yield from batcher.flush()
+
+    def _stacked_features(self, clips: np.ndarray, rows_of: Callable) -> np.ndarray:
+        """Frame features of equal-length clips [batch, ...], through one _ChunkBatcher: [batch, T', D] ([depth,
+        batch, T', D])."""
+        if not len(clips):  # no clip: no encoder call
+            lead = (self.num_layers,) if self.layer == encoder_layers.ALL else ()
+            steps = sum(n for *_, n in rows_of(np.zeros(clips.shape[1:], np.float32)))
+            return np.zeros((*lead, 0, steps, self.feature_dim), np.float32)
+        batcher = _ChunkBatcher(self._encode_rows, self.batch_size, pool=False)
+        features = {}
+        for i, clip in enumerate(clips):
+            features.update(batcher.add(i, rows_of(clip)))
+        features.update(batcher.flush())
+        return np.stack([features[i] for i in range(len(clips))], axis=-3)
+
+    def _logmel_rows(self, lms: np.ndarray) -> list[tuple[int, np.ndarray, int]]:
+        """One clip's normalised log-mel [n_mels, frames] -> its chunk rows (bucket, log-mel [n_mels, bucket x
+        patch frames], steps): each chunk zero-padded to its time bucket; `steps` of its patches are content."""
+        patch_t, rows = self.patch_size[1], []
+        for start in range(0, lms.shape[1], self.chunk_frames):
+            width = min(self.chunk_frames, lms.shape[1] - start)
+            # A full chunk has the stride's whole patches (80x1001: 62); a shorter last one is padded to whole ones.
+            steps = width // patch_t if width == self.chunk_frames else -(-width // patch_t)
+            bucket = next(b for b in self.time_buckets if b >= steps)
+            row = np.zeros((lms.shape[0], bucket * patch_t), np.float32)
+            kept = min(width, steps * patch_t)
+            row[:, :kept] = lms[:, start:start + kept]
+            rows.append((bucket, row, steps))
+        return rows
+
+    def _waveform_rows(self, waveform: np.ndarray) -> list[tuple[int, np.ndarray, int]]:
+        """Waveform models: one clip [samples] -> its chunk rows (frames, waveform [frames x hop], frames): each
+        chunk zero-padded to whole frames only (less than one hop, where EnCodec would pad anyway)."""
+        chunk, hop = self.input_shape[0], self.method.frame_hop_samples
+        rows = []
+        for start in range(0, waveform.shape[0], chunk):
+            piece = waveform[start:start + chunk]
+            frames = -(-piece.shape[0] // hop)
+            row = np.zeros(frames * hop, np.float32)
+            row[:piece.shape[0]] = piece
+            rows.append((frames, row, frames))
+        return rows
+
+    def _encode_rows(self, rows: list[np.ndarray], steps: list[int], num_rows: int) -> list[np.ndarray]:
+        """Chunk rows of one bucket (equal shapes) and their content steps -> each row's features [steps, D]
+        ([depth, steps, D] with layer="all"), from one encoder call on `num_rows` rows (zero rows after them)."""
+        x = np.zeros((num_rows, *rows[0].shape), np.float32)
+        x[:len(rows)] = rows
+        if self.is_waveform_model:
+            tokens = np.asarray(self._encode(self.params, x, layer=self.layer))
+            return [tokens[..., i, :n, :].copy() for i, n in enumerate(steps)]
+        grid_t = x.shape[2] // self.patch_size[1]
+        valid_steps = np.full(num_rows, grid_t, np.int32)  # zero rows all valid: no row without a valid token
+        valid_steps[:len(rows)] = steps
+        tokens = np.asarray(self._encode(self.params, x, valid_steps, layer=self.layer))
+        tokens = tokens[..., getattr(self.method, "num_prefix_tokens", 1):, :]
+        *lead, _, dim = tokens.shape  # lead: [rows] or [depth, rows]
+        grid_f = x.shape[1] // self.patch_size[0]
+        # Tokens are frequency-major (f·t' + t): [.., F, t', D] -> [.., t', F, D] -> [.., t', F·D] (or the mean
+        # over F: [.., t', D]).
+        per_step = np.swapaxes(tokens.reshape(*lead, grid_f, grid_t, dim), -3, -2)
+        per_step = per_step.mean(axis=-2) if self.freq_pooling == "mean" else \
+            per_step.reshape(*lead, grid_t, grid_f * dim)
+        return [per_step[..., i, :n, :].copy() for i, n in enumerate(steps)]
 
     def clip_embedding(self, lms: np.ndarray) -> np.ndarray:
         """[batch, n_mels, frames] -> [batch, F x D] ([depth, ...] with layer="all"): the time mean of

@@ -21,6 +21,12 @@ clip embedding. Timestamps: the centre of each step's patch of log-mel frames, e
 zero-padding has its centre past the end of the audio, which the HEAR validator rejects; then
 all timestamps of the batch move earlier by the same amount (at most half a patch) so that the
 last one is the end of the audio. Spacing stays exactly one hop.
+
+Sounds of any length: the encoder pads each chunk to one of a few widths and masks the padding
+(audiojepa.encoder, "Fixed shapes"), so calls with many different lengths compile a bounded set of
+shapes (each compile is logged; `model.encoder.compile_count`), while a sound's embeddings, and their
+number, are those of the sound alone (to float32 rounding). Waveform models still compile once per
+distinct last-chunk length.
 """
 
 from __future__ import annotations

@@ -18,7 +18,9 @@ module is imported.
 Attributes (what the X-ARES encoder checker asks for): `sampling_rate` (Hz), `output_dim`
 (n_freq_patches x dim, or dim with AUDIOJEPA_FREQ_POOLING=mean) and `hop_size_in_ms` (time between output frames, `frame_hop_seconds`).
 Any length works: the encoder cuts the log-mel into chunks of its training width and joins the
-chunk outputs in time, so 10-minute inputs need no extra chunking here.
+chunk outputs in time, so 10-minute inputs need no extra chunking here; chunks are padded to a few
+fixed widths with the padding masked (audiojepa.encoder, "Fixed shapes"), so inputs of many lengths
+compile a bounded set of shapes and each gives the frames it would alone.
 """
 
 from __future__ import annotations

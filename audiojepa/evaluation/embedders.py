@@ -1,10 +1,13 @@
 """Clip embedders for evaluation: trained encoders and the two floors every report shows.
 
-An embedder has `name`, `sample_rate` (Hz) and `embed_batch(waveform [batch, samples]) -> [batch, dim]`.
+An embedder has `name`, `sample_rate` (Hz) and `embed_batch(waveform [batch, samples]) -> [batch, dim]`; one
+that can batch clips of different lengths also has `embed_stream` (EncoderEmbedder), which `embed_task` uses.
 
 - `EncoderEmbedder`: a frozen encoder (export or training workdir); clip embedding = time mean of
   its chunked frame features at the encoder's `layer` (audiojepa.models.encoder_layers). With layer="all"
-  every layer comes from one pass: `embed_batch` gives [batch, depth, dim].
+  every layer comes from one pass: `embed_batch` gives [batch, depth, dim]. Its `embed_stream` shares
+  batches of padded, masked chunks between clips of any lengths, so a task compiles a few fixed shapes
+  (audiojepa.encoder, "Fixed shapes").
 - `LogMelEmbedder` (`--encoder=logmel`): the mean and the std over time of the normalised log-mel,
   concatenated: [2 x n_mels].
 - `random:<config>`: the config's encoder at random initialisation (seeded), through
@@ -16,7 +19,8 @@ An embedder has `name`, `sample_rate` (Hz) and `embed_batch(waveform [batch, sam
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -27,7 +31,7 @@ from audiojepa.data import audio_io, stats
 from audiojepa.models import encoder_layers
 
 # Decoded clips held at once while embedding, beyond one batch per length: bounds memory on large tasks
-# (FSD50K decoded whole would be ~25 GB of float32 at 16 kHz).
+# (FSD50K decoded whole would be ~25 GB of float32 at 16 kHz). With `embed_stream`, the chunk rows waiting.
 MAX_BUFFERED_CLIPS = 2048
 
 
@@ -46,6 +50,13 @@ class EncoderEmbedder:
         """[batch, samples] -> [batch, dim], or [batch, depth, dim] with layer="all"."""
         clips = self.encoder.embed_waveform(waveform)[1]
         return np.moveaxis(clips, 0, 1) if self.layer == encoder_layers.ALL else clips
+
+    def embed_stream(self, clips: Iterable[tuple[Hashable, np.ndarray]], *, batch_size: int = 32,
+                    max_buffered: int = MAX_BUFFERED_CLIPS) -> Iterator[tuple[Hashable, np.ndarray]]:
+        """(key, waveform [samples]) pairs of any lengths -> (key, [dim] or [depth, dim]) pairs, as `embed_batch`
+        of each clip alone gives them (to float32 rounding), in completion order: the encoder's streaming
+        `clip_embeddings` (`batch_size` chunk rows per call, at most `max_buffered` rows waiting)."""
+        return self.encoder.clip_embeddings(clips, batch_size=batch_size, max_waiting_rows=max_buffered)
 
 
 class LogMelEmbedder:
@@ -123,17 +134,52 @@ def embed_task(embedder, task, *, batch_size: int = 32, max_buffered_clips: int 
     """Clip embeddings [n_kept, dim] (an every-layer embedder's: [n_kept, depth, dim]) of every clip of `task` (a
     tasks.Task), and the indices of the clips kept.
 
-    Clips are batched by length (no padding: padding would change the time mean), in one streaming pass:
-    a length's batch is embedded when it holds `batch_size` clips, and when more than `max_buffered_clips`
-    are waiting, the fullest waiting batch goes early. Embeddings do not depend on batch composition. A clip
-    that fails to load is skipped, counted in `task.skipped` (once) and left out of scoring, never given a
-    fake value.
+    One streaming pass. An embedder with `embed_stream` (EncoderEmbedder) batches clips of any lengths together:
+    their chunks, padded to a few widths and masked, fill batches of `batch_size` chunk rows, so the encoder
+    compiles a few fixed shapes however many lengths the task has (logged with the number of compiles), and
+    at most `max_buffered_clips` chunk rows wait. Other embedders get clips batched by length (no padding:
+    padding would change the time mean): a length's batch is embedded when it holds `batch_size` clips, and
+    when more than `max_buffered_clips` are waiting, the fullest waiting batch goes early. Either way
+    embeddings do not depend on batch composition (beyond float rounding). A clip that fails to load is
+    skipped, counted in `task.skipped` (once) and left out of scoring, never given a fake value.
 
     Args:
       prepare: `prepare(clip index, waveform [samples]) -> waveform` applied to each decoded clip before
         embedding (e.g. a crop to a fixed duration); None leaves clips whole.
       clip_indices: embed only these clips (default: all).
     """
+    indices = range(len(task.clip_ids)) if clip_indices is None else [int(i) for i in clip_indices]
+
+    def loaded() -> Iterator[tuple[int, np.ndarray]]:
+        for i in tqdm(indices, desc=f"{task.name}: embedding ({embedder.name})", unit="clip"):
+            try:
+                waveform = task.load_audio(i, embedder.sample_rate)
+            except audio_io.BadAudioError as e:
+                entry = {"path": task.clip_ids[i], "reason": e.reason}
+                if entry not in task.skipped:  # once per clip, however many embedders or evaluations read it
+                    task.skipped.append(entry)
+                continue
+            yield i, (waveform if prepare is None else prepare(i, waveform))
+
+    audio_encoder = getattr(embedder, "encoder", None)
+    compiles_before = getattr(audio_encoder, "compile_count", None)
+    if hasattr(embedder, "embed_stream"):
+        out = dict(embedder.embed_stream(loaded(), batch_size=batch_size, max_buffered=max_buffered_clips))
+    else:
+        out = _embed_by_length(embedder, loaded(), batch_size, max_buffered_clips)
+    if compiles_before is not None:
+        logging.info("%s: %d clips embedded by %s, %d encoder compiles (input shapes: %d so far)", task.name,
+                     len(out), embedder.name, audio_encoder.compile_count - compiles_before,
+                     audio_encoder.compile_count)
+    kept = np.array(sorted(out), dtype=np.int64)
+    if not len(kept):
+        raise ValueError(f"{task.name}: no clip could be loaded ({len(task.skipped)} skipped)")
+    return np.stack([out[i] for i in kept]), kept
+
+
+def _embed_by_length(embedder, clips: Iterable[tuple[int, np.ndarray]], batch_size: int,
+                     max_buffered_clips: int) -> dict[int, np.ndarray]:
+    """{clip index: embedding} of (index, waveform) pairs through `embed_batch`, batched by length (embed_task)."""
     waiting: dict[int, list[tuple[int, np.ndarray]]] = {}  # length -> [(clip index, waveform)]
     out: dict[int, np.ndarray] = {}
     num_waiting = 0
@@ -145,17 +191,7 @@ def embed_task(embedder, task, *, batch_size: int = 32, max_buffered_clips: int 
         emb = embedder.embed_batch(np.stack([w for _, w in batch]))
         out.update(zip((i for i, _ in batch), np.asarray(emb, np.float32)))
 
-    indices = range(len(task.clip_ids)) if clip_indices is None else [int(i) for i in clip_indices]
-    for i in tqdm(indices, desc=f"{task.name}: embedding ({embedder.name})", unit="clip"):
-        try:
-            waveform = task.load_audio(i, embedder.sample_rate)
-        except audio_io.BadAudioError as e:
-            entry = {"path": task.clip_ids[i], "reason": e.reason}
-            if entry not in task.skipped:  # once per clip, however many embedders or evaluations read it
-                task.skipped.append(entry)
-            continue
-        if prepare is not None:
-            waveform = prepare(i, waveform)
+    for i, waveform in clips:
         waiting.setdefault(waveform.shape[0], []).append((i, waveform))
         num_waiting += 1
         if len(waiting[waveform.shape[0]]) == batch_size:
@@ -164,7 +200,4 @@ def embed_task(embedder, task, *, batch_size: int = 32, max_buffered_clips: int 
             embed(max(waiting, key=lambda length: len(waiting[length])))
     for length in sorted(waiting):  # the partial batches left
         embed(length)
-    kept = np.array(sorted(out), dtype=np.int64)
-    if not len(kept):
-        raise ValueError(f"{task.name}: no clip could be loaded ({len(task.skipped)} skipped)")
-    return np.stack([out[i] for i in kept]), kept
+    return out

@@ -437,21 +437,22 @@ class JEPA:
             return {"encoder": target_params}
         return {"encoder": params["encoder"]}
 
-    def encode(self, params: Params, lms: jax.Array, *, layer: int | None = None) -> jax.Array:
+    def encode(self, params: Params, lms: jax.Array, *, layer: int | None = None,
+               valid: jax.Array | None = None) -> jax.Array:
         """The evaluated encoder on all patches: lms [batch, n_mels, frames] → [batch, prefix + L, D]
         (prefix = num_prefix_tokens: 1 CLS with use_cls, else 0). `params` holds "encoder" (the training params
         or `encoder_params`, which picks the context or target encoder by config.model.eval_encoder).
         `layer`: None, the final output; k in [-encoder_depth, encoder_depth), block k's output
-        (audiojepa.models.encoder_layers: intermediate blocks raw, the last one the final output)."""
+        (audiojepa.models.encoder_layers: intermediate blocks raw, the last one the final output).
+        `valid`: None, or [batch, L] bool over the patches: False marks padding (ViTEncoder.__call__)."""
         return encoder_layers.encode_at(layer, self.encoder_depth,
-                                        lambda: self.encoder.apply({"params": params["encoder"]}, lms),
-                                        lambda: self.encode_layers(params, lms))
+                                        lambda: self.encoder.apply({"params": params["encoder"]}, lms, False, valid),
+                                        lambda: self.encode_layers(params, lms, valid=valid))
 
-    def encode_layers(self, params: Params, lms: jax.Array) -> jax.Array:
+    def encode_layers(self, params: Params, lms: jax.Array, *, valid: jax.Array | None = None) -> jax.Array:
         """Every layer of `encode` from one pass: lms [batch, n_mels, frames] → [encoder_depth, batch, prefix + L,
         D]."""
-        return encoder_layers.runtime_layers(*self.encoder.apply({"params": params["encoder"]}, lms,
-                                                                 return_layers=True))
+        return encoder_layers.runtime_layers(*self.encoder.apply({"params": params["encoder"]}, lms, True, valid))
 
     # -- target network -------------------------------------------------------------------------------
 

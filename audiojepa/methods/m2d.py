@@ -253,24 +253,25 @@ class M2D:
             raise ValueError("config.model.eval_encoder='target' needs the target params (a training state).")
         return {"encoder": {**params["encoder"], "stack": self.target_stack_params(target_params)}}
 
-    def encode(self, params: Params, lms: jax.Array, *, layer: int | None = None) -> jax.Array:
+    def encode(self, params: Params, lms: jax.Array, *, layer: int | None = None,
+               valid: jax.Array | None = None) -> jax.Array:
         """The evaluated encoder on all patches: lms [batch, n_mels, frames] → [batch, 1 + L, D], CLS first.
         `params` holds "encoder" (the training params, or `encoder_params`: online or EMA-target stack).
         `layer`: None, the final output; k in [-encoder_depth, encoder_depth), block k's output
         (audiojepa.models.encoder_layers: intermediate blocks raw, the last one the final output).
+        `valid`: None, or [batch, L] bool over the patches: False marks padding (ViTEncoder.__call__).
 
         Any number of frames works (the time grid is frames // patch frames); positions are those of a
         clip starting at frame 0. A learned position table (pos_embed="learned") serves at most the training
         grid; audiojepa.encoder embeds longer inputs in chunks of the training width.
         """
         return encoder_layers.encode_at(layer, self.encoder_depth,
-                                        lambda: self.encoder.apply({"params": params["encoder"]}, lms),
-                                        lambda: self.encode_layers(params, lms))
+                                        lambda: self.encoder.apply({"params": params["encoder"]}, lms, False, valid),
+                                        lambda: self.encode_layers(params, lms, valid=valid))
 
-    def encode_layers(self, params: Params, lms: jax.Array) -> jax.Array:
+    def encode_layers(self, params: Params, lms: jax.Array, *, valid: jax.Array | None = None) -> jax.Array:
         """Every layer of `encode` from one pass: lms [batch, n_mels, frames] → [encoder_depth, batch, 1 + L, D]."""
-        return encoder_layers.runtime_layers(*self.encoder.apply({"params": params["encoder"]}, lms,
-                                                                 return_layers=True))
+        return encoder_layers.runtime_layers(*self.encoder.apply({"params": params["encoder"]}, lms, True, valid))
 
     # -- target network -------------------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from einops.array_api import rearrange  # the array-API entry: no framework lookup (never imports torch)
 from ml_collections import config_dict
 
 from audiojepa.models.pos_embed import sincos_2d
@@ -261,7 +262,8 @@ def learned_table_for_grid(table: jax.Array, train_grid: tuple[int, int], grid: 
     if grid_f > train_f or grid_t > train_t:
         raise ValueError(f"input patch grid {grid} exceeds the learned position table's training grid {train_grid} "
                          "(config.model.pos_embed='learned'); embed longer inputs in chunks of the training width.")
-    return table.reshape(train_f, train_t, -1)[:grid_f, :grid_t].reshape(grid_f * grid_t, -1)
+    grid = rearrange(table, "(f t) d -> f t d", f=train_f, t=train_t)[:grid_f, :grid_t]
+    return rearrange(grid, "f t d -> (f t) d")
 
 
 def grid_size(input_shape: tuple[int, int], patch_size: tuple[int, int]) -> tuple[int, int]:
@@ -319,7 +321,8 @@ class PatchProjection(nn.Module):
         bias = self.param("bias", _torch_default_bias_init(patch_f * patch_t), (self.width,), jnp.float32)
         grid_f, grid_t = lms.shape[1] // patch_f, lms.shape[2] // patch_t
         x = lms[:, :grid_f * patch_f, :grid_t * patch_t]
-        # One axis split per reshape: under an Explicit mesh JAX refuses to split two axes in one reshape.
+        # One axis split per reshape (so no einops "b (f i) (t j) -> b f i t j", which is one reshape): under an
+        # Explicit mesh JAX refuses to split two axes in one reshape.
         x = x.reshape(x.shape[0], grid_f, patch_f, grid_t * patch_t)
         x = x.reshape(x.shape[0], grid_f, patch_f, grid_t, patch_t)
         # [batch, F, pf, T', pt] · [pf, pt, D] → [batch, F, T', D], contracting each patch's bins and frames.
@@ -344,8 +347,7 @@ class PatchEmbed(nn.Module):
     def __call__(self, lms: jax.Array) -> jax.Array:
         """lms: [batch, n_mels, frames] → [batch, F·T', width], frequency-major (token f·T' + t)."""
         x = PatchProjection(self.width, tuple(self.patch_size), self.dtype, name="proj")(lms)
-        batch, grid_f, grid_t, width = x.shape
-        return x.reshape(batch, grid_f * grid_t, width)
+        return rearrange(x, "b f t d -> b (f t) d")
 
 
 class Attention(nn.Module):
@@ -364,14 +366,15 @@ class Attention(nn.Module):
     def __call__(self, x: jax.Array, valid: jax.Array | None = None) -> jax.Array:
         """x: [batch, tokens, width] → [batch, tokens, width]; valid: None or [batch, tokens] bool, the tokens
         that may be attended to (padding is False; see dot_product_attention)."""
-        batch, tokens, width = x.shape
+        width = x.shape[-1]
         if width % self.num_heads:
             raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}.")
         head_dim = width // self.num_heads
-        qkv = dense(3 * width, self.dtype, "qkv")(x).reshape(batch, tokens, 3, self.num_heads, head_dim)
+        qkv = rearrange(dense(3 * width, self.dtype, "qkv")(x), "b n (three h d) -> b n three h d", three=3,
+                        h=self.num_heads)
         query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         out = dot_product_attention(query, key, value, head_dim ** -0.5, self.attention_impl, valid)
-        return dense(width, self.dtype, "proj")(out.reshape(batch, tokens, width))
+        return dense(width, self.dtype, "proj")(rearrange(out, "b n h d -> b n (h d)"))
 
 
 class Mlp(nn.Module):
@@ -612,7 +615,9 @@ class ViTEncoder(nn.Module):
             valid = jnp.concatenate([jnp.ones_like(valid[:, :1]), valid], axis=1)
         return self.stack(jnp.concatenate([cls, tokens], axis=1), return_layers, valid)
 
-    def __call__(self, lms: jax.Array, return_layers: bool = False):
-        """lms: [batch, n_mels, frames] → [batch, 1 + F·T', width], CLS first (all patches, no mask); no
-        CLS row without use_cls."""
-        return self.encode_tokens(self.embed(lms), return_layers)
+    def __call__(self, lms: jax.Array, return_layers: bool = False, valid: jax.Array | None = None):
+        """lms: [batch, n_mels, frames] → [batch, 1 + F·T', width], CLS first (all patches); no CLS row without
+        use_cls. valid: None, or [batch, F·T'] bool over the patch tokens (frequency-major), False for padding
+        patches (audiojepa.encoder pads chunks to a few fixed widths), which no token attends to; their outputs
+        are meaningless (encode_tokens)."""
+        return self.encode_tokens(self.embed(lms), return_layers, valid)
