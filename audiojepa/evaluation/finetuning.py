@@ -59,6 +59,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from einops.array_api import reduce  # the array-API entry: no framework lookup (never imports torch)
 
 from audiojepa import checkpointing, optim, sharding
 from audiojepa import encoder as encoder_lib
@@ -211,10 +212,8 @@ def clip_embedding(method, params, lms: jax.Array) -> jax.Array:
     the F frequency patches of a time step concatenated, the mean over time; AudioEncoder.clip_embedding of
     the same chunk (freq_pooling "concat")."""
     tokens = method.encode(params, lms)[:, getattr(method, "num_prefix_tokens", 1):]
-    grid_f = lms.shape[1] // method.patch_size[0]
-    per_step = tokens.reshape(tokens.shape[0], grid_f, tokens.shape[1] // grid_f, tokens.shape[2])
-    pooled = per_step.mean(axis=2)  # [batch, F, D]: the time mean of [batch, t', F, D]
-    return pooled.reshape(pooled.shape[0], -1)
+    # Tokens are frequency-major (f·t' + t); the time mean of [batch, t', F·D] is that of each frequency row.
+    return reduce(tokens, "b (f t) d -> b (f d)", "mean", f=lms.shape[1] // method.patch_size[0])
 
 
 def head_logits(head, embedding):

@@ -47,6 +47,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from einops.array_api import rearrange  # the array-API entry: no framework lookup (never imports torch)
 
 from audiojepa.masking import gather_tokens
 from audiojepa.models import encoder_layers
@@ -147,18 +148,18 @@ class SelfAttention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [batch, frames, D] → [batch, frames, D]."""
-        batch, frames, width = x.shape
+        width = x.shape[-1]
         head_dim = width // self.num_heads
         if head_dim < 1:
             raise ValueError(f"width {width} is smaller than num_heads {self.num_heads}.")
         inner = self.num_heads * head_dim
 
-        def heads(name):
-            return linear(inner, self.dtype, False, name)(x).reshape(batch, frames, self.num_heads, head_dim)
+        def heads(name):  # contiguous heads: channel h·head_dim + d is head h's channel d
+            return rearrange(linear(inner, self.dtype, False, name)(x), "b n (h d) -> b n h d", h=self.num_heads)
 
         out = dot_product_attention(heads("query"), heads("key"), heads("value"), head_dim ** -0.5,
                                     self.attention_impl)
-        return linear(width, self.dtype, False, "out")(out.reshape(batch, frames, inner))
+        return linear(width, self.dtype, False, "out")(rearrange(out, "b n h d -> b n (h d)"))
 
 
 class FeedForward(nn.Module):
@@ -351,7 +352,7 @@ class EncodecMAEModel(nn.Module):
         out = {}
         if self.num_codebooks:
             logits = self.head(decoded).astype(jnp.float32)
-            out["codes"] = logits.reshape(*decoded.shape[:2], self.num_codebooks, self.codebook_size)
+            out["codes"] = rearrange(logits, "b t (q c) -> b t q c", q=self.num_codebooks)
         if self.num_clusters:
             out["kmeans"] = self.kmeans_head(decoded).astype(jnp.float32)
         return out
