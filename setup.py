@@ -22,16 +22,20 @@ setuptools.setup(
         "scipy",
         "msgpack",
         "safetensors>=0.4",  # weights out (tools/export_torch.py) and in (config.init_from), no torch needed
-        "einops",
+        "einops>=0.7",  # its array-API entry (einops.array_api): layouts as patterns, no framework lookup
         "soundfile>=0.12",
+        # m4a/mp4 (AAC), webm/mkv, wma, ... that libsndfile does not read (audio_io); its wheel ships FFmpeg's
+        # libraries, so no system ffmpeg is needed. Tested with 18.1.
+        "av>=18",
         "soxr",
-        "librosa>=0.10",
         "tensorboardX",
         "tqdm",
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist"],  # the suite runs on 2 workers (README)
+        # The suite runs on 2 workers (README); librosa and scikit-learn are independent references in tests
+        # (and tools/bench_frontend.py), never imported by the package.
+        "test": ["pytest", "pytest-xdist", "librosa>=0.10", "scikit-learn"],
         # Only for converting released PyTorch checkpoints; never imported by the core package.
         "torch": ["torch==2.13.0"],
         # TFDS audio tasks; reading prepared ArrayRecord datasets works without TensorFlow.

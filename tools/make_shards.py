@@ -3,6 +3,10 @@ r"""Decodes a folder or CSV/TSV of audio files into ArrayRecord shards with a ma
     python tools/make_shards.py --input /data/audioset/wav --output /data/shards/as2m \
         --sample_rate 16000 --format pcm16 --workers 8
 
+Audio formats (`audiojepa.data.audio_io.AUDIO_EXTENSIONS`): wav, flac, aiff, ogg/opus, mp3 and the rest of what
+libsndfile reads, and through PyAV (FFmpeg's decoders, in the `av` wheel) m4a/mp4 (AAC), webm, mkv/mka, mov, aac,
+wma, ...: a video file gives its audio track. Each is downmixed to mono and resampled to --sample_rate.
+
 Bad files (unreadable, truncated, empty, silent, NaN, too short, non-audio extension, or one whose
 decoding process dies: "decoder crashed") are skipped and listed under "skipped" in
 OUTPUT/manifest.json; they never abort the run, but a run that writes no clip at all fails (exit 1)
@@ -30,7 +34,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from audiojepa.data import shards  # noqa: E402
 
-flags.DEFINE_string("input", None, "Folder (searched recursively) or CSV/TSV whose first column is an audio path.")
+flags.DEFINE_string("input", None, "Folder (searched recursively for the extensions in audio_io.AUDIO_EXTENSIONS) "
+                    "or CSV/TSV whose first column is an audio path.")
 flags.DEFINE_string("output", None, "Output folder for shard-*.array_record and manifest.json.")
 flags.DEFINE_integer("sample_rate", 16000, "Sample rate of the stored audio, Hz (> 0).", lower_bound=1)
 flags.DEFINE_enum("format", "pcm16", ["pcm16", "flac"], "Audio codec inside each record.")

@@ -300,12 +300,8 @@ class _FileAudio:
 
 
 def _header_check(path: str) -> None:
-    if not os.path.exists(path):
-        raise audio_io.BadAudioError("missing", path)
-    try:
-        info = sf.info(path)
-    except Exception as e:
-        raise audio_io.BadAudioError("unreadable", f"{type(e).__name__}: {e}") from None
+    """The file exists and a decoder reads its header (audio_io.read_info: libsndfile or PyAV) with samples in it."""
+    info = audio_io.read_info(path)  # BadAudioError "missing", "not a regular file" or "unreadable"
     if info.frames == 0:
         raise audio_io.BadAudioError("empty", "no samples")
 
