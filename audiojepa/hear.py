@@ -12,15 +12,37 @@ accept only torch or TF modules); without it, a plain object with the same attri
 imported only when `load_model` runs, never when this module is imported. The encoder itself runs
 in JAX on JAX's default device.
 
-Embeddings: one per encoder time step, D = n_freq_patches x dim (the concatenated frequency
-patches, as the M2D runtime). Waveform models (EncodecMAE, 24 kHz) declare 48 kHz, resample their
-input to 24 kHz, and give one embedding per 75 Hz frame at its centre, (i + 0.5) / 75 s.
-Scene embedding = mean over time steps = `AudioEncoder.embed_waveform`'s
-clip embedding. Timestamps: the centre of each step's patch of log-mel frames, every
-`frame_hop_seconds` (160 ms for 16x16 patches with a 10 ms hop). A last patch that is mostly
-zero-padding has its centre past the end of the audio, which the HEAR validator rejects; then
-all timestamps of the batch move earlier by the same amount (at most half a patch) so that the
-last one is the end of the audio. Spacing stays exactly one hop.
+Embeddings: D = n_freq_patches x dim (the concatenated frequency patches, as the M2D runtime; or dim with
+`freq_pooling="mean"`). The encoder gives one feature per time step at a fixed position: the centre of the
+step's patch of log-mel frames, every `frame_hop_seconds` (160 ms for 16x16 patches of 10 ms frames), or for
+waveform models (EncodecMAE) the centre of each 75 Hz frame, (i + 0.5) / 75 s (its HEAR wrapper).
+
+Timestamps (`timestamp_hop_ms`, a `load_model` option):
+  - default (None): the steps themselves when they are at most 50 ms apart (EncodecMAE: 13.3 ms), else a
+    50 ms grid, since the hear-validator warns above 50 ms and HEAR's event tasks score onsets within
+    200 ms, which 160 ms steps resolve poorly;
+  - a number of ms: timestamps 0, h, 2h, ... up to the end of the audio, each embedding the linear
+    interpolation in time between the two steps around it (the first / last step's features before the first
+    step's centre / after the last one). Interpolation adds no information the steps do not hold; it puts
+    them on the grid the HEAR tools expect. (Overlapping chunks shifted by a fraction of a patch would
+    give new features per timestamp, at h/160 ms times the compute; not provided.)
+  - "native": the steps, a step whose centre is past the end of the audio (mostly padding) left out (one
+    step is always kept, its timestamp at most the audio's length).
+Either way a timestamp depends only on its index, never on the sound's length, so the timestamps of a
+short sound are the first ones of a longer sound's.
+
+Scene embedding = `AudioEncoder.embed_waveform`'s clip embedding: the time mean of the step features (as
+evaluation embeds clips), whatever the timestamp hop.
+
+Sample rate: the model declares its front end's rate when the HEAR API accepts it everywhere (16, 22.05, 44.1
+or 48 kHz); otherwise (32 kHz models, which some hear-validator versions reject; EncodecMAE's 24 kHz) the
+lowest accepted rate that is a whole multiple of it, else 48 kHz, and resamples its input to its own rate
+with soxr. `load_model(..., sample_rate=32000)` declares another rate (16000, 22050, 32000, 44100, 48000).
+
+GPU memory: HEAR and X-ARES run the encoder in the same process as torch. Importing this module (or
+audiojepa.xares) sets XLA_PYTHON_CLIENT_PREALLOCATE=false unless it is already set, so that JAX, when it
+starts its backend (at the first computation, not at import), takes GPU memory as it needs it instead of
+75% of it up front. It has no effect if JAX already ran something in the process: set it before that.
 
 Sounds of any length: the encoder pads each chunk to one of a few widths and masks the padding
 (audiojepa.encoder, "Fixed shapes"), so calls with many different lengths compile a bounded set of
@@ -35,19 +57,27 @@ import functools
 import os
 import sys
 
-import numpy as np
+# Before anything starts JAX's backend (module docstring, "GPU memory").
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-from audiojepa import encoder as encoder_lib
+import numpy as np  # noqa: E402
 
-# Sample rates the HEAR API allows (some hear-validator versions also reject 32 kHz).
-HEAR_SAMPLE_RATES = (16000, 22050, 32000, 44100, 48000)
+from audiojepa import encoder as encoder_lib  # noqa: E402
+
+# Sample rates every version of the HEAR API's validator accepts; a model declares one of these by default.
+HEAR_SAMPLE_RATES = (16000, 22050, 44100, 48000)
+# ... and those the HEAR API lists (some validator versions reject 32 kHz): `load_model(sample_rate=...)`.
+HEAR_API_SAMPLE_RATES = (16000, 22050, 32000, 44100, 48000)
+# The hear-validator warns when timestamps are further apart.
+MAX_TIMESTAMP_HOP_MS = 50.0
+NATIVE = "native"
 # load_model() without a path (the validator's default) reads the encoder named here.
 ENCODER_ENV = "AUDIOJEPA_ENCODER"
 
 
 def hear_rate_for(model_rate: int) -> int:
-    """The HEAR rate a waveform model declares: the lowest one that is a whole multiple of its own rate (so
-    the resampling to it is exact, e.g. 48 kHz for a 24 kHz model), else the highest."""
+    """The HEAR rate a model whose own rate HEAR_SAMPLE_RATES lacks declares: the lowest one that is a whole
+    multiple of its own rate (e.g. 48 kHz for a 24 kHz model), else the highest (48 kHz for 32 kHz)."""
     multiples = [rate for rate in HEAR_SAMPLE_RATES if rate % model_rate == 0]
     return min(multiples) if multiples else max(HEAR_SAMPLE_RATES)
 
@@ -90,71 +120,106 @@ class HearEmbedder:
 
     Attributes:
       encoder: the frozen `AudioEncoder`.
-      sample_rate: input rate in Hz (the encoder's front end).
+      sample_rate: the rate in Hz the model declares and its input comes at (module docstring).
+      model_rate: the encoder's own rate; input is resampled to it when it differs.
       scene_embedding_size, timestamp_embedding_size: D = n_freq_patches x dim.
-      hop_ms: time between consecutive timestamp embeddings, ms.
+      step_ms: time between the encoder's steps, ms.
+      hop_ms: time between consecutive timestamps, ms (step_ms unless interpolated).
+      interpolated: timestamps on a grid of hop_ms, embeddings interpolated between steps.
     """
 
-    def __init__(self, audio_encoder: encoder_lib.AudioEncoder):
+    def __init__(self, audio_encoder: encoder_lib.AudioEncoder, *, timestamp_hop_ms: float | str | None = None,
+                 sample_rate: int | None = None):
         self.encoder = audio_encoder
         self.model_rate = int(audio_encoder.frontend.sample_rate)
         self.scene_embedding_size = self.timestamp_embedding_size = frame_feature_dim(audio_encoder)
-        self.hop_ms = audio_encoder.frame_hop_seconds * 1000.0
-        if audio_encoder.is_waveform_model:  # EncodecMAE: 24 kHz, which HEAR does not offer
-            self.sample_rate = hear_rate_for(self.model_rate)
+        self.step_ms = audio_encoder.frame_hop_seconds * 1000.0
+        if timestamp_hop_ms is None:
+            self.hop_ms = self.step_ms if self.step_ms <= MAX_TIMESTAMP_HOP_MS else MAX_TIMESTAMP_HOP_MS
+        elif timestamp_hop_ms == NATIVE:
+            self.hop_ms = self.step_ms
+        else:
+            try:
+                self.hop_ms = float(timestamp_hop_ms)
+            except (TypeError, ValueError):
+                self.hop_ms = -1.0
+            if not self.hop_ms > 0:
+                raise ValueError(f"timestamp_hop_ms={timestamp_hop_ms!r}; give milliseconds > 0, {NATIVE!r} (the "
+                                 "encoder's steps) or None (the steps if <= 50 ms apart, else a 50 ms grid)")
+        self.interpolated = self.hop_ms != self.step_ms
+        if sample_rate is None:
+            sample_rate = self.model_rate if self.model_rate in HEAR_SAMPLE_RATES else hear_rate_for(self.model_rate)
+        if sample_rate not in HEAR_API_SAMPLE_RATES:
+            raise ValueError(f"sample_rate={sample_rate}: the HEAR API allows {HEAR_API_SAMPLE_RATES}")
+        self.sample_rate = int(sample_rate)
+        if audio_encoder.is_waveform_model:
             return
-        self.sample_rate = self.model_rate
-        if self.sample_rate not in HEAR_SAMPLE_RATES:
-            raise ValueError(f"the encoder's front end runs at {self.sample_rate} Hz; the HEAR API allows "
-                             f"{HEAR_SAMPLE_RATES}")
         patch_frames = audio_encoder.patch_size[1]
         if audio_encoder.chunk_frames % patch_frames:
             # Chunks that are not whole patches would leave a padded step inside the sequence: uneven spacing.
             raise ValueError(f"chunk width {audio_encoder.chunk_frames} frames is not a multiple of the patch width "
                              f"{patch_frames}; HEAR timestamps need evenly spaced steps")
 
-    def timestamps_ms(self, num_samples: int, num_steps: int) -> np.ndarray:
-        """[num_steps] float32 timestamps (ms) for audio of `num_samples` at `sample_rate`: patch centres, kept
-        within the audio; for waveform models the centres of their frames, (i + 0.5) x hop (EncodecMAE's
-        HEAR wrapper, shared/reference/encodecmae.md §1.14)."""
+    def step_centres_ms(self, num_steps: int) -> np.ndarray:
+        """[num_steps] float64: where the encoder's steps sit (ms), whatever the audio's length: the centre of each
+        step's patch of log-mel frames (frame k centred at k x hop, + n_fft / 2 without centre padding), or of
+        each frame of a waveform model, (i + 0.5) x step (EncodecMAE's HEAR wrapper, encodecmae.md §1.14)."""
+        steps = np.arange(num_steps, dtype=np.float64)
         if self.encoder.is_waveform_model:
-            length_ms = num_samples * 1000.0 / self.sample_rate
-            centres = (np.arange(num_steps, dtype=np.float64) + 0.5) * self.hop_ms
-            return np.minimum(centres, length_ms).astype(np.float32)
+            return (steps + 0.5) * self.step_ms
         fe = self.encoder.frontend
         frame_ms = fe.hop_length * 1000.0 / fe.sample_rate
-        # Log-mel frame k is centred at k * hop (+ n_fft / 2 without centre padding).
         first_frame_centre_ms = 0.0 if fe.center else fe.n_fft / 2 * 1000.0 / fe.sample_rate
-        starts_ms = first_frame_centre_ms + np.arange(num_steps, dtype=np.float64) * self.hop_ms
-        length_ms = num_samples * 1000.0 / fe.sample_rate
-        half_patch_ms = (self.encoder.patch_size[1] - 1) / 2 * frame_ms
-        offset_ms = max(0.0, min(half_patch_ms, length_ms - starts_ms[-1]))
-        timestamps = (starts_ms + offset_ms).astype(np.float32)
-        # float32 rounding must not push the last timestamp past the end of the audio.
-        limit = np.float32(length_ms)
-        if limit > length_ms:
-            limit = np.nextafter(limit, np.float32(0))
-        return np.minimum(timestamps, limit)
+        return first_frame_centre_ms + steps * self.step_ms + (self.encoder.patch_size[1] - 1) / 2 * frame_ms
+
+    def _model_audio(self, audio) -> np.ndarray:
+        """audio [n_sounds, n_samples] at `sample_rate`, checked, at the encoder's own rate."""
+        audio = np.asarray(audio, np.float32)
+        if audio.ndim != 2 or audio.shape[1] == 0:
+            raise ValueError(f"audio must be [n_sounds, n_samples] with n_samples > 0; got shape {audio.shape}")
+        if self.sample_rate == self.model_rate:
+            return audio
+        import soxr  # the declared rate -> the model's (48 -> 24 kHz EncodecMAE, 48 -> 32 kHz)
+
+        return np.stack([soxr.resample(a, self.sample_rate, self.model_rate, quality="HQ")
+                         for a in audio]).astype(np.float32)
 
     def timestamp_embeddings(self, audio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """audio [n_sounds, n_samples] -> (embeddings [n_sounds, T, D] float32, timestamps [n_sounds, T] ms float32)."""
         audio = np.asarray(audio, np.float32)
-        if audio.ndim != 2 or audio.shape[1] == 0:
-            raise ValueError(f"audio must be [n_sounds, n_samples] with n_samples > 0; got shape {audio.shape}")
-        model_audio = audio
-        if self.sample_rate != self.model_rate:  # waveform models: HEAR's rate -> the model's (48 -> 24 kHz)
-            import soxr
-
-            model_audio = np.stack([soxr.resample(a, self.sample_rate, self.model_rate, quality="HQ")
-                                    for a in audio]).astype(np.float32)
-        frames, _ = self.encoder.embed_waveform(model_audio)
-        timestamps = self.timestamps_ms(audio.shape[1], frames.shape[1])
-        return frames.astype(np.float32), np.broadcast_to(timestamps, frames.shape[:2]).copy()
+        frames, _ = self.encoder.embed_waveform(self._model_audio(audio))
+        length_ms = audio.shape[1] * 1000.0 / self.sample_rate
+        centres = self.step_centres_ms(frames.shape[1])
+        if self.interpolated:
+            timestamps = np.arange(int(np.floor(length_ms / self.hop_ms + 1e-9)) + 1, dtype=np.float64) * self.hop_ms
+            embeddings = interpolate_steps(frames, centres, timestamps)
+        else:  # the steps; one whose centre is past the end (mostly padding) is left out, one always kept
+            keep = max(1, int(np.count_nonzero(centres <= length_ms + 1e-6)))  # 1 ns: float rounding of the centres
+            timestamps, embeddings = np.minimum(centres[:keep], length_ms), frames[:, :keep]
+        timestamps = timestamps.astype(np.float32)
+        limit = np.float32(length_ms)  # float32 rounding must not push a timestamp past the end of the audio
+        if limit > length_ms:
+            limit = np.nextafter(limit, np.float32(0))
+        timestamps = np.minimum(timestamps, limit)
+        return embeddings.astype(np.float32), np.broadcast_to(timestamps, embeddings.shape[:2]).copy()
 
     def scene_embeddings(self, audio: np.ndarray) -> np.ndarray:
-        """audio [n_sounds, n_samples] -> [n_sounds, D] float32: the mean over time of the timestamp embeddings."""
-        embeddings, _ = self.timestamp_embeddings(audio)
-        return embeddings.mean(axis=1)
+        """audio [n_sounds, n_samples] -> [n_sounds, D] float32: the encoder's clip embedding (the time mean of its
+        step features), whatever the timestamp hop."""
+        return self.encoder.embed_waveform(self._model_audio(audio))[1].astype(np.float32)
+
+
+def interpolate_steps(features: np.ndarray, centres_ms: np.ndarray, times_ms: np.ndarray) -> np.ndarray:
+    """features [n, T, D] at step positions centres_ms [T] (increasing) -> [n, len(times_ms), D]: at each time, the
+    linear interpolation between the steps around it (np.interp per channel; before the first / after the last
+    centre, that step's features)."""
+    right = np.clip(np.searchsorted(centres_ms, times_ms, side="right"), 1, max(1, len(centres_ms) - 1))
+    left = right - 1
+    if len(centres_ms) == 1:
+        return np.repeat(features[:, :1], len(times_ms), axis=1)
+    weight = np.clip((times_ms - centres_ms[left]) / (centres_ms[right] - centres_ms[left]), 0.0, 1.0)
+    weight = weight.astype(features.dtype)[None, :, None]
+    return features[:, left] * (1 - weight) + features[:, right] * weight
 
 
 @functools.cache
@@ -190,16 +255,19 @@ def load_model(model_file_path: str = "", **options):
     """The encoder at `model_file_path` (export folder or training workdir; default $AUDIOJEPA_ENCODER).
 
     Options: `step` (int) picks a checkpoint step of a workdir; `freq_pooling` "concat" (default, F x D) or
-    "mean" (D, as M2D's runtime gives HEAR timestamp embeddings). Returns a `torch.nn.Module` when
-    torch is importable, else the `HearEmbedder`; both carry `sample_rate`,
+    "mean" (D, as M2D's runtime gives HEAR timestamp embeddings); `timestamp_hop_ms` (None: the steps if at most
+    50 ms apart, else a 50 ms grid; ms; or "native") and `sample_rate` (the rate to declare; module docstring).
+    Returns a `torch.nn.Module` when torch is importable, else the `HearEmbedder`; both carry `sample_rate`,
     `scene_embedding_size` and `timestamp_embedding_size`.
     """
-    unknown = sorted(set(options) - {"step", "freq_pooling"})
+    valid = ("step", "freq_pooling", "timestamp_hop_ms", "sample_rate")
+    unknown = sorted(set(options) - set(valid))
     if unknown:
-        raise TypeError(f"load_model: unknown option(s) {unknown}; valid: step, freq_pooling")
+        raise TypeError(f"load_model: unknown option(s) {unknown}; valid: {', '.join(valid)}")
     path = resolve_encoder_path(model_file_path)
     embedder = HearEmbedder(encoder_lib.load_encoder(path, step=options.get("step"),
-                                                     freq_pooling=options.get("freq_pooling", "concat")))
+                                                     freq_pooling=options.get("freq_pooling", "concat")),
+                            timestamp_hop_ms=options.get("timestamp_hop_ms"), sample_rate=options.get("sample_rate"))
     return _torch_model_class()(embedder) if _torch_available() else embedder
 
 

@@ -129,7 +129,8 @@ def test_embed_task_batches_mixed_lengths_with_a_bounded_number_of_compiles(rand
 def test_hear_timestamp_embeddings_keep_their_frames_and_values(random_encoder):
     """HEAR (and X-ARES, the same call): frame features of a sound of any length are the per-length path's,
     with its number of frames; the timestamps follow."""
-    model = hear.HearEmbedder(random_encoder.with_layer(None))
+    # The encoder's own steps (timestamp_hop_ms="native"; these lengths leave no step centred past the end).
+    model = hear.HearEmbedder(random_encoder.with_layer(None), timestamp_hop_ms="native")
     encode = jax.jit(model.encoder.method.encode)
     for seconds in (0.1, 2.5):
         audio = np.random.default_rng(3).uniform(-1, 1, (2, int(seconds * 16000))).astype(np.float32)
