@@ -17,7 +17,7 @@
 # per run, under PROFILE_DIR/<attention>; XLA_FLAGS passes through to the runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PACKAGES=(grain==0.2.18 array-record==0.8.6 ml-collections==1.1.0 soundfile==0.14.0 soxr==1.1.0 cffi pycparser
+PACKAGES=(grain==0.2.18 array-record==0.8.6 ml-collections==1.1.0 soundfile==0.14.0 soxr==1.1.0 einops==0.8.2 cffi pycparser
         portpicker googleapis-common-protos tensorboardX)
 python=${PYTHON:-python3}
 
