@@ -18,7 +18,7 @@ setuptools.setup(
         "array-record>=0.8.6",
         "ml-collections>=1.1.0",
         "absl-py",
-        "numpy",
+        "numpy>=2.0",  # (as jax needs) its arrays have __array_namespace__, which einops.array_api uses
         "scipy",
         "msgpack",
         "safetensors>=0.4",  # weights out (tools/export_torch.py) and in (config.init_from), no torch needed

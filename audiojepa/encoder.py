@@ -52,6 +52,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from einops.array_api import rearrange, reduce  # the array-API entry: no framework lookup (never imports torch)
 
 from audiojepa import frontend as frontend_lib
 from audiojepa import methods
@@ -420,13 +421,13 @@ class AudioEncoder:
         valid_steps[:len(rows)] = steps
         tokens = np.asarray(self._encode(self.params, x, valid_steps, layer=self.layer))
         tokens = tokens[..., getattr(self.method, "num_prefix_tokens", 1):, :]
-        *lead, _, dim = tokens.shape  # lead: [rows] or [depth, rows]
         grid_f = x.shape[1] // self.patch_size[0]
-        # Tokens are frequency-major (f·t' + t): [.., F, t', D] -> [.., t', F, D] -> [.., t', F·D] (or the mean
-        # over F: [.., t', D]).
-        per_step = np.swapaxes(tokens.reshape(*lead, grid_f, grid_t, dim), -3, -2)
-        per_step = per_step.mean(axis=-2) if self.freq_pooling == "mean" else \
-            per_step.reshape(*lead, grid_t, grid_f * dim)
+        # Tokens are frequency-major (f·t' + t); leading axes [rows] or [depth, rows]. Each time step: its F
+        # frequency patches concatenated, or their mean.
+        if self.freq_pooling == "mean":
+            per_step = reduce(tokens, "... (f t) d -> ... t d", "mean", f=grid_f)
+        else:
+            per_step = rearrange(tokens, "... (f t) d -> ... t (f d)", f=grid_f)
         return [per_step[..., i, :n, :].copy() for i, n in enumerate(steps)]
 
     def clip_embedding(self, lms: np.ndarray) -> np.ndarray:
