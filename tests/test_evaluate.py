@@ -112,7 +112,7 @@ def test_periodic_evaluation_is_logged_with_training_metrics(tmp_path, monkeypat
     # rounding only. (kNN is near chance after 6 steps, 2/16 test clips; the init params give 3/16.)
     embedder = embedders.EncoderEmbedder(encoder.load_encoder(workdir, step=6), name="step 6")
     task = tasks.load_task(task_spec, sample_rate=embedder.sample_rate)
-    embeddings, kept = evaluate.embed_task(embedder, task)
+    embeddings, kept = embedders.embed_task(embedder, task)
     recomputed = real_evaluate_task(embeddings, task.label_array()[kept], np.asarray(task.splits)[kept],
                                     multilabel=task.multilabel, num_classes=len(task.classes), run_linear=False)
     assert rows[1]["eval/knn_embedded/knn"] == pytest.approx(recomputed["knn"]["mean"], abs=1e-6)
@@ -157,7 +157,7 @@ def test_a_clip_that_fails_to_load_is_listed_once_and_task_names_must_differ(tmp
     task = tasks.load_task(str(root), sample_rate=16000, verify_audio="header")
     embedder = embedders.LogMelEmbedder(frontend.get_preset("m2d"), (-7.1, 4.2))
     for _ in range(3):  # three embedders, or three periodic evaluations, of one task
-        emb, kept = evaluate.embed_task(embedder, task)
+        emb, kept = embedders.embed_task(embedder, task)
         assert len(kept) == 31 and 0 not in kept
     assert task.skipped == [{"path": "c00.wav", "reason": "non-finite"}]
 

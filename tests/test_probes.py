@@ -402,11 +402,11 @@ def test_the_linear_probe_lr_is_settable_and_recorded(tmp_path, monkeypatch):
 
 
 def test_embedding_a_task_streams_with_bounded_memory_and_the_same_embeddings(tmp_path):
-    """evaluate.embed_task holds at most max_buffered_clips decoded clips (plus the one just loaded), and
+    """embedders.embed_task holds at most max_buffered_clips decoded clips (plus the one just loaded), and
     the embeddings equal those of an unbounded pass (batch composition does not change them)."""
     import soundfile as sf
 
-    from audiojepa import evaluate, frontend
+    from audiojepa import frontend
     from audiojepa.evaluation import embedders, tasks
 
     root = tmp_path / "mixed"
@@ -433,10 +433,10 @@ def test_embedding_a_task_streams_with_bounded_memory_and_the_same_embeddings(tm
         return real_embed(waveforms)
 
     task.load_audio, embedder.embed_batch = load, embed_batch
-    bounded, kept = evaluate.embed_task(embedder, task, batch_size=4, max_buffered_clips=5)
+    bounded, kept = embedders.embed_task(embedder, task, batch_size=4, max_buffered_clips=5)
     assert held == {"now": 0, "peak": 6}  # 5 waiting + the one just loaded
     held["peak"] = 0
-    unbounded, kept_all = evaluate.embed_task(embedder, task, batch_size=4, max_buffered_clips=10**6)
+    unbounded, kept_all = embedders.embed_task(embedder, task, batch_size=4, max_buffered_clips=10**6)
     assert held["peak"] > 6  # without the bound, partial batches of all 7 lengths wait together
     np.testing.assert_array_equal(kept, kept_all)
     np.testing.assert_allclose(bounded, unbounded, rtol=1e-6, atol=1e-6)
