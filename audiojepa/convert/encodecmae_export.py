@@ -40,7 +40,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from audiojepa.convert import encodec_torch, encodecmae_torch
+from audiojepa.convert import encodec_torch, encodecmae_torch, state_dict_io
 from audiojepa.models import encodecmae as mae
 
 # encodecmae_torch's tables, reversed: one source for the names.
@@ -105,7 +105,7 @@ def params_to_state_dict(params: Mapping, target_params: Mapping | None = None, 
     model = {key: params[key] for key in (TEACHER_KEYS if encoder_only else params) if key != "encodec"}
     state_dict: dict[str, np.ndarray] = {}
     unknown = []
-    for path, leaf in _leaves(model):
+    for path, leaf in state_dict_io.nested_leaves(model):
         converted = _mae_tensors(path, np.asarray(leaf), model, num_heads)
         if converted is None:
             unknown.append(_describe_leaf("params", path, leaf, model))
@@ -118,7 +118,7 @@ def params_to_state_dict(params: Mapping, target_params: Mapping | None = None, 
     unknown += [f"{encodec_tree}/encodec/{leaf}" for leaf in encodec_unknown]
     if not encoder_only and target_params is not None:
         others = {key: value for key, value in target_params.items() if key != "encodec"}
-        unknown += [_describe_leaf("target_params", path, leaf, others) for path, leaf in _leaves(others)]
+        unknown += [_describe_leaf("target_params", path, leaf, others) for path, leaf in state_dict_io.nested_leaves(others)]
     if unknown:
         listed = ", ".join(unknown[:_MAX_LISTED])
         if len(unknown) > _MAX_LISTED:
@@ -137,7 +137,7 @@ def encodec_to_state_dict(encodec_params: Mapping) -> tuple[dict[str, np.ndarray
     codebooks [n_q, 1024, 128] as `quantizer.vq.layers.<q>._codebook.embed`."""
     state_dict, unknown = {}, []
     expected = encodec_torch.expected_encoder_shapes()
-    encoder = dict(_leaves(encodec_params.get("encoder", {})))
+    encoder = dict(state_dict_io.nested_leaves(encodec_params.get("encoder", {})))
     for path, leaf in encoder.items():
         value = np.asarray(leaf)
         if expected.get(path) != value.shape:
@@ -250,15 +250,6 @@ def _add(state_dict: dict, tensors, source: str) -> None:
         if name in state_dict:
             raise ValueError(f"two leaves map to the reference name {name!r} (second: {source})")
         state_dict[name] = value
-
-
-def _leaves(tree: Mapping, prefix: tuple[str, ...] = ()):
-    """(path, leaf) of every leaf of a nested mapping, depth first."""
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            yield from _leaves(value, prefix + (str(key),))
-        else:
-            yield prefix + (str(key),), value
 
 
 def _describe_leaf(tree: str, path: tuple[str, ...], leaf, model: Mapping) -> str:

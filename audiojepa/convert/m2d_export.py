@@ -23,7 +23,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from audiojepa.convert import m2d_torch
+from audiojepa.convert import m2d_torch, state_dict_io
 from audiojepa.models.pos_embed import sincos_2d
 from audiojepa.models.vit import STACKED_BLOCKS
 
@@ -83,7 +83,7 @@ def params_to_state_dict(params: Mapping, target_params: Mapping | None = None, 
     state_dict: dict[str, np.ndarray] = {}
     unknown = []
     for tree, root in trees:
-        for path, leaf in _leaves(root):
+        for path, leaf in state_dict_io.nested_leaves(root):
             converted = _torch_tensors(tree, path, np.asarray(leaf))
             if converted is None:
                 unknown.append(f"{tree}/{'/'.join(path)} {list(np.shape(leaf))}")
@@ -113,15 +113,6 @@ def params_to_state_dict(params: Mapping, target_params: Mapping | None = None, 
             raise ValueError(f"norm_stats has {values.size} values {values.tolist()[:8]}; expected (mean, std)")
         state_dict["norm_stats"] = np.ascontiguousarray(values)
     return dict(sorted(state_dict.items(), key=lambda item: _order_key(item[0])))
-
-
-def _leaves(tree: Mapping, prefix: tuple[str, ...] = ()):
-    """(path, leaf) of every leaf of a nested mapping, depth first."""
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            yield from _leaves(value, prefix + (str(key),))
-        else:
-            yield prefix + (str(key),), value
 
 
 def _torch_tensors(tree: str, path: tuple[str, ...], value: np.ndarray) -> list[tuple[str, np.ndarray]] | None:

@@ -2,6 +2,7 @@
 `.pth`/`.pt` (the optional torch extra, imported only here and only for those files)."""
 
 import argparse
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -19,6 +20,16 @@ def flatten(state_dict: dict, prefix: str = "") -> dict[str, np.ndarray]:
         else:
             out[f"{prefix}{name}"] = np.asarray(value)
     return out
+
+
+def nested_leaves(tree, prefix: tuple[str, ...] = ()):
+    """(path, leaf) of every leaf of a nested mapping (a param tree), depth first, in insertion order: the
+    walk the exporters (m2d_export, encodecmae_export) rename from."""
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            yield from nested_leaves(value, prefix + (str(key),))
+        else:
+            yield prefix + (str(key),), value
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
