@@ -468,9 +468,11 @@ class EncodecMAE:
 
     # -- targets --------------------------------------------------------------------------------------
 
-    def encodec_features(self, encodec_params: Params, waveform: jax.Array) -> jax.Array:
-        """waveform [batch, samples] at 24 kHz → EnCodec frames [batch, ceil(samples / 320), 128] float32."""
-        return encodec.EncodecEncoder().apply({"params": encodec_params["encoder"]}, waveform)
+    def encodec_features(self, encodec_params: Params, waveform: jax.Array,
+                         num_samples: jax.Array | None = None) -> jax.Array:
+        """waveform [batch, samples] at 24 kHz → EnCodec frames [batch, ceil(samples / 320), 128] float32;
+        num_samples: None, or [batch] int valid samples per row (encodec.EncodecEncoder)."""
+        return encodec.EncodecEncoder().apply({"params": encodec_params["encoder"]}, waveform, num_samples)
 
     def cluster_features(self, model_params: Params, features: jax.Array) -> jax.Array:
         """The features a self-training stage clusters when this run is the teacher: features [batch, T, 128] →
@@ -576,7 +578,7 @@ class EncodecMAE:
         return out
 
     def encode(self, params: Params, x: jax.Array, encodec_params: Params | None = None, *,
-               layer: int | None = None) -> jax.Array:
+               layer: int | None = None, valid: jax.Array | None = None) -> jax.Array:
         """Frame features for evaluation: EnCodec → the MAE encoder on all frames, no masking.
 
         Args:
@@ -587,26 +589,36 @@ class EncodecMAE:
             layer: None, the final output (the reference's layer −1); k in [-encoder_depth, encoder_depth),
                 encoder layer k's output (audiojepa.models.encoder_layers: ResiDual layers' x0, the last
                 one the final output).
+            valid: None, or [batch, frames] bool over the output frames, True for a prefix of each row: the
+                frames after it are padding (audiojepa.encoder pads chunks to a few fixed lengths). EnCodec
+                then treats each waveform row as its first valid·320 samples (its convs' reflect padding at
+                that length) and no frame attends to the padding, so the valid frames are those of the row
+                alone; the padding frames' outputs are meaningless.
 
         Returns:
             [batch, frames, D] float32 at 75 Hz. The reference encodes long audio in independent 4 s chunks
             and concatenates them; that is the caller's choice.
         """
-        params, features = self._encoder_input(params, x, encodec_params)
+        params, features = self._encoder_input(params, x, encodec_params, valid)
         return encoder_layers.encode_at(
             layer, self.encoder_depth,
-            lambda: self.model.apply({"params": params}, features, method=mae.EncodecMAEModel.encode),
-            lambda: self.model.apply({"params": params}, features, method=mae.EncodecMAEModel.encode_layers))
+            lambda: self.model.apply({"params": params}, features, valid, method=mae.EncodecMAEModel.encode),
+            lambda: self.model.apply({"params": params}, features, valid,
+                                     method=mae.EncodecMAEModel.encode_layers))
 
-    def encode_layers(self, params: Params, x: jax.Array, encodec_params: Params | None = None) -> jax.Array:
+    def encode_layers(self, params: Params, x: jax.Array, encodec_params: Params | None = None, *,
+                      valid: jax.Array | None = None) -> jax.Array:
         """Every layer of `encode` from one pass: [encoder_depth, batch, frames, D] float32."""
-        params, features = self._encoder_input(params, x, encodec_params)
-        return self.model.apply({"params": params}, features, method=mae.EncodecMAEModel.encode_layers)
+        params, features = self._encoder_input(params, x, encodec_params, valid)
+        return self.model.apply({"params": params}, features, valid, method=mae.EncodecMAEModel.encode_layers)
 
-    def _encoder_input(self, params: Params, x: jax.Array, encodec_params: Params | None):
-        """(params without "encodec", EnCodec frames [batch, frames, 128]) for `encode`'s arguments."""
+    def _encoder_input(self, params: Params, x: jax.Array, encodec_params: Params | None,
+                       valid: jax.Array | None = None):
+        """(params without "encodec", EnCodec frames [batch, frames, 128]) for `encode`'s arguments; with `valid`
+        [batch, frames], each waveform row is its first (valid frames x 320) samples to EnCodec."""
         params = dict(params)
         encodec_params = params.pop("encodec", None) or encodec_params
         if x.ndim == 2:
-            x = self.encodec_features(encodec_params or self.encodec_params, x)
+            num_samples = None if valid is None else valid.sum(axis=1).astype(jnp.int32) * self.frame_hop_samples
+            x = self.encodec_features(encodec_params or self.encodec_params, x, num_samples)
         return params, x

@@ -146,8 +146,9 @@ class SelfAttention(nn.Module):
     attention_impl: str | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x: [batch, frames, D] → [batch, frames, D]."""
+    def __call__(self, x: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+        """x: [batch, frames, D] → [batch, frames, D]. valid: None, or [batch, frames] bool: False marks padding
+        frames, which no frame attends to (vit.dot_product_attention)."""
         width = x.shape[-1]
         head_dim = width // self.num_heads
         if head_dim < 1:
@@ -158,7 +159,7 @@ class SelfAttention(nn.Module):
             return rearrange(linear(inner, self.dtype, False, name)(x), "b n (h d) -> b n h d", h=self.num_heads)
 
         out = dot_product_attention(heads("query"), heads("key"), heads("value"), head_dim ** -0.5,
-                                    self.attention_impl)
+                                    self.attention_impl, valid)
         return linear(width, self.dtype, False, "out")(rearrange(out, "b n h d -> b n (h d)"))
 
 
@@ -188,9 +189,10 @@ class ResiDualLayer(nn.Module):
     attention_impl: str | None = None
 
     @nn.compact
-    def __call__(self, x0: jax.Array, x1: jax.Array, ffn: nn.Module | None = None) -> tuple[jax.Array, jax.Array]:
-        """x0, x1: [batch, frames, D] float32 → the updated (x0, x1)."""
-        a = SelfAttention(self.num_heads, self.dtype, self.attention_impl, name="attn")(x0).astype(jnp.float32)
+    def __call__(self, x0: jax.Array, x1: jax.Array, ffn: nn.Module | None = None,
+                 valid: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """x0, x1: [batch, frames, D] float32 → the updated (x0, x1); valid: as SelfAttention's."""
+        a = SelfAttention(self.num_heads, self.dtype, self.attention_impl, name="attn")(x0, valid).astype(jnp.float32)
         x0, x1 = _layer_norm("norm1")(x0 + a), x1 + a
         if ffn is None:
             ffn = FeedForward(self.ff_dim, self.dtype, name="ffn")
@@ -212,8 +214,9 @@ class ResiDualStack(nn.Module):
     remat: str = "none"
 
     @nn.compact
-    def __call__(self, x: jax.Array, return_layers: bool = False):
-        """x: [batch, frames, D].
+    def __call__(self, x: jax.Array, return_layers: bool = False, valid: jax.Array | None = None):
+        """x: [batch, frames, D]; valid: None, or [batch, frames] bool, False for padding frames (never attended to;
+        their outputs are meaningless).
 
         Returns:
             [batch, frames, D] float32; with return_layers also [depth, batch, frames, D]: every
@@ -225,7 +228,7 @@ class ResiDualStack(nn.Module):
         layers = []
         for i in range(self.depth):
             x0, x1 = layer(self.num_heads, self.ff_dim, self.dtype, self.attention_impl,
-                           name=f"layers_{i}")(x0, x1, shared_ffn)
+                           name=f"layers_{i}")(x0, x1, shared_ffn, valid)
             layers.append(x0)
         out = x0 + _layer_norm("final_norm")(x1)
         if return_layers:
@@ -311,21 +314,23 @@ class EncodecMAEModel(nn.Module):
         """features: [batch, frames, 128] EnCodec frames → [batch, frames, D] float32 with positions."""
         return self.encoder_positions(self.input_proj(features).astype(jnp.float32))
 
-    def encode_tokens(self, tokens: jax.Array, return_layers: bool = False):
+    def encode_tokens(self, tokens: jax.Array, return_layers: bool = False, valid: jax.Array | None = None):
         """tokens: [batch, N, D] (embedded frames, any subset) → [batch, N, D] float32 encoder output;
-        with return_layers also [depth, batch, N, D] (see ResiDualStack / TransformerStack)."""
-        return self.encoder(tokens, return_layers)
+        with return_layers also [depth, batch, N, D] (see ResiDualStack / TransformerStack). valid: None, or
+        [batch, N] bool, False for padding frames (never attended to)."""
+        return self.encoder(tokens, return_layers, valid)
 
-    def encode(self, features: jax.Array) -> jax.Array:
+    def encode(self, features: jax.Array, valid: jax.Array | None = None) -> jax.Array:
         """All frames, no masking: features [batch, frames, 128] → [batch, frames, D] (the final encoder
-        output, what the reference's feature extraction returns for layer -1)."""
-        return self.encode_tokens(self.embed(features))
+        output, what the reference's feature extraction returns for layer -1). valid: as encode_tokens'."""
+        return self.encode_tokens(self.embed(features), valid=valid)
 
-    def encode_layers(self, features: jax.Array) -> jax.Array:
+    def encode_layers(self, features: jax.Array, valid: jax.Array | None = None) -> jax.Array:
         """All frames, no masking: features [batch, frames, 128] → [encoder_depth, batch, frames, D], every
         layer's output with the last one replaced by `encode`'s (ResiDual: each layer's x0; the reference v2's
         activations with postnorm_last_activation; audiojepa.models.encoder_layers)."""
-        return encoder_layers.runtime_layers(*self.encode_tokens(self.embed(features), return_layers=True))
+        return encoder_layers.runtime_layers(*self.encode_tokens(self.embed(features), return_layers=True,
+                                                                 valid=valid))
 
     def cluster_features(self, features: jax.Array) -> jax.Array:
         """What the self-training stage clusters (§1.13): features [batch, frames, 128] → [batch, frames, D],
