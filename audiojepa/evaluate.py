@@ -41,6 +41,11 @@ one row per (encoder, layer) and per (random init, layer), results.json keeping 
 output) result on top and every layer's under "layers": {"k": {"linear", "knn", "layer"}}, and results.md naming
 each task's best layer. The log-mel baseline has no layers: one row. all_results.json records "layer".
 
+A task folder with `events.csv` (and `splits.csv`) is a sound event detection task, as HEAR's DCASE 2016 task 2
+(audiojepa/evaluation/sed.py): each encoder's frame features (the log-mel baseline's: log-mel averaged over 160 ms)
+get a frame-wise linear probe, decoded into events and scored with HEAR's event-based onset F-measure (200 ms
+collar, micro average): metric "onset_fms", with the frame hop, in results.json ("sed") and results.md. No kNN.
+
 Before anything is embedded, `--output` must be (or become) a writable folder, and every task must have two
 or more classes, a non-empty train and test split (or two folds) and no test class missing from training;
 errors name the path or the task.
@@ -60,7 +65,7 @@ import os  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from audiojepa.evaluation import embedders, embedding_cache, probes, protocols, report, tasks  # noqa: E402
+from audiojepa.evaluation import embedders, embedding_cache, probes, protocols, report, sed, tasks  # noqa: E402
 from audiojepa.models import encoder_layers  # noqa: E402
 
 
@@ -68,8 +73,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     """The command line's flags, defined on `flag_values` (a fresh FlagValues in tests)."""
     flags.DEFINE_string("encoder", None, "Exported encoder, training workdir, 'logmel' or 'random:<config>'.",
                         flag_values=flag_values)
-    flags.DEFINE_multi_string("task", None, "Task folder (labels.csv), shard set with labels, 'embedded', or "
-                              "'tfds:NAME'.", flag_values=flag_values)
+    flags.DEFINE_multi_string("task", None, "Task folder (labels.csv), shard set with labels, 'embedded', "
+                              "'tfds:NAME', or a sound event detection folder (events.csv + splits.csv).",
+                              flag_values=flag_values)
     flags.DEFINE_string("output", None, "Output folder for the report.", flag_values=flag_values)
     flags.DEFINE_bool("baselines", True, "Also evaluate the log-mel baseline and the encoder at random init.",
                       flag_values=flag_values)
@@ -104,10 +110,6 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
 
 define_flags()
 FLAGS = flags.FLAGS
-
-# Re-exported: the streaming embedder moved to the evaluation library (evaluators use it too).
-MAX_BUFFERED_CLIPS = embedders.MAX_BUFFERED_CLIPS
-embed_task = embedders.embed_task
 
 
 def protocol_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> protocols.Protocol:
@@ -299,10 +301,19 @@ def run(encoder_spec: str, task_specs: list[str], output_dir: str, *, baselines:
     specs_by_name: dict[str, str] = {}
     loaded = []
     for spec in task_specs:  # all loaded and checked before the first (long) evaluation
-        task = tasks.load_task(spec, sample_rate=main.sample_rate)
+        if sed.is_sed_task(spec):  # events.csv: frame-level sound event detection (evaluation/sed.py)
+            if layer == encoder_layers.ALL:
+                raise ValueError(f"--task={spec} is an SED task, which takes one layer's frames; leave out --layer=all")
+            task = sed.load_sed_task(spec, sample_rate=main.sample_rate)
+        else:
+            task = tasks.load_task(spec, sample_rate=main.sample_rate)
         if task.name in specs_by_name:
             raise ValueError(f"--task={spec} and --task={specs_by_name[task.name]} are both named {task.name!r}; "
                              "results are keyed by task name: rename one folder")
+        if isinstance(task, sed.SedTask):  # its splits and events were checked as it loaded
+            specs_by_name[task.name] = spec
+            loaded.append(task)
+            continue
         protocols.task_unit_sec(protocol, task.name, task.unit_sec)  # a missing crop length fails now
         try:  # an empty test split or a test class never trained on fails now, not after embedding
             probes.check_splits(task.label_array(), task.splits, multilabel=task.multilabel,
@@ -314,7 +325,11 @@ def run(encoder_spec: str, task_specs: list[str], output_dir: str, *, baselines:
     for _, make in candidates:
         embedder = make()
         for task in loaded:
-            result = evaluate_embedder(embedder, task, protocol, batch_size=batch_size, cache_dir=embedding_cache_dir)
+            if isinstance(task, sed.SedTask):
+                result = sed.evaluate_embedder(embedder, task, protocol)
+            else:
+                result = evaluate_embedder(embedder, task, protocol, batch_size=batch_size,
+                                           cache_dir=embedding_cache_dir)
             if isinstance(result, list):  # every layer: one row each
                 for k, layer_result in enumerate(result):
                     results.setdefault(report.layer_row(embedder.name, k), {})[task.name] = layer_result

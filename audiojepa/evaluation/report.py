@@ -30,16 +30,18 @@ def _finite(value) -> bool:
 
 
 def _linear_cell(linear: dict | None) -> str:
-    """"81.2 ± 1.3 accuracy", or "81.2 accuracy (1 seed)" where there is no interval."""
+    """"81.2 ± 1.3 accuracy", or "81.2 accuracy (1 seed)" where there is no interval; a frame-level (SED) probe
+    adds its frame hop: "62.0 ± 1.3 onset_fms, 160 ms frames"."""
     if linear is None:
         return "–"
+    frames = f", {1000 * linear['frame_hop_seconds']:g} ms frames" if linear.get("frame_hop_seconds") else ""
     if not _finite(linear.get("mean")):
-        return f"n/a {linear['metric']}"
+        return f"n/a {linear['metric']}{frames}"
     if _finite(linear.get("ci95")):
-        return f"{100 * linear['mean']:.1f} ± {100 * linear['ci95']:.1f} {linear['metric']}"
+        return f"{100 * linear['mean']:.1f} ± {100 * linear['ci95']:.1f} {linear['metric']}{frames}"
     seeds = len(linear.get("per_seed") or ())
     why = "1 seed" if seeds == 1 else "no interval"
-    return f"{100 * linear['mean']:.1f} {linear['metric']} ({why})"
+    return f"{100 * linear['mean']:.1f} {linear['metric']} ({why}){frames}"
 
 
 def markdown_table(results: dict[str, dict[str, dict]], knn_k: int = 10) -> str:
@@ -174,6 +176,14 @@ def protocol_lines(protocol, results: dict[str, dict[str, dict]]) -> list[str]:
         record = r.get("protocol") or {}
         crop = (f"unit_sec {record['unit_sec']:g} s ({record['unit_sec_source']})" if record.get("unit_sec")
                 else "whole clips")
+        if r.get("sed"):  # a sound event detection task (evaluation/sed.py)
+            sed = r["sed"]
+            crop = (f"sound event detection with its own probe (not the protocol's): lr {record['lr']:g}, "
+                    f"{record['probe_batch_frames']} frames a step, <= {record['max_epochs']} epochs, valid scored "
+                    f"every {record['valid_every_epochs']} (patience {record['patience_scorings']} scorings), seeds "
+                    f"{', '.join(map(str, record['seeds']))}; whole files, frames every "
+                    f"{1000 * sed['frame_hop_seconds']:g} ms ({sed['timestamps']}); onset F-measure "
+                    f"({1000 * sed['decoding']['onset_collar_s']:g} ms collar, {sed['decoding']['average']})")
         validation = (r.get("linear") or {}).get("validation")
         lines.append(f"- {task}: {crop}" + (f"; model selected on the {validation}" if validation else "")
                      + (f"; kNN skipped ({record['knn_skipped']})" if record.get("knn_skipped") else ""))
