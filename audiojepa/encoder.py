@@ -29,11 +29,10 @@ output, an int that block's output, "all" every layer from one pass, each featur
 
 Waveform models (EncodecMAE) cut the waveform into chunks of the training crop, encode each chunk and
 join the frame features in time; the clip embedding is again the time mean. A shorter last chunk is
-encoded at its own length rounded up to whole frames, as EncodecMAE's reference does. Full chunks share
-one shape, but each distinct last-chunk length (in 75 Hz frames) still compiles once per padded row
-count: the remaining unbounded case. Padding it would need a padding mask in the MAE transformer
-(audiojepa.models.encodecmae has none: every frame attends to every frame, silence included); EnCodec
-itself already takes per-row lengths (audiojepa.models.encodec, `num_samples`).
+encoded as at its own length rounded up to whole frames, as EncodecMAE's reference does, but in the same
+fixed shapes: it is zero-padded to a time bucket of 75 Hz frames, EnCodec redoes its convs' reflect padding
+at the row's own length (audiojepa.models.encodec, `num_samples`) and the MAE transformer masks the padding
+frames out of attention (the method's `encode(..., valid=)`), so its frames are those of the chunk alone.
 """
 
 from __future__ import annotations
@@ -124,14 +123,16 @@ def _counted_encode(method, traced: list) -> Callable:
     """method.encode (or encode_layers for layer="all") as one jitted function (params, x, valid_steps=None, *,
     layer) -> tokens, which appends x's shape to `traced` and logs it each time it is traced, i.e. compiled.
 
-    valid_steps: None (waveform models), or [batch] int: the time steps of each row of log-mels x [batch,
-    n_mels, frames] that are content; the patches after them are masked out of attention."""
+    valid_steps: None, or [batch] int: the time steps of each row that are content, of log-mels x [batch, n_mels,
+    frames] (patches) or of waveforms x [batch, samples] (75 Hz frames); the rest is masked out of attention."""
     def encode(params, x, valid_steps=None, *, layer=None):
         traced.append(tuple(x.shape))
         logging.info("AudioEncoder: compiling the encoder for inputs %s (layer %s); %d shapes so far",
                      tuple(x.shape), layer, len(traced))
         kwargs = {}
-        if valid_steps is not None:
+        if valid_steps is not None and x.ndim == 2:  # waveforms: one step per frame_hop_samples
+            kwargs["valid"] = jnp.arange(x.shape[1] // method.frame_hop_samples)[None, :] < valid_steps[:, None]
+        elif valid_steps is not None:
             patch_f, patch_t = method.patch_size
             kwargs["valid"] = patch_validity(valid_steps, x.shape[1] // patch_f, x.shape[2] // patch_t)
         if layer == encoder_layers.ALL:
@@ -290,7 +291,10 @@ class AudioEncoder:
 
     @property
     def time_buckets(self) -> tuple[int, ...]:
-        """Patch models: the chunk widths in patches that chunks are padded to (`time_buckets` function)."""
+        """The chunk widths that chunks are padded to (`time_buckets` function): in patches, or for waveform
+        models in frames of frame_hop_samples."""
+        if self.is_waveform_model:
+            return time_buckets(self.input_shape[0], self.method.frame_hop_samples)
         return time_buckets(self.chunk_frames, self.patch_size[1])
 
     @property
@@ -396,16 +400,18 @@ class AudioEncoder:
         return rows
 
     def _waveform_rows(self, waveform: np.ndarray) -> list[tuple[int, np.ndarray, int]]:
-        """Waveform models: one clip [samples] -> its chunk rows (frames, waveform [frames x hop], frames): each
-        chunk zero-padded to whole frames only (less than one hop, where EnCodec would pad anyway)."""
+        """Waveform models: one clip [samples] -> its chunk rows (bucket, waveform [bucket x hop], frames): each
+        chunk zero-padded to whole frames (less than one hop, as the reference's last chunk), which are its
+        content, then to its time bucket of frames, masked."""
         chunk, hop = self.input_shape[0], self.method.frame_hop_samples
         rows = []
         for start in range(0, waveform.shape[0], chunk):
             piece = waveform[start:start + chunk]
             frames = -(-piece.shape[0] // hop)
-            row = np.zeros(frames * hop, np.float32)
+            bucket = next(b for b in self.time_buckets if b >= frames)
+            row = np.zeros(bucket * hop, np.float32)
             row[:piece.shape[0]] = piece
-            rows.append((frames, row, frames))
+            rows.append((bucket, row, frames))
         return rows
 
     def _encode_rows(self, rows: list[np.ndarray], steps: list[int], num_rows: int) -> list[np.ndarray]:
@@ -413,12 +419,13 @@ class AudioEncoder:
         ([depth, steps, D] with layer="all"), from one encoder call on `num_rows` rows (zero rows after them)."""
         x = np.zeros((num_rows, *rows[0].shape), np.float32)
         x[:len(rows)] = rows
-        if self.is_waveform_model:
-            tokens = np.asarray(self._encode(self.params, x, layer=self.layer))
-            return [tokens[..., i, :n, :].copy() for i, n in enumerate(steps)]
-        grid_t = x.shape[2] // self.patch_size[1]
+        grid_t = (x.shape[1] // self.method.frame_hop_samples if self.is_waveform_model
+                  else x.shape[2] // self.patch_size[1])
         valid_steps = np.full(num_rows, grid_t, np.int32)  # zero rows all valid: no row without a valid token
         valid_steps[:len(rows)] = steps
+        if self.is_waveform_model:
+            tokens = np.asarray(self._encode(self.params, x, valid_steps, layer=self.layer))
+            return [tokens[..., i, :n, :].copy() for i, n in enumerate(steps)]
         tokens = np.asarray(self._encode(self.params, x, valid_steps, layer=self.layer))
         tokens = tokens[..., getattr(self.method, "num_prefix_tokens", 1):, :]
         grid_f = x.shape[1] // self.patch_size[0]

@@ -164,3 +164,39 @@ def test_the_chunk_batcher_bounds_the_waiting_rows_and_pads_partial_batches_to_p
     assert [encoder.padded_rows(n, 6) for n in (1, 2, 3, 4, 5, 6)] == [1, 2, 4, 4, 6, 6]
     assert encoder.time_buckets(608, 16) == (1, 2, 4, 8, 16, 32, 38)
     assert encoder.time_buckets(1001, 16) == (1, 2, 4, 8, 16, 32, 62, 63)
+
+
+def test_a_waveform_model_compiles_a_few_shapes_and_keeps_the_per_length_frames():
+    """EncodecMAE (0.4 s chunks: 30 frames of 320 samples at 24 kHz): a last chunk of any length is padded to a
+    frame bucket with EnCodec told its length and the padding masked, and gives the frames of that chunk encoded
+    alone at its own length (whole frames), as the reference encodes it (TOL); 9 lengths compile at most two
+    shapes per bucket."""
+    from audiojepa import frontend as frontend_lib
+    from audiojepa.methods import encodecmae
+
+    config = encodecmae.default_config("tiny")
+    method = encodecmae.EncodecMAE(config, input_shape=(9600,))
+    enc = encoder.AudioEncoder("encodecmae", config, (9600,), frontend_lib.get_preset("encodec"), (0.0, 1.0),
+                               methods.random_encoder_params(method, jax.random.key(0)))
+    assert enc.time_buckets == (1, 2, 4, 8, 16, 30)
+    encode = jax.jit(enc.method.encode)
+    rng = np.random.default_rng(5)
+    lengths = (100, 320, 700, 2500, 6000, 9600, 9601, 15000, 23000)  # samples: < 1 frame ... > 2 chunks
+    for samples in lengths:
+        waveform = (0.1 * rng.standard_normal(samples)).astype(np.float32)
+        frames, _ = enc.embed_waveform(waveform[None])
+        reference = []
+        for start in range(0, samples, 9600):  # each chunk alone, zero-padded to whole frames only
+            piece = waveform[start:start + 9600]
+            whole = np.zeros(-(-len(piece) // 320) * 320, np.float32)
+            whole[:len(piece)] = piece
+            reference.append(np.asarray(encode(enc.params, whole[None]))[0])
+        reference = np.concatenate(reference)
+        assert frames.shape[1] == len(reference) == sum(-(-min(9600, samples - s) // 320)
+                                                        for s in range(0, samples, 9600))
+        np.testing.assert_allclose(frames[0], reference, rtol=TOL, atol=TOL)
+    # 20 distinct frame counts (the per-length path: 20 compiles) in a fresh encoder: one shape per bucket used.
+    fresh = encoder.AudioEncoder("encodecmae", config, (9600,), enc.frontend, enc.norm_stats, enc.params)
+    for frames in range(1, 21):
+        fresh.embed_waveform((0.1 * rng.standard_normal((1, frames * 320 - 7))).astype(np.float32))
+    assert fresh.compile_count == len({next(b for b in fresh.time_buckets if b >= f) for f in range(1, 21)}) == 6
