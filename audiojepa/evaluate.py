@@ -108,10 +108,6 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                          "minibatch is --probe_batch_size).", flag_values=flag_values)
 
 
-define_flags()
-FLAGS = flags.FLAGS
-
-
 def protocol_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> protocols.Protocol:
     """--protocol with the explicit --lr / --seeds / --probe_batch_size / --unit_sec replacing its values."""
     overrides = {name: flag_values[name].value for name in protocols.OVERRIDABLE if flag_values[name].value is not None}
@@ -420,16 +416,23 @@ def _random_encoder_params(enc) -> dict:
     return methods.random_encoder_params(enc.method, jax.random.key(0))
 
 
-def main(argv):
+def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
+    """The CLI on `flag_values` (define_flags'; the global flags when run as a program). Importing this module
+    defines no flag, so it sits beside other tools' flags (e.g. tools/bench_train.py's --steps) in one process."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    missing = [name for name in ("encoder", "task", "output") if not flag_values[name].value]
+    if missing:
+        raise app.UsageError(f"missing {', '.join('--' + m for m in missing)}")
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's restore chatter
-    run(FLAGS.encoder, FLAGS.task, FLAGS.output, baselines=FLAGS.baselines, protocol=protocol_from_flags(FLAGS),
-        batch_size=FLAGS.batch_size, layer=parse_layer(FLAGS.layer),
-        embedding_cache_dir="" if FLAGS.embedding_cache is None else FLAGS.embedding_cache, steps=FLAGS.steps)
-    print(f"report: {os.path.join(FLAGS.output, 'results.md')}")
+    fv = flag_values
+    run(fv.encoder, fv.task, fv.output, baselines=fv.baselines, protocol=protocol_from_flags(fv),
+        batch_size=fv.batch_size, layer=parse_layer(fv.layer),
+        embedding_cache_dir="" if fv.embedding_cache is None else fv.embedding_cache, steps=fv.steps)
+    print(f"report: {os.path.join(fv.output, 'results.md')}")
 
 
 if __name__ == "__main__":
+    define_flags()
     flags.mark_flags_as_required(["encoder", "task", "output"])
     app.run(main)

@@ -199,13 +199,16 @@ def test_evaluate_cli_reports_every_layer(tiny_export, tmp_path):
     keeps the final output's numbers on top and every layer's under "layers". --layer=0 records layer 0."""
     task = _tones(tmp_path / "tones")
     out = tmp_path / "all"
-    from absl.testing import flagsaver
+    from absl import flags
 
     from audiojepa import evaluate
 
     # The CLI's main with its flags as typed (in this process: a subprocess would import JAX and compile again).
-    with flagsaver.as_parsed(encoder=str(tiny_export), task=str(task), output=str(out), seeds="1", layer="all"):
-        evaluate.main(["evaluate"])
+    flag_values = flags.FlagValues()
+    evaluate.define_flags(flag_values)
+    flag_values(["evaluate", f"--encoder={tiny_export}", f"--task={task}", f"--output={out}", "--seeds=1",
+                 "--layer=all"])
+    evaluate.main(["evaluate"], flag_values=flag_values)
     names = [f"{tiny_export} (layer {k})" for k in range(TINY_DEPTH)] + ["logmel"] + \
         [f"random init (layer {k})" for k in range(TINY_DEPTH)]
     everything = json.loads((out / "all_results.json").read_text())
