@@ -5,7 +5,9 @@ target params and the step; `data` the per-process Grain iterator state; `meta` 
 config, the front end and normalisation the encoder was trained with, where the data stream stands
 and the run's counters). Saves are asynchronous; an interrupted save never replaces the previous
 good checkpoint: Orbax writes into `<step>.orbax-checkpoint-tmp-*` and renames it when complete
-(on GCS, a `commit_success.txt` marks completion), and `latest_step()` only sees finished ones.
+(on GCS, where there is no rename, it writes into `<step>` and a `commit_success.txt` marks completion), and
+`latest_step()` only sees finished ones. The workdir may be a gs:// URL (audiojepa.storage): Orbax writes arrays
+there with TensorStore's GCS driver and its other files through etils.epath.
 
 Faults. A save that fails (a full disk, a lost mount) raises `CheckpointWriteError` at the next call of
 `save` (train.py calls it every step) or `wait_for_saves`, its message starting with the cause ("No space
@@ -23,11 +25,9 @@ keep: the latest `config.keep_checkpoints`, plus every `config.keep_every_steps`
 from __future__ import annotations
 
 import errno
-import glob
 import logging
 import os
 import re
-import shutil
 import signal
 import threading
 import time
@@ -41,9 +41,12 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 from orbax.checkpoint.checkpoint_managers import save_decision_policy as sdp
 
+from audiojepa import storage
+
 ITEMS = ("state", "data", "meta")
 DIGESTS_KEY = "state_digests"  # meta key: {leaf name: digest} of the saved state (state_digests())
 DAMAGED_DIR = "damaged_checkpoints"  # under the workdir: checkpoints found damaged, moved out of the way
+GCS_COMMIT_FILE = "commit_success.txt"  # Orbax's mark of a complete checkpoint on GCS (atomicity.COMMIT_SUCCESS_FILE)
 
 
 class CheckpointWriteError(RuntimeError):
@@ -70,7 +73,7 @@ class CheckpointDamagedError(RuntimeError):
 
 
 def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "checkpoints")
+    return storage.join(storage.absolute(workdir), "checkpoints")
 
 
 def make_manager(workdir: str, *, every_steps: int, keep: int = 2, keep_every_steps: int = 0,
@@ -239,9 +242,17 @@ def _write_error(manager: ocp.CheckpointManager, step: int, error: BaseException
     directory = str(manager.directory)
     removed = []
     if jax.process_index() == 0:
-        for partial in glob.glob(os.path.join(directory, f"{step}.orbax-checkpoint-tmp*")):
-            shutil.rmtree(partial, ignore_errors=True)
-            removed.append(os.path.basename(partial))
+        try:  # on an object store the cause (an unreachable bucket) may fail this too; it must not hide the cause
+            partials = storage.glob(storage.join(directory, f"{step}.orbax-checkpoint-tmp*"))
+            unfinished = storage.join(directory, str(step))  # on GCS the save writes here; the marker commits it
+            if storage.is_url(directory) and not storage.exists(storage.join(unfinished, GCS_COMMIT_FILE)):
+                partials.append(unfinished)
+            for partial in partials:
+                if storage.exists(partial):
+                    storage.remove_tree(partial)
+                    removed.append(os.path.basename(partial))
+        except Exception:  # noqa: BLE001 - reported in the log; the write error below is what the caller needs
+            logging.exception("could not remove the partial checkpoint of step %d in %s", step, directory)
     cause = _os_cause(error) or _first_line(error)
     latest = manager.latest_step()
     intact = f"checkpoint {latest}" if latest is not None else "none"
@@ -409,15 +420,15 @@ def restore_data_iterator(manager: ocp.CheckpointManager, step: int, data_iterat
 def _move_aside(manager: ocp.CheckpointManager, step: int) -> str:
     """Moves checkpoint `step` to <workdir>/damaged_checkpoints/<step>[-n]; returns where (process 0 moves,
     every process waits for it)."""
-    source = os.path.join(str(manager.directory), str(step))
-    root = os.path.join(os.path.dirname(str(manager.directory)), DAMAGED_DIR)
-    dest, n = os.path.join(root, str(step)), 0
-    while os.path.exists(dest):
+    source = storage.join(str(manager.directory), str(step))
+    root = storage.join(os.path.dirname(str(manager.directory)), DAMAGED_DIR)
+    dest, n = storage.join(root, str(step)), 0
+    while storage.exists(dest):
         n += 1
-        dest = os.path.join(root, f"{step}-{n}")
+        dest = storage.join(root, f"{step}-{n}")
     if jax.process_index() == 0:
-        os.makedirs(root, exist_ok=True)
-        os.replace(source, dest)
+        storage.makedirs(root)
+        storage.move(source, dest)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 

@@ -43,7 +43,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable, Hashable, Iterable, Iterator
 
 import flax.serialization
@@ -54,7 +53,7 @@ import numpy as np
 from einops.array_api import rearrange, reduce  # the array-API entry: no framework lookup (never imports torch)
 
 from audiojepa import frontend as frontend_lib
-from audiojepa import methods
+from audiojepa import methods, storage
 from audiojepa.data import stats
 from audiojepa.models import encoder_layers
 from audiojepa.models.vit import stack_all_blocks
@@ -455,15 +454,16 @@ class AudioEncoder:
         """Writes `encoder.json` and `params.msgpack` into `output_dir`; returns the folder. (Not `layer` or
         `freq_pooling`: evaluation choices, given to `load_encoder`.)
 
-        Refuses a training workdir (its checkpoints would be shadowed: `load_encoder` could not tell which
-        to read). Each file is written beside itself and swapped into place, params first; encoder.json holds
-        the params' SHA-256, so a load after a crash between the two swaps, or of a truncated copy, fails
-        naming the file instead of reading mismatched weights.
+        `output_dir` may be a URL (gs://..., any etils.epath scheme; audiojepa.storage). Refuses a training
+        workdir (its checkpoints would be shadowed: `load_encoder` could not tell which to read). Each file is
+        written whole (storage.write_atomically: locally beside itself and swapped into place; on an object store
+        in one write), params first; encoder.json holds the params' SHA-256, so a load after a crash between the
+        two, or of a truncated copy, fails naming the file instead of reading mismatched weights.
         """
-        if os.path.isdir(os.path.join(output_dir, CHECKPOINTS_DIR)):
+        if storage.isdir(storage.join(output_dir, CHECKPOINTS_DIR)):
             raise ValueError(f"{output_dir} is a training workdir (it holds {CHECKPOINTS_DIR}/): an export there "
                              "would shadow its checkpoints; give another --output, e.g. a subfolder")
-        os.makedirs(output_dir, exist_ok=True)
+        storage.makedirs(output_dir)
         params_bytes = flax.serialization.msgpack_serialize(jax.tree.map(np.asarray, self.params))
         meta = {
             "format_version": FORMAT_VERSION,
@@ -475,34 +475,19 @@ class AudioEncoder:
             "source": source,
             "params_sha256": hashlib.sha256(params_bytes).hexdigest(),
         }
-        _write_atomically(os.path.join(output_dir, PARAMS_FILE), params_bytes)
-        _write_atomically(os.path.join(output_dir, ENCODER_JSON), json.dumps(meta, indent=1).encode())
+        storage.write_atomically(storage.join(output_dir, PARAMS_FILE), params_bytes)
+        storage.write_atomically(storage.join(output_dir, ENCODER_JSON), json.dumps(meta, indent=1).encode())
         return output_dir
-
-
-def _write_atomically(path: str, data: bytes) -> None:
-    """Writes `data` to `path` through a temporary file beside it (flushed to disk), then os.replace."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
 
 
 def _read_exported_params(path: str, meta: dict) -> dict:
     """The params of an export folder `path`, checked against encoder.json's SHA-256 (exports since 2026-12);
     errors name the file."""
-    params_path = os.path.join(path, PARAMS_FILE)
-    with open(params_path, "rb") as f:
-        data = f.read()
+    params_path = storage.join(path, PARAMS_FILE)
+    data = storage.read_bytes(params_path)
     expected = meta.get("params_sha256")
     if expected is not None and hashlib.sha256(data).hexdigest() != expected:
-        raise ValueError(f"{params_path} does not match {os.path.join(path, ENCODER_JSON)} (its SHA-256 differs: a "
+        raise ValueError(f"{params_path} does not match {storage.join(path, ENCODER_JSON)} (its SHA-256 differs: a "
                          "truncated or damaged copy, or an export interrupted between its two files); export again")
     try:
         return flax.serialization.msgpack_restore(data)
@@ -549,10 +534,9 @@ def restore_train_state(workdir: str, step: int | None = None):
 def _warn_if_unfinished(workdir: str, step: int) -> None:
     """Logs a warning when the run's `run_summary.json` says it did not finish (failed, stopped, preempted, or
     still running / killed), naming the status, the error and the step whose weights are used."""
-    path = os.path.join(workdir, "run_summary.json")  # train.SUMMARY_FILE (this module does not import train)
+    path = storage.join(workdir, "run_summary.json")  # train.SUMMARY_FILE (this module does not import train)
     try:
-        with open(path) as f:
-            summary = json.load(f)
+        summary = json.loads(storage.read_text(path))
     except FileNotFoundError:
         logging.warning("%s has no run_summary.json (a run still going, or killed before it wrote one); using its "
                         "checkpoint at step %d", workdir, step)
@@ -583,15 +567,14 @@ def load_encoder(path: str, *, step: int | None = None, freq_pooling: str = "con
     """Loads an exported encoder folder, or the latest (or `step`) checkpoint of a training workdir;
     `freq_pooling` (FREQ_POOLINGS) is how its frame features pool the frequency patches, `layer` which layer
     embeds (AudioEncoder.layer; None: the final output)."""
-    is_export = os.path.exists(os.path.join(path, ENCODER_JSON))
-    is_workdir = os.path.isdir(os.path.join(path, CHECKPOINTS_DIR))
+    is_export = storage.exists(storage.join(path, ENCODER_JSON))
+    is_workdir = storage.isdir(storage.join(path, CHECKPOINTS_DIR))
     if is_export and is_workdir:
         raise ValueError(f"{path} holds both an exported encoder ({ENCODER_JSON}) and a training workdir "
                          f"({CHECKPOINTS_DIR}/), so which to load is ambiguous; move the export to its own folder "
                          f"(or delete {ENCODER_JSON} and {PARAMS_FILE}) to load the checkpoints")
     if is_export:
-        with open(os.path.join(path, ENCODER_JSON)) as f:
-            meta = json.load(f)
+        meta = json.loads(storage.read_text(storage.join(path, ENCODER_JSON)))
         version = meta.get("format_version")
         if version not in READABLE_FORMAT_VERSIONS:
             raise ValueError(f"{path}/{ENCODER_JSON}: format_version {version!r}, this code reads "

@@ -3,7 +3,8 @@
 `exclusive_lock(lock_file, on_held=...)` holds an flock on `lock_file` for a block, and fails at once (it never
 waits) with the error `on_held(holder_pid)` builds when another process, or this one, holds it.
 The kernel frees the lock of a process that dies, so a killed run never leaves its folder locked; the file
-holds the holder's pid and is removed when the block ends.
+holds the holder's pid and is removed when the block ends. Local (or mounted) folders only: an object store
+(gs://) has no such lock, see audiojepa.train.workdir_lock for what a bucket workdir does instead.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import contextlib
 import fcntl
 import os
 from collections.abc import Callable, Iterator
+
+from audiojepa import storage
 
 
 class RunLockedError(RuntimeError):
@@ -27,6 +30,8 @@ def exclusive_lock(lock_file: str, *, on_held: Callable[[str], Exception]) -> It
         on_held: builds the error raised when the lock is held, from the holder's pid (a string, "unknown"
             if the file holds none); the message should name the guarded folder and `lock_file`.
     """
+    if storage.is_url(lock_file):
+        raise ValueError(f"{lock_file}: a lock file must be on a local or mounted filesystem (flock), not a URL")
     while True:
         fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:

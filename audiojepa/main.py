@@ -19,7 +19,8 @@ from ml_collections import config_flags  # noqa: E402
 from audiojepa import config_utils, process  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/m2d.py:runlocal.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs; a run resumes from it.")
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs, or a gs:// URL; a run resumes "
+                    "from it.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 

@@ -2,6 +2,12 @@
 
 `MetricWriter.write(step, {...})` appends `{"step": step, ...}` to `workdir/metrics.jsonl` and
 adds the same scalars to TensorBoard (`workdir/tb/`). Other processes write nothing.
+
+A workdir at a URL (`gs://...`, audiojepa.storage) cannot be appended to (an object is written whole), so
+the writer keeps both files in a local folder of its own and copies the changed ones to the workdir:
+on `flush()` (the trainer calls it before each checkpoint, so the rows up to a committed checkpoint are
+always there), at most every `sync_secs` otherwise, and on `close()`. A killed run loses only rows after its
+last flush, which a resumed run logs again anyway (they come after its checkpoint).
 """
 
 from __future__ import annotations
@@ -10,7 +16,14 @@ import json
 import logging
 import math
 import os
+import shutil
+import tempfile
 import time
+
+from audiojepa import storage
+
+JSONL_FILE = "metrics.jsonl"
+TB_DIR = "tb"
 
 
 class MetricWriter:
@@ -19,21 +32,30 @@ class MetricWriter:
     `start_step`: the step the run starts (or resumes) from. Rows logged after it by an earlier attempt
     (one killed after its last checkpoint) are dropped from `metrics.jsonl`, and TensorBoard purges its
     events after it, so a resumed run's log holds each step once.
+    `sync_secs`: for a URL workdir, the longest time between copies of the files to it (see the module doc).
     """
 
-    def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True, start_step: int = 0):
+    def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True, start_step: int = 0,
+                 sync_secs: float = 30.0):
         self.enabled = enabled
         self._tb = None
         if not enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
-        path = os.path.join(workdir, "metrics.jsonl")
-        drop_rows_after(path, start_step)
+        self._workdir = workdir
+        self._staging = tempfile.mkdtemp(prefix="audiojepa-metrics-") if storage.is_url(workdir) else None
+        self._sync_secs, self._last_sync, self._synced = sync_secs, time.monotonic(), {}
+        local_dir = self._staging or workdir
+        storage.makedirs(workdir)
+        path = os.path.join(local_dir, JSONL_FILE)
+        if self._staging and storage.exists(storage.join(workdir, JSONL_FILE)):
+            storage.copy_file(storage.join(workdir, JSONL_FILE), path)
+        if drop_rows_after(path, start_step) and self._staging:
+            self.flush()
         self._jsonl = open(path, "a")
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tb"), flush_secs=30, purge_step=start_step + 1)
+            self._tb = SummaryWriter(os.path.join(local_dir, TB_DIR), flush_secs=30, purge_step=start_step + 1)
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:
@@ -45,12 +67,45 @@ class MetricWriter:
             for k, v in scalars.items():
                 if math.isfinite(v):
                     self._tb.add_scalar(k, v, step)
+        if self._staging and time.monotonic() - self._last_sync >= self._sync_secs:
+            self.flush()
+
+    def flush(self) -> None:
+        """Makes every row written so far reach the workdir (local files already have them: a no-op there).
+
+        A copy that fails (the store unreachable after the client's own retries) is logged and tried again at
+        the next flush: losing metrics rows must not end a training run, whose checkpoints report their own
+        write errors.
+        """
+        if not self.enabled or self._staging is None:
+            return
+        self._last_sync = time.monotonic()
+        if self._tb is not None:
+            self._tb.flush()
+        files = [os.path.join(dirpath, name) for dirpath, _, names in os.walk(self._staging) for name in names]
+        # metrics.jsonl last: whoever sees its rows also finds the TensorBoard events up to them.
+        for local in sorted(files, key=lambda path: os.path.basename(path) == JSONL_FILE):
+            stat = os.stat(local)
+            if self._synced.get(local) == (stat.st_size, stat.st_mtime_ns):
+                continue
+            remote = storage.join(self._workdir, *os.path.relpath(local, self._staging).split(os.sep))
+            try:
+                storage.copy_file(local, remote)
+            except Exception:  # noqa: BLE001 - any client error; retried at the next flush
+                logging.exception("could not copy %s to %s; trying again at the next flush", local, remote)
+                continue
+            self._synced[local] = (stat.st_size, stat.st_mtime_ns)
 
     def close(self) -> None:
         if self.enabled:
             self._jsonl.close()
             if self._tb is not None:
                 self._tb.close()
+            if self._staging is not None:
+                try:
+                    self.flush()
+                finally:
+                    shutil.rmtree(self._staging, ignore_errors=True)
 
 
 def drop_rows_after(path: str, step: int) -> int:
@@ -82,9 +137,9 @@ def drop_rows_after(path: str, step: int) -> int:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-    """All rows of `workdir/metrics.jsonl`."""
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """All rows of `workdir/metrics.jsonl` (a local path or a URL)."""
+    text = storage.read_text(storage.join(workdir, JSONL_FILE))
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def format_duration(seconds: float) -> str:

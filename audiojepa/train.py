@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from audiojepa import checkpointing, frontend, init_from, locks, methods, optim, profiling, resume_check, sharding
+from audiojepa import (checkpointing, frontend, init_from, locks, methods, optim, profiling, resume_check, sharding,
+                       storage)
 from audiojepa import metrics as metrics_lib
 from audiojepa.data import pipeline, records, stats, target_records
 
@@ -94,7 +95,7 @@ class RunProgress:
 
 def committed_step_on_disk(workdir: str) -> int | None:
     """The latest checkpoint of `workdir` that is committed on disk (None if none, or unreadable)."""
-    if not os.path.isdir(checkpointing.checkpoint_dir(workdir)):
+    if not storage.isdir(checkpointing.checkpoint_dir(workdir)):
         return None
     try:
         manager = checkpointing.make_manager(workdir, every_steps=1, read_only=True)
@@ -124,14 +125,11 @@ def write_run_summary(workdir: str, progress: RunProgress, error: BaseException 
                "preempted": progress.preempted,
                "error": None if error is None else f"{type(error).__name__}: {error}",
                "examples_seen": step * progress.global_batch_size, **counters}
-    tmp = os.path.join(workdir, SUMMARY_FILE + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(summary, f, indent=1)
-    os.replace(tmp, os.path.join(workdir, SUMMARY_FILE))
+    storage.write_atomically(storage.join(workdir, SUMMARY_FILE), json.dumps(summary, indent=1))
     log = logging.error if status == "failed" else logging.info
     log("run %s at committed step %d/%s%s%s (%s)", status, step, progress.total_steps,
         f"; {progress.counters.describe()}" if progress.counters is not None else "",
-        f"; {summary['error']}" if error is not None else "", os.path.join(workdir, SUMMARY_FILE))
+        f"; {summary['error']}" if error is not None else "", storage.join(workdir, SUMMARY_FILE))
     return summary
 
 
@@ -278,7 +276,8 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None, n
 
     Args:
       config: an ml_collections ConfigDict (see configs/).
-      workdir: where checkpoints, metrics.jsonl, TensorBoard logs and config.json go.
+      workdir: where checkpoints, metrics.jsonl, TensorBoard logs and config.json go: a local path (every process
+        of a multi-host run must see it) or a gs:// URL (audiojepa.storage; no run lock there, see workdir_lock).
       stop_after: leave the loop (with a checkpoint) after this step, as a pre-empted job would.
       num_devices: use only the first N local devices (single process; tests and benchmarks).
 
@@ -286,11 +285,9 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None, n
       The last logged metrics, plus `preempted` = 1.0 if a preemption signal (SIGTERM) stopped the
       run early, after committing a checkpoint.
     """
-    if "://" in workdir:
-        raise ValueError(f"--workdir={workdir}: URLs are not supported yet (metrics and run files use local file "
-                         "APIs); use a path every process sees, e.g. an NFS share or a Cloud Storage FUSE mount")
+    storage.check_url(workdir, what="--workdir")
     mesh = sharding.make_mesh(num_devices)
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
     with workdir_lock(workdir):  # before anything is written: a second trainer leaves the first's files alone
         run_progress = RunProgress(global_batch_size=int(config.batch_size))
         error = None
@@ -312,8 +309,20 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None, n
 def workdir_lock(workdir: str):
     """The training workdir's run lock (audiojepa.locks), held by process 0 for the whole run: a second trainer
     on the same workdir fails at once, naming it and the holder's pid, instead of interleaving checkpoints.
-    Other processes of a multi-host run take no lock (they are the same run)."""
+    Other processes of a multi-host run take no lock (they are the same run).
+
+    A workdir on an object store (gs://) has no lock, and the run says so in a warning. A lock there could only
+    be a lease (an object with an owner and a heartbeat, taken by a conditional create): a killed or preempted
+    run cannot release it, so every resume would first wait for its heartbeat to go stale (or fail), which is
+    the path pod jobs take after each preemption, and the condition needs a client beyond epath. Checkpoints
+    stay readable without it (Orbax marks each complete one with commit_success.txt), but two runs on one
+    bucket workdir would interleave their checkpoints and metrics: give each run its own workdir.
+    """
     if jax.process_index() != 0:
+        return contextlib.nullcontext()
+    if storage.is_url(workdir):
+        logging.warning("workdir %s is on an object store: no run lock is taken there (audiojepa.train.workdir_lock); "
+                        "make sure no other run uses this workdir", workdir)
         return contextlib.nullcontext()
     path = os.path.join(workdir, LOCK_FILE)
     return locks.exclusive_lock(path, on_held=lambda holder: locks.RunLockedError(
@@ -374,10 +383,7 @@ def _train_on_mesh(config, workdir: str, mesh, *, stop_after: int | None, run_pr
         if intact != latest:
             latest, saved_meta = intact, checkpointing.restore_meta_item(manager, intact)
     if is_main:  # after the check, so that a refused resume leaves the run's config.json as it was
-        tmp = os.path.join(workdir, "config.json.tmp")
-        with open(tmp, "w") as f:
-            f.write(config.to_json_best_effort(indent=1))
-        os.replace(tmp, os.path.join(workdir, "config.json"))
+        storage.write_atomically(storage.join(workdir, "config.json"), config.to_json_best_effort(indent=1))
     # The data position is decided before the iterator is built: after a change of process count the
     # Grain state cannot be restored and the stream is rebuilt from the step (see pipeline.plan_resume).
     position, restore_iterator = pipeline.plan_resume(
@@ -488,6 +494,8 @@ def _train_on_mesh(config, workdir: str, mesh, *, stop_after: int | None, run_pr
                     writer.write(step, row)
                     metrics_lib.log_progress(progress, step, row)
                 last_logged = row
+            if last_step or manager.should_save(step):
+                writer.flush()  # a URL workdir's metrics reach it before the checkpoint that a resume starts from
             saved = checkpointing.save(manager, step, state, data_iter, {**meta, "counters": counters.as_dict()},
                                        force=last_step)
             # No evaluation on preemption: the grace period before SIGKILL is for the checkpoint.
@@ -505,6 +513,7 @@ def _train_on_mesh(config, workdir: str, mesh, *, stop_after: int | None, run_pr
                 if watcher.requested and not last_step:  # the signal came during the evaluation
                     preempted = True
                     if not saved:
+                        writer.flush()
                         checkpointing.save(manager, step, state, data_iter,
                                            {**meta, "counters": counters.as_dict()}, force=True)
             if preempted:

@@ -31,7 +31,7 @@ import time
 import grain
 import numpy as np
 
-from audiojepa import frontend, worker_lifetime
+from audiojepa import frontend, storage, worker_lifetime
 from audiojepa.data import records, shards, stats, target_records
 
 # How many consecutive undecodable records a read may step over before giving up: far beyond any
@@ -275,8 +275,8 @@ def resolve_data_spec(data_config) -> DataSpec:
         if data_config.get("norm_stats", "shards") == "shards":
             embedded.ensure_stats(spec, params)
     paths, manifest = shards.resolve_shards(spec)
-    folder = spec if isinstance(spec, str) and os.path.isdir(spec) else os.path.dirname(paths[0])
-    manifest_path = os.path.join(folder, shards.MANIFEST) if manifest is not None else ""
+    folder = spec if isinstance(spec, str) and storage.isdir(spec) else os.path.dirname(paths[0])
+    manifest_path = storage.join(folder, shards.MANIFEST) if manifest is not None else ""
     kind = (manifest or {}).get("kind", WAVEFORM)
     if kind not in KINDS:
         raise ValueError(f"{manifest_path} has kind={kind!r}; data.shards must be one of {KINDS}")
@@ -307,6 +307,10 @@ def _norm_stats(norm, folder: str, params: frontend.LogMelParams) -> tuple[float
     if norm == "m2d":
         mean, std = stats.M2D_DEFAULT_STATS
     elif norm == "shards":
+        if storage.is_url(folder):  # audiojepa.data.stats reads local statistics files only
+            raise ValueError(f"config.data.norm_stats='shards' reads {stats.STATS_FILE} beside the shards, which is "
+                             f"not supported for shards at a URL ({folder}); give config.data.norm_stats='MEAN,STD' "
+                             f"(the values in that file, or 'm2d')")
         mean, std = stats.read_stats(folder, params)
     else:
         try:

@@ -34,7 +34,7 @@ import numpy as np
 from array_record.python import array_record_module
 from tqdm import tqdm
 
-from audiojepa import locks, worker_lifetime
+from audiojepa import locks, storage, worker_lifetime
 from audiojepa.data import audio_io, records, stats
 
 MANIFEST = "manifest.json"
@@ -689,36 +689,38 @@ def _replace_files(staged: str, output_dir: str) -> None:
 
 
 def read_manifest(shard_dir: str) -> dict:
-    path = os.path.join(shard_dir, MANIFEST)
-    if not os.path.exists(path):
+    path = storage.join(shard_dir, MANIFEST)
+    if not storage.exists(path):
         raise FileNotFoundError(f"{path} does not exist: {shard_dir} is not a complete shard set "
                                 "(make one with tools/make_shards.py)")
-    with open(path) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON ({e}); re-make the shard set (tools/make_shards.py)") from None
+    try:
+        return json.loads(storage.read_text(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); re-make the shard set (tools/make_shards.py)") from None
 
 
 def resolve_shards(spec: str | Sequence[str]) -> tuple[list[str], dict | None]:
-    """Shard files for `spec`: a shard-set folder, a glob, or a list of files.
+    """Shard files for `spec`: a shard-set folder, a glob, or a list of files; local, or gs:// URLs (which
+    ArrayRecord's reader opens itself; audiojepa.storage).
 
     Returns (paths, manifest) where manifest is the folder's manifest.json (None for a glob/list).
     """
-    if isinstance(spec, str) and os.path.isdir(spec):
+    for path in [spec] if isinstance(spec, str) else spec:
+        storage.check_url(path, what="config.data.shards")
+    if isinstance(spec, str) and storage.isdir(spec):
         manifest = read_manifest(spec)
-        paths = [os.path.join(spec, n) for n in manifest["shards"]]
-        missing = [p for p in paths if not os.path.exists(p)]
+        paths = [storage.join(spec, n) for n in manifest["shards"]]
+        missing = [p for p in paths if not storage.exists(p)]
         if missing:
             raise FileNotFoundError(f"{spec}/{MANIFEST} lists shards that are missing: {missing[:3]}")
         return paths, manifest
-    paths = sorted(glob.glob(spec)) if isinstance(spec, str) else list(spec)
+    paths = storage.glob(spec) if isinstance(spec, str) else list(spec)
     if not paths:
         raise FileNotFoundError(f"data.shards={spec!r} matches no shard files "
                                 "(give a shard-set folder, a glob, or a list of .array_record files)")
     manifests = {os.path.dirname(p) for p in paths}
     manifest = None
-    if len(manifests) == 1 and os.path.exists(os.path.join(manifests.pop(), MANIFEST)):
+    if len(manifests) == 1 and storage.exists(storage.join(manifests.pop(), MANIFEST)):
         manifest = read_manifest(os.path.dirname(paths[0]))
     return paths, manifest
 
@@ -741,7 +743,7 @@ def open_reader(path: str):
     except Exception as e:
         raise ShardReadError(f"cannot read shard {path}: {type(e).__name__}: {e}") from e
     if not reader.ok():
-        problem = "it does not exist" if not os.path.exists(path) else "its index is truncated or corrupt"
+        problem = "it does not exist" if not storage.exists(path) else "its index is truncated or corrupt"
         raise ShardReadError(f"cannot read shard {path}: {problem}; copy it again or re-make the shard set "
                              "(tools/make_shards.py)")
     return reader
@@ -775,7 +777,7 @@ def count_records(paths: Sequence[str], expected: Sequence[int] | None = None) -
 
 def shard_sizes(folder: str, manifest: dict) -> list[int]:
     """count_records of the set in `folder`, checked against `manifest["shard_num_clips"]` when present."""
-    return count_records([os.path.join(folder, name) for name in manifest["shards"]],
+    return count_records([storage.join(folder, name) for name in manifest["shards"]],
                          manifest.get("shard_num_clips"))
 
 
