@@ -16,8 +16,8 @@ Steps, each a `gcloud compute tpus tpu-vm` command (printed before it runs; `--d
 
 Re-running the same command reuses the VM and resumes the run from its workdir, so after a spot
 preemption the same line brings the job back. The workdir must be storage every worker sees and that
-outlives the VM (a Filestore NFS share or a Cloud Storage FUSE mount); gs:// URLs are not supported as
-workdirs. `--skip_install` skips steps 2-3 when the code on the VM is current.
+outlives the VM: a `gs://` bucket (audiojepa/storage.py; the install step adds the `gcs` extra), a Filestore
+NFS share or a Cloud Storage FUSE mount; other URL schemes are refused. `--skip_install` skips steps 2-3 when the code on the VM is current.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def install_script() -> str:
         "(command -v uv >/dev/null || test -x ~/.local/bin/uv || curl -LsSf https://astral.sh/uv/install.sh | sh)",
         "export PATH=$HOME/.local/bin:$PATH",
         f"(test -x {VENV}/bin/python || uv venv --python 3.12 {VENV})",
-        f"uv pip install --python {VENV}/bin/python -U 'jax[tpu]' -e ~/audiojepa",
+        f"uv pip install --python {VENV}/bin/python -U 'jax[tpu]' -e \"$HOME/audiojepa[gcs]\"",  # gs:// workdirs
     ])
 
 
@@ -123,8 +123,9 @@ def main():
     main_args = args.main_args[1:] if args.main_args[:1] == ["--"] else args.main_args
     if not any(a.startswith("--config") for a in main_args) or not any(a.startswith("--workdir") for a in main_args):
         parser.error("give audiojepa.main's arguments after --, at least --config=... and --workdir=...")
-    if any(a.startswith("--workdir=") and "://" in a for a in main_args):
-        parser.error("--workdir must be a path mounted on every worker (NFS or Cloud Storage FUSE), not a URL")
+    if any(a.startswith("--workdir=") and "://" in a and not a.startswith("--workdir=gs://") for a in main_args):
+        parser.error("--workdir must be a gs:// bucket or a path mounted on every worker (NFS or Cloud Storage "
+                     "FUSE); other URL schemes are not supported")
     steps = plan(args, main_args)
     if args.dry_run:
         print(shlex.join(describe_command(args)))

@@ -56,16 +56,20 @@ def test_tpu_launcher_dry_run_creates_installs_and_runs_on_all_workers():
     ssh = [c for c in cmds if c[:5] == [*tpu_vm, "ssh"]]
     assert len(ssh) == 2 and all("--worker=all" in c for c in ssh)
     install, run = (next(a for a in c if a.startswith("--command=")) for c in ssh)
-    assert "jax[tpu]" in install and "-e ~/audiojepa" in install
+    assert "jax[tpu]" in install and "-e \"$HOME/audiojepa[gcs]\"" in install
     assert "AUDIOJEPA_DISTRIBUTED=1" in run and "-m audiojepa.main " + shlex.join(MAIN_ARGS) in run
     # The checkout is packed from git (tracked + untracked, not ignored files) and copied to every worker.
     assert any(c[:2] == ["bash", "-c"] and "git ls-files" in c[2] for c in cmds)
 
 
-def test_tpu_launcher_rejects_url_workdirs_and_missing_arguments():
+def test_tpu_launcher_takes_gs_workdirs_rejects_other_urls_and_missing_arguments():
+    out = _run(["launch/tpu_pod.py", "--tpu=t", "--zone=z", "--dry_run", "--", "--config=configs/m2d.py",
+                "--workdir=s3://bucket/run"])
+    assert out.returncode != 0 and "--workdir" in out.stderr
     out = _run(["launch/tpu_pod.py", "--tpu=t", "--zone=z", "--dry_run", "--", "--config=configs/m2d.py",
                 "--workdir=gs://bucket/run"])
-    assert out.returncode != 0 and "--workdir" in out.stderr
+    assert out.returncode == 0, out.stderr
+    assert "--workdir=gs://bucket/run" in out.stdout and "audiojepa[gcs]" in out.stdout
     out = _run(["launch/tpu_pod.py", "--tpu=t", "--zone=z", "--dry_run"])
     assert out.returncode != 0 and "--config" in out.stderr
 
