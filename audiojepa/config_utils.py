@@ -85,7 +85,7 @@ def run_config(method: str, *, batch_size: int, seed: int = 0) -> ml_collections
         "async_checkpoints": True,
         "nonfinite_policy": "stop",  # NaN/Inf loss: "stop" the run, or "skip" the batch and go on
         "allow_resume_changes": False,  # True: resume even if method, seed, batch, model or input changed
-        # Start from weights (audiojepa/init_from.py): an export, a workdir, or an official .pth/.npz/.safetensors;
+        # Start from weights (audiojepa/training/init_from.py): an export, a workdir, or an official .pth/.npz/.safetensors;
         # ignored when the workdir already has a checkpoint.
         "init_from": config_dict.placeholder(str),
         "tensorboard": True,
@@ -105,7 +105,7 @@ def data_config(frontend: str, crop_frames: int, *, norm_stats: str = "shards", 
 
     data = ml_collections.ConfigDict()
     data.shards = config_dict.placeholder(str)  # shard folder or glob
-    data.frontend = frontend  # a preset of audiojepa.frontend.PRESETS
+    data.frontend = frontend  # a preset of audiojepa.ops.frontend.PRESETS
     data.crop_frames = crop_frames
     data.norm_stats = norm_stats
     data.device_frontend = False

@@ -53,7 +53,7 @@ errors name the path or the task.
 
 from __future__ import annotations
 
-from audiojepa import host_memory
+from audiojepa.runtime import host_memory
 
 if __name__ == "__main__":  # glibc reads GLIBC_TUNABLES only at start-up: re-execute before the heavy imports
     host_memory.reexec_with_hugepage_malloc()
@@ -65,7 +65,15 @@ import os  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from audiojepa.evaluation import embedders, embedding_cache, probes, protocols, report, sed, tasks  # noqa: E402
+from audiojepa.evaluation import (  # noqa: E402
+    embedders,
+    embedding_cache,
+    probes,
+    protocols,
+    report,
+    sed,
+    tasks,
+)
 from audiojepa.models import encoder_layers  # noqa: E402
 
 
@@ -352,7 +360,7 @@ def run(encoder_spec: str, task_specs: list[str], output_dir: str, *, baselines:
 def checkpoint_steps(workdir: str, steps: str) -> list[int]:
     """--steps of training workdir `workdir`: "all" (every kept checkpoint) or "N,M,..." -> ascending steps.
     Errors name --steps and list the steps the workdir holds."""
-    from audiojepa import checkpointing
+    from audiojepa.runtime import checkpointing
 
     if not os.path.isdir(checkpointing.checkpoint_dir(workdir)):
         raise ValueError(f"--steps={steps}: --encoder={workdir} is not a training workdir (no checkpoints/); "
@@ -379,7 +387,7 @@ def checkpoint_steps(workdir: str, steps: str) -> list[int]:
 def _step_candidates(encoder_spec: str, steps: list[int], layer) -> tuple[list, embedders.EncoderEmbedder]:
     """One (row name, make embedder) per step, loaded when evaluated; every step's encoder is a copy of the
     first's with its own params (the compiled functions are shared). Also returns the first step's embedder."""
-    from audiojepa import encoder as encoder_lib
+    from audiojepa.adapters import encoder as encoder_lib
 
     first = encoder_lib.load_encoder(encoder_spec, step=steps[0], layer=layer)
 

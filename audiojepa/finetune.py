@@ -12,7 +12,7 @@ Re-running the same command resumes unfinished tasks and rewrites the report.
 
 from __future__ import annotations
 
-from audiojepa import host_memory
+from audiojepa.runtime import host_memory
 
 if __name__ == "__main__":  # glibc reads GLIBC_TUNABLES only at start-up: re-execute before the heavy imports
     host_memory.reexec_with_hugepage_malloc()
@@ -43,7 +43,7 @@ def run(encoder_spec: str, task_specs: list[str], output_dir: str, config, *, st
         num_devices: int | None = None) -> dict:
     """Fine-tunes `encoder_spec` on every task and writes the report; returns results.json's dict. The encoder,
     every task and the output folder are checked before any training (errors name the flag)."""
-    from audiojepa import encoder as encoder_lib
+    from audiojepa.adapters import encoder as encoder_lib
     from audiojepa.evaluation import finetuning, tasks
 
     try:  # (not evaluate.prepare_output_dir: importing the evaluate CLI would define its flags)

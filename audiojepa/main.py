@@ -8,7 +8,7 @@ process reports) when a preemption signal stopped it after committing a checkpoi
 same command resumes. Process 0 logs progress; the others log warnings and errors only.
 """
 
-from audiojepa import host_memory
+from audiojepa.runtime import host_memory
 
 if __name__ == "__main__":  # glibc reads GLIBC_TUNABLES only at start-up: re-execute before the heavy imports
     host_memory.reexec_with_hugepage_malloc()
@@ -16,7 +16,8 @@ if __name__ == "__main__":  # glibc reads GLIBC_TUNABLES only at start-up: re-ex
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from audiojepa import config_utils, process  # noqa: E402
+from audiojepa import config_utils  # noqa: E402
+from audiojepa.training import process  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/m2d.py:runlocal.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs, or a gs:// URL; a run resumes "

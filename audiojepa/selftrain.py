@@ -11,7 +11,7 @@ r"""EncodecMAE's self-training stage in one command: k-means of the stage-1 enco
    last-layer frame features are drawn uniformly without replacement (shared/reference/encodecmae.md §1.13:
    10,000 frames of 10,000 random items).
 2. k-means with `config.model.num_clusters` centroids (of the teacher's width) is fitted on them in JAX
-   (audiojepa.kmeans), with a progress line per iteration. The centroids, the stage-1 params and, from
+   (audiojepa.ops.kmeans), with a progress line per iteration. The centroids, the stage-1 params and, from
    another run, the teacher's encoder params are written into the new workdir (`kmeans_centroids.npy`,
    `stage1_params.msgpack`, `teacher_params.msgpack`), with `selftrain.json`: the stage-1 and teacher runs
    (workdir, step; the teacher's size, stack_type, share_ffn, width) and the k-means fit.
@@ -27,7 +27,7 @@ Re-running the same command resumes stage 2 (the k-means is not fitted again; a 
 
 from __future__ import annotations
 
-from audiojepa import host_memory
+from audiojepa.runtime import host_memory
 
 if __name__ == "__main__":  # glibc reads GLIBC_TUNABLES only at start-up: re-execute before the heavy imports
     host_memory.reexec_with_hugepage_malloc()
@@ -43,9 +43,12 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from audiojepa import config_utils, encoder as encoder_lib, kmeans, process  # noqa: E402
-from audiojepa.data import pipeline  # noqa: E402
+from audiojepa import config_utils  # noqa: E402
+from audiojepa.adapters import encoder as encoder_lib  # noqa: E402
+from audiojepa.data import pipeline, resolve  # noqa: E402
 from audiojepa.methods import encodecmae  # noqa: E402
+from audiojepa.ops import kmeans  # noqa: E402
+from audiojepa.training import process  # noqa: E402
 
 CENTROIDS_FILE = "kmeans_centroids.npy"
 STAGE1_PARAMS_FILE = "stage1_params.msgpack"
@@ -222,7 +225,7 @@ def prepare(config, stage1_workdir: str, workdir: str, *, num_frames: int, max_i
                "size": teacher_config.size, "stack_type": teacher_config.stack_type,
                "share_ffn": bool(teacher_config.share_ffn), "width": teacher_method.width}
     logging.info("k-means teacher: %s", teacher)
-    spec = pipeline.resolve_data_spec(config.data)
+    spec = resolve.resolve_data_spec(config.data)
     features = collect_teacher_features(teacher_method, teacher_params, spec, num_frames=num_frames,
                                         num_clips=num_clips, batch_size=int(config.batch_size),
                                         seed=int(config.seed), encodec_method=method)

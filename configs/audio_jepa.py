@@ -75,14 +75,21 @@ default width / 64, and `mlp_dim`, default 4 x width; `predictor_width/depth/hea
 
 from ml_collections import config_dict
 
-from audiojepa import frontend
-from audiojepa.config_utils import adamw_config, apply_runlocal, apply_small, data_config, parse_arg, run_config
+from audiojepa.config_utils import (
+    adamw_config,
+    apply_runlocal,
+    apply_small,
+    data_config,
+    parse_arg,
+    run_config,
+)
 from audiojepa.methods import jepa
+from audiojepa.ops import frontend
 
 CLIP_SECONDS = 10.0
 PATCH_FRAMES = 16
 RECIPES = ("paper", "code")
-# Front-end preset per recipe (audiojepa/frontend.py): the paper's 128 x 256 per 10 s, the code's 96 x 512.
+# Front-end preset per recipe (audiojepa/ops/frontend.py): the paper's 128 x 256 per 10 s, the code's 96 x 512.
 FRONTENDS = {"paper": "audiojepa_paper", "code": "audiojepa_code"}
 
 

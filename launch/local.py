@@ -4,7 +4,7 @@ r"""Runs one command as N cooperating JAX processes on this machine (multi-proce
         python -m audiojepa.main --config=configs/m2d.py:runlocal --workdir=/tmp/m2d_2proc
 
 Each process gets JAX_COORDINATOR_ADDRESS (localhost and a free port), JAX_NUM_PROCESSES and
-JAX_PROCESS_ID, which `audiojepa.distributed.maybe_initialize` hands to `jax.distributed.initialize`.
+JAX_PROCESS_ID, which `audiojepa.runtime.distributed.maybe_initialize` hands to `jax.distributed.initialize`.
 `--cpu_devices_per_process` simulates devices on the CPU (JAX_NUM_CPU_DEVICES, JAX_PLATFORMS=cpu;
 collectives over gloo); `--gpus_per_process` gives process i its own GPUs (CUDA_VISIBLE_DEVICES), for
 one process per GPU on a multi-GPU box. Output lines are prefixed with `[i]`. If one process fails,

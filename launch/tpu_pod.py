@@ -16,7 +16,7 @@ Steps, each a `gcloud compute tpus tpu-vm` command (printed before it runs; `--d
 
 Re-running the same command reuses the VM and resumes the run from its workdir, so after a spot
 preemption the same line brings the job back. The workdir must be storage every worker sees and that
-outlives the VM: a `gs://` bucket (audiojepa/storage.py; the install step adds the `gcs` extra), a Filestore
+outlives the VM: a `gs://` bucket (audiojepa/runtime/storage.py; the install step adds the `gcs` extra), a Filestore
 NFS share or a Cloud Storage FUSE mount; other URL schemes are refused. `--skip_install` skips steps 2-3 when the code on the VM is current.
 """
 

@@ -18,8 +18,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from audiojepa import checkpointing, metrics
 from audiojepa.config_utils import set_by_path
+from audiojepa.runtime import checkpointing, metrics
 from configs import m2d as m2d_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

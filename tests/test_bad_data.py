@@ -8,10 +8,11 @@ import os
 import msgpack
 import numpy as np
 import pytest
-
-from audiojepa import metrics, train
-from audiojepa.data import pipeline, records, shards
 import run_helpers as rh
+
+from audiojepa.data import pipeline, records, resolve, shards
+from audiojepa.runtime import metrics
+from audiojepa.training import train
 
 pytestmark = pytest.mark.slow  # short in-process training runs
 
@@ -109,7 +110,7 @@ def test_bad_shards_train_to_the_end_with_skips_counted(bad_shards, tmp_path):
     for reason in records.SKIP_REASONS:
         assert sum(r[f"skipped/{reason}"] for r in rows) == by_reason[reason]
     # The counts are those of the pipeline itself over the same 6 batches.
-    spec = pipeline.resolve_data_spec(config.data)
+    spec = resolve.resolve_data_spec(config.data)
     ds = pipeline.make_dataset(spec, batch_size=8, seed=config.seed)
     expected = sum(ds[i]["skipped_by_reason"].sum(axis=0) for i in range(6))
     assert list(expected) == [by_reason[r] for r in records.SKIP_REASONS]

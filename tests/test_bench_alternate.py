@@ -8,7 +8,7 @@ import sys
 import pytest
 from absl import app, flags
 
-from audiojepa import host_memory
+from audiojepa.runtime import host_memory
 from tools import bench_alternate, bench_common, bench_train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

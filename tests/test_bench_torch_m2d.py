@@ -30,7 +30,7 @@ def test_other_methods_are_refused():
 @pytest.mark.parametrize("frames", [64, 208])
 def test_counted_flops_match_the_analytic_count(frames):
     """torch's FlopCounterMode over forward + backward counts every matmul, convolution and attention
-    the step runs: it must agree with audiojepa.flops.m2d_step_flops (what both benchmarks divide
+    the step runs: it must agree with audiojepa.training.flops.m2d_step_flops (what both benchmarks divide
     by). Attention runs on torch's math backend here: the counter does not see inside the fused CPU
     kernel. The analytic count charges the patch embedding a gradient with respect to its input, which
     is never computed (the input is data): that is the whole difference (flops.py: ~0.1% of the step

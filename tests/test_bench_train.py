@@ -1,4 +1,4 @@
-"""audiojepa/flops.py and tools/bench_train.py: analytic FLOPs by hand, and against XLA's count of every
+"""audiojepa/training/flops.py and tools/bench_train.py: analytic FLOPs by hand, and against XLA's count of every
 method config's train step.
 
 Nothing here is timed; the benchmark itself is a script (see its docstring). The XLA comparisons use
@@ -18,10 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from audiojepa import config_utils, flops, host_memory, sharding
+from audiojepa import config_utils
 from audiojepa.methods import JEPA, M2D, MATPAC, EncodecMAE
 from audiojepa.models import encodec
 from audiojepa.models.cls_head import ClassificationHead
+from audiojepa.runtime import host_memory, sharding
+from audiojepa.training import flops
 from tools import bench_train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from audiojepa import config_utils, encoder, hear, methods
-from audiojepa.data import pipeline
+from audiojepa import config_utils, methods
+from audiojepa.adapters import encoder, hear
+from audiojepa.data import resolve
 from audiojepa.evaluation import embedders, tasks
 
 TOL = 1e-5
@@ -24,7 +25,7 @@ LENGTHS = (1, 5, 16, 17, 100, 207, 208, 209, 300, 416 + 33)
 def random_encoder(request):
     """The config's encoder at random init (as embedders.random_encoder, initialising the encoder alone: faster)."""
     config = config_utils.load_config(f"configs/{request.param}.py:runlocal")
-    spec = pipeline.resolve_data_spec(config.data)
+    spec = resolve.resolve_data_spec(config.data)
     input_shape = methods.input_shape(methods.get_method(config.method), spec.frontend, spec.crop_frames)
     method = methods.get_method(config.method)(config.model, input_shape=input_shape)
     params = jax.jit(method.encoder.init)(jax.random.key(0), np.zeros((1, *input_shape), np.float32))["params"]
@@ -171,8 +172,8 @@ def test_a_waveform_model_compiles_a_few_shapes_and_keeps_the_per_length_frames(
     frame bucket with EnCodec told its length and the padding masked, and gives the frames of that chunk encoded
     alone at its own length (whole frames), as the reference encodes it (TOL); 9 lengths compile at most two
     shapes per bucket."""
-    from audiojepa import frontend as frontend_lib
     from audiojepa.methods import encodecmae
+    from audiojepa.ops import frontend as frontend_lib
 
     config = encodecmae.default_config("tiny")
     method = encodecmae.EncodecMAE(config, input_shape=(9600,))

@@ -5,9 +5,10 @@ import os
 
 import ml_collections
 import pytest
-
-from audiojepa import checkpointing, train
 import run_helpers as rh
+
+from audiojepa.runtime import checkpointing
+from audiojepa.training import train
 
 
 @pytest.mark.slow

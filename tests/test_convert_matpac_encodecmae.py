@@ -14,10 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from audiojepa import encoder as encoder_lib
-from audiojepa.convert import encodec_torch, encodecmae_torch, matpac_torch
+from audiojepa.adapters import encoder as encoder_lib
+from audiojepa.convert import encodecmae_torch, matpac_torch
 from audiojepa.methods import encodecmae, matpac
-from audiojepa.models import encodec
+from audiojepa.models import encodec, encodec_torch
 from audiojepa.models import encodecmae as mae
 from audiojepa.models.cls_head import ClassificationHead
 from audiojepa.models.pos_embed import sincos_2d

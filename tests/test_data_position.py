@@ -6,8 +6,8 @@ import logging
 import numpy as np
 import pytest
 
-from audiojepa import frontend
 from audiojepa.data import pipeline, shards
+from audiojepa.ops import frontend
 
 SR = 16000
 

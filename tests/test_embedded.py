@@ -6,8 +6,16 @@ import os
 import pytest
 from array_record.python import array_record_module
 
-from audiojepa import frontend
-from audiojepa.data import embedded, pipeline, records, shards, stats, synthetic
+from audiojepa.data import (
+    compute_stats,
+    embedded,
+    pipeline,
+    records,
+    shards,
+    stats,
+    synthetic,
+)
+from audiojepa.ops import frontend
 
 SMALL = dict(sample_rate=16000, num_clips=48, duration_s=1.0, seed=0)
 
@@ -47,7 +55,7 @@ def test_embedded_corpus_is_deterministic_and_labelled(tmp_path):
     spec = pipeline.DataSpec(tuple(os.path.join(a, n) for n in manifest["shards"]), m2d_frontend,
                              m2d_frontend.num_frames(16000), 0.0, 1.0, 48)
     assert spec.crop_samples == 16000
-    expected = stats.compute_logmel_stats(spec, num_crops=48, seed=0, progress=False)
+    expected = compute_stats.compute_logmel_stats(spec, num_crops=48, seed=0, progress=False)
     assert (mean, std) == pytest.approx((expected["mean"], expected["std"]), rel=1e-12)
     # No temporary folders are left behind.
     assert sorted(os.listdir(tmp_path / "a")) == [os.path.basename(a)]

@@ -13,9 +13,11 @@ import pytest
 import soundfile as sf
 import task_helpers
 
-from audiojepa import encoder, evaluate, frontend
+from audiojepa import evaluate
+from audiojepa.adapters import encoder
 from audiojepa.evaluation import embedders, embedding_cache, protocols
 from audiojepa.methods import m2d
+from audiojepa.ops import frontend
 
 INPUT_SHAPE = (80, 48)
 

@@ -24,8 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from audiojepa.convert import encodec_torch
-from audiojepa.models import encodec
+from audiojepa.models import encodec, encodec_torch
 
 EMB_RTOL = 1e-4
 TIE_MARGIN = 1e-6
@@ -347,7 +346,7 @@ def test_lstm_keeps_the_batch_sharding_of_its_input_on_a_mesh():
     same layer run unsharded (float32, 1e-6)."""
     from jax.sharding import PartitionSpec as P
 
-    from audiojepa import sharding
+    from audiojepa.runtime import sharding
 
     layer = encodec.LSTMLayer(8)
     x = np.random.default_rng(0).standard_normal((4, 3, 5)).astype(np.float32)

@@ -15,11 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from audiojepa import kmeans
 from audiojepa.methods import encodecmae_loss
 from audiojepa.methods.encodecmae import EncodecMAE, default_config
 from audiojepa.models import encodec
 from audiojepa.models import encodecmae as mae
+from audiojepa.ops import kmeans
 
 FIXTURES = Path(os.environ.get("AUDIOJEPA_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures"))
 ENCODEC_STATE_DICT = FIXTURES / "encodec" / "encodec24k_random_state.npz"
@@ -395,7 +395,7 @@ def test_kmeans_reseeds_empty_clusters(blobs):
 
 @pytest.mark.skipif(not ENCODEC_STATE_DICT.exists(), reason=f"no EnCodec fixture at {ENCODEC_STATE_DICT}")
 def test_encodec_checkpoint_from_a_state_dict_or_a_converted_folder(tmp_path):
-    from audiojepa.convert import encodec_torch
+    from audiojepa.models import encodec_torch
 
     converted = encodec_torch.convert(encodec_torch.load_state_dict(ENCODEC_STATE_DICT))
     encodec_torch.save_params(converted, str(tmp_path))

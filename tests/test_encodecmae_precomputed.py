@@ -19,15 +19,28 @@ import jax
 import numpy as np
 import pytest
 from array_record.python import array_record_module
-
-from audiojepa import methods, metrics, train
-from audiojepa.config_utils import data_config, load_config, set_by_path
-from audiojepa.data import encodec_targets, pipeline, records, shards, target_records
-from audiojepa.methods import encodecmae_loss
-from audiojepa.methods.encodecmae import EncodecMAE, default_config, random_encodec_params
-from audiojepa.models import encodec
 from batch_helpers import assert_batches_equal, take
 from tqdm import tqdm
+
+from audiojepa import methods
+from audiojepa.config_utils import data_config, load_config, set_by_path
+from audiojepa.data import (
+    encodec_targets,
+    pipeline,
+    records,
+    resolve,
+    shards,
+    target_records,
+)
+from audiojepa.methods import encodecmae_loss
+from audiojepa.methods.encodecmae import (
+    EncodecMAE,
+    default_config,
+    random_encodec_params,
+)
+from audiojepa.models import encodec
+from audiojepa.runtime import metrics
+from audiojepa.training import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SR = encodec.SAMPLE_RATE
@@ -312,7 +325,7 @@ def test_codebook_weights_cli(targets32, tmp_path):
 def _spec(folder, crop_frames=CROP_FRAMES, frontend="encodec"):
     config = data_config(frontend, crop_frames, norm_stats="shards")
     config.shards = folder
-    return pipeline.resolve_data_spec(config)
+    return resolve.resolve_data_spec(config)
 
 
 def test_pipeline_crops_are_frame_slices_of_the_stored_targets(targets16):

@@ -10,11 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from audiojepa import kmeans
 from audiojepa.config_utils import load_config
 from audiojepa.methods import encodecmae
 from audiojepa.methods.encodecmae import EncodecMAE, default_config
 from audiojepa.models import encodecmae as mae
+from audiojepa.ops import kmeans
 
 TEST_SAMPLES = 4800  # 0.2 s at 24 kHz → 15 frames
 CROP_4S = 96_000

@@ -12,9 +12,11 @@ import jax
 import numpy as np
 import pytest
 
-from audiojepa import evaluate, metrics, selftrain, train
-from audiojepa import encoder as encoder_lib
+from audiojepa import evaluate, selftrain
+from audiojepa.adapters import encoder as encoder_lib
 from audiojepa.config_utils import load_config, set_by_path
+from audiojepa.runtime import metrics
+from audiojepa.training import train
 
 pytestmark = pytest.mark.slow
 

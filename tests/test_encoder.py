@@ -14,10 +14,12 @@ import jax
 import numpy as np
 import pytest
 
-from audiojepa import encoder, frontend, train
+from audiojepa.adapters import encoder
 from audiojepa.convert import m2d_torch
 from audiojepa.methods import m2d
 from audiojepa.models import vit
+from audiojepa.ops import frontend
+from audiojepa.training import train
 
 ATOL = 1e-4
 FIXTURES = Path(os.environ.get("AUDIOJEPA_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures"))

@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 import task_helpers
 
-from audiojepa import encoder, frontend
+from audiojepa.adapters import encoder
 from audiojepa.methods import encodecmae, jepa, m2d
 from audiojepa.models import encodecmae as mae
 from audiojepa.models import vit
+from audiojepa.ops import frontend
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INPUT_SHAPE = (80, 48)  # 5 x 3 patches of 16 x 16
@@ -160,10 +161,10 @@ def test_a_waveform_encoder_embeds_with_the_chosen_layer():
     layer 0, and every layer from one pass."""
     from audiojepa import methods
     from audiojepa.config_utils import load_config
-    from audiojepa.data import pipeline
+    from audiojepa.data import resolve
 
     config = load_config("configs/encodecmae.py:runlocal")
-    spec = pipeline.resolve_data_spec(config.data)
+    spec = resolve.resolve_data_spec(config.data)
     method = encodecmae.EncodecMAE(config.model, input_shape=(9600,))
     enc = encoder.AudioEncoder("encodecmae", config.model, (9600,), spec.frontend, (0.0, 1.0),
                                methods.random_encoder_params(method, jax.random.key(0)))

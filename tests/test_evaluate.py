@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from audiojepa import encoder, frontend, metrics, train
+from audiojepa.adapters import encoder
 from audiojepa.methods import m2d
+from audiojepa.ops import frontend
+from audiojepa.runtime import metrics
+from audiojepa.training import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -81,8 +84,9 @@ def test_periodic_evaluation_is_logged_with_training_metrics(tmp_path, monkeypat
     failure is logged as eval/<name>/failed, training goes on, and both checkpoints are kept. The kNN
     logged at step 6 is recomputed afterwards from the step-6 checkpoint (the CLI's loading path)."""
     import run_helpers as rh
-    from audiojepa import checkpointing, evaluate
+
     from audiojepa.evaluation import embedders, probes, tasks
+    from audiojepa.runtime import checkpointing
 
     real_evaluate_task, calls = probes.evaluate_task, []
 

@@ -8,11 +8,12 @@ import os
 
 import numpy as np
 import pytest
+import run_helpers as rh
 import task_helpers
 
-import run_helpers as rh
-from audiojepa import evaluate, train
+from audiojepa import evaluate
 from audiojepa.evaluation import embedding_cache, protocols
+from audiojepa.training import train
 
 pytestmark = pytest.mark.slow  # one tiny training run (6 steps, checkpoints at 3 and 6) and a few evaluations
 

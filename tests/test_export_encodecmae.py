@@ -19,9 +19,11 @@ import pytest
 from safetensors.numpy import load_file
 from test_convert_matpac_encodecmae import encodecmae_state_dict
 
-from audiojepa import encoder, frontend
-from audiojepa.convert import encodec_torch, encodecmae_export, encodecmae_torch
+from audiojepa.adapters import encoder
+from audiojepa.convert import encodecmae_export, encodecmae_torch
 from audiojepa.methods import encodecmae
+from audiojepa.models import encodec_torch
+from audiojepa.ops import frontend
 
 REPO = Path(__file__).resolve().parents[1]
 # The RVQ's k-means state (EuclideanCodebook buffers): no params here, not written, ignored by the converter.
@@ -203,7 +205,7 @@ def test_cli_pth_loads_with_torch(converted_export, tmp_path):
 def test_workdir_exports_and_full_names_the_second_position_scale(tmp_path):
     from test_encodecmae_training import tiny_config
 
-    from audiojepa import train
+    from audiojepa.training import train
 
     workdir = str(tmp_path / "run")
     train.train_and_evaluate(tiny_config(total_steps=2, checkpoint_every_steps=2, log_every_steps=1), workdir,

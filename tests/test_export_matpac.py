@@ -23,11 +23,12 @@ import pytest
 from safetensors.numpy import load_file
 from test_convert_matpac_encodecmae import BOTTLENECK, GRID, WIDTH, K, matpac_state_dict
 
-from audiojepa import encoder, train
+from audiojepa.adapters import encoder
 from audiojepa.config_utils import load_config, set_by_path
 from audiojepa.convert import matpac_export, matpac_torch, state_dict_io
 from audiojepa.models.cls_head import ClassificationHead
 from audiojepa.models.pos_embed import sincos_2d
+from audiojepa.training import train
 
 REPO = Path(__file__).resolve().parents[1]
 # Written but not read back by matpac_torch (checked against the grid's sin-cos table, then ignored): the export

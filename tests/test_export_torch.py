@@ -19,9 +19,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from audiojepa import checkpointing, encoder, frontend, train
+from audiojepa.adapters import encoder
 from audiojepa.convert import m2d_export, m2d_torch
 from audiojepa.methods import jepa, m2d
+from audiojepa.ops import frontend
+from audiojepa.runtime import checkpointing
+from audiojepa.training import train
 
 ATOL = 1e-4
 FIXTURES = Path(os.environ.get("AUDIOJEPA_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures"))

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from orbax.checkpoint._src.serialization import type_handlers
 
-from audiojepa import checkpointing
+from audiojepa.runtime import checkpointing
 
 ENOSPC_MESSAGE = os.strerror(errno.ENOSPC)  # "No space left on device"
 

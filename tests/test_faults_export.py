@@ -6,10 +6,10 @@ import os
 
 import numpy as np
 import pytest
-
-from audiojepa import encoder as encoder_lib
-from audiojepa import train
 import run_helpers as rh
+
+from audiojepa.adapters import encoder as encoder_lib
+from audiojepa.training import train
 
 pytestmark = pytest.mark.slow  # one short in-process training run
 

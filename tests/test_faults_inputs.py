@@ -151,17 +151,17 @@ def tiny_corpus():
 @pytest.mark.parametrize("norm_stats", ["0,0", "-7.1,0", "-7.1,-4.2", "nan,4.2", "-7.1,inf", (0.0, 0.0)])
 def test_f_zero_negative_or_non_finite_norm_stats_fail_at_start_naming_the_key(tiny_corpus, norm_stats):
     from audiojepa import config_utils
-    from audiojepa.data import pipeline
+    from audiojepa.data import resolve
 
     data = config_utils.data_config("m2d", 48, norm_stats=norm_stats)
     data.shards = tiny_corpus
     with pytest.raises(ValueError, match=r"config\.data\.norm_stats.*std.*> 0"):
-        pipeline.resolve_data_spec(data)
+        resolve.resolve_data_spec(data)
 
 
 def test_f_a_statistics_file_with_zero_std_is_an_error_naming_the_file(tmp_path):
-    from audiojepa import frontend
     from audiojepa.data import stats
+    from audiojepa.ops import frontend
 
     params = frontend.get_preset("m2d")
     stats.write_stats(str(tmp_path), params, mean=-80.0, std=0.0)  # e.g. computed over silent shards
@@ -188,8 +188,8 @@ def test_g_make_shards_refuses_sample_rate_zero_before_decoding(tmp_path):
 
 
 def test_g_compute_stats_refuses_num_crops_zero_at_start(tmp_path):
-    from audiojepa import frontend
-    from audiojepa.data import pipeline, stats
+    from audiojepa.data import compute_stats, pipeline
+    from audiojepa.ops import frontend
 
     result = _tool("tools/compute_stats.py", f"--shards={tmp_path}", "--num_crops=0")
     assert result.returncode != 0
@@ -197,7 +197,7 @@ def test_g_compute_stats_refuses_num_crops_zero_at_start(tmp_path):
     spec = pipeline.DataSpec((str(tmp_path / "none.array_record"),), frontend.get_preset("m2d"), 48, 0.0, 1.0, 1)
     for bad in (0, -5):  # the library call too, before it opens any shard
         with pytest.raises(ValueError, match=rf"num_crops={bad}.*> 0"):
-            stats.compute_logmel_stats(spec, num_crops=bad)
+            compute_stats.compute_logmel_stats(spec, num_crops=bad)
 
 
 # -- h. foreign or damaged M2D checkpoints ---------------------------------------------------------------
@@ -260,7 +260,7 @@ def test_h_convert_m2d_cli_names_the_file_instead_of_a_key_error(tmp_path):
 
 @pytest.mark.skipif(not os.path.exists(M2D_STATE_DICT), reason="M2D fixture state dict not found")
 def test_h_convert_m2d_cli_reads_a_dataparallel_checkpoint(tmp_path):
-    from audiojepa import encoder
+    from audiojepa.adapters import encoder
 
     prefixed = tmp_path / "dp.npz"
     np.savez(prefixed, **{f"module.{k}": v for k, v in np.load(M2D_STATE_DICT).items()})

@@ -9,13 +9,15 @@ import shutil
 import signal
 
 import numpy as np
-import pytest
-
-from audiojepa import encoder as encoder_lib
-from audiojepa import checkpointing, frontend, locks, train
-from audiojepa.data import records, shards, stats
 import process_helpers
+import pytest
 import run_helpers as rh
+
+from audiojepa.adapters import encoder as encoder_lib
+from audiojepa.data import records, shards, stats
+from audiojepa.ops import frontend
+from audiojepa.runtime import checkpointing, locks
+from audiojepa.training import train
 
 pytestmark = pytest.mark.slow  # short in-process training runs
 

@@ -12,9 +12,10 @@ import pytest
 import task_helpers
 from absl import flags
 
-from audiojepa import encoder, frontend
+from audiojepa.adapters import encoder
 from audiojepa.evaluation import finetuning, tasks
 from audiojepa.methods import m2d
+from audiojepa.ops import frontend
 from configs import finetune as finetune_config
 
 INPUT_SHAPE = (80, 48)  # 5 x 3 patches of 16 x 16

@@ -9,7 +9,7 @@ import librosa
 import numpy as np
 import pytest
 
-from audiojepa import frontend
+from audiojepa.ops import frontend
 
 M2D = frontend.get_preset("m2d")
 AUDIOJEPA = frontend.get_preset("audiojepa")

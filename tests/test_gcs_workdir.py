@@ -14,16 +14,19 @@ import random
 import signal
 import time
 
+import gcs_emulator
 import jax
 import numpy as np
 import pytest
+import run_helpers as rh
 from tensorboardX.proto import event_pb2
 
-import gcs_emulator
-import run_helpers as rh
-from audiojepa import checkpointing, encoder, metrics, storage, train
+from audiojepa.adapters import encoder
 from audiojepa.config_utils import set_by_path
-from audiojepa.data import pipeline, shards as shards_lib
+from audiojepa.data import resolve
+from audiojepa.data import shards as shards_lib
+from audiojepa.runtime import checkpointing, metrics, storage
+from audiojepa.training import train
 
 BUCKET = "audiojepa-test"
 TOTAL = 16
@@ -43,7 +46,7 @@ def emulator():
 @pytest.fixture(scope="module")
 def bucket_shards(emulator):
     """The tiny config's embedded corpus copied into the bucket: (gs:// folder, local folder, norm_stats value)."""
-    spec = pipeline.resolve_data_spec(rh.tiny_config().data)
+    spec = resolve.resolve_data_spec(rh.tiny_config().data)
     local = os.path.dirname(spec.shard_paths[0])
     remote = f"gs://{BUCKET}/shards"
     for name in [*spec.manifest["shards"], shards_lib.MANIFEST]:
@@ -89,9 +92,9 @@ def test_norm_stats_from_bucket_shards_is_an_error_naming_the_key(bucket_shards)
     config = rh.tiny_config()
     set_by_path(config, "data.shards", bucket_shards[0])
     with pytest.raises(ValueError, match=r"config.data.norm_stats='shards' .* not supported for shards at a URL"):
-        pipeline.resolve_data_spec(config.data)
+        resolve.resolve_data_spec(config.data)
     set_by_path(config, "data.norm_stats", bucket_shards[2])
-    spec = pipeline.resolve_data_spec(config.data)  # the manifest and shards read from the bucket
+    spec = resolve.resolve_data_spec(config.data)  # the manifest and shards read from the bucket
     assert spec.num_clips == 64 and spec.shard_paths[0].startswith(f"gs://{BUCKET}/shards/shard-")
     paths, manifest = shards_lib.resolve_shards(f"{bucket_shards[0]}/shard-*.array_record")  # a glob in the bucket
     assert paths == list(spec.shard_paths) and manifest == spec.manifest
@@ -180,7 +183,7 @@ def interrupted(emulator, bucket_shards, tmp_path_factory):
 
 @pytest.mark.slow
 def test_sigterm_in_a_bucket_workdir_commits_a_checkpoint_at_the_step_it_stops(interrupted):
-    assert interrupted["sigterm_status"] == 143, interrupted  # audiojepa.process.EXIT_PREEMPTED
+    assert interrupted["sigterm_status"] == 143, interrupted  # audiojepa.training.process.EXIT_PREEMPTED
     step = interrupted["sigterm_committed"]
     assert step == interrupted["sigterm_logged"] < TOTAL, interrupted
     assert interrupted["sigterm_summary"]["preempted"] and interrupted["sigterm_summary"]["step"] == step

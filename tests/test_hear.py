@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from audiojepa import encoder, frontend, hear, xares
+from audiojepa.adapters import encoder, hear, xares
 from audiojepa.methods import m2d
+from audiojepa.ops import frontend
 
 REPO = Path(__file__).resolve().parents[1]
 SR = 16000
@@ -172,7 +173,7 @@ def test_no_torch_at_import_and_plain_objects_without_torch(export_dir):
     """In a fresh process: importing the adapters loads no torch; with torch absent they return NumPy objects."""
     script = (
         "import sys\n"
-        "import audiojepa.evaluation.tasks, audiojepa.hear as hear, audiojepa.xares as xares\n"
+        "import audiojepa.evaluation.tasks, audiojepa.adapters.hear as hear, audiojepa.adapters.xares as xares\n"
         "assert 'torch' not in sys.modules, 'torch imported at module import time'\n"
         "sys.modules['torch'] = None  # makes `import torch` fail: as if it were not installed\n"
         "import numpy as np\n"
@@ -253,7 +254,7 @@ def test_a_32_khz_model_declares_48_khz_and_resamples():
 
 
 def test_importing_the_adapters_turns_off_gpu_preallocation_unless_set():
-    """JAX must not take 75% of the GPU beside torch: importing audiojepa.hear (and .xares) sets
+    """JAX must not take 75% of the GPU beside torch: importing audiojepa.adapters.hear (and .xares) sets
     XLA_PYTHON_CLIENT_PREALLOCATE=false before JAX starts its backend, and keeps a value the user set."""
     code = "import os, audiojepa.{m}; print(os.environ.get('XLA_PYTHON_CLIENT_PREALLOCATE'))"
     env = {k: v for k, v in os.environ.items() if k != "XLA_PYTHON_CLIENT_PREALLOCATE"}

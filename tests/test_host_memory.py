@@ -1,4 +1,4 @@
-"""audiojepa.host_memory: when the entry points re-execute with glibc's huge-page tunable, and that the
+"""audiojepa.runtime.host_memory: when the entry points re-execute with glibc's huge-page tunable, and that the
 re-executed process really faults its large allocations in 2 MiB pages."""
 
 import os
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from audiojepa import host_memory
+from audiojepa.runtime import host_memory
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LINUX = {"system": "Linux", "libc": ("glibc", "2.36"), "thp": "madvise"}
@@ -58,7 +58,7 @@ def test_active_and_describe_follow_the_environment():
 # the minor page faults of first-touching a 256 MiB malloc (65,536 with 4 KiB pages, ~128 with 2 MiB).
 PROBE = """
 import ctypes, os, resource
-from audiojepa import host_memory
+from audiojepa.runtime import host_memory
 print("before", os.getpid(), flush=True)
 host_memory.reexec_with_hugepage_malloc()
 libc = ctypes.CDLL(None)

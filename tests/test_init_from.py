@@ -10,9 +10,9 @@ import jax
 import numpy as np
 import pytest
 
-from audiojepa import init_from, train
 from audiojepa.convert import m2d_torch
 from audiojepa.methods import jepa, m2d
+from audiojepa.training import init_from, train
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 STATE_DICT = FIXTURES / "m2d" / "m2d_small_state_dict.npz"
@@ -142,7 +142,7 @@ def test_a_run_starts_from_a_workdir_and_a_resume_ignores_init_from(tmp_path, ca
 
     donor = str(tmp_path / "donor")
     train.train_and_evaluate(rh.tiny_config(total_steps=2), donor, num_devices=1)
-    from audiojepa.encoder import restore_train_state
+    from audiojepa.adapters.encoder import restore_train_state
     _, donor_state, _ = restore_train_state(donor)
 
     run = str(tmp_path / "run")

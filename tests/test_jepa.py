@@ -5,11 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from audiojepa.adapters import encoder as encoder_lib
 from audiojepa.config_utils import set_by_path
-from audiojepa import encoder as encoder_lib
-from audiojepa import frontend, losses, masking, metrics, train
 from audiojepa.methods import METHODS, jepa
 from audiojepa.models import ViTEncoder, decode_variant
+from audiojepa.ops import frontend, losses, masking
+from audiojepa.runtime import metrics
+from audiojepa.training import train
 from configs import audio_jepa as audio_jepa_config
 from configs import jepa as jepa_config
 

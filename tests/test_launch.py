@@ -124,7 +124,7 @@ def test_sweep_emits_cluster_jobs(capsys, monkeypatch):
 
 
 def test_multi_process_detection_and_explicit_cluster_args():
-    from audiojepa import distributed
+    from audiojepa.runtime import distributed
 
     detect = distributed.is_multi_process_environment
     assert not detect({})

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from audiojepa import losses
+from audiojepa.ops import losses
 
 
 def _riou_eq3(z_hat: np.ndarray, z_bar: np.ndarray) -> float:

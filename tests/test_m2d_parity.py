@@ -291,11 +291,11 @@ def _leaf(tree, path):
 
 
 def test_one_training_step_with_the_project_optimizer(method, converted, grads, ref, state_dict):
-    """The same step through audiojepa.optim (optax clip + AdamW with the method's decay mask)."""
+    """The same step through audiojepa.ops.optim (optax clip + AdamW with the method's decay mask)."""
     import ml_collections
     import optax
 
-    from audiojepa import optim
+    from audiojepa.ops import optim
 
     params, target_params = converted
     optim_config = ml_collections.ConfigDict({"name": "adamw", "b1": 0.9, "b2": 0.95, "eps": ADAM_EPS,

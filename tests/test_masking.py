@@ -6,9 +6,9 @@ import functools
 import jax
 import numpy as np
 import pytest
-
-from audiojepa import masking
 from mask_helpers import TRACES, counted
+
+from audiojepa.ops import masking
 
 
 @pytest.mark.parametrize("num_patches, mask_ratio, expected", [

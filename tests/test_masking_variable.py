@@ -1,7 +1,7 @@
 """Variable-count mask samplers (`MaskSet`): multi-block and time masking as the papers sample them, and
 unstructured masking with a traced ratio, against independent NumPy implementations of the papers' algorithms.
 
-Reference algorithms (written here from the papers, not from audiojepa.masking):
+Reference algorithms (written here from the papers, not from audiojepa.ops.masking):
 - Multi-block (I-JEPA, Assran et al. 2023 §3; Riou et al. 2024 §3.2 and Fig. 1): per example, M = 4 target
   blocks with scale ~ U(0.15, 0.2) and aspect (height/width) ~ U(0.75, 1.5) drawn independently per block,
   one context block with scale ~ U(0.85, 1.0) and aspect 1, each placed uniformly with the block inside the
@@ -25,10 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from mask_helpers import TRACES, counted
 from scipy import stats
 
-from audiojepa import masking
-from mask_helpers import TRACES, counted
+from audiojepa.ops import masking
 
 ALPHA = 1e-3
 NUM_JAX = 3000     # masks drawn from the JAX sampler per configuration

@@ -7,12 +7,16 @@ import numpy as np
 import pytest
 from scipy.special import erf
 
-from audiojepa import distillation, encoder, frontend, methods, metrics, optim, train
+from audiojepa import methods
+from audiojepa.adapters import encoder
 from audiojepa.config_utils import load_config, set_by_path
 from audiojepa.methods import m2d
 from audiojepa.methods.matpac import MATPAC, default_config
 from audiojepa.models import sincos_2d
 from audiojepa.models.cls_head import ClassificationHead
+from audiojepa.ops import distillation, frontend, optim
+from audiojepa.runtime import metrics
+from audiojepa.training import train
 
 TOL = dict(rtol=1e-5, atol=1e-6)  # float32 against a float64 NumPy reference
 

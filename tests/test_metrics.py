@@ -1,4 +1,4 @@
-"""audiojepa.metrics.MetricWriter with TensorBoard on (the trainer's default; the training tests turn it
+"""audiojepa.runtime.metrics.MetricWriter with TensorBoard on (the trainer's default; the training tests turn it
 off), and what a resumed run's writer does to the rows an earlier attempt logged after the checkpoint."""
 
 import glob
@@ -7,7 +7,7 @@ import struct
 
 from tensorboardX.proto import event_pb2
 
-from audiojepa import metrics
+from audiojepa.runtime import metrics
 
 
 def read_event_file(path):

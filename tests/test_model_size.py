@@ -6,12 +6,12 @@ import ml_collections
 import numpy as np
 import pytest
 
-from audiojepa import flops
 from audiojepa.config_utils import load_config
 from audiojepa.convert import m2d_torch
 from audiojepa.methods import jepa, m2d
 from audiojepa.models import sincos_2d
 from audiojepa.models.vit import VARIANTS, model_size
+from audiojepa.training import flops
 
 INPUT_SHAPE = (80, 64)  # 5 x 4 patches
 
@@ -135,7 +135,7 @@ def test_convert_cli_exports_a_checkpoint_of_any_size(tmp_path):
     import subprocess
     import sys
 
-    from audiojepa import encoder
+    from audiojepa.adapters import encoder
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     checkpoint = tmp_path / "state_dict.npz"

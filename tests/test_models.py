@@ -7,12 +7,20 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from jax.sharding import AxisType, PartitionSpec as P
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
 
-from audiojepa import masking
 from audiojepa.methods import m2d
-from audiojepa.models import VARIANTS, Block, TransformerStack, ViTEncoder, decode_variant, sincos_2d
+from audiojepa.models import (
+    VARIANTS,
+    Block,
+    TransformerStack,
+    ViTEncoder,
+    decode_variant,
+    sincos_2d,
+)
 from audiojepa.models.vit import unstack_blocks
+from audiojepa.ops import masking
 
 INPUT_SHAPE = (80, 208)  # 5 × 13 patches
 

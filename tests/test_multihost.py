@@ -8,9 +8,9 @@ import subprocess
 import sys
 
 import pytest
-
-from audiojepa import train
 import run_helpers as rh
+
+from audiojepa.training import train
 
 pytestmark = pytest.mark.slow  # two JAX processes compile and train (about a minute on 2 cores)
 

@@ -1,4 +1,4 @@
-"""audiojepa.optim's gradient clipping against optax's, the learning-rate schedule against its formula in
+"""audiojepa.ops.optim's gradient clipping against optax's, the learning-rate schedule against its formula in
 NumPy, and the trainer's update step (a branch on a finite loss and gradient norm) against a plain optax
 reference step.
 
@@ -14,9 +14,11 @@ import numpy as np
 import optax
 import pytest
 
-from audiojepa import config_utils, frontend, optim, train
+from audiojepa import config_utils
 from audiojepa.data import pipeline
 from audiojepa.methods import m2d
+from audiojepa.ops import frontend, optim
+from audiojepa.training import train
 
 INPUT_SHAPE = (32, 64)  # 2 x 4 patches
 

@@ -10,8 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from audiojepa import frontend
 from audiojepa.methods import jepa
+from audiojepa.ops import frontend
 from configs import audio_jepa as audio_jepa_config
 
 

@@ -14,12 +14,14 @@ import numpy as np
 import optax
 import pytest
 
-from audiojepa import frontend, methods, optim, train
+from audiojepa import methods
 from audiojepa.config_utils import load_config
 from audiojepa.data import pipeline
 from audiojepa.methods import m2d
 from audiojepa.models import encodecmae as mae
 from audiojepa.models.vit import REMAT_POLICIES, TransformerStack, performance_options
+from audiojepa.ops import frontend, optim
+from audiojepa.training import train
 
 STACK_KINDS = ("pre_ln", "residual_shared_ffn", "residual")
 # Recomputing a block in the backward pass runs the same ops on the same values; XLA may fuse them
@@ -193,8 +195,8 @@ def test_cudnn_attention_runs_per_shard_under_the_explicit_data_mesh():
     ("Expected cotangent type bfloat16[256@data,191,...] but got bfloat16[256,191,...]", H200), so the cudnn
     path runs inside a shard_map over the batch. That wrapping, run with XLA's attention on 8 CPU devices,
     must give the unsharded values and gradients (float32, 1e-5)."""
-    from audiojepa import sharding
     from audiojepa.models.vit import padded_dot_product_attention
+    from audiojepa.runtime import sharding
     mesh = sharding.make_mesh()
     batch = 2 * mesh.devices.size
     q, k, v = jax.random.normal(jax.random.key(2), (3, batch, 11, 2, 8))

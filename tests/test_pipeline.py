@@ -8,10 +8,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from array_record.python import array_record_module
-
-from audiojepa import frontend
-from audiojepa.data import pipeline, records, shards, stats
 from batch_helpers import assert_batches_equal, take
+
+from audiojepa.data import compute_stats, pipeline, records, resolve, shards, stats
+from audiojepa.ops import frontend
 
 SR = 16000
 PARAMS = frontend.get_preset("m2d")
@@ -152,7 +152,7 @@ def test_stats_match_numpy_over_one_epoch(tmp_path):
     rng = np.random.default_rng(0)
     clips = [(f"c{i}", (0.2 * rng.standard_normal(n)).astype(np.float32), {}) for i in range(16)]
     shards.write_shard_set(str(tmp_path), iter(clips), sample_rate=SR, num_shards=2)
-    result = stats.compute_logmel_stats(_spec(str(tmp_path)), num_crops=16, batch_size=8, progress=False)
+    result = compute_stats.compute_logmel_stats(_spec(str(tmp_path)), num_crops=16, batch_size=8, progress=False)
     pcm = [records.decode_waveform(records.encode_clip("x", w, SR)) for _, w, _ in clips]
     lms = np.stack([frontend.logmel_host(w, PARAMS) for w in pcm]).astype(np.float64)
     assert result["mean"] == pytest.approx(lms.mean(), rel=1e-6)
@@ -162,7 +162,7 @@ def test_stats_match_numpy_over_one_epoch(tmp_path):
                                                        pytest.approx(lms.std(), rel=1e-6))
     # One epoch in batches that do not divide it (6 + 6 + 4): still exactly 16 crops, each clip once (the
     # last batch of 6 would read 2 clips of the next epoch, shuffled anew).
-    uneven = stats.compute_logmel_stats(_spec(str(tmp_path)), num_crops=16, batch_size=6, progress=False)
+    uneven = compute_stats.compute_logmel_stats(_spec(str(tmp_path)), num_crops=16, batch_size=6, progress=False)
     assert uneven["num_crops"] == 16
     assert uneven["mean"] == pytest.approx(lms.mean(), rel=1e-6) and uneven["std"] == pytest.approx(lms.std(), rel=1e-6)
 
@@ -173,17 +173,17 @@ def test_resolve_data_spec_errors_name_the_config_key(shard_dir, tmp_path):
     cfg = ml_collections.ConfigDict({"shards": shard_dir, "frontend": "audiojepa", "crop_frames": 32,
                                      "norm_stats": "m2d"})
     with pytest.raises(ValueError, match="data.frontend"):
-        pipeline.resolve_data_spec(cfg)
+        resolve.resolve_data_spec(cfg)
     cfg.frontend = "m2d"
     cfg.norm_stats = "shards"
     with pytest.raises(FileNotFoundError, match="compute_stats.py"):
-        pipeline.resolve_data_spec(cfg)
+        resolve.resolve_data_spec(cfg)
     cfg.norm_stats = "m2d"
-    spec = pipeline.resolve_data_spec(cfg)
+    spec = resolve.resolve_data_spec(cfg)
     assert (spec.norm_mean, spec.norm_std) == stats.M2D_DEFAULT_STATS and spec.num_clips == 40
     cfg.shards = str(tmp_path / "nothing*.array_record")
     with pytest.raises(FileNotFoundError, match="data.shards"):
-        pipeline.resolve_data_spec(cfg)
+        resolve.resolve_data_spec(cfg)
 
 
 def test_device_frontend_batches_match_host_batches(shard_dir):
@@ -216,7 +216,7 @@ def test_compute_stats_cli_writes_stats_the_config_picks_up(shard_dir, tmp_path)
     mean, std = stats.read_stats(shard_dir, PARAMS)
     cfg = ml_collections.ConfigDict({"shards": shard_dir, "frontend": "m2d", "crop_frames": 32,
                                      "norm_stats": "shards"})
-    spec = pipeline.resolve_data_spec(cfg)
+    spec = resolve.resolve_data_spec(cfg)
     assert (spec.norm_mean, spec.norm_std) == (mean, std)
     assert -20 < mean < 5 and 0.5 < std < 10
 
@@ -280,8 +280,8 @@ def test_typos_in_data_config_name_the_key():
     config = ml_collections.ConfigDict({**data_config("m2d", 48).to_dict(),
                                         "frontend": {"sample_rate": 16000, "n_melz": 80}})
     with pytest.raises(ValueError, match=r"config.data.frontend: unknown LogMelParams keys \['n_melz'\]"):
-        pipeline.resolve_data_spec(config)
+        resolve.resolve_data_spec(config)
     config = data_config("m2d", 48)
     config.embedded.num_clip = 10
     with pytest.raises(ValueError, match=r"config.data.embedded has unknown keys \['num_clip'\]"):
-        pipeline.resolve_data_spec(config)
+        resolve.resolve_data_spec(config)

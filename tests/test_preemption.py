@@ -15,9 +15,10 @@ import signal
 import jax
 import numpy as np
 import pytest
-
-from audiojepa import checkpointing, host_memory, train
 import run_helpers as rh
+
+from audiojepa.runtime import checkpointing, host_memory
+from audiojepa.training import train
 
 pytestmark = pytest.mark.slow  # five training subprocesses (about a minute on 2 cores)
 
@@ -80,7 +81,7 @@ def interrupted(tmp_path_factory, seed):
 
 
 def test_sigterm_commits_a_checkpoint_at_the_step_it_stops(interrupted):
-    assert interrupted["sigterm_status"] == 143, interrupted  # audiojepa.process.EXIT_PREEMPTED (128 + SIGTERM)
+    assert interrupted["sigterm_status"] == 143, interrupted  # audiojepa.training.process.EXIT_PREEMPTED (128 + SIGTERM)
     step = interrupted["sigterm_committed"]
     assert step == interrupted["sigterm_logged"] < TOTAL, interrupted
     assert interrupted["sigterm_summary"]["preempted"] and interrupted["sigterm_summary"]["step"] == step
@@ -102,7 +103,7 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one_bitwise(interrupted)
 
 
 def test_the_trainer_reexecutes_with_huge_page_malloc_and_says_so(interrupted):
-    """`python -m audiojepa.main` replaces itself once with glibc's huge-page tunable (audiojepa.host_memory,
+    """`python -m audiojepa.main` replaces itself once with glibc's huge-page tunable (audiojepa.runtime.host_memory,
     whose own tests check the page faults) and logs which malloc it runs with, then that it is done."""
     parent = rh.subprocess_env()
     child_env = host_memory.hugepage_env(parent) or parent

@@ -406,8 +406,8 @@ def test_embedding_a_task_streams_with_bounded_memory_and_the_same_embeddings(tm
     the embeddings equal those of an unbounded pass (batch composition does not change them)."""
     import soundfile as sf
 
-    from audiojepa import frontend
     from audiojepa.evaluation import embedders, tasks
+    from audiojepa.ops import frontend
 
     root = tmp_path / "mixed"
     root.mkdir()

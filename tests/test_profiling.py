@@ -1,13 +1,14 @@
-"""config.profile_steps (audiojepa/profiling.py): a jax.profiler trace of a window of training steps, written into
+"""config.profile_steps (audiojepa/runtime/profiling.py): a jax.profiler trace of a window of training steps, written into
 the workdir's TensorBoard folder; bad values fail at startup naming the key."""
 
 import glob
 import os
 
 import pytest
-
-from audiojepa import profiling, train
 import run_helpers as rh
+
+from audiojepa.runtime import profiling
+from audiojepa.training import train
 
 
 def test_parse_profile_steps():

@@ -1,12 +1,12 @@
-"""audiojepa.resume_check: a resumed run refuses a config that changes the run itself, and says which keys."""
+"""audiojepa.training.resume_check: a resumed run refuses a config that changes the run itself, and says which keys."""
 
 import json
 import logging
 
 import pytest
-
 import run_helpers as rh
-from audiojepa import resume_check, train
+
+from audiojepa.training import resume_check, train
 
 
 def saved(config) -> dict:

@@ -278,8 +278,8 @@ def test_frame_targets_include_the_offset():
 
 
 def test_logmel_frames_average_windows_at_their_centres():
-    from audiojepa import frontend
     from audiojepa.data import stats
+    from audiojepa.ops import frontend
 
     params = frontend.get_preset("m2d")
     frames = sed.LogMelFrames(params, (-7.1, 4.2), "logmel")
@@ -299,8 +299,9 @@ def tiny_export(tmp_path_factory):
     seconds, where `embedders.random_encoder` initialises op by op)."""
     import jax
 
-    from audiojepa import encoder, frontend
+    from audiojepa.adapters import encoder
     from audiojepa.methods import m2d
+    from audiojepa.ops import frontend
 
     config = m2d.default_config("tiny")
     method = m2d.M2D(config, input_shape=(80, 48))
@@ -311,7 +312,7 @@ def tiny_export(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_encoder(tiny_export):
-    from audiojepa import encoder
+    from audiojepa.adapters import encoder
 
     return encoder.load_encoder(tiny_export)
 
@@ -367,7 +368,7 @@ def test_the_probe_learns_the_tones_and_not_swapped_labels(tmp_path):
     """A negative control for the pipeline: log-mel frames of the tones with the right training targets score
     high; with "low" and "high" swapped in training only, the probe detects each tone as the other class and
     scores near 0."""
-    from audiojepa import frontend
+    from audiojepa.ops import frontend
 
     task = sed.load_sed_task(str(sed_task_folder(tmp_path / "tones")), sample_rate=SR)
     frames = sed.LogMelFrames(frontend.get_preset("m2d"), (-7.1, 4.2), "logmel")

@@ -5,14 +5,14 @@ by other accounts."""
 import glob
 import os
 
+import fault_helpers
 import ml_collections
 import numpy as np
 import pytest
 import soundfile as sf
 
-from audiojepa import frontend
-from audiojepa.data import pipeline, shards, stats
-import fault_helpers
+from audiojepa.data import resolve, shards, stats
+from audiojepa.ops import frontend
 
 SR = 16000
 PARAMS = frontend.get_preset("m2d")
@@ -81,21 +81,21 @@ def test_overwrite_removes_stale_log_mel_statistics(tmp_path):
     cfg = ml_collections.ConfigDict({"shards": out, "frontend": "m2d", "crop_frames": 32, "norm_stats": "shards"})
 
     def compute_stats():
-        spec = pipeline.resolve_data_spec(ml_collections.ConfigDict({**cfg.to_dict(), "norm_stats": "m2d"}))
-        result = stats.compute_logmel_stats(spec, num_crops=16, batch_size=8, progress=False)
+        spec = resolve.resolve_data_spec(ml_collections.ConfigDict({**cfg.to_dict(), "norm_stats": "m2d"}))
+        result = compute_stats.compute_logmel_stats(spec, num_crops=16, batch_size=8, progress=False)
         stats.write_stats(out, PARAMS, **result)
         return result["mean"]
 
     shards.make_shards(_write_tones(str(tmp_path / "loud"), 0.1), out, num_shards=1, progress=False)
     loud_mean = compute_stats()
-    assert pipeline.resolve_data_spec(cfg).norm_mean == pytest.approx(loud_mean)
+    assert resolve.resolve_data_spec(cfg).norm_mean == pytest.approx(loud_mean)
     shards.make_shards(_write_tones(str(tmp_path / "quiet"), 0.001), out, num_shards=1, overwrite=True,
                        progress=False)
     with pytest.raises(FileNotFoundError, match="compute_stats.py"):
-        pipeline.resolve_data_spec(cfg)  # not the loud audio's mean
+        resolve.resolve_data_spec(cfg)  # not the loud audio's mean
     quiet_mean = compute_stats()
     assert quiet_mean < loud_mean - 5  # 40 dB quieter: the old statistics were far off
-    assert pipeline.resolve_data_spec(cfg).norm_mean == pytest.approx(quiet_mean)
+    assert resolve.resolve_data_spec(cfg).norm_mean == pytest.approx(quiet_mean)
 
 
 def test_stats_file_is_readable_by_others(tmp_path):

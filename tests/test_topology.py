@@ -12,9 +12,10 @@ import shutil
 import jax
 import numpy as np
 import pytest
-
-from audiojepa import checkpointing, sharding, train
 import run_helpers as rh
+
+from audiojepa.runtime import checkpointing, sharding
+from audiojepa.training import train
 
 pytestmark = pytest.mark.slow  # three short in-process runs on 4 and 8 devices
 

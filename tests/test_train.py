@@ -8,11 +8,12 @@ import os
 import jax
 import numpy as np
 import pytest
+import run_helpers as rh
 from jax.sharding import get_abstract_mesh
 
-from audiojepa import checkpointing, metrics, train
 from audiojepa.methods import m2d
-import run_helpers as rh
+from audiojepa.runtime import checkpointing, metrics
+from audiojepa.training import train
 
 pytestmark = pytest.mark.slow  # each test trains for a few steps (tens of seconds on 2 cores)
 

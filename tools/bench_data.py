@@ -35,8 +35,8 @@ import soundfile as sf  # noqa: E402
 import soxr  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
-from audiojepa import frontend  # noqa: E402
 from audiojepa.data import audio_io, pipeline, shards, synthetic  # noqa: E402
+from audiojepa.ops import frontend  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for tools/
 from tools import bench_common, bench_frontend  # noqa: E402

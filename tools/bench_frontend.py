@@ -29,18 +29,20 @@ import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import librosa  # noqa: E402
 import numpy as np  # noqa: E402
 import scipy  # noqa: E402
+from absl import (
+    app,  # noqa: E402
+    flags,  # noqa: E402
+)
 
 # The repo root: this checkout's package (as the other tools do) and tools/.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from audiojepa import frontend  # noqa: E402
+from audiojepa.ops import frontend  # noqa: E402
 from tools import bench_common  # noqa: E402
 
 FLAGS = flags.FLAGS

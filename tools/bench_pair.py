@@ -32,16 +32,16 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from audiojepa import host_memory  # noqa: E402
+from audiojepa.runtime import host_memory  # noqa: E402
 
 if __name__ == "__main__":  # as `python -m audiojepa.main` runs: huge pages for large allocations
     host_memory.reexec_with_hugepage_malloc()
 
-from absl import app, flags  # noqa: E402
 import jax  # noqa: E402
+from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from audiojepa import sharding  # noqa: E402
+from audiojepa.runtime import sharding  # noqa: E402
 from tools import bench_common, bench_train  # noqa: E402  (bench_train defines the row flags used here)
 
 flags.DEFINE_string("b_overrides", "{}", 'JSON dict of dotted config keys for B, e.g. {"model.remat": "dots"}.')

@@ -8,7 +8,7 @@ Issue 9 compares the JAX step (`tools/bench_train.py`, one device) with "a PyTor
 the same step, timm blocks and AdamW". This is that step for bench_train's first row (the same row
 flags: --config=configs/m2d.py with overrides, --variants, --frames, --batch_b, --mask_ratio,
 --steps_b, --warmup, --gemm_size), written so that its matmuls are those the analytic count
-`audiojepa.flops.m2d_step_flops` counts for that config (tests/test_bench_torch_m2d.py checks it with
+`audiojepa.training.flops.m2d_step_flops` counts for that config (tests/test_bench_torch_m2d.py checks it with
 torch's FLOP counter):
   - timm-style pre-LN blocks (LayerNorm eps 1e-6, fused qkv, F.scaled_dot_product_attention, exact
     GELU MLP), a 16x16 Conv2d patch embedding and fixed position embeddings;
@@ -40,11 +40,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from audiojepa import host_memory  # noqa: E402
-
 from absl import app, flags  # noqa: E402
 
-from audiojepa import sharding  # noqa: E402
+from audiojepa.runtime import (
+    host_memory,  # noqa: E402
+    sharding,  # noqa: E402
+)
 from tools import bench_common, bench_train  # noqa: E402  (bench_train defines the row flags used here)
 
 flags.DEFINE_integer("threads", 0, "torch.set_num_threads (0: torch's default).")
@@ -52,10 +53,12 @@ FLAGS = flags.FLAGS
 
 def m2d_sizes(config) -> dict:
     """Sizes of an M2D config's model (a bench_train row config: its size, crop, mask ratio and batch)
-    and its analytic step FLOPs (audiojepa.flops.m2d_step_flops), taken from the JAX method itself, so
+    and its analytic step FLOPs (audiojepa.training.flops.m2d_step_flops), taken from the JAX method itself, so
     that both frameworks time the same step."""
-    from audiojepa import flops, frontend, methods
+    from audiojepa import methods
     from audiojepa.models.vit import model_size
+    from audiojepa.ops import frontend
+    from audiojepa.training import flops
 
     if config.method != "m2d":
         raise ValueError(f"config.method={config.method!r}: tools/bench_torch_m2d.py times M2D only.")
@@ -224,7 +227,7 @@ def report(result: dict, variant: str, sizes: dict) -> str:
         f"- Machine: {bench_common.cpu_name()}, {os.cpu_count()} CPUs; torch {result['torch_version']}, "
         f"{result['threads']} threads; {host_memory.describe()}",
         f"- {result['steps']} timed steps after {result['warmup']}; analytic GFLOP as bench_train's "
-        "(audiojepa.flops.m2d_step_flops); peaks: a float32 torch.matmul and bench_train's jitted XLA matmul, "
+        "(audiojepa.training.flops.m2d_step_flops); peaks: a float32 torch.matmul and bench_train's jitted XLA matmul, "
         "both in this run (the XLA one is the denominator of bench_train's MFU, hence of issue 9's targets).",
         "",
         "| step s mean (min) | clips/s | analytic GFLOP/step | achieved GFLOP/s | torch GEMM GFLOP/s | of torch peak "

@@ -40,7 +40,7 @@ column measures compute, not the input pipeline. Per row: trace + compile time, 
 timed steps after --warmup untimed ones (each waited for with block_until_ready), clips/s, FLOP/s and
 MFU.
 
-FLOPs. The analytic count is `audiojepa.flops.step_flops` (its docstring has every method's formula):
+FLOPs. The analytic count is `audiojepa.training.flops.step_flops` (its docstring has every method's formula):
 matmuls and convolutions only, forward plus twice the forward of the trained parts, frozen parts (EMA
 targets, EnCodec, the teacher) forward only. For ViT-B M2D on 80x608 (L = 190, K = 57) that is about
 85 GFLOP per clip, 28% of it in the target encoder; the formula slightly overcounts the input layers
@@ -99,21 +99,24 @@ import subprocess
 import sys
 import time
 
-from absl import app, flags
 import jax
 import jax.numpy as jnp
-from ml_collections import config_flags
 import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
 
 # `configs/` is not part of the installed package: make the repository root importable when this
 # file is run as a script (sys.path[0] is then tools/).
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from audiojepa import config_utils, flops, frontend, host_memory, methods, optim, sharding, train  # noqa: E402
-from audiojepa.data import pipeline, target_records  # noqa: E402
+from audiojepa import config_utils, methods
+from audiojepa.data import pipeline, resolve, target_records  # noqa: E402
 from audiojepa.models import encodec  # noqa: E402
 from audiojepa.models.vit import as_dtype  # noqa: E402
+from audiojepa.ops import frontend, optim
+from audiojepa.runtime import host_memory, sharding
+from audiojepa.training import flops, train  # noqa: E402
 from tools import bench_common  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -540,7 +543,7 @@ def _worker() -> None:
 
 def data_clips_per_second(config, *, batches: int, warmup: int) -> tuple[float, str]:
     """(clips/s, DataSpec.kind) of `config`'s input pipeline, built as the trainer builds it (one process)."""
-    spec = pipeline.resolve_data_spec(config.data)
+    spec = resolve.resolve_data_spec(config.data)
     method_cls = methods.get_method(config.method)
     device_frontend = bool(config.data.get("device_frontend", False)) or methods.input_kind(method_cls) == "waveform"
     ds = pipeline.make_dataset(spec, batch_size=int(config.batch_size), seed=config.seed,
@@ -577,7 +580,7 @@ def worker_env(num_devices: int, platform: str, environ=None) -> dict:
     """The environment of a worker: `num_devices` simulated CPU devices for platform "cpu"; otherwise
     JAX_PLATFORMS=platform ("gpu" as "cuda": JAX 0.11 reads "gpu" as CUDA or ROCm and fails when the ROCm
     plugin is absent) and no simulated-device setting (the worker meshes its first n devices). Huge
-    pages for glibc's large allocations as `python -m audiojepa.main` has them (audiojepa.host_memory;
+    pages for glibc's large allocations as `python -m audiojepa.main` has them (audiojepa.runtime.host_memory;
     AUDIOJEPA_HUGEPAGE_MALLOC=0 turns them off)."""
     env = dict(os.environ if environ is None else environ, JAX_PLATFORMS="cuda" if platform == "gpu" else platform)
     env = host_memory.hugepage_env(env) or env
@@ -678,7 +681,7 @@ def _report(rows: list[dict], load_at_start: float) -> str:
         f"- Timed steps per row ({steps}) after {FLAGS.warmup} untimed ones, random inputs already on the "
         "devices. Compile = trace + lower + XLA compile.",
         "- What the numbers mean: step columns are compute only (no input pipeline). Analytic GFLOP counts "
-        "matmuls (forward + 2x backward of the trained parts, frozen parts forward only; audiojepa/flops.py); "
+        "matmuls (forward + 2x backward of the trained parts, frozen parts forward only; audiojepa/training/flops.py); "
         "XLA GFLOP is cost_analysis() over all devices, non-matmul ops included. MFU vs n × 1-device is the "
         "usual definition; the simulated devices share the same cores, so MFU vs all-device (a GEMM on every "
         "device at once in the same process) is the machine's real utilisation.",

@@ -1,10 +1,10 @@
 r"""Does JAX leave the GPU to torch when the HEAR / X-ARES adapters load it? (issue 25; a device-machine check)
 
-    python tools/check_gpu_memory.py          # two fresh processes: plain JAX, then through audiojepa.hear
+    python tools/check_gpu_memory.py          # two fresh processes: plain JAX, then through audiojepa.adapters.hear
 
 Each process runs a tiny random M2D's HEAR timestamp embeddings of 2 s of noise on the default device and prints
 the GPU memory its process holds (nvidia-smi) against the device's total. Plain JAX preallocates 75% of the
-GPU when its backend starts; through `audiojepa.hear` (XLA_PYTHON_CLIENT_PREALLOCATE=false, set at import) the
+GPU when its backend starts; through `audiojepa.adapters.hear` (XLA_PYTHON_CLIENT_PREALLOCATE=false, set at import) the
 process should hold little more than what the computation needs. On a machine without a GPU it says so.
 """
 
@@ -17,14 +17,15 @@ import os, subprocess, sys
 sys.path.insert(0, sys.argv[2])
 import jax, jax.numpy as jnp, numpy as np
 at_start = os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE")  # what the backend sees when it starts
-if sys.argv[1] == "plain":  # the backend starts with JAX's defaults, before audiojepa.hear is imported
+if sys.argv[1] == "plain":  # the backend starts with JAX's defaults, before audiojepa.adapters.hear is imported
     jnp.ones(1).block_until_ready()
 else:
-    import audiojepa.hear
+    import audiojepa.adapters.hear
     at_start = os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE")
-from audiojepa import encoder, frontend
+from audiojepa.adapters import encoder
+from audiojepa.ops import frontend
 from audiojepa.methods import m2d
-import audiojepa.hear as hear
+import audiojepa.adapters.hear as hear
 config = m2d.default_config("tiny")
 method = m2d.M2D(config, input_shape=(80, 208))
 params = jax.jit(lambda k: method.encoder.init(k, jnp.zeros((1, 80, 208)))["params"])(jax.random.key(0))

@@ -14,8 +14,8 @@ from absl import app, flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from audiojepa import frontend  # noqa: E402
-from audiojepa.data import pipeline, shards, stats  # noqa: E402
+from audiojepa.data import compute_stats, pipeline, shards, stats  # noqa: E402
+from audiojepa.ops import frontend  # noqa: E402
 
 flags.DEFINE_string("shards", None, "Shard-set folder (with manifest.json).")
 flags.DEFINE_string("frontend", "m2d", f"Front-end preset: {sorted(frontend.PRESETS)}.")
@@ -36,7 +36,7 @@ def main(argv):
         raise app.UsageError(f"--frontend {FLAGS.frontend} expects {params.sample_rate} Hz; "
                              f"{FLAGS.shards} holds {manifest['sample_rate']} Hz audio")
     spec = pipeline.DataSpec(tuple(paths), params, FLAGS.crop_frames, 0.0, 1.0, len(paths))
-    result = stats.compute_logmel_stats(spec, num_crops=FLAGS.num_crops, seed=FLAGS.seed,
+    result = compute_stats.compute_logmel_stats(spec, num_crops=FLAGS.num_crops, seed=FLAGS.seed,
                                         num_workers=FLAGS.workers)
     path = stats.write_stats(FLAGS.shards, params, **result)
     logging.info("log-mel mean %.4f std %.4f over %d crops -> %s", result["mean"], result["std"],

@@ -6,13 +6,13 @@ r"""Converts an EnCodec 24 kHz PyTorch state dict into audiojepa params for the 
 Reads a `.npz` of name -> array (no torch needed) or, with the optional torch extra installed
 (`pip install -e ".[torch]"`), a `.th`/`.pt` state dict (loaded with `weights_only=True`). Weight norm
 is resolved; the decoder and the codebooks' training buffers are dropped. Writes `params.msgpack` and
-`encodec.json` into OUTPUT; `audiojepa.convert.encodec_torch.load_params(OUTPUT)` reads them back as
+`encodec.json` into OUTPUT; `audiojepa.models.encodec_torch.load_params(OUTPUT)` reads them back as
 {"encoder": ..., "codebooks": [32, 1024, 128]} for `audiojepa.models.encodec.encode`.
 """
 
 from absl import app, flags, logging
 
-from audiojepa.convert import encodec_torch
+from audiojepa.models import encodec_torch
 
 flags.DEFINE_string("input", None, "EnCodec 24 kHz state dict: .th/.pt (needs torch) or .npz.")
 flags.DEFINE_string("output", None, "Output folder for params.msgpack and encodec.json.")

@@ -11,7 +11,7 @@ out with a log line) plus the frozen EnCodec encoder the MAE runs on: the checkp
 (a folder written by tools/convert_encodec.py, or an EnCodec 24 kHz state dict), which takes precedence. Sizes
 come from the tensors and must be one of audiojepa.models.encodecmae.VARIANTS (`--num_heads` when they cannot
 tell). Chunks of `--chunk_seconds` (the reference's 4 s) of 24 kHz audio. The export loads with
-`audiojepa.encoder.load_encoder(OUTPUT)`.
+`audiojepa.adapters.encoder.load_encoder(OUTPUT)`.
 """
 
 import os
@@ -22,10 +22,11 @@ from absl import app, flags, logging
 # This checkout's package, not whichever one is installed (as the other tools do).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from audiojepa import encoder, frontend  # noqa: E402
+from audiojepa.adapters import encoder
 from audiojepa.convert import encodecmae_torch, state_dict_io  # noqa: E402
 from audiojepa.methods import encodecmae  # noqa: E402
 from audiojepa.models import encodec  # noqa: E402
+from audiojepa.ops import frontend  # noqa: E402
 
 flags.DEFINE_string("checkpoint", None, "Official EncodecMAE checkpoint: .pt/.pth (needs torch), .npz or .safetensors.")
 flags.DEFINE_string("output", None, "Output folder for encoder.json and params.msgpack.")

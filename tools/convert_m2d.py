@@ -10,7 +10,7 @@ without M2D's tensors, NaN/Inf encoder weights or a `norm_stats` that is not (me
 with an error naming the file and the tensor (`m2d_torch.check_state_dict`). The width, depth, MLP size and training
 width are read from the tensors (any size: a named variant when they match one, else config.model.width/depth/
 mlp_dim, with `--num_heads`, default width / 64); `norm_stats` from the checkpoint if present. The export loads with
-`audiojepa.encoder.load_encoder(OUTPUT)` and evaluates with `python -m audiojepa.evaluate`.
+`audiojepa.adapters.encoder.load_encoder(OUTPUT)` and evaluates with `python -m audiojepa.evaluate`.
 """
 
 import os
@@ -22,9 +22,10 @@ from absl import app, flags, logging
 # This checkout's package, not whichever one is installed (as the other tools do).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from audiojepa import encoder, frontend  # noqa: E402
+from audiojepa.adapters import encoder
 from audiojepa.convert import m2d_torch, state_dict_io  # noqa: E402
 from audiojepa.data import stats  # noqa: E402
+from audiojepa.ops import frontend  # noqa: E402
 
 flags.DEFINE_string("checkpoint", None, "Official M2D checkpoint: .pth (needs torch), .npz or .safetensors state dict.")
 flags.DEFINE_string("output", None, "Output folder for encoder.json and params.msgpack.")

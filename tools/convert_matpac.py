@@ -11,7 +11,7 @@ heads, teacher and any fine-tuning head are left out with a log line. Width, dep
 training width come from the tensors (`--num_heads`: the encoder's heads, which they cannot tell; default: the
 named variant's, else width / 64). The log-mel front end is MATPAC's ("matpac": 16 kHz, 80 mels, no centre
 padding) and the normalisation statistics the inference code's (mean -7.056, std 4.193) unless given. The export
-loads with `audiojepa.encoder.load_encoder(OUTPUT)`.
+loads with `audiojepa.adapters.encoder.load_encoder(OUTPUT)`.
 """
 
 import os
@@ -22,9 +22,10 @@ from absl import app, flags, logging
 # This checkout's package, not whichever one is installed (as the other tools do).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from audiojepa import encoder, frontend  # noqa: E402
+from audiojepa.adapters import encoder
 from audiojepa.convert import matpac_torch, state_dict_io  # noqa: E402
 from audiojepa.data import stats  # noqa: E402
+from audiojepa.ops import frontend  # noqa: E402
 
 MATPAC_NORM_STATS = (-7.056, 4.193)  # inference_matpac/matpac/model.py general_config lms_mean / lms_std
 

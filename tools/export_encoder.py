@@ -4,12 +4,12 @@ target where the method evaluates it (Audio-JEPA; config.model.eval_encoder).
     python tools/export_encoder.py --workdir /ckpt/m2d --output /ckpt/m2d/export
 
 The folder holds encoder.json (method, model config, input shape, front end, normalisation) and
-params.msgpack; `audiojepa.encoder.load_encoder(FOLDER)` reads it.
+params.msgpack; `audiojepa.adapters.encoder.load_encoder(FOLDER)` reads it.
 """
 
 from absl import app, flags, logging
 
-from audiojepa import encoder
+from audiojepa.adapters import encoder
 
 flags.DEFINE_string("workdir", None, "Training workdir (with checkpoints/).")
 flags.DEFINE_string("output", None, "Output folder.")

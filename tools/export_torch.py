@@ -97,9 +97,12 @@ from absl import app, flags, logging
 # This checkout's package, not whichever one is installed (as the other tools do).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from audiojepa import checkpointing, encoder, frontend, methods  # noqa: E402
+from audiojepa import methods
+from audiojepa.adapters import encoder
 from audiojepa.convert import encodecmae_export, m2d_export, matpac_export  # noqa: E402
 from audiojepa.models import vit  # noqa: E402
+from audiojepa.ops import frontend
+from audiojepa.runtime import checkpointing  # noqa: E402
 
 flags.DEFINE_string("encoder", None, "Exported encoder folder (encoder.json) or training workdir (checkpoints/).")
 flags.DEFINE_string("output", None, "Output file: .safetensors (no torch needed) or .pth (needs the torch extra).")

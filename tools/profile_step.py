@@ -25,7 +25,7 @@ Tables:
 - "Other ops": the instructions without dots, grouped by kind, output type and model op, by time, with
   their output bytes per second (what they write; reads come on top), to tell memory-bound copies and
   scan buffers from real work.
-The dot GFLOP it finds are printed next to the analytic count of audiojepa/flops.py as a check.
+The dot GFLOP it finds are printed next to the analytic count of audiojepa/training/flops.py as a check.
 Op times overlap when XLA runs independent ops concurrently, so shares are of summed op time, not of the
 step's wall time (both are printed).
 """
@@ -50,16 +50,16 @@ if __name__ == "__main__" and TRACEME_FLAG not in os.environ.get("XLA_FLAGS", ""
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from audiojepa import host_memory  # noqa: E402
+from audiojepa.runtime import host_memory  # noqa: E402
 
 if __name__ == "__main__":  # as `python -m audiojepa.main` runs: huge pages for large allocations
     host_memory.reexec_with_hugepage_malloc()
 
-from absl import app, flags  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
 
-from audiojepa import sharding  # noqa: E402
+from audiojepa.runtime import sharding  # noqa: E402
 from tools import bench_common, bench_train  # noqa: E402  (bench_train defines the row flags used here)
 
 flags.DEFINE_integer("top", 25, "Rows of each table.")

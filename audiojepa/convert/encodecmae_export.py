@@ -40,7 +40,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from audiojepa.convert import encodec_torch, encodecmae_torch, state_dict_io
+from audiojepa.convert import encodecmae_torch, state_dict_io
+from audiojepa.models import encodec_torch
 from audiojepa.models import encodecmae as mae
 
 # encodecmae_torch's tables, reversed: one source for the names.
@@ -87,7 +88,7 @@ def params_to_state_dict(params: Mapping, target_params: Mapping | None = None, 
         raise ValueError(f"config.model.stack_type={stack_type!r}: the reference v1 stack is ResiDual (its "
                          "norm_type default, every released model), which is stack_type='residual' here; a "
                          "'pre_ln' stack has no reference names")
-    # Imported here: the method module imports this package (audiojepa.convert.encodec_torch).
+    # Imported here: the method module imports this package (audiojepa.models.encodec_torch).
     from audiojepa.methods.encodecmae import TEACHER_KEYS
 
     missing = [key for key in TEACHER_KEYS if key not in params]

@@ -47,8 +47,7 @@ import re
 import ml_collections
 import numpy as np
 
-from audiojepa.convert import encodec_torch
-from audiojepa.models import encodec
+from audiojepa.models import encodec, encodec_torch
 from audiojepa.models import encodecmae as mae
 
 _STACKS = {"visible_encoder": "encoder", "decoder": "decoder"}
@@ -241,7 +240,7 @@ def state_dict_to_params(state_dict: dict, *, num_heads: int | None = None) -> C
     if extra:
         raise ValueError(f"decoder tensors {extra} without decoder layers.")
 
-    # Imported here: the method module imports this package (audiojepa.convert.encodec_torch).
+    # Imported here: the method module imports this package (audiojepa.models.encodec_torch).
     from audiojepa.methods import encodecmae
 
     config = encodecmae.default_config(size)

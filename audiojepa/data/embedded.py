@@ -15,7 +15,7 @@ import os
 import tempfile
 import time
 
-from audiojepa.data import shards, stats, synthetic
+from audiojepa.data import compute_stats, pipeline, shards, stats, synthetic
 
 CORPUS_VERSION = 2
 DEFAULT_NUM_CLIPS = 3000
@@ -56,7 +56,7 @@ def ensure_embedded_corpus(
     folder = corpus_dir(sample_rate=sample_rate, num_clips=num_clips, duration_s=duration_s, seed=seed, root=root)
     if os.path.exists(os.path.join(folder, shards.MANIFEST)):
         return folder
-    from audiojepa import frontend
+    from audiojepa.ops import frontend
 
     os.makedirs(os.path.dirname(folder), exist_ok=True)
     start = time.time()
@@ -87,13 +87,11 @@ def ensure_embedded_corpus(
 
 def _write_stats(folder: str, manifest: dict, params) -> None:
     """Computes log-mel mean/std for front end `params` over whole clips of the corpus in `folder`."""
-    from audiojepa.data import pipeline
-
     generator = manifest["generator"]
     paths = tuple(os.path.join(folder, n) for n in manifest["shards"])
     crop_frames = params.num_frames(int(generator["duration_s"] * manifest["sample_rate"]))
     spec = pipeline.DataSpec(paths, params, crop_frames, 0.0, 1.0, manifest["num_clips"])
-    result = stats.compute_logmel_stats(spec, num_crops=min(manifest["num_clips"], 512), seed=generator["seed"],
+    result = compute_stats.compute_logmel_stats(spec, num_crops=min(manifest["num_clips"], 512), seed=generator["seed"],
                                         progress=False)
     stats.write_stats(folder, params, **result)
 

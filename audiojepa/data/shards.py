@@ -34,8 +34,8 @@ import numpy as np
 from array_record.python import array_record_module
 from tqdm import tqdm
 
-from audiojepa import locks, storage, worker_lifetime
 from audiojepa.data import audio_io, records, stats
+from audiojepa.runtime import locks, storage, worker_lifetime
 
 MANIFEST = "manifest.json"
 SHARD_SUFFIX = ".array_record"
@@ -596,7 +596,7 @@ def lock_path(output_dir: str) -> str:
 
 
 def output_lock(output_dir: str):
-    """Holds an exclusive lock (audiojepa.locks, an flock) on `output_dir`'s `lock_path` for the block; yields
+    """Holds an exclusive lock (audiojepa.runtime.locks, an flock) on `output_dir`'s `lock_path` for the block; yields
     that path.
 
     Raises OutputLockedError at once, naming `output_dir` and the holder's pid, if another run holds it (in
@@ -701,7 +701,7 @@ def read_manifest(shard_dir: str) -> dict:
 
 def resolve_shards(spec: str | Sequence[str]) -> tuple[list[str], dict | None]:
     """Shard files for `spec`: a shard-set folder, a glob, or a list of files; local, or gs:// URLs (which
-    ArrayRecord's reader opens itself; audiojepa.storage).
+    ArrayRecord's reader opens itself; audiojepa.runtime.storage).
 
     Returns (paths, manifest) where manifest is the folder's manifest.json (None for a glob/list).
     """

@@ -7,7 +7,7 @@ that can batch clips of different lengths also has `embed_stream` (EncoderEmbedd
   its chunked frame features at the encoder's `layer` (audiojepa.models.encoder_layers). With layer="all"
   every layer comes from one pass: `embed_batch` gives [batch, depth, dim]. Its `embed_stream` shares
   batches of padded, masked chunks between clips of any lengths, so a task compiles a few fixed shapes
-  (audiojepa.encoder, "Fixed shapes").
+  (audiojepa.adapters.encoder, "Fixed shapes").
 - `LogMelEmbedder` (`--encoder=logmel`): the mean and the std over time of the normalised log-mel,
   concatenated: [2 x n_mels].
 - `random:<config>`: the config's encoder at random initialisation (seeded), through
@@ -25,10 +25,10 @@ from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from audiojepa import encoder as encoder_lib
-from audiojepa import frontend as frontend_lib
+from audiojepa.adapters import encoder as encoder_lib
 from audiojepa.data import audio_io, stats
 from audiojepa.models import encoder_layers
+from audiojepa.ops import frontend as frontend_lib
 
 # Decoded clips held at once while embedding, beyond one batch per length: bounds memory on large tasks
 # (FSD50K decoded whole would be ~25 GB of float32 at 16 kHz). With `embed_stream`, the chunk rows waiting.
@@ -77,10 +77,10 @@ def random_encoder(config_arg: str, *, seed: int = 0) -> encoder_lib.AudioEncode
     import jax
 
     from audiojepa import config_utils, methods
-    from audiojepa.data import pipeline
+    from audiojepa.data import resolve
 
     config = config_utils.load_config(config_arg)
-    spec = pipeline.resolve_data_spec(config.data)
+    spec = resolve.resolve_data_spec(config.data)
     method_cls = methods.get_method(config.method)
     input_shape = methods.input_shape(method_cls, spec.frontend, spec.crop_frames)
     method = method_cls(config.model, input_shape=input_shape)

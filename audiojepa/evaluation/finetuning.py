@@ -21,7 +21,7 @@ The recipe of the M2D / AudioMAE fine-tuning scripts, as keys of `configs/finetu
 No dropout. Loss: softmax cross-entropy (single-label; accuracy) or sigmoid binary cross-entropy averaged over
 classes (multi-label; mAP), both on mixed soft targets.
 
-Forward. The head is (batch-normalised, then) linear on the clip embedding of the evaluation path (audiojepa.encoder.AudioEncoder):
+Forward. The head is (batch-normalised, then) linear on the clip embedding of the evaluation path (audiojepa.adapters.encoder.AudioEncoder):
 the method's `encode` of the params, prefix tokens dropped, the F frequency patches of each time step
 concatenated (F x D) and the mean taken over time (`clip_embedding`, the same function of the params as
 `AudioEncoder.clip_embedding` on one chunk). Training sees a random crop of `input_shape[1]` frames of each
@@ -40,7 +40,7 @@ Data order. Step s draws its batch from (seed, epoch) permutations and its crops
 (seed, s) alone, so a resumed run sees the same batches as an uninterrupted one. An epoch is
 max(1, n_train // batch_size) steps (a train split smaller than the batch wraps around).
 
-Checkpoints (Orbax, `TASK_DIR/checkpoints`, audiojepa.checkpointing): every `checkpoint_every_steps` and at the
+Checkpoints (Orbax, `TASK_DIR/checkpoints`, audiojepa.runtime.checkpointing): every `checkpoint_every_steps` and at the
 end; state {"step", "params", "opt_state", "best_params", "head_stats", "best_head_stats"}, meta {"config", "history", "best"...}. Running
 again resumes from the latest; a finished run re-run only rescores and rewrites its outputs.
 
@@ -59,13 +59,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from einops.array_api import reduce  # the array-API entry: no framework lookup (never imports torch)
+from einops.array_api import (
+    reduce,  # the array-API entry: no framework lookup (never imports torch)
+)
 
-from audiojepa import checkpointing, optim, sharding
-from audiojepa import encoder as encoder_lib
-from audiojepa import metrics as metrics_lib
+from audiojepa.adapters import encoder as encoder_lib
 from audiojepa.evaluation import probes, tasks
 from audiojepa.models import vit
+from audiojepa.ops import optim
+from audiojepa.runtime import checkpointing, sharding
+from audiojepa.runtime import metrics as metrics_lib
 
 CONFIG_KEYS = ("epochs", "batch_size", "base_lr", "lr", "min_lr", "warmup_epochs", "b1", "b2", "weight_decay",
                "layer_decay", "mixup_alpha", "freq_mask", "time_mask", "head_norm", "head_init_std",

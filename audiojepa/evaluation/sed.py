@@ -22,11 +22,11 @@ tasks (`SedTask.skipped`, reasons of audiojepa.data.audio_io.SKIP_REASONS: "miss
 detail names the splits.csv line): every file is decoded once when the task loads (its length is needed for the
 onset check), and its events leave scoring with it.
 
-**Frames** (`frame_embedder`). An encoder (`embedders.EncoderEmbedder`) gives what `audiojepa.hear` hands HEAR as
+**Frames** (`frame_embedder`). An encoder (`embedders.EncoderEmbedder`) gives what `audiojepa.adapters.hear` hands HEAR as
 timestamp embeddings with `timestamp_hop_ms="native"`: `AudioEncoder.embed_waveform`'s frame features [T', D] of
 the whole file, one per `frame_hop_seconds` (160 ms for 16x16 patches of 10 ms frames), frame i timestamped at
 the **centre** of its patch of log-mel frames (waveform models: of its frame, (i + 0.5) x hop); a last step whose
-centre is past the end of the audio (mostly padding) is left out. (Not audiojepa.hear's default 50 ms grid of
+centre is past the end of the audio (mostly padding) is left out. (Not audiojepa.adapters.hear's default 50 ms grid of
 interpolated steps: interpolation adds no information, and the probe sees the encoder's own steps.) The log-mel baseline
 (`embedders.LogMelEmbedder`) has no frames of its own: its frame feature is the normalised log-mel averaged over
 windows of `LOGMEL_FRAMES_PER_STEP` frames (16: M2D's patch width, 160 ms at a 10 ms hop; a shorter last
@@ -62,11 +62,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from audiojepa import frontend as frontend_lib
 from audiojepa.data import audio_io, stats
 from audiojepa.evaluation import embedders, probes, sed_metrics, tasks
 from audiojepa.evaluation.sed_metrics import Event
 from audiojepa.models import encoder_layers
+from audiojepa.ops import frontend as frontend_lib
 
 log = logging.getLogger(__name__)
 
@@ -274,10 +274,10 @@ def check_task(task: SedTask, *, where: str) -> None:
 
 class EncoderFrames:
     """Frame features of a frozen encoder: its HEAR timestamp embeddings with native timestamps, i.e.
-    `embed_waveform`'s [T', D] at the step centres (audiojepa.hear, `timestamp_hop_ms="native"`)."""
+    `embed_waveform`'s [T', D] at the step centres (audiojepa.adapters.hear, `timestamp_hop_ms="native"`)."""
 
     def __init__(self, audio_encoder, name: str):
-        from audiojepa import hear
+        from audiojepa.adapters import hear
 
         if audio_encoder.layer == encoder_layers.ALL:
             raise ValueError(f"{name}: an SED task takes one layer's frames; --layer=all is for clip tasks")

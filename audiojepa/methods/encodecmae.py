@@ -2,7 +2,7 @@
 
 Per step: a 24 kHz waveform → the frozen EnCodec encoder → continuous frames [batch, T, 128] at 75 Hz
 (T = 300 for 4 s) → RVQ codes of the first n_q = 8 codebooks [batch, T, 8] (the targets). Exactly
-⌊mask_prop·T⌋ frames are masked in spans of `mask_span` frames (`audiojepa.masking.span_mask_1d`);
+⌊mask_prop·T⌋ frames are masked in spans of `mask_span` frames (`audiojepa.ops.masking.span_mask_1d`);
 the encoder sees the visible frames only, a 2-layer decoder fills in the rest, and one classifier per
 codebook predicts every frame's code. The loss is the γ_q-weighted cross-entropy with weight δ on
 masked and 1 − δ on visible frames (`audiojepa.methods.encodecmae_loss`). Model pieces:
@@ -23,7 +23,7 @@ EncodecMAE has no EMA):
     "encodec": {"encoder": EncodecEncoder params, "codebooks": [n_q, 1024, 128]} (only the codebooks
         used), read in the constructor from `config.encodec_checkpoint` (a folder written by
         tools/convert_encodec.py, or a .npz/.th/.pt EnCodec state dict, converted by
-        audiojepa.convert.encodec_torch), or, when that is empty, seeded random weights (a smoke test
+        audiojepa.models.encodec_torch), or, when that is empty, seeded random weights (a smoke test
         only: random codebooks on a random encoder give near-constant, meaningless codes).
     Self-training only: "teacher": the frozen teacher's `input_proj`, `encoder_positions` and `encoder`
         params (the stage-1 model's, or another run's of any size: teacher_* keys below), and
@@ -34,7 +34,7 @@ Self-training stage (§1.13), `targets` = "codes+kmeans" (v1: codes and a k-mean
 equals Σ γ_q = 1, with its own head) or "kmeans" (v2: k-means targets only, a fresh head). The reference
 runs the frozen stage-1 model (the *teacher*, not the model being trained) on each crop with no
 masking, takes the last encoder layer's x0 (`EncodecMAEModel.cluster_features`), fits 1024-means on
-10,000 of those frames (sklearn defaults; here audiojepa.kmeans.kmeans) and labels every frame with the
+10,000 of those frames (sklearn defaults; here audiojepa.ops.kmeans.kmeans) and labels every frame with the
 nearest centroid. The labels come from the frozen teacher, so they do not move while the student
 trains; the reference dumps them once for a fixed set of crops (pass them as batch["kmeans_ids"]),
 while computing them in the step from target_params["teacher"] labels any crop the same way at the
@@ -98,13 +98,12 @@ import numpy as np
 from flax import traverse_util
 from ml_collections import config_dict
 
-from audiojepa import kmeans as kmeans_lib
-from audiojepa import masking
-from audiojepa.convert import encodec_torch
 from audiojepa.methods import encodecmae_loss
-from audiojepa.models import encodec, encoder_layers
+from audiojepa.models import encodec, encodec_torch, encoder_layers
 from audiojepa.models import encodecmae as mae
 from audiojepa.models.vit import per_block_ndim, performance_options
+from audiojepa.ops import kmeans as kmeans_lib
+from audiojepa.ops import masking
 
 Params = dict[str, Any]
 
@@ -460,7 +459,9 @@ class EncodecMAE:
     def check_precomputed(self, manifest: dict, where: str) -> None:
         """Raises unless the precomputed targets of `manifest` (at `where`) fit this config: at least
         config.model.num_codebooks stored, made by this run's EnCodec (encodec_targets.check_compatible)."""
-        from audiojepa.data import encodec_targets  # the precompute tool's library; only needed here
+        from audiojepa.data import (
+            encodec_targets,  # the precompute tool's library; only needed here
+        )
 
         encodec_targets.check_compatible(manifest, where, num_codebooks=self.num_codebooks,
                                          encodec_checkpoint=os.fspath(self.config.encodec_checkpoint or ""),
@@ -590,7 +591,7 @@ class EncodecMAE:
                 encoder layer k's output (audiojepa.models.encoder_layers: ResiDual layers' x0, the last
                 one the final output).
             valid: None, or [batch, frames] bool over the output frames, True for a prefix of each row: the
-                frames after it are padding (audiojepa.encoder pads chunks to a few fixed lengths). EnCodec
+                frames after it are padding (audiojepa.adapters.encoder pads chunks to a few fixed lengths). EnCodec
                 then treats each waveform row as its first valid·320 samples (its convs' reflect padding at
                 that length) and no frame attends to the padding, so the valid frames are those of the row
                 alone; the padding frames' outputs are meaningless.

@@ -23,8 +23,8 @@ Model config keys (`config.model`; `default_config()` gives the SonyCSL paper va
         blocks as the papers do (Riou et al. Fig. 1, I-JEPA): target blocks and a context block drawn
         independently, the targets removed from the context, so each example has its own numbers of
         context and target patches; index arrays are padded to fixed capacities and validity masks reach
-        the encoders' attention, the predictor and the loss (audiojepa.masking.MaskSet). "fixed" keeps the
-        fixed-count samplers (audiojepa.masking.multiblock / time_only: truncate or top up to Kc, Kt).
+        the encoders' attention, the predictor and the loss (audiojepa.ops.masking.MaskSet). "fixed" keeps the
+        fixed-count samplers (audiojepa.ops.masking.multiblock / time_only: truncate or top up to Kc, Kt).
         Unstructured masking has equal counts either way.
     mask_ratio: fraction of target patches for "unstructured" (context K = int(L·(1 - r))) and of
         target time columns for "time" with mask_counts="fixed".
@@ -37,11 +37,11 @@ Model config keys (`config.model`; `default_config()` gives the SonyCSL paper va
         drawn per batch inside the jitted step (as Audio-JEPA's paper and code do), the index arrays
         padded to the capacity of the range: one compile. "buckets": the older host-side draw from
         num_ratio_buckets values, one compile per bucket.
-    multiblock: dict of keyword arguments of audiojepa.masking.multiblock (num_targets, target_scale,
+    multiblock: dict of keyword arguments of audiojepa.ops.masking.multiblock (num_targets, target_scale,
         target_aspect, context_scale, context_aspect, target_placement); with mask_counts="variable",
-        of audiojepa.masking.multiblock_variable (target_placement is not used: blocks lie inside the grid).
+        of audiojepa.ops.masking.multiblock_variable (target_placement is not used: blocks lie inside the grid).
     time_blocks: for "time" with mask_counts="variable": dict(num_targets, target_scale, context_scale) of
-        audiojepa.masking.time_blocks (blocks of whole time columns, sampled like multi-block).
+        audiojepa.ops.masking.time_blocks (blocks of whole time columns, sampled like multi-block).
     time_span: for "time" with mask_counts="fixed", target columns come in spans of this many patch columns.
     eval_encoder: "context" or "target": which encoder `encode` and exports use. Riou et al. probe the
         context encoder; Audio-JEPA's paper (I-JEPA's protocol) the frozen target encoder.
@@ -54,8 +54,8 @@ Model config keys (`config.model`; `default_config()` gives the SonyCSL paper va
         in the sequence, as the SonyCSL code's M2D-style predictor). With multi-block masking all
         target blocks are queried in one sequence (I-JEPA runs one predictor pass per block, so its
         queries for different blocks never attend to each other).
-    loss_type: "smooth_l1" | "mse" | "l2" | "norm_mse" | "smooth_l1_token" (Riou et al.'s Eq. 3; audiojepa.losses).
-    target_norm: "none" | "layernorm" | "standardize" (audiojepa.losses).
+    loss_type: "smooth_l1" | "mse" | "l2" | "norm_mse" | "smooth_l1_token" (Riou et al.'s Eq. 3; audiojepa.ops.losses).
+    target_norm: "none" | "layernorm" | "standardize" (audiojepa.ops.losses).
     smooth_l1_beta: β of smooth_l1 (torch default 1.0).
     ema_schedule: "linear": τ goes linearly from ema_decay_init to ema_decay (M2D, SonyCSL);
         "cosine": τ = τ1 - (τ1 - τ0)·(cos(π·step/total) + 1)/2 (BYOL, I-JEPA family; 0.996 → 1.0).
@@ -81,11 +81,15 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_dict
 
-from audiojepa import losses, masking
 from audiojepa.methods.m2d import ema_update, linear_ema_decay
 from audiojepa.models import Predictor, ViTEncoder, checked_grid_size, encoder_layers
-from audiojepa.models.vit import model_size, size_override_keys
-from audiojepa.models.vit import per_block_ndim, performance_options
+from audiojepa.models.vit import (
+    model_size,
+    per_block_ndim,
+    performance_options,
+    size_override_keys,
+)
+from audiojepa.ops import losses, masking
 
 Params = dict[str, Any]
 
@@ -116,7 +120,7 @@ def default_config(variant: str = "B") -> ml_collections.ConfigDict:
         mask_ratio_range=None,
         num_ratio_buckets=5,
         ratio_seed=0,
-        # I-JEPA's shipped ranges; see audiojepa.masking.multiblock for the placement.
+        # I-JEPA's shipped ranges; see audiojepa.ops.masking.multiblock for the placement.
         multiblock=dict(num_targets=4, target_scale=(0.15, 0.2), target_aspect=(0.75, 1.5),
                         context_scale=(0.85, 1.0), context_aspect=(1.0, 1.0), target_placement="clip"),
         mask_counts="variable",
@@ -399,7 +403,7 @@ class JEPA:
                           target_idx: jax.Array, context_valid: jax.Array | None = None,
                           target_valid: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
         """(scalar loss, metrics) for a given mask; shapes as in forward_from_indices. Padded targets count for
-        nothing: each example averages its own valid targets (audiojepa.losses.prediction_loss)."""
+        nothing: each example averages its own valid targets (audiojepa.ops.losses.prediction_loss)."""
         out = self.forward_from_indices(params, target_params, lms, context_idx, target_idx, context_valid,
                                         target_valid)
         loss_valid = None if self.predict_all_patches else target_valid

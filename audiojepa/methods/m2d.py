@@ -41,26 +41,38 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_dict
 
-from audiojepa import masking
-# The loss helpers live in audiojepa.losses (shared with the JEPA family); re-exported under their M2D names.
-from audiojepa.losses import (  # noqa: F401
+from audiojepa.models import (
+    Predictor,
+    TransformerStack,
+    ViTEncoder,
+    checked_grid_size,
+    encoder_layers,
+)
+from audiojepa.models.vit import (
+    POS_EMBEDS,
+    model_size,
+    per_block_ndim,
+    performance_options,
+    size_override_keys,
+)
+from audiojepa.ops import masking
+
+# The loss helpers live in audiojepa.ops.losses (shared with the JEPA family); re-exported under their M2D names.
+from audiojepa.ops.losses import (  # noqa: F401
     L2_NORMALIZE_EPS,
     STANDARDIZE_EPS,
     l2_normalize,
     prediction_loss,
     standardize_tokens,
 )
-from audiojepa.losses import token_spread as _spread  # noqa: F401
-from audiojepa.models import Predictor, TransformerStack, ViTEncoder, checked_grid_size, encoder_layers
-from audiojepa.models.vit import model_size, size_override_keys
-from audiojepa.models.vit import POS_EMBEDS, per_block_ndim, performance_options
+from audiojepa.ops.losses import token_spread as _spread  # noqa: F401
 
 Params = dict[str, Any]
 
 CONFIG_KEYS = ("variant", "patch_size", "mask_ratio", "predictor_width", "predictor_depth", "predictor_heads",
                "loss_type", "norm_target", "ema_decay_init", "ema_decay", "init_target_from_online", "dtype")
 LOSS_TYPES = ("norm_mse", "mse")
-EVAL_ENCODERS = ("online", "target")  # the subset of audiojepa.losses.LOSS_TYPES that M2D uses
+EVAL_ENCODERS = ("online", "target")  # the subset of audiojepa.ops.losses.LOSS_TYPES that M2D uses
 
 
 def default_config(variant: str = "B") -> ml_collections.ConfigDict:
@@ -165,7 +177,7 @@ class M2D:
         return params, self.init_target_stack(rng_target, params)
 
     def init_target(self, rng: jax.Array, params: Params) -> Params:
-        """The EMA target of `params` (e.g. loaded weights; audiojepa.init_from): M2D's is the target stack."""
+        """The EMA target of `params` (e.g. loaded weights; audiojepa.training.init_from): M2D's is the target stack."""
         return self.init_target_stack(rng, params)
 
     def init_target_stack(self, rng: jax.Array, params: Params) -> Params:
@@ -263,7 +275,7 @@ class M2D:
 
         Any number of frames works (the time grid is frames // patch frames); positions are those of a
         clip starting at frame 0. A learned position table (pos_embed="learned") serves at most the training
-        grid; audiojepa.encoder embeds longer inputs in chunks of the training width.
+        grid; audiojepa.adapters.encoder embeds longer inputs in chunks of the training width.
         """
         return encoder_layers.encode_at(layer, self.encoder_depth,
                                         lambda: self.encoder.apply({"params": params["encoder"]}, lms, False, valid),

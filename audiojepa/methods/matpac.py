@@ -4,7 +4,7 @@ The M2D branch is unchanged (online encoder on the visible patches, predictor, E
 masked patches; audiojepa.methods.m2d). On top, a classification head (audiojepa.models.cls_head) maps
 every *predicted* masked token (student) and every *target* token (teacher head, an EMA of the student
 head) to K prototype logits; the student learns the centred, sharpened teacher distribution
-(audiojepa.distillation). Loss = (1 - α)·L_cls + α·L_pred. Facts and line references:
+(audiojepa.ops.distillation). Loss = (1 - α)·L_cls + α·L_pred. Facts and line references:
 shared/reference/jepa_family.md §4; where the paper and the code differ, the choice is a config key
 (configs/matpac.py sets them per `recipe`).
 
@@ -36,11 +36,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from audiojepa import distillation
-from audiojepa.losses import prediction_loss
 from audiojepa.methods import m2d
 from audiojepa.models import as_dtype
 from audiojepa.models.cls_head import ClassificationHead
+from audiojepa.ops import distillation
+from audiojepa.ops.losses import prediction_loss
 
 Params = m2d.Params
 
@@ -143,7 +143,7 @@ class MATPAC(m2d.M2D):
         """(scalar loss, metrics) for a given mask; shapes as in M2D.forward_from_indices.
 
         Metrics: "loss", "loss_pred", "loss_cls", "teacher_temp", M2D's spreads, the collapse monitors of
-        audiojepa.distillation.collapse_metrics and "state_update" (the batch centre statistic, [K]; the
+        audiojepa.ops.distillation.collapse_metrics and "state_update" (the batch centre statistic, [K]; the
         trainer hands it to update_targets and does not log it).
         """
         c = self.config

@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from audiojepa.losses import l2_normalize
+from audiojepa.ops.losses import l2_normalize
 
 HEAD_INIT_STD = 0.02  # truncated-normal std of the MLP and prototype weights (DINO / MATPAC init)
 

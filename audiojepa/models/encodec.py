@@ -2,7 +2,7 @@
 
 EncodecMAE feeds the continuous encoder output to its transformer and predicts the RVQ codes of the
 same frames. Both are frozen: the encoder is a Flax Linen module applied as a pure function of params
-converted from the PyTorch state dict (`audiojepa.convert.encodec_torch`), and the RVQ is a plain
+converted from the PyTorch state dict (`audiojepa.models.encodec_torch`), and the RVQ is a plain
 function of the stacked codebooks. Nothing here updates codebooks (the torch quantizer does, through
 EMA and dead-code replacement, whenever it is left in train mode).
 
@@ -341,7 +341,7 @@ def encode(params: dict, waveform: jax.Array, num_codebooks: int) -> tuple[jax.A
 
     Args:
         params: {"encoder": EncodecEncoder params, "codebooks": [n_total, 1024, 128]}, as
-            `audiojepa.convert.encodec_torch.convert` returns.
+            `audiojepa.models.encodec_torch.convert` returns.
         waveform: [batch, samples] float32 at 24 kHz.
         num_codebooks: n_q (static).
 

@@ -47,12 +47,20 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from einops.array_api import rearrange  # the array-API entry: no framework lookup (never imports torch)
+from einops.array_api import (
+    rearrange,  # the array-API entry: no framework lookup (never imports torch)
+)
 
-from audiojepa.masking import gather_tokens
 from audiojepa.models import encoder_layers
 from audiojepa.models.pos_embed import sincos_1d
-from audiojepa.models.vit import TransformerStack, dense_kernel_init, dot_product_attention, remat_block, token_init
+from audiojepa.models.vit import (
+    TransformerStack,
+    dense_kernel_init,
+    dot_product_attention,
+    remat_block,
+    token_init,
+)
+from audiojepa.ops.masking import gather_tokens
 
 # Encoder sizes (shared/reference/encodecmae.md §1.2). The decoder has decoder_depth layers of the same
 # width and heads. "tiny" is for CPU tests and smoke runs only; "micro" too, a second size for tests of a

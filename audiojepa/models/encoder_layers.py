@@ -1,6 +1,6 @@
 """Which layer of an encoder evaluation embeds with: the one convention every method follows.
 
-`layer` (a method's `encode(params, x, layer=...)`, `audiojepa.encoder.AudioEncoder.layer`,
+`layer` (a method's `encode(params, x, layer=...)`, `audiojepa.adapters.encoder.AudioEncoder.layer`,
 `python -m audiojepa.evaluate --layer`, `config.evals.<name>.layer`) is:
     None: the encoder's final output (after the final LayerNorm; EncodecMAE's ResiDual stack: x0 + LN(x1)),
         what evaluation embedded before layers could be chosen, computed by the same code, bit for bit.

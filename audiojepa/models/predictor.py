@@ -11,9 +11,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from audiojepa.masking import gather_tokens
 from audiojepa.models.pos_embed import sincos_2d
-from audiojepa.models.vit import TransformerStack, check_pos_embed, dense, sincos_init, token_init
+from audiojepa.models.vit import (
+    TransformerStack,
+    check_pos_embed,
+    dense,
+    sincos_init,
+    token_init,
+)
+from audiojepa.ops.masking import gather_tokens
 
 
 class Predictor(nn.Module):
@@ -61,7 +67,7 @@ class Predictor(nn.Module):
                 may be a subset of the non-context positions (the rest still hold mask tokens in the
                 sequence); M2D passes all of them.
             context_valid: None, or [batch, Kc] bool: False marks padding entries of a variable-size mask
-                (audiojepa.masking.MaskSet); they are not placed on the grid (full_grid) or not attended to.
+                (audiojepa.ops.masking.MaskSet); they are not placed on the grid (full_grid) or not attended to.
             target_valid: None, or [batch, Kt] bool: padding queries (False) are not attended to; their
                 predictions are meaningless and the loss must drop them.
 

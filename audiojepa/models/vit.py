@@ -33,7 +33,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from einops.array_api import rearrange  # the array-API entry: no framework lookup (never imports torch)
+from einops.array_api import (
+    rearrange,  # the array-API entry: no framework lookup (never imports torch)
+)
 from ml_collections import config_dict
 
 from audiojepa.models.pos_embed import sincos_2d
@@ -618,6 +620,6 @@ class ViTEncoder(nn.Module):
     def __call__(self, lms: jax.Array, return_layers: bool = False, valid: jax.Array | None = None):
         """lms: [batch, n_mels, frames] → [batch, 1 + F·T', width], CLS first (all patches); no CLS row without
         use_cls. valid: None, or [batch, F·T'] bool over the patch tokens (frequency-major), False for padding
-        patches (audiojepa.encoder pads chunks to a few fixed widths), which no token attends to; their outputs
+        patches (audiojepa.adapters.encoder pads chunks to a few fixed widths), which no token attends to; their outputs
         are meaningless (encode_tokens)."""
         return self.encode_tokens(self.embed(lms), return_layers, valid)

@@ -1,6 +1,6 @@
 """The HEAR API (hearbenchmark.com) over an exported encoder or a training workdir.
 
-    import audiojepa.hear as hear
+    import audiojepa.adapters.hear as hear
     model = hear.load_model("/path/to/export")            # or a training workdir
     scene = hear.get_scene_embeddings(audio, model)        # [n_sounds, D]
     emb, ts = hear.get_timestamp_embeddings(audio, model)  # [n_sounds, T, D], [n_sounds, T] ms
@@ -40,12 +40,12 @@ lowest accepted rate that is a whole multiple of it, else 48 kHz, and resamples 
 with soxr. `load_model(..., sample_rate=32000)` declares another rate (16000, 22050, 32000, 44100, 48000).
 
 GPU memory: HEAR and X-ARES run the encoder in the same process as torch. Importing this module (or
-audiojepa.xares) sets XLA_PYTHON_CLIENT_PREALLOCATE=false unless it is already set, so that JAX, when it
+audiojepa.adapters.xares) sets XLA_PYTHON_CLIENT_PREALLOCATE=false unless it is already set, so that JAX, when it
 starts its backend (at the first computation, not at import), takes GPU memory as it needs it instead of
 75% of it up front. It has no effect if JAX already ran something in the process: set it before that.
 
 Sounds of any length: the encoder pads each chunk to one of a few widths and masks the padding
-(audiojepa.encoder, "Fixed shapes"), so calls with many different lengths compile a bounded set of
+(audiojepa.adapters.encoder, "Fixed shapes"), so calls with many different lengths compile a bounded set of
 shapes (each compile is logged; `model.encoder.compile_count`), while a sound's embeddings, and their
 number, are those of the sound alone (to float32 rounding). Waveform models still compile once per
 distinct last-chunk length.
@@ -62,7 +62,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import numpy as np  # noqa: E402
 
-from audiojepa import encoder as encoder_lib  # noqa: E402
+from audiojepa.adapters import encoder as encoder_lib  # noqa: E402
 
 # Sample rates every version of the HEAR API's validator accepts; a model declares one of these by default.
 HEAR_SAMPLE_RATES = (16000, 22050, 44100, 48000)
@@ -274,7 +274,7 @@ def load_model(model_file_path: str = "", **options):
 def _embedder_of(model) -> HearEmbedder:
     embedder = getattr(model, "embedder", model)
     if not isinstance(embedder, HearEmbedder):
-        raise TypeError(f"expected a model from audiojepa.hear.load_model, got {type(model).__name__}")
+        raise TypeError(f"expected a model from audiojepa.adapters.hear.load_model, got {type(model).__name__}")
     return embedder
 
 

@@ -1,6 +1,6 @@
 """An X-ARES audio encoder (github.com/jimbozhang/xares) over an exported encoder or a training workdir.
 
-    from audiojepa.xares import AudioJepaEncoder
+    from audiojepa.adapters.xares import AudioJepaEncoder
     encoder = AudioJepaEncoder("/path/to/export")   # or a workdir; default $AUDIOJEPA_ENCODER
     frames = encoder(audio)                         # audio [B, samples] -> [B, T, output_dim]
 
@@ -8,7 +8,7 @@ X-ARES loads an encoder from a Python file by the one attribute whose name ends 
 builds it without arguments, so this module exposes exactly one such name, `AudioJepaEncoder`,
 which reads the encoder named by $AUDIOJEPA_ENCODER when given no path:
 
-    AUDIOJEPA_ENCODER=/path/to/export python -m xares.run audiojepa/xares.py src/tasks/*.py
+    AUDIOJEPA_ENCODER=/path/to/export python -m xares.run audiojepa/adapters/xares.py src/tasks/*.py
 
 With torch installed the class is a `torch.nn.Module` (no torch parameters; the encoder runs in
 JAX) whose `forward` takes and returns torch tensors; without torch it is a plain class taking and
@@ -19,7 +19,7 @@ Attributes (what the X-ARES encoder checker asks for): `sampling_rate` (Hz), `ou
 (n_freq_patches x dim, or dim with AUDIOJEPA_FREQ_POOLING=mean) and `hop_size_in_ms` (time between output frames, `frame_hop_seconds`).
 Any length works: the encoder cuts the log-mel into chunks of its training width and joins the
 chunk outputs in time, so 10-minute inputs need no extra chunking here; chunks are padded to a few
-fixed widths with the padding masked (audiojepa.encoder, "Fixed shapes"), so inputs of many lengths
+fixed widths with the padding masked (audiojepa.adapters.encoder, "Fixed shapes"), so inputs of many lengths
 compile a bounded set of shapes and each gives the frames it would alone.
 """
 
@@ -28,8 +28,8 @@ from __future__ import annotations
 import functools
 import os
 
-from audiojepa import encoder as encoder_lib
-from audiojepa import hear
+from audiojepa.adapters import encoder as encoder_lib
+from audiojepa.adapters import hear
 
 # X-ARES builds the encoder without arguments: the frequency pooling comes from here ("concat" or "mean";
 # Audio-JEPA's own X-ARES encoder averages the frequency patches).

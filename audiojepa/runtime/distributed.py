@@ -7,6 +7,7 @@ import os
 
 import jax
 
+
 def is_multi_process_environment(env=None) -> bool:
     """True under a multi-process SLURM / Open MPI job, a multi-host TPU slice, an explicit
     JAX_COORDINATOR_ADDRESS (with JAX_NUM_PROCESSES / JAX_PROCESS_ID), or AUDIOJEPA_DISTRIBUTED=1

@@ -22,7 +22,7 @@ Loss types (`LOSS_TYPES`):
   norm: d = 0.5·‖z - z'‖₂² if ‖z - z'‖₁ < β, else ‖z - z'‖₁ - 0.5·β (the paper's β = 1), mean over tokens
   (Eq. 2). For wide tokens ‖z - z'‖₁ is rarely below 1, so it acts as the L1 norm of the error.
 
-Variable-size masks (audiojepa.masking.MaskSet) pad the token axis; `prediction_loss(..., valid=)` then
+Variable-size masks (audiojepa.ops.masking.MaskSet) pad the token axis; `prediction_loss(..., valid=)` then
 averages each example over its valid tokens, (1/|T|)·Σ_{j∈T} d_j as Riou et al.'s Eq. 2 and Audio-JEPA's
 Eq. 2 write it, and the examples with equal weight. Without padding this is the plain mean over tokens.
 """

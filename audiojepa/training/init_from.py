@@ -86,7 +86,7 @@ def merge(fresh, loaded, *, source: str, prefix: str = ""):
 def read_source(path: str, *, source: str) -> tuple[dict, dict | None, list[str]]:
     """(params, target_params or None, names it holds that this code cannot place) as trees of numpy arrays, from
     an export folder, a training workdir or a state-dict file in the official M2D names (STATE_DICT_SUFFIXES)."""
-    from audiojepa import encoder as encoder_lib
+    from audiojepa.adapters import encoder as encoder_lib
     from audiojepa.convert import m2d_torch, state_dict_io
 
     if os.path.isdir(path):

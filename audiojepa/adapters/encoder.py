@@ -50,13 +50,17 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from einops.array_api import rearrange, reduce  # the array-API entry: no framework lookup (never imports torch)
+from einops.array_api import (  # the array-API entry: no framework lookup (never imports torch)
+    rearrange,
+    reduce,
+)
 
-from audiojepa import frontend as frontend_lib
-from audiojepa import methods, storage
+from audiojepa import methods
 from audiojepa.data import stats
 from audiojepa.models import encoder_layers
 from audiojepa.models.vit import stack_all_blocks
+from audiojepa.ops import frontend as frontend_lib
+from audiojepa.runtime import storage
 
 ENCODER_JSON = "encoder.json"
 PARAMS_FILE = "params.msgpack"
@@ -454,7 +458,7 @@ class AudioEncoder:
         """Writes `encoder.json` and `params.msgpack` into `output_dir`; returns the folder. (Not `layer` or
         `freq_pooling`: evaluation choices, given to `load_encoder`.)
 
-        `output_dir` may be a URL (gs://..., any etils.epath scheme; audiojepa.storage). Refuses a training
+        `output_dir` may be a URL (gs://..., any etils.epath scheme; audiojepa.runtime.storage). Refuses a training
         workdir (its checkpoints would be shadowed: `load_encoder` could not tell which to read). Each file is
         written whole (storage.write_atomically: locally beside itself and swapped into place; on an object store
         in one write), params first; encoder.json holds the params' SHA-256, so a load after a crash between the
@@ -505,7 +509,7 @@ def restore_train_state(workdir: str, step: int | None = None):
     lists (its structure and shapes are read from the checkpoint, so nothing the run's init would read, such
     as EncodecMAE's stage-1 params file, is needed); `method` is built from the run's config and input shape.
     """
-    from audiojepa import checkpointing
+    from audiojepa.runtime import checkpointing
 
     requested_step = step
     step, meta = checkpointing.restore_meta(workdir, step)

@@ -20,10 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from audiojepa import (checkpointing, frontend, init_from, locks, methods, optim, profiling, resume_check, sharding,
-                       storage)
-from audiojepa import metrics as metrics_lib
-from audiojepa.data import pipeline, records, stats, target_records
+from audiojepa import methods
+from audiojepa.data import pipeline, records, resolve, stats, target_records
+from audiojepa.ops import frontend, optim
+from audiojepa.runtime import checkpointing, locks, profiling, sharding, storage
+from audiojepa.runtime import metrics as metrics_lib
+from audiojepa.training import init_from, resume_check
 
 # config.nonfinite_policy: "stop" raises NonFiniteLossError at the first NaN/Inf loss or gradient;
 # "skip" drops that batch (the state is not updated) and goes on, unless this many steps in a row fail.
@@ -246,7 +248,7 @@ def init_train_state(method, optim_config, schedule, rng) -> dict:
 
 
 def _state_from_weights(path: str, method, tx, state: dict, rng, sharding) -> dict:
-    """`state` (step 0) with its params and target from `path` (audiojepa.init_from) and a fresh optimizer state."""
+    """`state` (step 0) with its params and target from `path` (audiojepa.training.init_from) and a fresh optimizer state."""
     # Replicated: every process holds the whole value (its first local shard), and reads the same source.
     host = jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data),
                         {"params": state["params"], "target_params": state["target_params"]})
@@ -277,7 +279,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None, n
     Args:
       config: an ml_collections ConfigDict (see configs/).
       workdir: where checkpoints, metrics.jsonl, TensorBoard logs and config.json go: a local path (every process
-        of a multi-host run must see it) or a gs:// URL (audiojepa.storage; no run lock there, see workdir_lock).
+        of a multi-host run must see it) or a gs:// URL (audiojepa.runtime.storage; no run lock there, see workdir_lock).
       stop_after: leave the loop (with a checkpoint) after this step, as a pre-empted job would.
       num_devices: use only the first N local devices (single process; tests and benchmarks).
 
@@ -307,7 +309,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None, n
 
 
 def workdir_lock(workdir: str):
-    """The training workdir's run lock (audiojepa.locks), held by process 0 for the whole run: a second trainer
+    """The training workdir's run lock (audiojepa.runtime.locks), held by process 0 for the whole run: a second trainer
     on the same workdir fails at once, naming it and the holder's pid, instead of interleaving checkpoints.
     Other processes of a multi-host run take no lock (they are the same run).
 
@@ -321,7 +323,7 @@ def workdir_lock(workdir: str):
     if jax.process_index() != 0:
         return contextlib.nullcontext()
     if storage.is_url(workdir):
-        logging.warning("workdir %s is on an object store: no run lock is taken there (audiojepa.train.workdir_lock); "
+        logging.warning("workdir %s is on an object store: no run lock is taken there (audiojepa.training.train.workdir_lock); "
                         "make sure no other run uses this workdir", workdir)
         return contextlib.nullcontext()
     path = os.path.join(workdir, LOCK_FILE)
@@ -341,7 +343,7 @@ def _train_on_mesh(config, workdir: str, mesh, *, stop_after: int | None, run_pr
     is_main = jax.process_index() == 0
 
     local_batch = sharding.check_batch_size(config.batch_size, mesh)
-    spec = pipeline.resolve_data_spec(config.data)
+    spec = resolve.resolve_data_spec(config.data)
     total_steps, warmup_steps, steps_per_epoch = steps_and_warmup(config, spec.num_clips)
     run_progress.total_steps = total_steps
     input_shape = methods.input_shape(method_cls, spec.frontend, spec.crop_frames)
@@ -421,7 +423,7 @@ def _train_on_mesh(config, workdir: str, mesh, *, stop_after: int | None, run_pr
     meta = {**_run_meta(config, spec, total_steps), "data_position": position}
     periodic_evals, eval_encoder = [], None
     if is_main and config.get("evals"):
-        from audiojepa import encoder as encoder_lib
+        from audiojepa.adapters import encoder as encoder_lib
         from audiojepa.evaluation import evaluators
 
         periodic_evals = evaluators.from_config(config.evals, sample_rate=spec.frontend.sample_rate,

@@ -328,4 +328,4 @@ def step_flops(method, batch_size: int, **kwargs) -> dict[str, int]:
         return jepa_step_flops(method, batch_size, **kwargs)
     if isinstance(method, EncodecMAE):
         return encodecmae_step_flops(method, batch_size, **kwargs)
-    raise TypeError(f"no FLOP formula for {type(method).__name__}; add one to audiojepa/flops.py.")
+    raise TypeError(f"no FLOP formula for {type(method).__name__}; add one to audiojepa/training/flops.py.")

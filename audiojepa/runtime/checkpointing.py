@@ -6,7 +6,7 @@ config, the front end and normalisation the encoder was trained with, where the 
 and the run's counters). Saves are asynchronous; an interrupted save never replaces the previous
 good checkpoint: Orbax writes into `<step>.orbax-checkpoint-tmp-*` and renames it when complete
 (on GCS, where there is no rename, it writes into `<step>` and a `commit_success.txt` marks completion), and
-`latest_step()` only sees finished ones. The workdir may be a gs:// URL (audiojepa.storage): Orbax writes arrays
+`latest_step()` only sees finished ones. The workdir may be a gs:// URL (audiojepa.runtime.storage): Orbax writes arrays
 there with TensorStore's GCS driver and its other files through etils.epath.
 
 Faults. A save that fails (a full disk, a lost mount) raises `CheckpointWriteError` at the next call of
@@ -41,7 +41,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 from orbax.checkpoint.checkpoint_managers import save_decision_policy as sdp
 
-from audiojepa import storage
+from audiojepa.runtime import storage
 
 ITEMS = ("state", "data", "meta")
 DIGESTS_KEY = "state_digests"  # meta key: {leaf name: digest} of the saved state (state_digests())

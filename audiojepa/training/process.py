@@ -5,7 +5,8 @@ import sys
 
 import jax
 
-from audiojepa import distributed, host_memory, train
+from audiojepa.runtime import distributed, host_memory
+from audiojepa.training import train
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: what a killed process reports; re-running resumes
 

@@ -3,7 +3,7 @@
 `MetricWriter.write(step, {...})` appends `{"step": step, ...}` to `workdir/metrics.jsonl` and
 adds the same scalars to TensorBoard (`workdir/tb/`). Other processes write nothing.
 
-A workdir at a URL (`gs://...`, audiojepa.storage) cannot be appended to (an object is written whole), so
+A workdir at a URL (`gs://...`, audiojepa.runtime.storage) cannot be appended to (an object is written whole), so
 the writer keeps both files in a local folder of its own and copies the changed ones to the workdir:
 on `flush()` (the trainer calls it before each checkpoint, so the rows up to a committed checkpoint are
 always there), at most every `sync_secs` otherwise, and on `close()`. A killed run loses only rows after its
@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import time
 
-from audiojepa import storage
+from audiojepa.runtime import storage
 
 JSONL_FILE = "metrics.jsonl"
 TB_DIR = "tb"

@@ -109,5 +109,5 @@ def reexec_with_hugepage_malloc() -> None:
     try:
         os.execve(sys.executable, sys.orig_argv, env)
     except OSError as e:
-        print(f"audiojepa.host_memory: re-executing with GLIBC_TUNABLES failed ({e}); going on with the "
+        print(f"audiojepa.runtime.host_memory: re-executing with GLIBC_TUNABLES failed ({e}); going on with the "
               f"default malloc", file=sys.stderr)

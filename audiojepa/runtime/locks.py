@@ -4,7 +4,7 @@
 waits) with the error `on_held(holder_pid)` builds when another process, or this one, holds it.
 The kernel frees the lock of a process that dies, so a killed run never leaves its folder locked; the file
 holds the holder's pid and is removed when the block ends. Local (or mounted) folders only: an object store
-(gs://) has no such lock, see audiojepa.train.workdir_lock for what a bucket workdir does instead.
+(gs://) has no such lock, see audiojepa.training.train.workdir_lock for what a bucket workdir does instead.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import fcntl
 import os
 from collections.abc import Callable, Iterator
 
-from audiojepa import storage
+from audiojepa.runtime import storage
 
 
 class RunLockedError(RuntimeError):
