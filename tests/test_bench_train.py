@@ -24,7 +24,7 @@ from audiojepa.models import encodec
 from audiojepa.models.cls_head import ClassificationHead
 from audiojepa.runtime import host_memory, sharding
 from audiojepa.training import flops
-from tools import bench_train
+from tools import bench_common, bench_train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 XLA_TOLERANCE = 0.15
@@ -384,7 +384,7 @@ def test_gemm_peak_runs_in_the_rows_dtype(dtype, hlo_type, monkeypatch):
         return call
 
     monkeypatch.setattr(jax, "jit", recording_jit)
-    assert bench_train._gemm_gflops(sharding.make_mesh(1), 64, 1, dtype) > 0
+    assert bench_common.xla_gemm_gflops(sharding.make_mesh(1), 64, 1, dtype) > 0
     dots = [line for text in lowered for line in text.splitlines() if "stablehlo.dot_general" in line]
     matrix = f"tensor<1x64x64x{hlo_type}>"
     assert dots and all(f"({matrix}, {matrix}) -> {matrix}" in line for line in dots), dots

@@ -17,11 +17,8 @@ and B, B ÷ A, the median ratio and how many rounds B won; --append_to=BENCHMARK
 
 from __future__ import annotations
 
-import datetime
-import json
 import os
 import shlex
-import statistics
 import subprocess
 import sys
 
@@ -57,8 +54,7 @@ def run_side(args: list[str], env: dict) -> dict:
     """Runs one bench_train worker; returns its first row (raises with its command if it fails)."""
     command = [sys.executable, bench_train.__file__, *args]
     result = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True)  # stderr: progress, shown live
-    rows = [json.loads(line[len(bench_train.RESULT_PREFIX):]) for line in result.stdout.splitlines()
-            if line.startswith(bench_train.RESULT_PREFIX)]
+    rows = bench_train.worker_rows(result.stdout)
     if result.returncode or not rows or "step_s" not in rows[0]:
         raise RuntimeError(f"bench_train worker failed (exit {result.returncode}, rows {rows}): {shlex.join(command)}")
     return rows[0]
@@ -78,27 +74,22 @@ def alternate(run_a, run_b, rounds: int) -> dict:
         b_rows.append(run_b())
         print(f"round {r + 1}/{rounds}: A {a_rows[-1]['step_s']:.3f} s, B {b_rows[-1]['step_s']:.3f} s",
               file=sys.stderr, flush=True)
-    ratios = [b["step_s"] / a["step_s"] for a, b in zip(a_rows, b_rows)]
-    return {"a": a_rows, "b": b_rows, "ratios": ratios, "median_ratio": statistics.median(ratios),
-            "b_faster": sum(ratio < 1 for ratio in ratios)}
+    return {"a": a_rows, "b": b_rows,
+            **bench_common.ab_ratios([a["step_s"] for a in a_rows], [b["step_s"] for b in b_rows])}
 
 
 def report(result: dict, b_env: dict, b_flags: str, config_arg: str = "") -> str:
     first = result["a"][0]
     b_desc = ", ".join([*(f"{k}={v}" for k, v in b_env.items()), *shlex.split(b_flags)]) or "same as A"
+    title = (f"Alternated processes, {config_arg or 'config'} {first['variant']}, batch {first['batch']}, "
+             f"{first['frames']} frames: B = {b_desc}")
     lines = [
-        f"### Alternated processes, {config_arg or 'config'} {first['variant']}, batch {first['batch']}, "
-        f"{first['frames']} frames: B = {b_desc}",
-        "",
-        f"- Command: `{shlex.join(['python', *sys.argv])}`",
-        f"- Date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
-        f"- Machine: {bench_common.cpu_name()}, {os.cpu_count()} CPUs; backend {first['backend']}; 1 device",
+        *bench_common.section_head(title, f"{bench_common.cpus()}; backend {first['backend']}; 1 device"),
         f"- A: {first['options']}; {first.get('host_memory', '?')}. B: {result['b'][0]['options']}; "
         f"{result['b'][0].get('host_memory', '?')}.",
         f"- Each side: its own process per round, {first['steps']} timed steps (mean) after the warm-up; MFU "
         "against that process's own GEMM peak.",
-        f"- Median B ÷ A over {len(result['ratios'])} rounds: **{result['median_ratio']:.3f}**; B faster in "
-        f"{result['b_faster']} of {len(result['ratios'])}.",
+        f"- {bench_common.ab_summary(result, 'rounds')}",
         "",
         "| round | A step s | A MFU | B step s | B MFU | B ÷ A |",
         "|---:|---:|---:|---:|---:|---:|",

@@ -22,9 +22,6 @@ import os
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as tools/bench_frontend.py: before NumPy is imported
 
-import datetime  # noqa: E402
-import platform  # noqa: E402
-import shlex  # noqa: E402
 import stat  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -66,12 +63,8 @@ def _pipeline_rows(tmp: str) -> list[tuple[str, int, float]]:
         for workers in (int(w) for w in FLAGS.workers):
             ds = pipeline.make_dataset(spec, batch_size=FLAGS.pipeline_batch, seed=0, device_frontend=device_frontend)
             it = pipeline.make_iterator(ds, num_workers=workers)
-            for _ in range(2):  # worker start-up and first fills
-                next(it)
-            start = time.perf_counter()
-            for _ in range(FLAGS.pipeline_batches):
-                next(it)
-            rate = FLAGS.pipeline_batches * FLAGS.pipeline_batch / (time.perf_counter() - start)
+            rate = bench_common.clips_per_second(it, batch_size=FLAGS.pipeline_batch, batches=FLAGS.pipeline_batches,
+                                                 warmup=2)
             output = "raw waveform (device front end)" if device_frontend else "log-mel on host"
             rows.append((output, workers, rate))
             print(f"{output:32s} workers={workers}: {rate:8.1f} clips/s", flush=True)
@@ -197,10 +190,10 @@ def _decode_table(rows) -> str:
     return "\n".join(lines)
 
 
-def _machine_lines() -> str:
-    return (f"- Command: `{shlex.join(['python', *sys.argv])}`\n"
-            f"- Date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}\n"
-            f"- Machine: {bench_common.cpu_name()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}\n")
+def _section_head(title: str) -> str:
+    """bench_common.section_head with this tool's Machine line (CPUs, 1-minute load average), as text."""
+    return "\n".join(bench_common.section_head(title, f"{bench_common.cpus()}, load average "
+                                                       f"{os.getloadavg()[0]:.2f}")) + "\n"
 
 
 def main(argv):
@@ -212,11 +205,7 @@ def main(argv):
         table = _pipeline_table(rows)
         print(table)
         bench_common.append_markdown(FLAGS.append_to, (
-            f"### Input pipeline from shards\n\n"
-            f"- Command: `{shlex.join(['python', *sys.argv])}`\n"
-            f"- Date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}\n"
-            f"- Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average "
-            f"{os.getloadavg()[0]:.2f}\n"
+            f"{_section_head('Input pipeline from shards')}"
             f"- {FLAGS.pipeline_clips} procedural clips of {FLAGS.pipeline_seconds:g} s at 16 kHz (pcm16, 4 shards), "
             f"batch {FLAGS.pipeline_batch}, {FLAGS.crop_frames}-frame crops, m2d front end; "
             f"{FLAGS.pipeline_batches} timed batches after 2 warm-up batches. Per core = clips/s / max(workers, 1).\n\n"
@@ -228,7 +217,7 @@ def main(argv):
             table = _decode_table(_decode_rows(tmp))
         print(table)
         bench_common.append_markdown(FLAGS.append_to, (
-            f"### Decoding audio files (audio_io.load_clip)\n\n{_machine_lines()}"
+            f"{_section_head('Decoding audio files (audio_io.load_clip)')}"
             f"- {FLAGS.decode_clips} procedural stereo clips of {FLAGS.decode_seconds:g} s at {DECODE_FILE_RATE} Hz "
             f"per format (Opus at 48 kHz), decoded to {DECODE_RATE} Hz mono in one process, timed in CPU seconds; "
             f"median of {FLAGS.decode_repeats} passes, the paths taking turns on each file; soundfile "

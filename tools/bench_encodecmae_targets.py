@@ -11,17 +11,13 @@ Each row: median of --steps timed calls after one warm-up (compile) call. The op
 same for both paths and left out. The table is printed and appended to --append_to.
 """
 
-import datetime
 import os
-import platform
-import shlex
 import statistics
 import sys
-import time
 
-from absl import app, flags
 import jax
 import numpy as np
+from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -38,13 +34,8 @@ FLAGS = flags.FLAGS
 
 
 def _median_seconds(fn, *args) -> float:
-    jax.block_until_ready(fn(*args))  # compile
-    times = []
-    for _ in range(FLAGS.steps):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """Median wall seconds of FLAGS.steps calls fn(*args) after one that compiles."""
+    return statistics.median(bench_common.timed_calls(lambda: jax.block_until_ready(fn(*args)), FLAGS.steps))
 
 
 def main(argv):
@@ -69,13 +60,10 @@ def main(argv):
                                                                 {"features": precomputed["features"],
                                                                  "codes": precomputed["codes"]})),
     ]
-    lines = [f"### EncodecMAE targets on device vs precomputed: size {FLAGS.size}, batch {FLAGS.batch}, "
-             f"{FLAGS.seconds:g} s crops ({method.num_frames} frames)", "",
-             f"- Command: `python {' '.join(shlex.quote(a) for a in sys.argv)}`",
-             f"- Date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
-             f"- Machine: {platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__}, backend "
-             f"{jax.default_backend()} ({jax.devices()[0].device_kind}); load average at start "
-             f"{os.getloadavg()[0]:.2f}",
+    title = (f"EncodecMAE targets on device vs precomputed: size {FLAGS.size}, batch {FLAGS.batch}, "
+             f"{FLAGS.seconds:g} s crops ({method.num_frames} frames)")
+    machine = f"{bench_common.cpus()}, {bench_common.jax_backend()}; load average at start {os.getloadavg()[0]:.2f}"
+    lines = [*bench_common.section_head(title, machine),
              "- Loss + gradient only (no optimizer update), float32, median of "
              f"{FLAGS.steps} calls after a compile call.", "",
              "| computation | s per call | clips/s |", "|---|---:|---:|"]

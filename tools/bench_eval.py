@@ -16,17 +16,13 @@ XLA's default compile flags are used (the test suite's faster ones are not set h
 """
 
 import dataclasses
-import datetime
 import os
-import shlex
 import statistics
 import sys
 import time
 
-from absl import app
-from absl import flags
-import jax
 import numpy as np
+from absl import app, flags
 
 # The repo root: this checkout's package (as the other tools do) and tools/.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -104,14 +100,11 @@ def main(argv):
     speed = {name: audio_seconds / statistics.median(s) for name, s in seconds.items()}
     ratio = speed["random lengths"] / speed["one length"]
     buckets = "n/a (waveform model)" if encoder.is_waveform_model else ", ".join(map(str, encoder.time_buckets))
+    title = (f"Embedding clips of many lengths vs one length (issue 25): `{FLAGS.encoder}`, {audio_seconds:.0f} s "
+             "of audio")
     lines = [
-        (f"### Embedding clips of many lengths vs one length (issue 25): `{FLAGS.encoder}`, {audio_seconds:.0f} s "
-         "of audio"),
-        "",
-        f"- Command: `{' '.join(shlex.quote(a) for a in ['python', *sys.argv])}`",
-        f"- Date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
-        (f"- Machine: {bench_common.cpu_name()}, {os.cpu_count()} CPUs; jax {jax.__version__}, backend "
-         f"{jax.default_backend()} ({jax.devices()[0].device_kind}); load average at start {load}"),
+        *bench_common.section_head(title, f"{bench_common.cpus()}; {bench_common.jax_backend()}; load average at "
+                                          f"start {load}"),
         (f"- Encoder input {encoder.input_shape}, time buckets (patches) {buckets}; embed_task batch_size "
          f"{FLAGS.batch_size} chunk rows; wall time includes compiles (median of {FLAGS.repeats})."),
         "",

@@ -21,10 +21,8 @@ import os
 # yourself to override. It must be set before NumPy is imported; XLA does not use OpenBLAS.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import datetime  # noqa: E402
 import platform  # noqa: E402
 import resource  # noqa: E402
-import shlex  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -112,7 +110,7 @@ def _cpu_seconds() -> float:
 def _machine() -> str:
     devices = ", ".join(sorted({d.device_kind for d in jax.devices()}))
     load = " / ".join(f"{v:.2f}" for v in os.getloadavg())
-    return (f"{platform.processor() or platform.machine()}, os.cpu_count()={os.cpu_count()}, "
+    return (f"{bench_common.cpu_name()}, os.cpu_count()={os.cpu_count()}, "
             f"jax backend {jax.default_backend()} ({len(jax.devices())} x {devices}), "
             f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')}, load average {load}")
 
@@ -150,13 +148,10 @@ def main(argv):
     clips_per_cpu_s = {name: FLAGS.num_clips / statistics.median(s) for name, s in cpu_seconds.items()}
     baseline = clips_per_s["librosa (per clip)"]
     frames = params.num_frames(num_samples)
+    title = (f"Log-mel front end, preset `{FLAGS.preset}`: {FLAGS.num_clips} clips of {FLAGS.seconds} s "
+             f"({num_samples} samples, {frames} frames)")
     lines = [
-        f"### Log-mel front end, preset `{FLAGS.preset}`: {FLAGS.num_clips} clips of {FLAGS.seconds} s "
-        f"({num_samples} samples, {frames} frames)",
-        "",
-        f"- Command: `{' '.join(shlex.quote(a) for a in ['python', *sys.argv])}`",
-        f"- Date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
-        f"- Machine: {machine}",
+        *bench_common.section_head(title, machine),
         f"- Versions: {_versions()}",
         "",
         f"| implementation | clips per call | clips/s (median of {FLAGS.repeats}) | x librosa "

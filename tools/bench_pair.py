@@ -22,11 +22,8 @@ do; a different model size does not). --append_to=BENCHMARKS.md appends the resu
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import shlex
-import statistics
 import sys
 import time
 
@@ -79,24 +76,18 @@ def compare(config_a, config_b, compiler_options: dict, rounds: int) -> dict:
                 jax.block_until_ready(out)
                 if r:
                     times[i].append(time.perf_counter() - start)
-        ratios = [b / a for a, b in zip(*times)]
-        return {"a": times[0], "b": times[1], "ratios": ratios, "median_ratio": statistics.median(ratios),
-                "b_faster": sum(r < 1 for r in ratios)}
+        return {"a": times[0], "b": times[1], **bench_common.ab_ratios(*times)}
 
 
 def report(result: dict, variant: str, config, b_overrides: dict, compiler_options: dict) -> str:
     b_desc = ", ".join([f"--config.{k}={v}" for k, v in b_overrides.items()]
                        + [f"compiler option {k}={v}" for k, v in compiler_options.items()])
+    title = (f"Paired A/B, {config.method} {variant}, batch {config.batch_size}, {config.data.crop_frames} frames: "
+             f"B = {b_desc or 'same as A'}")
     lines = [
-        f"### Paired A/B, {config.method} {variant}, batch {config.batch_size}, {config.data.crop_frames} frames: "
-        f"B = {b_desc or 'same as A'}",
-        "",
-        f"- Command: `{shlex.join(['python', *sys.argv])}`",
-        f"- Date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
-        f"- Machine: {bench_common.cpu_name()}, {os.cpu_count()} CPUs; jax {jax.__version__}; 1 device; "
-        f"{host_memory.describe()}",
-        f"- Median B ÷ A over {len(result['ratios'])} alternated pairs: **{result['median_ratio']:.3f}**; "
-        f"B faster in {result['b_faster']} of {len(result['ratios'])}.",
+        *bench_common.section_head(
+            title, f"{bench_common.cpus()}; jax {jax.__version__}; 1 device; {host_memory.describe()}"),
+        f"- {bench_common.ab_summary(result, 'alternated pairs')}",
         "",
         "| pair | A s | B s | B ÷ A |",
         "|---:|---:|---:|---:|",

@@ -31,9 +31,7 @@ BENCHMARKS.md), so the yardstick runs with the default unless GLIBC_TUNABLES say
 
 from __future__ import annotations
 
-import datetime
 import os
-import shlex
 import statistics
 import sys
 import time
@@ -179,17 +177,11 @@ def train_step(model, optimizer, trainable, ema_pairs, lms, clip_norm: float | N
 
 
 def gemm_gflops(size: int, repeats: int) -> float:
-    """Best GFLOP/s of a size³ float32 torch.matmul."""
+    """Best GFLOP/s of a size³ float32 torch.matmul (bench_common.gemm_gflops)."""
     import torch
 
     a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * size ** 3 / best / 1e9
+    return bench_common.gemm_gflops(lambda: a @ b, size, repeats)
 
 
 def measure(sizes: dict, steps: int, warmup: int, gemm_size: int, gemm_repeats: int) -> dict:
@@ -218,14 +210,12 @@ def measure(sizes: dict, steps: int, warmup: int, gemm_size: int, gemm_repeats: 
 
 def report(result: dict, variant: str, sizes: dict) -> str:
     grid = sizes["grid"]
+    title = (f"PyTorch M2D step (issue 9's yardstick): {variant}, batch {sizes['batch']}, "
+             f"{sizes['n_mels']}x{sizes['frames']} ({grid[0] * grid[1]} patches, {sizes['num_visible']} visible)")
+    machine = (f"{bench_common.cpus()}; torch {result['torch_version']}, {result['threads']} threads; "
+               f"{host_memory.describe()}")
     lines = [
-        f"### PyTorch M2D step (issue 9's yardstick): {variant}, batch {sizes['batch']}, "
-        f"{sizes['n_mels']}x{sizes['frames']} ({grid[0] * grid[1]} patches, {sizes['num_visible']} visible)",
-        "",
-        f"- Command: `{shlex.join(['python', *sys.argv])}`",
-        f"- Date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
-        f"- Machine: {bench_common.cpu_name()}, {os.cpu_count()} CPUs; torch {result['torch_version']}, "
-        f"{result['threads']} threads; {host_memory.describe()}",
+        *bench_common.section_head(title, machine),
         f"- {result['steps']} timed steps after {result['warmup']}; analytic GFLOP as bench_train's "
         "(audiojepa.training.flops.m2d_step_flops); peaks: a float32 torch.matmul and bench_train's jitted XLA matmul, "
         "both in this run (the XLA one is the denominator of bench_train's MFU, hence of issue 9's targets).",

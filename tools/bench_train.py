@@ -90,7 +90,6 @@ points at a warm cache.
 """
 
 import copy
-import datetime
 import json
 import os
 import shlex
@@ -366,22 +365,6 @@ def xla_flops(compiled) -> float | None:
 # -- measurement (worker) ------------------------------------------------------------------------------
 
 
-def _gemm_gflops(mesh, size: int, repeats: int, dtype=jnp.float32) -> float:
-    """Best-of-`repeats` GFLOP/s of one size³ `dtype` matmul per device of `mesh`, all devices at once."""
-    n = mesh.devices.size
-    spec = sharding.batch_sharding(mesh)
-    a = jax.device_put(np.random.default_rng(0).standard_normal((n, size, size), dtype=np.float32).astype(dtype), spec)
-    b = jax.device_put(np.random.default_rng(1).standard_normal((n, size, size), dtype=np.float32).astype(dtype), spec)
-    matmul = jax.jit(lambda x, y: jnp.einsum("nij,njk->nik", x, y), out_shardings=spec)
-    matmul(a, b).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        matmul(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return n * 2 * size ** 3 / best / 1e9
-
-
 def _available_memory_bytes() -> int | None:
     """MemAvailable from /proc/meminfo (Linux), or None."""
     try:
@@ -497,10 +480,11 @@ def gemm_dtype():
 
 
 def gemm_peaks(mesh, dtype=jnp.float32) -> tuple[float, float]:
-    """(1-device, all-device) GEMM GFLOP/s (_gemm_gflops) in `dtype`, logged."""
+    """(1-device, all-device) GEMM GFLOP/s (bench_common.xla_gemm_gflops) in `dtype`, logged."""
     size = gemm_size()
-    peak_one = _gemm_gflops(sharding.make_mesh(1), size, FLAGS.gemm_repeats, dtype)
-    peak_all = _gemm_gflops(mesh, size, FLAGS.gemm_repeats, dtype) if mesh.devices.size > 1 else peak_one
+    peak_one = bench_common.xla_gemm_gflops(sharding.make_mesh(1), size, FLAGS.gemm_repeats, dtype)
+    peak_all = (bench_common.xla_gemm_gflops(mesh, size, FLAGS.gemm_repeats, dtype) if mesh.devices.size > 1
+                else peak_one)
     print(f"[{mesh.devices.size} devices] {jnp.dtype(dtype).name} GEMM peak: {peak_one:.1f} GFLOP/s on one device, "
           f"{peak_all:.1f} on all", file=sys.stderr, flush=True)
     return peak_one, peak_all
@@ -551,12 +535,8 @@ def data_clips_per_second(config, *, batches: int, warmup: int) -> tuple[float, 
     data_iter = pipeline.make_iterator(ds, num_workers=config.data.get("num_workers", 0),
                                        worker_buffer_size=config.data.get("worker_buffer_size", 2),
                                        read_threads=config.data.get("read_threads", 0))
-    for _ in range(warmup):
-        next(data_iter)
-    start = time.perf_counter()
-    for _ in range(batches):
-        next(data_iter)
-    return batches * int(config.batch_size) / (time.perf_counter() - start), spec.kind
+    return (bench_common.clips_per_second(data_iter, batch_size=int(config.batch_size), batches=batches,
+                                          warmup=warmup), spec.kind)
 
 
 def _add_data_rates(rows: list[dict]) -> None:
@@ -599,12 +579,16 @@ def _run_worker(num_devices: int, expected_rows: int) -> list[dict]:
     result = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True)  # stderr: progress, shown live
     if result.returncode:
         raise RuntimeError(f"the {num_devices}-device worker failed (exit {result.returncode}): {shlex.join(command)}")
-    rows = [json.loads(line[len(RESULT_PREFIX):]) for line in result.stdout.splitlines()
-            if line.startswith(RESULT_PREFIX)]
+    rows = worker_rows(result.stdout)
     if len(rows) != expected_rows:
         raise RuntimeError(f"the {num_devices}-device worker returned {len(rows)} rows, expected "
                            f"{expected_rows}; its stdout:\n{result.stdout}")
     return rows
+
+
+def worker_rows(stdout: str) -> list[dict]:
+    """The rows a worker printed on `stdout` (its lines that start with RESULT_PREFIX)."""
+    return [json.loads(line[len(RESULT_PREFIX):]) for line in stdout.splitlines() if line.startswith(RESULT_PREFIX)]
 
 
 def format_table(rows: list[dict]) -> str:
@@ -665,18 +649,14 @@ def _report(rows: list[dict], load_at_start: float) -> str:
     inputs = "; ".join(dict.fromkeys(f"{r['variant']}: {r['input']}" for r in rows))
     simulated = FLAGS.platform == "cpu"
     devices = "simulated devices" if simulated else f"{rows[0].get('device_kind', '?')} devices"
-    machine = (f"{bench_common.cpu_name()}, {os.cpu_count()} CPUs, {_total_memory_gib():.0f} GiB RAM; "
+    machine = (f"{bench_common.cpus()}, {_total_memory_gib():.0f} GiB RAM; "
                f"jax {jax.__version__}, backend {rows[0]['backend']} ({devices}); load average at start "
                f"{load_at_start:.1f} (other processes share the cores: timings are only as steady as that); "
                f"{rows[0].get('host_memory', 'default malloc')}")
     steps = ", ".join(sorted({f"{r['variant']}: {r['steps']}" for r in rows}))
     where = "simulated CPU devices" if simulated else rows[0].get("device_kind", FLAGS.platform)
     lines = [
-        f"### {title} training step on {where}",
-        "",
-        f"- Command: `{shlex.join(['python', *sys.argv])}`",
-        f"- Date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
-        f"- Machine: {machine}",
+        *bench_common.section_head(f"{title} training step on {where}", machine),
         f"- Input: {inputs}",
         f"- Timed steps per row ({steps}) after {FLAGS.warmup} untimed ones, random inputs already on the "
         "devices. Compile = trace + lower + XLA compile.",

@@ -33,13 +33,11 @@ step's wall time (both are printed).
 from __future__ import annotations
 
 import collections
-import datetime
 import glob
 import gzip
 import json
 import os
 import re
-import shlex
 import sys
 import tempfile
 import time
@@ -255,14 +253,11 @@ def report(result: dict, config, variant: str, top: int) -> str:
     dot_s = sum(g["seconds"] for g in matmuls)
     dot_flops = sum(g["flops"] for g in matmuls)
     peak = result["peak_gflops"]
+    machine = (f"{bench_common.cpus()}; jax {jax.__version__}; float32 GEMM peak {peak:.1f} GFLOP/s (measured in "
+               f"this run); {host_memory.describe()}")
     lines = [
-        f"### Where the {config.method} step's time goes on XLA:CPU ({variant}, batch {config.batch_size}, "
-        f"{config.data.crop_frames} frames)",
-        "",
-        f"- Command: `{shlex.join(['python', *sys.argv])}`",
-        f"- Date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
-        f"- Machine: {bench_common.cpu_name()}, {os.cpu_count()} CPUs; jax {jax.__version__}; float32 GEMM peak "
-        f"{peak:.1f} GFLOP/s (measured in this run); {host_memory.describe()}",
+        *bench_common.section_head(f"Where the {config.method} step's time goes on XLA:CPU ({variant}, batch "
+                                   f"{config.batch_size}, {config.data.crop_frames} frames)", machine),
         f"- Traced step: {result['step_s']:.3f} s wall (the profiler adds a little); summed op time {total:.3f} s.",
         f"- Instructions with dots: {dot_s:.3f} s, {dot_flops / 1e9:.1f} GFLOP found in the HLO (analytic count "
         f"{result['analytic_flops'] / 1e9:.1f}), {dot_flops / max(dot_s, 1e-9) / 1e9:.1f} GFLOP/s = "
