@@ -12,7 +12,7 @@ import run_helpers as rh
 
 from audiojepa.data import pipeline, records, resolve, shards
 from audiojepa.runtime import metrics
-from audiojepa.training import train
+from audiojepa.training import run_summary, step_metrics, train
 
 pytestmark = pytest.mark.slow  # short in-process training runs
 
@@ -100,7 +100,7 @@ def test_bad_shards_train_to_the_end_with_skips_counted(bad_shards, tmp_path):
     rows = metrics.read_metrics(workdir)
     assert [r["step"] for r in rows] == list(range(1, 7))
     assert all(np.isfinite(r["loss"]) and r["nonfinite_skipped"] == 0 for r in rows)
-    with open(os.path.join(workdir, train.SUMMARY_FILE)) as f:
+    with open(os.path.join(workdir, run_summary.SUMMARY_FILE)) as f:
         summary = json.load(f)
     assert summary["finished"] and summary["step"] == 6
     # 30 records, 48 examples: every record is read in the first epoch, so every bad one is stepped over.
@@ -133,7 +133,7 @@ def _poison_third_batch(monkeypatch):
 def test_nan_batch_stops_the_run_by_default(tmp_path, monkeypatch):
     _poison_third_batch(monkeypatch)
     workdir = str(tmp_path / "stop")
-    with pytest.raises(train.NonFiniteLossError, match=r"step 3.*latest checkpoint \(2\).*nonfinite_policy"):
+    with pytest.raises(step_metrics.NonFiniteLossError, match=r"step 3.*latest checkpoint \(2\).*nonfinite_policy"):
         train.train_and_evaluate(rh.tiny_config(checkpoint_every_steps=2), workdir)
     assert rh.latest_state(workdir)[0] == 2
 
@@ -146,7 +146,7 @@ def test_nan_batch_is_skipped_under_the_skip_policy(tmp_path, monkeypatch):
     assert sorted(rows) == list(range(1, 7))
     assert rows[3]["nonfinite_skipped"] == 1 and sum(r["nonfinite_skipped"] for r in rows.values()) == 1
     assert all(np.isfinite(rows[s]["loss"]) for s in rows if s != 3)
-    with open(os.path.join(workdir, train.SUMMARY_FILE)) as f:
+    with open(os.path.join(workdir, run_summary.SUMMARY_FILE)) as f:
         summary = json.load(f)
     assert summary["finished"] and summary["nonfinite_skipped_batches"] == 1
 

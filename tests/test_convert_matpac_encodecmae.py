@@ -149,7 +149,7 @@ def _encodec_copy(rng, num_codebooks=8):
     target_encoder.model.vq.layers.<i>._codebook.* (shapes from our encoder, in torch layout, weight-normed)."""
     sd = {}
     for path, shape in encodec_torch.expected_encoder_shapes().items():
-        name = "wav_encoder.model." + encodec_torch._torch_name(path)[len("encoder."):]
+        name = "wav_encoder.model." + encodec_torch.torch_name(path)[len("encoder."):]
         if path[0].startswith("lstm_"):
             sd[name] = rng.normal(0, .05, shape[::-1] if path[-1].startswith("kernel") else shape)
         elif path[-1] == "kernel":

@@ -17,13 +17,13 @@ from audiojepa.adapters import encoder as encoder_lib
 from audiojepa.data import records, shards, stats
 from audiojepa.ops import frontend
 from audiojepa.runtime import checkpointing, locks
-from audiojepa.training import train
+from audiojepa.training import run_summary, train
 
 pytestmark = pytest.mark.slow  # short in-process training runs
 
 
 def _summary(workdir):
-    with open(os.path.join(workdir, train.SUMMARY_FILE)) as f:
+    with open(os.path.join(workdir, run_summary.SUMMARY_FILE)) as f:
         return json.load(f)
 
 
@@ -134,7 +134,7 @@ def test_a_second_trainer_on_a_workdir_in_use_fails_at_once_and_touches_nothing(
     """Issue 22 item 5: two trainers on one workdir used to both run and interleave checkpoints."""
     workdir = str(tmp_path / "run")
     os.makedirs(workdir)
-    with open(os.path.join(workdir, train.SUMMARY_FILE), "w") as f:
+    with open(os.path.join(workdir, run_summary.SUMMARY_FILE), "w") as f:
         json.dump({"status": "running (the other trainer's)"}, f)
     with train.workdir_lock(workdir):  # what another trainer of this workdir holds
         with pytest.raises(locks.RunLockedError, match=rf"workdir {workdir} is in use by another run \(pid {os.getpid()}"):

@@ -26,7 +26,7 @@ from audiojepa.config_utils import set_by_path
 from audiojepa.data import resolve
 from audiojepa.data import shards as shards_lib
 from audiojepa.runtime import checkpointing, metrics, storage
-from audiojepa.training import train
+from audiojepa.training import run_summary, train
 
 BUCKET = "audiojepa-test"
 TOTAL = 16
@@ -171,7 +171,7 @@ def interrupted(emulator, bucket_shards, tmp_path_factory):
     seen["sigterm_status"] = rh.kill(proc, signal.SIGTERM)
     seen["sigterm_logged"] = max(bucket_steps(workdir)[rows:])
     seen["sigterm_committed"] = committed_step(workdir)
-    seen["sigterm_summary"] = json.loads(storage.read_text(f"{workdir}/{train.SUMMARY_FILE}"))
+    seen["sigterm_summary"] = json.loads(storage.read_text(f"{workdir}/{run_summary.SUMMARY_FILE}"))
     plant_half_written_checkpoint(emulator, workdir, seen["sigterm_committed"], TOTAL - 1)
     proc = rh.start(cmd, log, **ENV)
     seen["final_status"] = proc.wait(600)
@@ -208,10 +208,10 @@ def test_a_killed_and_resumed_bucket_run_equals_an_uninterrupted_local_one_bitwi
 @pytest.mark.slow
 def test_every_run_file_is_an_object_in_the_emulator_and_nothing_went_to_a_local_path(interrupted, emulator, tmp_path):
     names = emulator.objects(BUCKET, "run/")
-    for name in ("metrics.jsonl", "config.json", train.SUMMARY_FILE, f"checkpoints/{TOTAL}/commit_success.txt",
+    for name in ("metrics.jsonl", "config.json", run_summary.SUMMARY_FILE, f"checkpoints/{TOTAL}/commit_success.txt",
                  f"checkpoints/{TOTAL}/state/_METADATA", f"checkpoints/{TOTAL}/data/process_0-of-1.json"):
         assert f"run/{name}" in names, sorted(names)
-    summary = json.loads(storage.read_text(f"{interrupted['workdir']}/{train.SUMMARY_FILE}"))
+    summary = json.loads(storage.read_text(f"{interrupted['workdir']}/{run_summary.SUMMARY_FILE}"))
     assert summary["status"] == "finished" and summary["step"] == TOTAL
     assert "no run lock is taken there" in interrupted["log"]
     assert not os.path.exists(os.path.join(rh.REPO, "gs:"))  # os.path calls on a URL would have made ./gs:/...

@@ -256,7 +256,7 @@ def test_a_32_khz_model_declares_48_khz_and_resamples():
 def test_importing_the_adapters_turns_off_gpu_preallocation_unless_set():
     """JAX must not take 75% of the GPU beside torch: importing audiojepa.adapters.hear (and .xares) sets
     XLA_PYTHON_CLIENT_PREALLOCATE=false before JAX starts its backend, and keeps a value the user set."""
-    code = "import os, audiojepa.{m}; print(os.environ.get('XLA_PYTHON_CLIENT_PREALLOCATE'))"
+    code = "import os, audiojepa.adapters.{m}; print(os.environ.get('XLA_PYTHON_CLIENT_PREALLOCATE'))"
     env = {k: v for k, v in os.environ.items() if k != "XLA_PYTHON_CLIENT_PREALLOCATE"}
     for module in ("hear", "xares"):
         out = subprocess.run([sys.executable, "-c", code.format(m=module)], env=env, capture_output=True, text=True,

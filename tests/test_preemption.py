@@ -18,7 +18,7 @@ import pytest
 import run_helpers as rh
 
 from audiojepa.runtime import checkpointing, host_memory
-from audiojepa.training import train
+from audiojepa.training import run_summary
 
 pytestmark = pytest.mark.slow  # five training subprocesses (about a minute on 2 cores)
 
@@ -61,7 +61,7 @@ def interrupted(tmp_path_factory, seed):
     seen["sigterm_status"] = rh.kill(proc, signal.SIGTERM)
     seen["sigterm_logged"] = max(rh.logged_steps(workdir)[rows:])
     seen["sigterm_committed"] = rh.committed_step(workdir)
-    with open(os.path.join(workdir, train.SUMMARY_FILE)) as f:
+    with open(os.path.join(workdir, run_summary.SUMMARY_FILE)) as f:
         seen["sigterm_summary"] = json.load(f)
     # A save killed half-way leaves `<step>.orbax-checkpoint-tmp` (a SIGKILL above may have left one too):
     # plant one for a later step, with truncated array files, and check the restart ignores it.

@@ -276,13 +276,13 @@ def test_xares_probe_trains_the_layernorm_on_raw_embeddings_with_its_cosine_sche
     head has a trained LayerNorm; the inputs are not standardised."""
     xares = protocols.resolve("xares")
     seen = []
-    real_epoch = probes._train_epoch
+    real_epoch = probes.train_epoch
 
     def recording_epoch(*args, **kwargs):
         seen.append(float(args[6]))
         return real_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(probes, "_train_epoch", recording_epoch)
+    monkeypatch.setattr(probes, "train_epoch", recording_epoch)
     (train_x, train_y), (valid_x, valid_y), (test_x, test_y) = _overlapping_classes()
     run = probes.linear_probe(train_x, train_y, valid_x, valid_y, test_x, test_y, multilabel=False, num_classes=3,
                               seed=0, lr=xares.lr, return_params=True, **xares.linear_options())

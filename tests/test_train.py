@@ -13,7 +13,7 @@ from jax.sharding import get_abstract_mesh
 
 from audiojepa.methods import m2d
 from audiojepa.runtime import checkpointing, metrics
-from audiojepa.training import train
+from audiojepa.training import step_metrics, train
 
 pytestmark = pytest.mark.slow  # each test trains for a few steps (tens of seconds on 2 cores)
 
@@ -77,7 +77,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     # A std of 1e-45 (a float32 denormal; zero is refused at start-up): every normalised input is +-inf, so the
     # loss is NaN from the first resumed step (a change of input on resume, which the resume check refuses
     # unless allowed).
-    with pytest.raises(train.NonFiniteLossError, match="latest checkpoint \\(3\\)"):
+    with pytest.raises(step_metrics.NonFiniteLossError, match="latest checkpoint \\(3\\)"):
         train.train_and_evaluate(rh.tiny_config(**{"data.norm_stats": "0,1e-45", "allow_resume_changes": True}),
                                  workdir, num_devices=1)
     step, after = rh.latest_state(workdir)
@@ -151,6 +151,6 @@ def test_skip_policy_stops_at_the_limit_of_nonfinite_steps_in_a_row(tmp_path, mo
     (README: "stops after 20 in a row"; 3 here): a std of 1e-45 (zero is refused at start-up) makes every
     step's loss NaN."""
     monkeypatch.setattr(train, "MAX_CONSECUTIVE_NONFINITE", 3)
-    with pytest.raises(train.NonFiniteLossError, match=r"3 steps in a row up to step 3"):
+    with pytest.raises(step_metrics.NonFiniteLossError, match=r"3 steps in a row up to step 3"):
         train.train_and_evaluate(rh.tiny_config(**{"data.norm_stats": "0,1e-45", "nonfinite_policy": "skip"}),
                                  str(tmp_path / "nan"), num_devices=1)

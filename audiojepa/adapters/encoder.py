@@ -538,7 +538,7 @@ def restore_train_state(workdir: str, step: int | None = None):
 def _warn_if_unfinished(workdir: str, step: int) -> None:
     """Logs a warning when the run's `run_summary.json` says it did not finish (failed, stopped, preempted, or
     still running / killed), naming the status, the error and the step whose weights are used."""
-    path = storage.join(workdir, "run_summary.json")  # train.SUMMARY_FILE (this module does not import train)
+    path = storage.join(workdir, "run_summary.json")  # training.run_summary.SUMMARY_FILE (a layer above this one)
     try:
         summary = json.loads(storage.read_text(path))
     except FileNotFoundError:

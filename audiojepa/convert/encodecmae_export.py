@@ -45,10 +45,10 @@ from audiojepa.models import encodec_torch
 from audiojepa.models import encodecmae as mae
 
 # encodecmae_torch's tables, reversed: one source for the names.
-_LINEARS = {ours: ref for ref, ours in encodecmae_torch._LINEARS.items()}
-_STACKS = {ours: ref for ref, ours in encodecmae_torch._STACKS.items()}
-_ATTN = {ours: ref for ref, ours in encodecmae_torch._ATTN.items()}
-_FFN = {ours: index for index, ours in encodecmae_torch._FFN.items()}
+_LINEARS_TO_REF = {ours: ref for ref, ours in encodecmae_torch.LINEARS.items()}
+_STACKS_TO_REF = {ours: ref for ref, ours in encodecmae_torch.STACKS.items()}
+_ATTN_TO_REF = {ours: ref for ref, ours in encodecmae_torch.ATTN.items()}
+_FFN_TO_REF = {ours: index for index, ours in encodecmae_torch.FFN.items()}
 _ENCODEC_PREFIXES = {ours: ref for ref, ours in encodecmae_torch.ENCODEC_PREFIXES.items()}
 _LEAF_NAMES = {"kernel": "weight", "scale": "weight", "bias": "bias"}
 _LAYER = re.compile(r"layers_(\d+)")
@@ -76,7 +76,7 @@ def params_to_state_dict(params: Mapping, target_params: Mapping | None = None, 
     The EnCodec copy {"encoder", "codebooks"} is params["encodec"] or target_params["encodec"] (exactly one).
 
     Returns:
-        {reference name: float32 C-contiguous array}, in v1's module order. A shared FFN is one array under every
+        {reference name: float32 C-contiguous array}, in v1's module order. A shared _FFN_TO_REF is one array under every
         layer's name, as the reference's state dict repeats its one module.
 
     Raises:
@@ -144,14 +144,14 @@ def encodec_to_state_dict(encodec_params: Mapping) -> tuple[dict[str, np.ndarray
         if expected.get(path) != value.shape:
             unknown.append(f"encoder/{'/'.join(path)} {list(value.shape)}")
             continue
-        name = encodec_torch._torch_name(path)  # the converter's own naming of a param path
+        name = encodec_torch.torch_name(path)  # the converter's own naming of a param path
         if path[-1] == "kernel":  # a conv [k, in, out] → [out, in, k], weight-normed
             weight_g, weight_v = split_weight_norm(np.transpose(value, (2, 1, 0)))
             base = name.removesuffix("weight_g/weight_v")
             state_dict[base + "weight_g"], state_dict[base + "weight_v"] = weight_g, weight_v
         else:  # conv bias, LSTM bias_{ih,hh} as is; LSTM kernel_{ih,hh} [in, 4·hidden] → weight [4·hidden, in]
             state_dict[name] = _float32(value.T if path[-1].startswith("kernel_") else value)
-    missing = [encodec_torch._torch_name(path) for path in expected if path not in encoder]
+    missing = [encodec_torch.torch_name(path) for path in expected if path not in encoder]
     if missing:
         raise ValueError(f"the EnCodec copy lacks encoder tensors {missing}")
     codebooks = np.asarray(encodec_params.get("codebooks", np.zeros((0,))))
@@ -177,17 +177,17 @@ def split_weight_norm(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _mae_tensors(path: tuple[str, ...], value: np.ndarray, model: Mapping, num_heads: int):
     """[(reference name, value in torch layout)] of one leaf of EncodecMAEModel params, or None without a name."""
     top, *rest = path
-    if top in _LINEARS and len(rest) == 1 and rest[0] in ("kernel", "bias"):
-        return [(f"{_LINEARS[top]}.{_LEAF_NAMES[rest[0]]}", _torch_layout(rest[0], value))]
+    if top in _LINEARS_TO_REF and len(rest) == 1 and rest[0] in ("kernel", "bias"):
+        return [(f"{_LINEARS_TO_REF[top]}.{_LEAF_NAMES[rest[0]]}", _torch_layout(rest[0], value))]
     if path == ("encoder_positions", "scale"):
         return [(encodecmae_torch.POSITIONS, _float32(value))]
     if path == ("decoder_positions", "scale"):  # v1's one scale: nothing of its own, when equal to the encoder's
         encoder_scale = model.get("encoder_positions", {}).get("scale")
         return [] if encoder_scale is not None and np.array_equal(encoder_scale, value) else None
-    if top not in _STACKS or not rest:
+    if top not in _STACKS_TO_REF or not rest:
         return None
-    stack = _STACKS[top]
-    if rest[0] == "ffn":  # share_ffn: v1 hands the one FFN module to every layer
+    stack = _STACKS_TO_REF[top]
+    if rest[0] == "ffn":  # share_ffn: v1 hands the one _FFN_TO_REF module to every layer
         names = _ffn_names(rest[1:], [f"{stack}.encoder_layers.{i}." for i in range(_depth(model[top]))])
         converted = _torch_layout(rest[-1], value)
         return [(name, converted) for name in names] if names else None
@@ -197,12 +197,12 @@ def _mae_tensors(path: tuple[str, ...], value: np.ndarray, model: Mapping, num_h
     if not layer:
         return None
     prefix, inner = f"{stack}.encoder_layers.{layer.group(1)}.", rest[1:]
-    if inner[:1] == ["attn"] and len(inner) == 3 and inner[1] in _ATTN and inner[2] == "kernel":
+    if inner[:1] == ["attn"] and len(inner) == 3 and inner[1] in _ATTN_TO_REF and inner[2] == "kernel":
         kernel = np.asarray(value)
         if kernel.shape[1 if inner[1] != "out" else 0] % num_heads:
             return None
         weight = _interleave_cols(kernel, num_heads) if inner[1] == "out" else _interleave_rows(kernel, num_heads)
-        return [(f"{prefix}att_layer.{_ATTN[inner[1]]}.weight", _float32(weight))]
+        return [(f"{prefix}att_layer.{_ATTN_TO_REF[inner[1]]}.weight", _float32(weight))]
     if len(inner) == 2 and inner[0] in ("norm1", "norm2") and inner[1] in ("scale", "bias"):
         return [(f"{prefix}{inner[0]}.{_LEAF_NAMES[inner[1]]}", _torch_layout(inner[1], value))]
     if inner[:1] == ["ffn"]:
@@ -213,9 +213,9 @@ def _mae_tensors(path: tuple[str, ...], value: np.ndarray, model: Mapping, num_h
 
 def _ffn_names(rest: list[str], prefixes: list[str]) -> list[str]:
     """`<prefix>ff_layer.{0,2}.{weight,bias}` for each prefix of an ffn/fc{1,2}/{kernel,bias} leaf ([]: no name)."""
-    if len(rest) != 2 or rest[0] not in _FFN or rest[1] not in ("kernel", "bias"):
+    if len(rest) != 2 or rest[0] not in _FFN_TO_REF or rest[1] not in ("kernel", "bias"):
         return []
-    return [f"{prefix}ff_layer.{_FFN[rest[0]]}.{_LEAF_NAMES[rest[1]]}" for prefix in prefixes]
+    return [f"{prefix}ff_layer.{_FFN_TO_REF[rest[0]]}.{_LEAF_NAMES[rest[1]]}" for prefix in prefixes]
 
 
 def _interleave_rows(kernel: np.ndarray, num_heads: int) -> np.ndarray:

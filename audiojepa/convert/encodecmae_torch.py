@@ -50,11 +50,11 @@ import numpy as np
 from audiojepa.models import encodec, encodec_torch
 from audiojepa.models import encodecmae as mae
 
-_STACKS = {"visible_encoder": "encoder", "decoder": "decoder"}
-_LINEARS = {"feat_projector": "input_proj", "decoder_projector": "decoder_proj", "head.layer": "head",
+STACKS = {"visible_encoder": "encoder", "decoder": "decoder"}
+LINEARS = {"feat_projector": "input_proj", "decoder_projector": "decoder_proj", "head.layer": "head",
             "extra_head.layer": "kmeans_head"}
-_ATTN = {"wq": "query", "wk": "key", "wv": "value", "wo": "out"}
-_FFN = {"0": "fc1", "2": "fc2"}
+ATTN = {"wq": "query", "wk": "key", "wv": "value", "wo": "out"}
+FFN = {"0": "fc1", "2": "fc2"}
 _LAYER = re.compile(r"(visible_encoder|decoder)\.encoder_layers\.(\d+)\.(.+)")
 _FINAL_NORM = re.compile(r"(visible_encoder|decoder)\.final_norm\.(weight|bias)")
 _LINEAR = re.compile(r"(feat_projector|decoder_projector|head\.layer|extra_head\.layer)\.(weight|bias)")
@@ -152,7 +152,7 @@ def _stack_params(tensors: dict, stack: str, depth: int, num_heads: int) -> tupl
     for i in range(depth):
         prefix = f"{stack}.encoder_layers.{i}."
         layer = {}
-        for torch_name, ours in _ATTN.items():
+        for torch_name, ours in ATTN.items():
             weight = tensors[f"{prefix}att_layer.{torch_name}.weight"]
             kernel = _deinterleave_cols(weight, num_heads) if torch_name == "wo" else _deinterleave_rows(weight, num_heads)
             layer.setdefault("attn", {})[ours] = {"kernel": kernel}
@@ -160,13 +160,13 @@ def _stack_params(tensors: dict, stack: str, depth: int, num_heads: int) -> tupl
             layer[norm] = {"scale": tensors[f"{prefix}{norm}.weight"], "bias": tensors[f"{prefix}{norm}.bias"]}
         params[f"layers_{i}"] = layer
         ffns.append({ours: {"kernel": tensors[f"{prefix}ff_layer.{index}.weight"].T,
-                            "bias": tensors[f"{prefix}ff_layer.{index}.bias"]} for index, ours in _FFN.items()})
+                            "bias": tensors[f"{prefix}ff_layer.{index}.bias"]} for index, ours in FFN.items()})
     params["final_norm"] = {"scale": tensors[f"{stack}.final_norm.weight"], "bias": tensors[f"{stack}.final_norm.bias"]}
     return params, ffns
 
 
 def _all_equal(ffns: list[dict]) -> bool:
-    return all(np.array_equal(ffn[fc][leaf], ffns[0][fc][leaf]) for ffn in ffns for fc in _FFN.values()
+    return all(np.array_equal(ffn[fc][leaf], ffns[0][fc][leaf]) for ffn in ffns for fc in FFN.values()
                for leaf in ("kernel", "bias"))
 
 
@@ -226,7 +226,7 @@ def state_dict_to_params(state_dict: dict, *, num_heads: int | None = None) -> C
             else:
                 for i, ffn in enumerate(ffns):
                     stack_params[f"layers_{i}"]["ffn"] = ffn
-            params[_STACKS[stack]] = stack_params
+            params[STACKS[stack]] = stack_params
     except KeyError as e:
         raise ValueError(f"EncodecMAE state dict lacks {e.args[0]} (every layer needs att_layer.w{{q,k,v,o}}, "
                          "norm1, norm2 and ff_layer.{0,2}; the stack a final_norm: a 'postnorm' model has none).") from None
@@ -235,7 +235,7 @@ def state_dict_to_params(state_dict: dict, *, num_heads: int | None = None) -> C
                          "for both.")
     for torch_name in ("head.layer", "extra_head.layer"):
         if f"{torch_name}.weight" in tensors:
-            params[_LINEARS[torch_name]] = linear(torch_name)
+            params[LINEARS[torch_name]] = linear(torch_name)
     extra = [k for k in tensors if k.startswith(("decoder_projector.", "decoder.")) and "decoder" not in params]
     if extra:
         raise ValueError(f"decoder tensors {extra} without decoder layers.")

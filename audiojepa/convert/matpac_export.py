@@ -14,7 +14,7 @@
 | target_params["center"] [K]     | cls_head_loss.center [1, 1, K]                                          |
 
 The backbone rows are m2d_export's names (its layouts: transposed Linear weights, OIHW patch conv, one name per
-block row), renamed through matpac_torch._TO_M2D reversed (`blocks.` → `student_encoder.blocks.`, `decoder_` →
+block row), renamed through matpac_torch.TO_M2D reversed (`blocks.` → `student_encoder.blocks.`, `decoder_` →
 `decoder.decoder_`, `target_blocks.` → `_ema.blocks.`, …).
 
 Classification head (reference `Cls_Head`): `mlp_<i>` → `mlp.<2i>.{weight,bias}` (the Linear layers of the
@@ -53,7 +53,7 @@ import numpy as np
 from audiojepa.convert import m2d_export, matpac_torch
 
 # matpac_torch's M2D renaming, reversed: M2D name prefix → MATPAC name prefix.
-_FROM_M2D = tuple((m2d_prefix, prefix) for prefix, m2d_prefix in matpac_torch._TO_M2D)
+_FROM_M2D = tuple((m2d_prefix, prefix) for prefix, m2d_prefix in matpac_torch.TO_M2D)
 # Our trees that are M2D's (m2d_export names them): params' encoder and predictor, the target's encoder stack.
 _M2D_PARAMS = ("encoder", "predictor")
 ENCODER_STACK = "encoder_stack"
@@ -72,13 +72,13 @@ _MAX_LISTED = 20
 def from_m2d_name(m2d_name: str) -> str:
     """The MATPAC name of an official M2D name that m2d_export writes (`target_blocks.0.attn.qkv.weight` →
     `_ema.blocks.0.attn.qkv.weight`); checked to map back through matpac_torch.to_m2d_name."""
-    if m2d_name.startswith(matpac_torch._SAME_AS_M2D):
+    if m2d_name.startswith(matpac_torch.SAME_AS_M2D):
         name = m2d_name
     else:
         name = next((prefix + m2d_name[len(m2d_prefix):] for m2d_prefix, prefix in _FROM_M2D
                      if m2d_name.startswith(m2d_prefix)), None)
     if name is None or matpac_torch.to_m2d_name(name) != m2d_name:
-        raise ValueError(f"M2D name {m2d_name!r} has no MATPAC counterpart (matpac_torch._TO_M2D)")
+        raise ValueError(f"M2D name {m2d_name!r} has no MATPAC counterpart (matpac_torch.TO_M2D)")
     return name
 
 

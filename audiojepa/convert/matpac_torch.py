@@ -40,7 +40,7 @@ import numpy as np
 from audiojepa.convert import m2d_torch, state_dict_io
 
 # MATPAC name prefix → the M2D name prefix it becomes (then converted by m2d_torch).
-_TO_M2D = (
+TO_M2D = (
     ("student_encoder.blocks.", "blocks."),
     ("student_encoder.norm.", "norm."),
     ("decoder.decoder_", "decoder_"),
@@ -48,7 +48,7 @@ _TO_M2D = (
     ("_ema.blocks.", "target_blocks."),
     ("_ema.norm.", "target_norm."),
 )
-_SAME_AS_M2D = ("patch_embed.", "cls_token", "pos_embed")
+SAME_AS_M2D = ("patch_embed.", "cls_token", "pos_embed")
 STUDENT_HEAD = "cls_student_head."
 TEACHER_HEAD = "_cls_head_ema."
 CENTER = "cls_head_loss.center"
@@ -67,9 +67,9 @@ flatten = state_dict_io.flatten
 def to_m2d_name(name: str) -> str | None:
     """The official M2D name of a MATPAC backbone tensor (`student_encoder.blocks.3.attn.qkv.weight` →
     `blocks.3.attn.qkv.weight`), or None for a head, centre or unknown tensor."""
-    if name.startswith(_SAME_AS_M2D):
+    if name.startswith(SAME_AS_M2D):
         return name
-    for prefix, m2d_prefix in _TO_M2D:
+    for prefix, m2d_prefix in TO_M2D:
         if name.startswith(prefix):
             return m2d_prefix + name[len(prefix):]
     return None

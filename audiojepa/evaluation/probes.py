@@ -171,7 +171,7 @@ def _init_linear(key: jax.Array, dim: int, num_classes: int) -> dict[str, jax.Ar
     }
 
 
-def _init_head(key: jax.Array, dim: int, num_classes: int, head: str) -> dict[str, jax.Array]:
+def init_head(key: jax.Array, dim: int, num_classes: int, head: str) -> dict[str, jax.Array]:
     """Parameters of `head`: the linear layer, plus torch.nn.LayerNorm's init (scale 1, bias 0) for
     "layernorm_linear"."""
     params = _init_linear(key, dim, num_classes)
@@ -195,7 +195,7 @@ def head_logits(params: dict, x: jax.Array) -> jax.Array:
     return x @ params["w"] + params["b"]
 
 
-def _optimizer(lr: jax.Array | float, weight_decay: float = WEIGHT_DECAY) -> optax.GradientTransformation:
+def probe_optimizer(lr: jax.Array | float, weight_decay: float = WEIGHT_DECAY) -> optax.GradientTransformation:
     # torch.optim.Adam(weight_decay=alpha) adds alpha * param to the gradient before the moments.
     return optax.chain(
         optax.add_decayed_weights(weight_decay),
@@ -233,7 +233,7 @@ def _evaluate_head(params, x, y, *, multilabel: bool, loss_over_classes: bool):
 
 
 @functools.partial(jax.jit, static_argnames=("batch_size", "multilabel", "loss_over_classes", "weight_decay"))
-def _train_epoch(params, opt_state, key, x, y, num_real, lr, *, batch_size: int, multilabel: bool,
+def train_epoch(params, opt_state, key, x, y, num_real, lr, *, batch_size: int, multilabel: bool,
                  loss_over_classes: bool = True, weight_decay: float = WEIGHT_DECAY):
     """One epoch of minibatch Adam over a fresh permutation of the real rows.
 
@@ -249,7 +249,7 @@ def _train_epoch(params, opt_state, key, x, y, num_real, lr, *, batch_size: int,
     rows = jnp.arange(num_padded)
     sort_keys = jnp.where(rows < num_real, jax.random.uniform(key, (num_padded,)), 2.0)
     batches = jnp.argsort(sort_keys).reshape(num_padded // batch_size, batch_size)
-    tx = _optimizer(lr, weight_decay)
+    tx = probe_optimizer(lr, weight_decay)
 
     def step(carry, idx):
         params, opt_state = carry
@@ -407,15 +407,15 @@ def linear_probe(
     lrs = epoch_learning_rates(lr, max_epochs, lr_schedule, final_lr_fraction)
 
     init_key, shuffle_key = jax.random.split(jax.random.key(seed))
-    params = _init_head(init_key, dim, num_classes, head)
-    opt_state = _optimizer(lr, weight_decay).init(params)
+    params = init_head(init_key, dim, num_classes, head)
+    opt_state = probe_optimizer(lr, weight_decay).init(params)
 
     best_value, best_params, best_epoch, best_valid, best_valid_loss = -np.inf, None, 0, np.nan, np.nan
     last_strict_gain = 0  # ties may also save weights, but only a gain means progress
     epochs_without_gain = 0
     epoch = 0
     for epoch in range(1, max_epochs + 1):
-        params, opt_state, _ = _train_epoch(
+        params, opt_state, _ = train_epoch(
             params, opt_state, jax.random.fold_in(shuffle_key, epoch), x_padded, y_padded,
             num_train, jnp.float32(lrs[epoch - 1]), batch_size=batch_size, multilabel=multilabel,
             loss_over_classes=loss_over_classes, weight_decay=float(weight_decay))

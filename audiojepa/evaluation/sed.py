@@ -212,13 +212,13 @@ def load_sed_task(folder: str, *, sample_rate: int) -> SedTask:
                          "keep one")
     files, splits, split_rows = _read_splits(folder)
     events = _read_events(folder, set(files))
-    loader = tasks._FileAudio([os.path.join(folder, f) for f in files])
+    loader = tasks.FileAudio([os.path.join(folder, f) for f in files])
     durations: dict[int, float] = {}
 
     def check(i: int) -> None:
         durations[i] = len(loader(i, sample_rate)) / sample_rate
 
-    failures = tasks._verify_all(check, len(files))
+    failures = tasks.verify_all(check, len(files))
     bad = {i for i, _, _ in failures}
     skipped = [{"path": files[i], "reason": reason, "detail": f"{detail} ({split_rows[i]})"}
                for i, reason, detail in failures]
@@ -234,7 +234,7 @@ def load_sed_task(folder: str, *, sample_rate: int) -> SedTask:
         events=[sorted((e for e, _ in events.get(files[i], ())), key=lambda e: (e.onset, e.label)) for i in keep],
         durations_s=np.array([durations[i] for i in keep], np.float64),
         classes=sorted({e.label for i in keep for e, _ in events.get(files[i], ())}), skipped=skipped,
-        source=folder, audio_loader=tasks._FileAudio([os.path.join(folder, files[i]) for i in keep]))
+        source=folder, audio_loader=tasks.FileAudio([os.path.join(folder, files[i]) for i in keep]))
     if skipped:
         log.warning("task %s: %d files skipped (%s); e.g. %s", task.name, len(skipped),
                     ", ".join(sorted({s["reason"] for s in skipped})), skipped[0]["path"])
@@ -401,13 +401,13 @@ def sed_probe(train: Sequence[tuple[np.ndarray, np.ndarray]], valid: Sequence[tu
     valid_times = {name: t for name, _, t in valid}
 
     init_key, shuffle_key = jax.random.split(jax.random.key(seed))
-    params = probes._init_head(init_key, dim, len(classes), "linear")
-    opt_state = probes._optimizer(lr).init(params)
+    params = probes.init_head(init_key, dim, len(classes), "linear")
+    opt_state = probes.probe_optimizer(lr).init(params)
     best = None  # (valid F, epoch, params, setting)
     scorings_without_gain = 0
     epoch = 0
     for epoch in range(1, max_epochs + 1):
-        params, opt_state, _ = probes._train_epoch(
+        params, opt_state, _ = probes.train_epoch(
             params, opt_state, jax.random.fold_in(shuffle_key, epoch), x_padded, y_padded, num_train,
             jnp.float32(lr), batch_size=batch_size, multilabel=True)
         if epoch % valid_every != 0 and epoch != max_epochs:

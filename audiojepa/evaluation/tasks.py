@@ -254,7 +254,7 @@ def _finish(name: str, clip_ids, labels, splits, skipped, audio_loader, *, where
                 audio_loader=audio_loader)
 
 
-def _verify_all(check: Callable[[int], None], count: int) -> list[tuple[int, str, str]]:
+def verify_all(check: Callable[[int], None], count: int) -> list[tuple[int, str, str]]:
     """Runs `check(i)` for i < count in threads; returns (i, reason, detail) for the failures."""
     def run(i):
         try:
@@ -288,7 +288,7 @@ def _resample(waveform: np.ndarray, rate: int, sample_rate: int) -> np.ndarray:
 # -- task folders -------------------------------------------------------------------------------------
 
 
-class _FileAudio:
+class FileAudio:
     """Audio of a task folder: clip i is the file paths[i]."""
 
     def __init__(self, paths: Sequence[str]):
@@ -342,17 +342,17 @@ def _folder_task(folder: str, *, sample_rate: int, verify_audio: str) -> Task:
         labels.append(clip_labels)
         splits.append(parse_split(row[col_split], where))
         paths.append(os.path.join(folder, filename))
-    loader = _FileAudio(paths)
+    loader = FileAudio(paths)
     if verify_audio == "decode":
-        failures = _verify_all(lambda i: loader(i, sample_rate), len(paths))
+        failures = verify_all(lambda i: loader(i, sample_rate), len(paths))
     else:
-        failures = _verify_all(lambda i: _header_check(paths[i]), len(paths))
+        failures = verify_all(lambda i: _header_check(paths[i]), len(paths))
     bad = {i for i, _, _ in failures}
     skipped = [{"path": clip_ids[i], "reason": reason, "detail": detail} for i, reason, detail in failures]
     keep = [i for i in range(len(paths)) if i not in bad]
     return _finish(os.path.basename(os.path.normpath(folder)), [clip_ids[i] for i in keep],
                    [labels[i] for i in keep], [splits[i] for i in keep], skipped,
-                   _FileAudio([paths[i] for i in keep]), where=csv_path)
+                   FileAudio([paths[i] for i in keep]), where=csv_path)
 
 
 # -- shard sets (and the embedded corpus) -------------------------------------------------------------

@@ -150,16 +150,16 @@ def convert(state_dict: dict[str, np.ndarray]) -> dict:
             params[module + ("kernel",)] = np.transpose(weight, (2, 1, 0))
 
     expected = expected_encoder_shapes()
-    missing = [_torch_name(path) for path in expected if path not in params]
+    missing = [torch_name(path) for path in expected if path not in params]
     if missing:
         raise KeyError(f"Missing EnCodec encoder tensors: {missing}. Is this the 24 kHz model's full state dict "
                        "(keys start with 'encoder.model.')?")
-    extra = [_torch_name(path) for path in params if path not in expected]
+    extra = [torch_name(path) for path in params if path not in expected]
     if extra:
         raise KeyError(f"Unexpected EnCodec encoder tensors (not in the 24 kHz encoder): {extra}.")
     for path, shape in expected.items():
         if params[path].shape != shape:
-            raise ValueError(f"{_torch_name(path)}: shape {params[path].shape} after conversion, the 24 kHz encoder "
+            raise ValueError(f"{torch_name(path)}: shape {params[path].shape} after conversion, the 24 kHz encoder "
                              f"expects {shape} at {'/'.join(path)}.")
 
     if not codebooks:
@@ -176,7 +176,7 @@ def convert(state_dict: dict[str, np.ndarray]) -> dict:
     return {"encoder": encoder, "codebooks": stacked}
 
 
-def _torch_name(path: tuple[str, ...]) -> str:
+def torch_name(path: tuple[str, ...]) -> str:
     """The torch name(s) a param path comes from, for error messages."""
     module, *rest = path
     index = module.rsplit("_", 1)[1]

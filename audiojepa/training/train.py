@@ -2,14 +2,15 @@
 
 A method (see `audiojepa/methods/`) supplies `init`, `loss`, `update_targets` and
 `weight_decay_mask`; this module owns the rest: the mesh, the input pipeline, the optimizer, the
-jitted step with donated state, metrics and progress, and Orbax checkpoints that resume exactly
-(params, optimizer state, target params, step and data-iterator position).
+jitted step with donated state, and the step loop with Orbax checkpoints that resume exactly
+(params, optimizer state, target params, step and data-iterator position). The loop's bookkeeping
+lives beside it: `step_metrics` (logged rows, the non-finite policy, when to stop) and `run_summary`
+(what the run has done, as run_summary.json says).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -25,114 +26,10 @@ from audiojepa.data import pipeline, records, resolve, stats, target_records
 from audiojepa.ops import frontend, optim
 from audiojepa.runtime import checkpointing, locks, profiling, sharding, storage
 from audiojepa.runtime import metrics as metrics_lib
-from audiojepa.training import init_from, resume_check
+from audiojepa.training import init_from, resume_check, run_summary
+from audiojepa.training.step_metrics import StepMetrics, should_stop
 
-# config.nonfinite_policy: "stop" raises NonFiniteLossError at the first NaN/Inf loss or gradient;
-# "skip" drops that batch (the state is not updated) and goes on, unless this many steps in a row fail.
-NONFINITE_POLICIES = ("stop", "skip")
-MAX_CONSECUTIVE_NONFINITE = 20
-SUMMARY_FILE = "run_summary.json"
 LOCK_FILE = "run.lock"  # held by the training process (workdir_lock)
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN/Inf loss or gradient; the last checkpoint predates it."""
-
-
-class RunCounters:
-    """Data and stability counts over the whole run (carried across restarts in checkpoint meta).
-
-    `skipped_records`: unusable records stepped over (a record is counted each time a read steps over
-    it), split by reason in `skipped_by_reason` (records.SKIP_REASONS); `nonfinite_skipped_batches`:
-    batches dropped under `config.nonfinite_policy="skip"`.
-    """
-
-    def __init__(self, saved: dict | None = None):
-        saved = saved or {}
-        self.skipped_records = int(saved.get("skipped_records", 0))
-        self.skipped_by_reason = {r: int(saved.get("skipped_by_reason", {}).get(r, 0)) for r in records.SKIP_REASONS}
-        self.nonfinite_skipped_batches = int(saved.get("nonfinite_skipped_batches", 0))
-
-    def add(self, row: dict) -> None:
-        """Adds one logged row's counts (its `skipped_records`, `skipped/<reason>`, `nonfinite_skipped`)."""
-        self.skipped_records += int(row.get("skipped_records", 0))
-        for r in records.SKIP_REASONS:
-            self.skipped_by_reason[r] += int(row.get(f"skipped/{r}", 0))
-        self.nonfinite_skipped_batches += int(row.get("nonfinite_skipped", 0))
-
-    def as_dict(self) -> dict:
-        return {"skipped_records": self.skipped_records, "skipped_by_reason": dict(self.skipped_by_reason),
-                "nonfinite_skipped_batches": self.nonfinite_skipped_batches}
-
-    def describe(self) -> str:
-        reasons = ", ".join(f"{r} {n}" for r, n in self.skipped_by_reason.items() if n)
-        return (f"{self.skipped_records} records skipped{f' ({reasons})' if reasons else ''}, "
-                f"{self.nonfinite_skipped_batches} non-finite batches skipped")
-
-
-RUN_STATUSES = ("finished", "stopped", "preempted", "failed")
-
-
-@dataclasses.dataclass
-class RunProgress:
-    """What a run has done so far, kept up to date by the trainer so that `run_summary.json` says what is true
-    however the run ends (a return, a preemption, an exception)."""
-    global_batch_size: int
-    total_steps: int | None = None
-    trained_step: int | None = None  # the loop's step: trained in memory, maybe never saved
-    committed_step: int | None = None  # the latest checkpoint on disk
-    preempted: bool = False
-    counters: RunCounters | None = None
-
-    def status(self, error: BaseException | None) -> str:
-        """One of RUN_STATUSES: failed (an exception), preempted, finished (the last step is committed) or
-        stopped (left early on purpose, e.g. `stop_after`)."""
-        if error is not None:
-            return "failed"
-        if self.preempted:
-            return "preempted"
-        done = self.total_steps is not None and (self.committed_step or 0) >= self.total_steps
-        return "finished" if done else "stopped"
-
-
-def committed_step_on_disk(workdir: str) -> int | None:
-    """The latest checkpoint of `workdir` that is committed on disk (None if none, or unreadable)."""
-    if not storage.isdir(checkpointing.checkpoint_dir(workdir)):
-        return None
-    try:
-        manager = checkpointing.make_manager(workdir, every_steps=1, read_only=True)
-        try:
-            return manager.latest_step()
-        finally:
-            manager.close()
-    except Exception:  # noqa: BLE001 - a summary must still be written; the step is then unknown
-        logging.exception("could not list the checkpoints of %s", workdir)
-        return None
-
-
-def write_run_summary(workdir: str, progress: RunProgress, error: BaseException | None) -> dict:
-    """Writes `workdir/run_summary.json` (atomically) and logs it in one line.
-
-    Fields: "status" (RUN_STATUSES), "finished" (status == "finished"), "step" (the last committed
-    checkpoint, 0 if none: what a resume starts from and an export holds), "trained_step" (the loop's last
-    step), "total_steps", "preempted", "error" ("Type: message" or None), "examples_seen" (committed step x
-    global batch) and the data counts (RunCounters; None when the run failed before reading its checkpoint).
-    """
-    status = progress.status(error)
-    step = progress.committed_step or 0
-    counters = progress.counters.as_dict() if progress.counters is not None else {
-        "skipped_records": None, "skipped_by_reason": None, "nonfinite_skipped_batches": None}
-    summary = {"status": status, "finished": status == "finished", "step": step,
-               "trained_step": progress.trained_step, "total_steps": progress.total_steps,
-               "preempted": progress.preempted,
-               "error": None if error is None else f"{type(error).__name__}: {error}",
-               "examples_seen": step * progress.global_batch_size, **counters}
-    storage.write_atomically(storage.join(workdir, SUMMARY_FILE), json.dumps(summary, indent=1))
-    log = logging.error if status == "failed" else logging.info
-    log("run %s at committed step %d/%s%s%s (%s)", status, step, progress.total_steps,
-        f"; {progress.counters.describe()}" if progress.counters is not None else "",
-        f"; {summary['error']}" if error is not None else "", storage.join(workdir, SUMMARY_FILE))
-    return summary
 
 
 def _run_periodic_eval(name: str, evaluator, eval_encoder, step: int) -> dict[str, float]:
@@ -291,7 +188,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None, n
     mesh = sharding.make_mesh(num_devices)
     storage.makedirs(workdir)
     with workdir_lock(workdir):  # before anything is written: a second trainer leaves the first's files alone
-        run_progress = RunProgress(global_batch_size=int(config.batch_size))
+        run_progress = run_summary.RunProgress(global_batch_size=int(config.batch_size))
         error = None
         try:
             # Explicit-sharding ops that create arrays (zeros_like, broadcasts) take their mesh from this
@@ -304,8 +201,8 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None, n
         finally:
             if jax.process_index() == 0:
                 if run_progress.committed_step is None:  # the run did not get as far as its checkpoint manager
-                    run_progress.committed_step = committed_step_on_disk(workdir)
-                write_run_summary(workdir, run_progress, error)
+                    run_progress.committed_step = run_summary.committed_step_on_disk(workdir)
+                run_summary.write_run_summary(workdir, run_progress, error)
 
 
 def workdir_lock(workdir: str):
@@ -332,14 +229,11 @@ def workdir_lock(workdir: str):
         "resumed run takes the lock again), or give another --workdir"))
 
 
-def _train_on_mesh(config, workdir: str, mesh, *, stop_after: int | None, run_progress: RunProgress) -> dict:
+def _train_on_mesh(config, workdir: str, mesh, *, stop_after: int | None, run_progress: run_summary.RunProgress) -> dict:
     """train_and_evaluate's body, run inside `jax.set_mesh(mesh)`; keeps `run_progress` up to date."""
     method_cls = methods.get_method(config.method)  # fail on an unknown method before touching data
     profile_window = profiling.parse_profile_steps(config.get("profile_steps"))  # fail now, naming the key
-    nonfinite_policy = config.get("nonfinite_policy", "stop")
-    if nonfinite_policy not in NONFINITE_POLICIES:
-        raise ValueError(f"config.nonfinite_policy={nonfinite_policy!r}; valid: {NONFINITE_POLICIES} (stop the run, "
-                         "or skip the batch and go on)")
+    step_metrics = StepMetrics(config.get("nonfinite_policy", "stop"))
     is_main = jax.process_index() == 0
 
     local_batch = sharding.check_batch_size(config.batch_size, mesh)
@@ -371,20 +265,9 @@ def _train_on_mesh(config, workdir: str, mesh, *, stop_after: int | None, run_pr
     device_frontend = bool(config.data.get("device_frontend", False)) or methods.input_kind(method) == "waveform"
     num_workers = config.data.get("num_workers", 0)
     manager = checkpointing.manager_from_config(workdir, config)
-    latest = manager.latest_step()
-    saved_meta = checkpointing.restore_meta_item(manager, latest) if latest is not None else {}
-    resume_check.check(saved_meta.get("config"), config, step=latest, workdir=workdir)
-    if latest is not None:
-        resume_check.check_data(saved_meta, norm_stats=(spec.norm_mean, spec.norm_std),
-                                identity=resume_check.data_identity(spec.manifest), config=config, step=latest,
-                                workdir=workdir)
-    restored_state = None
-    if latest is not None:  # the latest checkpoint that reads back as saved; damaged ones are moved aside
-        intact, restored_state, _ = checkpointing.restore_latest_intact(
-            manager, checkpointing.abstract_like(abstract_state, repl), move_damaged=True)
-        if intact != latest:
-            latest, saved_meta = intact, checkpointing.restore_meta_item(manager, intact)
-    if is_main:  # after the check, so that a refused resume leaves the run's config.json as it was
+    latest, saved_meta, restored_state = _latest_intact_checkpoint(
+        manager, config, spec, checkpointing.abstract_like(abstract_state, repl), workdir=workdir)
+    if is_main:  # after the checks, so that a refused resume leaves the run's config.json as it was
         storage.write_atomically(storage.join(workdir, "config.json"), config.to_json_best_effort(indent=1))
     # The data position is decided before the iterator is built: after a change of process count the
     # Grain state cannot be restored and the stream is rebuilt from the step (see pipeline.plan_resume).
@@ -413,7 +296,7 @@ def _train_on_mesh(config, workdir: str, mesh, *, stop_after: int | None, run_pr
         if config.get("init_from"):
             state = _state_from_weights(config.init_from, method, tx, state, init_rng, repl)
     start_step = int(state["step"])
-    counters = RunCounters(saved_meta.get("counters"))
+    counters = run_summary.RunCounters(saved_meta.get("counters"))
     run_progress.counters, run_progress.trained_step, run_progress.committed_step = counters, start_step, latest
 
     train_step = jax.jit(
@@ -421,26 +304,23 @@ def _train_on_mesh(config, workdir: str, mesh, *, stop_after: int | None, run_pr
         donate_argnums=(0,), out_shardings=(repl, repl), static_argnums=(3,))
     mask_variant = getattr(method, "mask_variant", lambda step: None)
     meta = {**_run_meta(config, spec, total_steps), "data_position": position}
-    periodic_evals, eval_encoder = [], None
-    if is_main and config.get("evals"):
-        from audiojepa.adapters import encoder as encoder_lib
-        from audiojepa.evaluation import evaluators
-
-        periodic_evals = evaluators.from_config(config.evals, sample_rate=spec.frontend.sample_rate,
-                                                num_layers=method.encoder_depth)
-        # Built once (one compile); its params are swapped for the current ones at each evaluation.
-        eval_encoder = encoder_lib.AudioEncoder(
-            config.method, config.model, input_shape, spec.frontend, (spec.norm_mean, spec.norm_std),
-            jax.device_get(methods.encoder_params(method, state["params"], state["target_params"])))
+    periodic_evals, eval_encoder = (_periodic_evaluations(config, method, spec, input_shape, state) if is_main
+                                    else ([], None))
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main, tensorboard=config.get("tensorboard", True),
                                       start_step=start_step)
     progress = metrics_lib.Progress(first_step=start_step, total_steps=total_steps,
                                     global_batch_size=config.batch_size)
     log_every = max(1, int(config.log_every_steps))
+
+    def save(step, state, *, force):
+        return checkpointing.save(manager, step, state, data_iter, {**meta, "counters": counters.as_dict()},
+                                  force=force)
+
+    def committed_step():
+        checkpointing.wait_for_saves(manager)  # so that the checkpoint a message names is committed
+        return manager.latest_step()
+
     last_logged: dict = {}
-    data_wait = 0.0
-    pending = []  # device metrics since the last check, for non-finite detection and averaging
-    nonfinite_in_a_row = 0
     step = start_step
     preempted = False
     watcher = checkpointing.PreemptionWatcher().install()
@@ -450,74 +330,38 @@ def _train_on_mesh(config, workdir: str, mesh, *, stop_after: int | None, run_pr
         while step < total_steps:
             t0 = time.perf_counter()
             batch = sharding.to_global_batch(next(data_iter), mesh)
-            data_wait += time.perf_counter() - t0
+            data_wait_s = time.perf_counter() - t0
             profiler.before_step(step)
-            state, step_metrics = train_step(state, batch, train_rng, mask_variant(step))
-            pending.append(step_metrics)
+            state, device_metrics = train_step(state, batch, train_rng, mask_variant(step))
+            step_metrics.add(device_metrics, data_wait_s=data_wait_s)
             step += 1
             profiler.after_step(step, state)
-            # (A signal during the final step is not a preemption: the run is complete.)
-            preempted = step < total_steps and (watcher.requested or manager.reached_preemption(step))
-            last_step = step == total_steps or step == stop_after or preempted
-            if step % log_every == 0 or last_step or manager.should_save(step):
-                host = jax.device_get(pending)
-                pending = []
-                first = step - len(host) + 1
-                bad = [first + i for i, m in enumerate(host) if m["nonfinite"]]
-                for m in host:
-                    nonfinite_in_a_row = nonfinite_in_a_row + 1 if m["nonfinite"] else 0
-                if bad and (nonfinite_policy == "stop" or nonfinite_in_a_row >= MAX_CONSECUTIVE_NONFINITE):
-                    checkpointing.wait_for_saves(manager)  # so that the checkpoint named below is committed
-                    why = (f"{nonfinite_in_a_row} steps in a row up to step {bad[-1]}" if nonfinite_policy == "skip"
-                           else f"step {bad[0]}")
-                    latest = manager.latest_step()
-                    kept = (f"the latest checkpoint ({latest}) is intact" if latest is not None
-                            else "no checkpoint had been written yet")
-                    raise NonFiniteLossError(
-                        f"non-finite loss or gradient at {why}; the state was not updated and {kept}. "
-                        "Lower config.optim.base_lr or check the data; "
-                        "config.nonfinite_policy='skip' drops such batches and goes on.")
-                if bad:
-                    logging.warning("non-finite loss or gradient at step(s) %s: batch skipped, state not updated "
-                                    "(config.nonfinite_policy='skip')", bad)
-                good = [m for m in host if not m["nonfinite"]] or host
-                row = {k: float(np.mean([m[k] for m in good])) for k in host[-1]
-                       if k != "nonfinite" and not k.startswith("skipped")}
-                row.update({k: float(sum(m[k] for m in host)) for k in host[-1] if k.startswith("skipped")})
-                row["nonfinite_skipped"] = float(len(bad))
-                counters.add(row)
-                row["data_wait_s"] = data_wait
-                row["epoch"] = step / steps_per_epoch if steps_per_epoch else 0.0
-                if hasattr(method, "ema_decay"):
-                    row["ema_decay"] = float(method.ema_decay(step - 1, total_steps))
-                row.update(progress.update(step))
-                data_wait = 0.0
-                if step % log_every == 0 or last_step:
-                    writer.write(step, row)
-                    metrics_lib.log_progress(progress, step, row)
-                last_logged = row
-            if last_step or manager.should_save(step):
+            stop = should_stop(step, total_steps=total_steps, stop_after=stop_after,
+                               preemption_requested=lambda: watcher.requested or manager.reached_preemption(step))
+            preempted = stop.preempted
+            log_due = step % log_every == 0 or stop.last_step
+            if log_due or manager.should_save(step):
+                last_logged = step_metrics.row(step, committed_step=committed_step)
+                counters.add(last_logged)
+                last_logged.update(_loop_columns(step, method, steps_per_epoch=steps_per_epoch,
+                                                 total_steps=total_steps, progress=progress))
+                if log_due:
+                    writer.write(step, last_logged)
+                    metrics_lib.log_progress(progress, step, last_logged)
+            if stop.last_step or manager.should_save(step):
                 writer.flush()  # a URL workdir's metrics reach it before the checkpoint that a resume starts from
-            saved = checkpointing.save(manager, step, state, data_iter, {**meta, "counters": counters.as_dict()},
-                                       force=last_step)
+            saved = save(step, state, force=stop.last_step)
             # No evaluation on preemption: the grace period before SIGKILL is for the checkpoint.
             due = [(name, ev) for name, every, ev in periodic_evals
-                   if (step % every == 0 or last_step) and not preempted]
+                   if (step % every == 0 or stop.last_step) and not preempted]
             if due:
                 checkpointing.wait_for_saves(manager)  # an evaluation never overlaps a checkpoint write
-                eval_encoder.params = jax.device_get(methods.encoder_params(method, state["params"],
-                                                                            state["target_params"]))
-                row = {}
-                for name, ev in due:
-                    row.update(_run_periodic_eval(name, ev, eval_encoder, step))
-                writer.write(step, row)
-                logging.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in row.items()))
-                if watcher.requested and not last_step:  # the signal came during the evaluation
+                writer.write(step, _evaluate(due, eval_encoder, method, state, step))
+                if watcher.requested and not stop.last_step:  # the signal came during the evaluation
                     preempted = True
                     if not saved:
                         writer.flush()
-                        checkpointing.save(manager, step, state, data_iter,
-                                           {**meta, "counters": counters.as_dict()}, force=True)
+                        save(step, state, force=True)
             if preempted:
                 logging.warning("preemption signal at step %d: checkpoint saved, exiting", step)
                 break
@@ -530,7 +374,60 @@ def _train_on_mesh(config, workdir: str, mesh, *, stop_after: int | None, run_pr
         try:
             checkpointing.wait_for_saves(manager)  # async saves are committed (or their failure raised)
         finally:
-            run_progress.committed_step = committed_step_on_disk(workdir)
+            run_progress.committed_step = run_summary.committed_step_on_disk(workdir)
             manager.close()
             writer.close()
     return {**last_logged, "preempted": 1.0} if preempted else last_logged
+
+
+def _latest_intact_checkpoint(manager, config, spec, abstract_state, *, workdir: str):
+    """(step, meta, state) of the latest checkpoint of `workdir` that reads back as saved (damaged ones are moved
+    aside), after checking that `config` and the data may resume it; (None, {}, None) for a new run."""
+    latest = manager.latest_step()
+    saved_meta = checkpointing.restore_meta_item(manager, latest) if latest is not None else {}
+    resume_check.check(saved_meta.get("config"), config, step=latest, workdir=workdir)
+    if latest is None:
+        return None, saved_meta, None
+    resume_check.check_data(saved_meta, norm_stats=(spec.norm_mean, spec.norm_std),
+                            identity=resume_check.data_identity(spec.manifest), config=config, step=latest,
+                            workdir=workdir)
+    intact, state, _ = checkpointing.restore_latest_intact(manager, abstract_state, move_damaged=True)
+    if intact != latest:
+        latest, saved_meta = intact, checkpointing.restore_meta_item(manager, intact)
+    return latest, saved_meta, state
+
+
+def _loop_columns(step: int, method, *, steps_per_epoch: int, total_steps: int, progress) -> dict[str, float]:
+    """The logged row's columns that come from the loop, not the step: epoch, the EMA decay of the step just
+    taken (methods with one) and progress (clips/s, ETA)."""
+    columns = {"epoch": step / steps_per_epoch if steps_per_epoch else 0.0}
+    if hasattr(method, "ema_decay"):
+        columns["ema_decay"] = float(method.ema_decay(step - 1, total_steps))
+    columns.update(progress.update(step))
+    return columns
+
+
+def _periodic_evaluations(config, method, spec, input_shape, state) -> tuple[list, object]:
+    """([(name, every_steps, evaluator)], the encoder they share) for `config.evals`; ([], None) without any.
+    The encoder is built once (one compile); its params are swapped for the current ones at each evaluation."""
+    if not config.get("evals"):
+        return [], None
+    from audiojepa.adapters import encoder as encoder_lib
+    from audiojepa.evaluation import evaluators
+
+    periodic_evals = evaluators.from_config(config.evals, sample_rate=spec.frontend.sample_rate,
+                                            num_layers=method.encoder_depth)
+    eval_encoder = encoder_lib.AudioEncoder(
+        config.method, config.model, input_shape, spec.frontend, (spec.norm_mean, spec.norm_std),
+        jax.device_get(methods.encoder_params(method, state["params"], state["target_params"])))
+    return periodic_evals, eval_encoder
+
+
+def _evaluate(due, eval_encoder, method, state, step: int) -> dict[str, float]:
+    """The `eval/<name>/<metric>` row of the evaluations `due` ([(name, evaluator)]) of the current params."""
+    eval_encoder.params = jax.device_get(methods.encoder_params(method, state["params"], state["target_params"]))
+    row = {}
+    for name, evaluator in due:
+        row.update(_run_periodic_eval(name, evaluator, eval_encoder, step))
+    logging.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in row.items()))
+    return row
