@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from audiojepa.data import resolve, shards, stats
+from audiojepa.data import compute_stats, resolve, shards, stats
 from audiojepa.ops import frontend
 
 SR = 16000
@@ -80,20 +80,20 @@ def test_overwrite_removes_stale_log_mel_statistics(tmp_path):
     out = str(tmp_path / "shards")
     cfg = ml_collections.ConfigDict({"shards": out, "frontend": "m2d", "crop_frames": 32, "norm_stats": "shards"})
 
-    def compute_stats():
+    def measured_mean():
         spec = resolve.resolve_data_spec(ml_collections.ConfigDict({**cfg.to_dict(), "norm_stats": "m2d"}))
         result = compute_stats.compute_logmel_stats(spec, num_crops=16, batch_size=8, progress=False)
         stats.write_stats(out, PARAMS, **result)
         return result["mean"]
 
     shards.make_shards(_write_tones(str(tmp_path / "loud"), 0.1), out, num_shards=1, progress=False)
-    loud_mean = compute_stats()
+    loud_mean = measured_mean()
     assert resolve.resolve_data_spec(cfg).norm_mean == pytest.approx(loud_mean)
     shards.make_shards(_write_tones(str(tmp_path / "quiet"), 0.001), out, num_shards=1, overwrite=True,
                        progress=False)
     with pytest.raises(FileNotFoundError, match="compute_stats.py"):
         resolve.resolve_data_spec(cfg)  # not the loud audio's mean
-    quiet_mean = compute_stats()
+    quiet_mean = measured_mean()
     assert quiet_mean < loud_mean - 5  # 40 dB quieter: the old statistics were far off
     assert resolve.resolve_data_spec(cfg).norm_mean == pytest.approx(quiet_mean)
 

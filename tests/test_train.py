@@ -150,7 +150,7 @@ def test_skip_policy_stops_at_the_limit_of_nonfinite_steps_in_a_row(tmp_path, mo
     """nonfinite_policy="skip" goes on past bad batches but stops at MAX_CONSECUTIVE_NONFINITE in a row
     (README: "stops after 20 in a row"; 3 here): a std of 1e-45 (zero is refused at start-up) makes every
     step's loss NaN."""
-    monkeypatch.setattr(train, "MAX_CONSECUTIVE_NONFINITE", 3)
+    monkeypatch.setattr(step_metrics, "MAX_CONSECUTIVE_NONFINITE", 3)
     with pytest.raises(step_metrics.NonFiniteLossError, match=r"3 steps in a row up to step 3"):
         train.train_and_evaluate(rh.tiny_config(**{"data.norm_stats": "0,1e-45", "nonfinite_policy": "skip"}),
                                  str(tmp_path / "nan"), num_devices=1)
