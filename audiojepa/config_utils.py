@@ -241,3 +241,15 @@ def parse_flags_naming_config_keys(argv: list[str]) -> list[str]:
         print(f"FATAL Flags parsing error: {named} names no config field: {detail}. The config file's "
               "get_config() defines the fields.", file=sys.stderr)
         sys.exit(1)
+
+
+def model_config_with_keys(model_config, required, *, method: str, values: str) -> ml_collections.ConfigDict:
+    """`model_config` (a ConfigDict, or a dict made one) once it has every key of `required`; a KeyError names the
+    missing keys, `method` and where the values are (`values`, e.g. "audiojepa.methods.m2d.default_config()")."""
+    if isinstance(model_config, dict):
+        model_config = ml_collections.ConfigDict(model_config)
+    missing = [key for key in required if key not in model_config]
+    if missing:
+        raise KeyError(f"config.model is missing {missing} for {method}; it needs all of {list(required)} "
+                       f"(values: {values}).")
+    return model_config

@@ -59,7 +59,6 @@ def jax_backend() -> str:
     return f"jax {jax.__version__}, backend {jax.default_backend()} ({jax.devices()[0].device_kind})"
 
 
-
 def timed_calls(fn, repeats: int, warmup: int = 1) -> list[float]:
     """Wall seconds (time.perf_counter) of each of `repeats` calls of fn() after `warmup` untimed ones (a
     compile, first allocations); fn must wait for its own result (e.g. jax.block_until_ready)."""
@@ -101,7 +100,6 @@ def xla_gemm_gflops(mesh, size: int, repeats: int, dtype=jnp.float32) -> float:
     return gemm_gflops(lambda: matmul(a, b).block_until_ready(), size, repeats, copies=n)
 
 
-
 def ab_ratios(a_seconds: list[float], b_seconds: list[float]) -> dict:
     """Paired times of A and B (seconds, pair i measured back to back): {"ratios": B ÷ A of each pair,
     "median_ratio": their median, "b_faster": how many pairs have B ÷ A < 1}."""
@@ -113,7 +111,6 @@ def ab_summary(result: dict, pairs: str) -> str:
     """"Median B ÷ A over <n> <pairs>: **<median>**; B faster in <k> of <n>." for an ab_ratios result."""
     n = len(result["ratios"])
     return f"Median B ÷ A over {n} {pairs}: **{result['median_ratio']:.3f}**; B faster in {result['b_faster']} of {n}."
-
 
 
 def json_dict_flag(name: str) -> dict:

@@ -58,7 +58,6 @@ _ORDER = ("wav_encoder", "target_encoder", "visible_encoder", "feat_projector", 
           "positional_encoder", "head", "decoder", "extra_head")
 _TOKEN_ORDER = {"wq": 0, "wk": 1, "wv": 2, "wo": 3, "weight": 0, "bias": 1, "weight_g": 2, "weight_v": 3}
 _LSTM_LEAF = re.compile(r"(weight_ih|weight_hh|bias_ih|bias_hh)_l(\d+)")
-_MAX_LISTED = 20
 
 
 def params_to_state_dict(params: Mapping, target_params: Mapping | None = None, *, model_config,
@@ -121,9 +120,7 @@ def params_to_state_dict(params: Mapping, target_params: Mapping | None = None, 
         others = {key: value for key, value in target_params.items() if key != "encodec"}
         unknown += [_describe_leaf("target_params", path, leaf, others) for path, leaf in state_dict_io.nested_leaves(others)]
     if unknown:
-        listed = ", ".join(unknown[:_MAX_LISTED])
-        if len(unknown) > _MAX_LISTED:
-            listed += f", … ({len(unknown)} in all)"
+        listed = state_dict_io.listed(unknown)
         raise ValueError(f"no reference (encodecmae v1) name for {listed}. Known: params/{{input_proj, "
                          "encoder_positions, encoder, decoder_proj, decoder_positions (only equal to "
                          "encoder_positions: v1 shares one scale), decoder, head, kmeans_head}, and the EnCodec "

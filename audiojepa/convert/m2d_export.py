@@ -48,7 +48,6 @@ _LEAF_NAMES = {"kernel": "weight", "scale": "weight", "bias": "bias"}
 _ORDER = ("norm_stats", "cls_token", "pos_embed", "mask_token", "decoder_pos_embed", "patch_embed", "blocks",
           "norm", "decoder_embed", "decoder_blocks", "decoder_norm", "decoder_pred", "target_blocks", "target_norm")
 _BLOCK_ORDER = ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
-_MAX_LISTED = 20
 
 
 def params_to_state_dict(params: Mapping, target_params: Mapping | None = None, *, grid_size: tuple[int, int],
@@ -93,9 +92,7 @@ def params_to_state_dict(params: Mapping, target_params: Mapping | None = None, 
                     raise ValueError(f"two leaves map to the torch name {name!r} (second: {tree}/{'/'.join(path)})")
                 state_dict[name] = value
     if unknown:
-        listed = ", ".join(unknown[:_MAX_LISTED])
-        if len(unknown) > _MAX_LISTED:
-            listed += f", … ({len(unknown)} in all)"
+        listed = state_dict_io.listed(unknown)
         raise ValueError(f"no official M2D name for {listed}. Known: params/encoder/{{patch_embed, cls_token, stack}}, "
                          "params/predictor/{embed, mask_token, stack, head}, target_params/{blocks, norm} (M2D's "
                          "target stack); fixed sin-cos position tables only")

@@ -50,7 +50,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from audiojepa.convert import m2d_export, matpac_torch
+from audiojepa.convert import m2d_export, matpac_torch, state_dict_io
 
 # matpac_torch's M2D renaming, reversed: M2D name prefix → MATPAC name prefix.
 _FROM_M2D = tuple((m2d_prefix, prefix) for prefix, m2d_prefix in matpac_torch.TO_M2D)
@@ -66,7 +66,6 @@ _ORDER = ("cls_token", "pos_embed", "patch_embed", "student_encoder", "decoder",
 NESTED = ("_ema", matpac_torch.TEACHER_HEAD[:-1])
 _MLP = re.compile(r"mlp_(\d+)")
 _LEAF_NAMES = {"kernel": "weight", "bias": "bias"}
-_MAX_LISTED = 20
 
 
 def from_m2d_name(m2d_name: str) -> str:
@@ -149,8 +148,7 @@ def params_to_state_dict(params: Mapping, target_params: Mapping | None = None, 
                 unknown += _unnamed(f"{tree}/{key}", value)
     problems = []
     if unknown:
-        listed = ", ".join(unknown[:_MAX_LISTED]) + (f", … ({len(unknown)} in all)" if len(unknown) > _MAX_LISTED
-                                                      else "")
+        listed = state_dict_io.listed(unknown)
         problems.append(f"no official MATPAC name for {listed}. Known: params/head, target_params/{{head, center}} "
                         "(ClassificationHead params: mlp_<i>, prototypes_direction, prototypes_gain)")
     try:

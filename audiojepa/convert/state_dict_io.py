@@ -32,6 +32,14 @@ def nested_leaves(tree, prefix: tuple[str, ...] = ()):
             yield prefix + (str(key),), value
 
 
+def listed(names, limit: int = 20) -> str:
+    """The first `limit` of `names`, comma-separated, then "… (N in all)" when there are more: the exporters'
+    errors about params that have no name in the reference layout."""
+    names = list(names)
+    text = ", ".join(names[:limit])
+    return text + (f", … ({len(names)} in all)" if len(names) > limit else "")
+
+
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
     """{name: array} of `path`. A `.pth`/`.pt` is loaded with weights_only=True (plus argparse.Namespace, which
     MAE-style checkpoints hold); the state dict under a WRAPPER_KEYS key when there is one, nested dicts flattened,

@@ -51,7 +51,6 @@ float32). Frame features are not cached (`embedding_cache` holds clip embeddings
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import logging
 import math
@@ -134,22 +133,11 @@ def _read_csv(path: str, required: Sequence[str]) -> tuple[dict[str, int], list[
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} does not exist: an SED task folder holds {SPLITS_CSV} (filename,split) "
                                 f"and {EVENTS_CSV} (filename,onset,offset,label)")
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    if not rows:
-        raise ValueError(f"{path}: empty file; expected the header {','.join(required)}")
-    header = [h.strip() for h in rows[0]]
+    header, rows = tasks.read_csv_rows(path, expected_header=",".join(required))
     missing = [c for c in required if c not in header]
     if missing:
         raise ValueError(f"{path}: missing column(s) {missing} in header {header}; expected {','.join(required)}")
-    out = []
-    for line_number, row in enumerate(rows[1:], start=2):
-        if not any(cell.strip() for cell in row):
-            continue
-        where = f"{path}:{line_number}"
-        if len(row) != len(header):
-            raise ValueError(f"{where}: {len(row)} columns, the header has {len(header)}")
-        out.append((where, [cell.strip() for cell in row]))
+    out = [(f"{path}:{line_number}", row) for line_number, row in rows]
     return {name: header.index(name) for name in required}, out
 
 

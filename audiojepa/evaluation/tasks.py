@@ -306,13 +306,27 @@ def _header_check(path: str) -> None:
         raise audio_io.BadAudioError("empty", "no samples")
 
 
-def _folder_task(folder: str, *, sample_rate: int, verify_audio: str) -> Task:
-    csv_path = os.path.join(folder, LABELS_CSV)
-    with open(csv_path, newline="") as f:
+def read_csv_rows(path: str, *, expected_header: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """(header, [(line number, cells)]) of the CSV file at `path`: names and cells stripped, blank rows left out.
+    Errors name the file: an empty one (saying `expected_header`), a row whose column count is not the header's."""
+    with open(path, newline="") as f:
         rows = list(csv.reader(f))
     if not rows:
-        raise ValueError(f"{csv_path}: empty file; expected the header filename,label,split (or ...,fold)")
+        raise ValueError(f"{path}: empty file; expected the header {expected_header}")
     header = [h.strip() for h in rows[0]]
+    out = []
+    for line_number, row in enumerate(rows[1:], start=2):
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) != len(header):
+            raise ValueError(f"{path}:{line_number}: {len(row)} columns, the header has {len(header)}")
+        out.append((line_number, [cell.strip() for cell in row]))
+    return header, out
+
+
+def _folder_task(folder: str, *, sample_rate: int, verify_audio: str) -> Task:
+    csv_path = os.path.join(folder, LABELS_CSV)
+    header, rows = read_csv_rows(csv_path, expected_header="filename,label,split (or ...,fold)")
     missing = [c for c in ("filename", "label") if c not in header]
     split_columns = [c for c in ("split", "fold") if c in header]
     if missing or len(split_columns) != 1:
@@ -323,13 +337,9 @@ def _folder_task(folder: str, *, sample_rate: int, verify_audio: str) -> Task:
     col_file, col_label, col_split = header.index("filename"), header.index("label"), header.index(split_columns[0])
     parse_split = _parse_fold if split_columns[0] == "fold" else _parse_split
     clip_ids, labels, splits, paths, first_row = [], [], [], [], {}
-    for line_number, row in enumerate(rows[1:], start=2):
-        if not any(cell.strip() for cell in row):
-            continue
+    for line_number, row in rows:
         where = f"{csv_path}:{line_number}"
-        if len(row) != len(header):
-            raise ValueError(f"{where}: {len(row)} columns, the header has {len(header)}")
-        filename = row[col_file].strip()
+        filename = row[col_file]
         if not filename:
             raise ValueError(f"{where}: empty filename")
         if filename in first_row:

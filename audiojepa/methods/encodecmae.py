@@ -98,6 +98,7 @@ import numpy as np
 from flax import traverse_util
 from ml_collections import config_dict
 
+from audiojepa import config_utils
 from audiojepa.methods import encodecmae_loss
 from audiojepa.models import encodec, encodec_torch, encoder_layers
 from audiojepa.models import encodecmae as mae
@@ -267,12 +268,8 @@ class EncodecMAE:
     precomputed_kinds = ("encodec_targets",)  # also trains on tools/precompute_encodec_targets.py shards
 
     def __init__(self, model_config, *, input_shape, steps_per_epoch: int | None = None):
-        if isinstance(model_config, dict):
-            model_config = ml_collections.ConfigDict(model_config)
-        missing = [key for key in CONFIG_KEYS if key not in model_config]
-        if missing:
-            raise KeyError(f"config.model is missing {missing} for EncodecMAE; it needs all of {list(CONFIG_KEYS)} "
-                           "(reference values: audiojepa.methods.encodecmae.default_config()).")
+        model_config = config_utils.model_config_with_keys(model_config, CONFIG_KEYS, method="EncodecMAE",
+                                                           values="audiojepa.methods.encodecmae.default_config()")
         c = model_config
         self.config = c
         self.steps_per_epoch = steps_per_epoch

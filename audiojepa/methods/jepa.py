@@ -81,6 +81,7 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_dict
 
+from audiojepa import config_utils
 from audiojepa.methods.m2d import ema_update, linear_ema_decay
 from audiojepa.models import Predictor, ViTEncoder, checked_grid_size, encoder_layers
 from audiojepa.models.vit import (
@@ -179,12 +180,8 @@ class JEPA:
     """
 
     def __init__(self, model_config, *, input_shape: tuple[int, int], steps_per_epoch: int | None = None):
-        if isinstance(model_config, dict):
-            model_config = ml_collections.ConfigDict(model_config)
-        missing = [key for key in CONFIG_KEYS if key not in model_config]
-        if missing:
-            raise KeyError(f"config.model is missing {missing} for JEPA; it needs all of {list(CONFIG_KEYS)} "
-                           "(defaults: audiojepa.methods.jepa.default_config()).")
+        model_config = config_utils.model_config_with_keys(model_config, CONFIG_KEYS, method="JEPA",
+                                                           values="audiojepa.methods.jepa.default_config()")
         self.config = model_config
         self.masking = _choice(model_config, "masking", MASKINGS)
         self.target_domain = _choice(model_config, "target_domain", TARGET_DOMAINS)

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_dict
 
+from audiojepa import config_utils
 from audiojepa.models import (
     Predictor,
     TransformerStack,
@@ -124,12 +125,8 @@ class M2D:
     num_prefix_tokens = 1  # `encode` outputs CLS first, then the patch tokens
 
     def __init__(self, model_config, *, input_shape: tuple[int, int], steps_per_epoch: int | None = None):
-        if isinstance(model_config, dict):
-            model_config = ml_collections.ConfigDict(model_config)
-        missing = [key for key in CONFIG_KEYS if key not in model_config]
-        if missing:
-            raise KeyError(f"config.model is missing {missing} for M2D; it needs all of {list(CONFIG_KEYS)} "
-                           "(official values: audiojepa.methods.m2d.default_config()).")
+        model_config = config_utils.model_config_with_keys(model_config, CONFIG_KEYS, method="M2D",
+                                                           values="audiojepa.methods.m2d.default_config()")
         if model_config.loss_type not in LOSS_TYPES:
             raise ValueError(f"config.model.loss_type={model_config.loss_type!r}; valid: {LOSS_TYPES}.")
         self.config = model_config

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from audiojepa import config_utils
 from audiojepa.methods import m2d
 from audiojepa.models import as_dtype
 from audiojepa.models.cls_head import ClassificationHead
@@ -79,12 +80,8 @@ class MATPAC(m2d.M2D):
     teacher-temperature warm-up from epochs to steps (the trainer passes it; encoding needs none)."""
 
     def __init__(self, model_config, *, input_shape: tuple[int, int], steps_per_epoch: int | None = None):
-        if isinstance(model_config, dict):
-            model_config = ml_collections.ConfigDict(model_config)
-        missing = [key for key in HEAD_CONFIG_KEYS if key not in model_config]
-        if missing:
-            raise KeyError(f"config.model is missing {missing} for MATPAC; it needs M2D's keys and "
-                           f"{list(HEAD_CONFIG_KEYS)} (values: audiojepa.methods.matpac.default_config()).")
+        model_config = config_utils.model_config_with_keys(  # then M2D's keys, checked by M2D
+            model_config, HEAD_CONFIG_KEYS, method="MATPAC", values="audiojepa.methods.matpac.default_config()")
         super().__init__(model_config, input_shape=input_shape, steps_per_epoch=steps_per_epoch)
         c = model_config
         if c.center_from not in distillation.CENTER_SOURCES:
