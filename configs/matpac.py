@@ -59,7 +59,7 @@ runlocal, 80x208 crops, lr 1e-3 and eps 1e-8 as M2D's runlocal in both recipes):
   (measured: linear probe 74.8 +- 1.3, kNN 60.1; random init 58.0 / 36.1; log-mel 42.2 / 51.4).
   Before the stacked block params changed the init draws: loss 1.53 at step 1500 (loss_cls 2.88),
   ~37 prototypes, linear 76.2 +- 3.2, kNN 60.1.
-  `:runlocal` (recipe=paper: logit centre, learned tables, frozen gain) is checked only by the 40-step run
+  `:runlocal` (recipe=paper: logit centre, learned tables, frozen gain) is checked only by the 20-step run
   of tests/test_matpac.py (no collapse: tens of prototypes in use); its full run is not measured yet.
 
 Small run on a few hours of real audio (`:small`: as M2D's `:small`, tiny ViT, batch 32, lr 1e-3, EMA 0.999 ->
