@@ -85,7 +85,8 @@ def run_config(method: str, *, batch_size: int, seed: int = 0) -> ml_collections
         "async_checkpoints": True,
         "nonfinite_policy": "stop",  # NaN/Inf loss: "stop" the run, or "skip" the batch and go on
         "allow_resume_changes": False,  # True: resume even if method, seed, batch, model or input changed
-        # Start from weights (audiojepa/training/init_from.py): an export, a workdir, or an official .pth/.npz/.safetensors;
+        # Start from weights (audiojepa/training/init_from.py): an export, a workdir, or an official
+        # .pth/.npz/.safetensors;
         # ignored when the workdir already has a checkpoint.
         "init_from": config_dict.placeholder(str),
         "tensorboard": True,

@@ -75,7 +75,7 @@ def params_to_state_dict(params: Mapping, target_params: Mapping | None = None, 
     The EnCodec copy {"encoder", "codebooks"} is params["encodec"] or target_params["encodec"] (exactly one).
 
     Returns:
-        {reference name: float32 C-contiguous array}, in v1's module order. A shared _FFN_TO_REF is one array under every
+        {reference name: float32 C-contiguous array}, in v1's module order. A shared FFN is one array under every
         layer's name, as the reference's state dict repeats its one module.
 
     Raises:
@@ -184,7 +184,7 @@ def _mae_tensors(path: tuple[str, ...], value: np.ndarray, model: Mapping, num_h
     if top not in _STACKS_TO_REF or not rest:
         return None
     stack = _STACKS_TO_REF[top]
-    if rest[0] == "ffn":  # share_ffn: v1 hands the one _FFN_TO_REF module to every layer
+    if rest[0] == "ffn":  # share_ffn: v1 hands the one FFN module to every layer
         names = _ffn_names(rest[1:], [f"{stack}.encoder_layers.{i}." for i in range(_depth(model[top]))])
         converted = _torch_layout(rest[-1], value)
         return [(name, converted) for name in names] if names else None

@@ -1,8 +1,8 @@
 """`config.data` -> the `pipeline.DataSpec` a run reads: shards (a folder, glob, file list, gs:// URL, or the
 embedded corpus, generated on first use), the front end, the crop and the normalisation statistics.
 
-Above the pipeline and the embedded corpus in the import graph: it is the one place that may generate the
-corpus, so that neither of them imports the other's caller."""
+Above the pipeline and the embedded corpus in the import graph (the corpus's statistics are measured through the
+pipeline, so the pipeline cannot be the module that generates the corpus for a config)."""
 
 from __future__ import annotations
 

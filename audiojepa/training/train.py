@@ -145,7 +145,8 @@ def init_train_state(method, optim_config, schedule, rng) -> dict:
 
 
 def _state_from_weights(path: str, method, tx, state: dict, rng, sharding) -> dict:
-    """`state` (step 0) with its params and target from `path` (audiojepa.training.init_from) and a fresh optimizer state."""
+    """`state` (step 0) with its params and target from `path` (audiojepa.training.init_from) and a fresh optimizer
+    state."""
     # Replicated: every process holds the whole value (its first local shard), and reads the same source.
     host = jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data),
                         {"params": state["params"], "target_params": state["target_params"]})
@@ -176,7 +177,8 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None, n
     Args:
       config: an ml_collections ConfigDict (see configs/).
       workdir: where checkpoints, metrics.jsonl, TensorBoard logs and config.json go: a local path (every process
-        of a multi-host run must see it) or a gs:// URL (audiojepa.runtime.storage; no run lock there, see workdir_lock).
+        of a multi-host run must see it) or a gs:// URL (audiojepa.runtime.storage; no run lock there, see
+        workdir_lock).
       stop_after: leave the loop (with a checkpoint) after this step, as a pre-empted job would.
       num_devices: use only the first N local devices (single process; tests and benchmarks).
 
@@ -220,7 +222,8 @@ def workdir_lock(workdir: str):
     if jax.process_index() != 0:
         return contextlib.nullcontext()
     if storage.is_url(workdir):
-        logging.warning("workdir %s is on an object store: no run lock is taken there (audiojepa.training.train.workdir_lock); "
+        logging.warning("workdir %s is on an object store: no run lock is taken there "
+                        "(audiojepa.training.train.workdir_lock); "
                         "make sure no other run uses this workdir", workdir)
         return contextlib.nullcontext()
     path = os.path.join(workdir, LOCK_FILE)
@@ -229,7 +232,8 @@ def workdir_lock(workdir: str):
         "resumed run takes the lock again), or give another --workdir"))
 
 
-def _train_on_mesh(config, workdir: str, mesh, *, stop_after: int | None, run_progress: run_summary.RunProgress) -> dict:
+def _train_on_mesh(config, workdir: str, mesh, *, stop_after: int | None,
+                   run_progress: run_summary.RunProgress) -> dict:
     """train_and_evaluate's body, run inside `jax.set_mesh(mesh)`; keeps `run_progress` up to date."""
     method_cls = methods.get_method(config.method)  # fail on an unknown method before touching data
     profile_window = profiling.parse_profile_steps(config.get("profile_steps"))  # fail now, naming the key
