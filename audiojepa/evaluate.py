@@ -15,7 +15,9 @@ at lr 1e-3, plus kNN). `--lr`, `--seeds`, `--probe_batch_size` and `--unit_sec` 
 `--encoder` is an exported encoder, a training workdir (latest checkpoint), `logmel` (the log-mel
 baseline) or `random:<config>` (that config's encoder at random init). With `--baselines` (the
 default) the log-mel baseline and the same architecture at random init are evaluated too, so the
-report shows the floor. Writes OUTPUT/results.json (`{task: {"linear": {"mean", "ci95", "metric", "lr",
+report shows the floors; every report also gives each task's majority-class score (always answering the most
+frequent training label: `evaluation.tasks.majority_class`), the floor of a task whose test split is unbalanced.
+Writes OUTPUT/results.json (`{task: {"linear": {"mean", "ci95", "metric", "lr",
 "validation", ...}, "knn": {"mean", "metric"} or null, "protocol": {every resolved value, the task's
 unit_sec}}}` for --encoder), all_results.json, results.md and one PNG per task. The JSON files are strict JSON:
 a one-seed run's `ci95` and `std` are null.
@@ -340,6 +342,7 @@ def run(encoder_spec: str, task_specs: list[str], output_dir: str, *, baselines:
             else:
                 results.setdefault(embedder.name, {})[task.name] = result
         del embedder
+    majority = {task.name: tasks.majority_class(task) for task in loaded if not isinstance(task, sed.SedTask)}
     for task in loaded:
         skipped[task.name] = task.skipped
         if task.skipped:
@@ -351,7 +354,7 @@ def run(encoder_spec: str, task_specs: list[str], output_dir: str, *, baselines:
     main_name = main_rows[-1] if main_rows else step_rows[-1][1] if step_rows else main.name
     table = report.write_report(output_dir, main_name, results,
                                 extra={"skipped": skipped, "protocol": protocol.as_record(), "layer": layer,
-                                       "steps": step_list},
+                                       "steps": step_list, "majority_class": majority},
                                 protocol=protocol, main_rows=main_rows, step_rows=step_rows)
     print(table, flush=True)
     return results

@@ -75,6 +75,10 @@ def test_evaluate_cli_writes_the_report(random_export, tmp_path):
     # Low vs high tones are separable from the log-mel alone.
     assert everything["logmel"]["tones"]["knn"]["mean"] == 1.0
     assert (out / "tones.png").exists() and "| tones |" in (out / "results.md").read_text()
+    # Train holds 10 "high" and 10 "low" (a tie: the first name), test 4 of each.
+    assert json.loads((out / "all_results.json").read_text())["majority_class"] == {
+        "tones": {"label": "high", "accuracy": 0.5, "test_clips": 8}}
+    assert "- tones: always 'high': 50.0% of 8 test clips" in (out / "results.md").read_text()
     assert "| tones |" in result.stdout
 
 

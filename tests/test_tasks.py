@@ -77,6 +77,37 @@ def test_multilabel_folder(tmp_path):
     assert multi_hot.tolist() == [[1, 0, 1], [1, 0, 0], [0, 1, 1], [0, 1, 1], [1, 0, 0]]
 
 
+def test_majority_class_accuracy_of_fixed_splits_predicts_the_most_frequent_training_label():
+    # train: dog 3, cat 2 (valid's cats do not count); test: dog 1, cat 2, bird 1 -> "dog" is right on 1 of 4.
+    rows = [("d1.wav", "dog", "train"), ("d2.wav", "dog", "train"), ("d3.wav", "dog", "train"),
+            ("c1.wav", "cat", "train"), ("c2.wav", "cat", "train"), ("c3.wav", "cat", "valid"),
+            ("c4.wav", "cat", "valid"), ("c5.wav", "cat", "test"), ("c6.wav", "cat", "test"),
+            ("d4.wav", "dog", "test"), ("b1.wav", "bird", "train"), ("b2.wav", "bird", "test")]
+    task = tasks.Task(name="pets", clip_ids=[r[0] for r in rows], labels=[[r[1]] for r in rows],
+                      splits=np.array([r[2] for r in rows]), multilabel=False, classes=["bird", "cat", "dog"],
+                      skipped=[])
+    assert tasks.majority_class(task) == {"label": "dog", "accuracy": 0.25, "test_clips": 4}
+
+
+def test_majority_class_of_folds_is_the_mean_over_held_out_folds_and_ties_go_to_the_first_name():
+    # fold 1 held out: folds 2+3 hold a x2, b x2 (a tie: "a"), fold 1 is [a, b, b] -> 1/3.
+    # fold 2 held out: folds 1+3 hold a x2, b x3 -> "b"; fold 2 is [a, a] -> 0.
+    # fold 3 held out: folds 1+2 hold a x3, b x2 -> "a"; fold 3 is [a, b, b] -> 1/3.
+    labels = ["a", "b", "b", "a", "a", "a", "b", "b"]
+    folds = [1, 1, 1, 2, 2, 3, 3, 3]
+    task = tasks.Task(name="f", clip_ids=[str(i) for i in range(8)], labels=[[x] for x in labels],
+                      splits=np.array(folds, dtype=np.int64), multilabel=False, classes=["a", "b"], skipped=[])
+    result = tasks.majority_class(task)
+    assert result["label"] is None and result["test_clips"] == 8
+    assert result["accuracy"] == pytest.approx((1 / 3 + 0 + 1 / 3) / 3, abs=1e-12)
+
+
+def test_a_multilabel_task_has_no_majority_class():
+    task = tasks.Task(name="m", clip_ids=["x", "y"], labels=[["a", "b"], ["a"]], splits=np.array(["train", "test"]),
+                      multilabel=True, classes=["a", "b"], skipped=[])
+    assert tasks.majority_class(task) is None
+
+
 def test_missing_labels_csv(tmp_path):
     (tmp_path / "empty_task").mkdir()
     with pytest.raises(FileNotFoundError, match="labels.csv"):

@@ -190,6 +190,17 @@ def protocol_lines(protocol, results: dict[str, dict[str, dict]]) -> list[str]:
     return lines
 
 
+def majority_lines(majority: dict[str, dict | None]) -> list[str]:
+    """One line per task of `{task: tasks.majority_class(...)}`: the score of always answering the most frequent
+    training label (a multi-label task, None, has none)."""
+    lines = []
+    for task, m in sorted(majority.items()):
+        if m is not None:
+            answer = f"always {m['label']!r}" if m["label"] is not None else "the training folds' most frequent label"
+            lines.append(f"- {task}: {answer}: {100 * m['accuracy']:.1f}% of {m['test_clips']} test clips")
+    return lines
+
+
 def bar_chart(task: str, results: dict[str, dict[str, dict]], path: str) -> str:
     """One PNG per task: linear probe (with its 95% interval over seeds) and kNN for each encoder."""
     import matplotlib
@@ -224,7 +235,8 @@ def bar_chart(task: str, results: dict[str, dict[str, dict]], path: str) -> str:
 def write_report(output_dir: str, main_name: str, results: dict[str, dict[str, dict]], extra: dict | None = None,
                  protocol=None, main_rows: list[str] | None = None, step_rows: list[tuple[int, str]] | None = None):
     """Writes results.json (the main encoder's {task: {...}}), all_results.json, results.md and PNGs; with a
-    `protocol` (protocols.Protocol) the table is followed by its values and each task's crop and validation.
+    `protocol` (protocols.Protocol) the table is followed by its values and each task's crop and validation, and
+    with `extra["majority_class"]` ({task: tasks.majority_class(...)}) by each task's majority-class score.
 
     `main_rows`: the main encoder's rows when it was evaluated at every layer (layer 0 first; `main_name` is
     then the last one): results.json is `every_layer_results` and results.md names each task's best layer.
@@ -248,6 +260,10 @@ def write_report(output_dir: str, main_name: str, results: dict[str, dict[str, d
     if step_rows:
         table += "\n\nScores by checkpoint (scores_by_step.png):\n" + step_table(main_results)
         step_chart(main_results, os.path.join(output_dir, "scores_by_step.png"))
+    majority = (extra or {}).get("majority_class")
+    if majority and majority_lines(majority):
+        table += ("\n\nMajority class (answering the most frequent training label; a probe at or under it has "
+                  "learnt nothing):\n" + "\n".join(majority_lines(majority)))
     if protocol is not None:
         table += "\n\n" + "\n".join(protocol_lines(protocol, {main_name: results[main_name]}))
     with open(os.path.join(output_dir, "results.md"), "w") as f:

@@ -119,6 +119,30 @@ class Task:
         return multi_hot
 
 
+def majority_class(task: Task) -> dict | None:
+    """The score of always answering the most frequent training label: the floor below which a probe has learnt
+    nothing (on an unbalanced test split it can be far above 1 / classes).
+
+    Fixed splits: the most frequent label of `train` (ties: the first in `classes`), scored on `test`.
+    Folds: the same with each fold held out in turn against all the others, accuracy averaged over folds (label
+    None, as it may differ per fold). Returns {"label", "accuracy" (0-1), "test_clips"}; None for a multi-label
+    task (no single answer to count).
+    """
+    if task.multilabel:
+        return None
+    labels = task.label_array()
+    held_out = sorted(set(task.splits.tolist())) if task.is_folds else ["test"]
+    accuracies, answers = [], []
+    for test in held_out:
+        train = task.splits != test if task.is_folds else task.splits == "train"
+        answer = int(np.argmax(np.bincount(labels[train], minlength=len(task.classes))))  # first of ties
+        accuracies.append(float(np.mean(labels[task.splits == test] == answer)))
+        answers.append(answer)
+    test_clips = len(labels) if task.is_folds else int(np.sum(task.splits == "test"))
+    label = None if task.is_folds else task.classes[answers[0]]
+    return {"label": label, "accuracy": float(np.mean(accuracies)), "test_clips": test_clips}
+
+
 def load_task(spec: str, *, sample_rate: int, verify_audio: str = "decode") -> Task:
     """Reads the task named by `spec` (see the module docstring); audio is checked at `sample_rate` Hz."""
     if verify_audio not in VERIFY_MODES:
