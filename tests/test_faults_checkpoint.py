@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import gc
 import glob
+import json
 import logging
 import os
 import subprocess
@@ -217,8 +218,31 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capl
     assert_trees_equal(state, states[1])
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert any("checkpoint 2" in w and "damaged" in w and "using checkpoint 1" in w for w in warnings), warnings
-    if damage is flip_bytes:  # Orbax reads these bytes back without an error: only the digests catch them
-        assert any("differ from their saved digests" in w for w in warnings), warnings
+    # Flipped bytes are caught by TensorStore itself where it compresses (zstd, tensorstore >= 0.1.8x) and by the
+    # digests where it reads them back silently (older versions): the next test covers the digests alone.
+    assert os.path.isdir(os.path.join(checkpointing.checkpoint_dir(workdir), "2"))
+
+
+def test_state_that_reads_back_but_differs_from_its_digests_falls_back(tmp_path, caplog):
+    """Silent corruption (data that decodes without an error but is not what was saved), simulated by saving
+    step 2's digest of params/w with one hex digit changed: the digests catch it, the restore gives step 1."""
+    workdir = str(tmp_path / "run")
+    states = save_steps_1_and_2(workdir)
+    meta_file = os.path.join(checkpointing.checkpoint_dir(workdir), "2", "meta", "metadata")
+    with open(meta_file) as f:
+        meta = json.load(f)
+    digest = meta[checkpointing.DIGESTS_KEY]["params/w"]
+    meta[checkpointing.DIGESTS_KEY]["params/w"] = digest[:-1] + ("0" if digest[-1] != "0" else "1")
+    with open(meta_file, "w") as f:
+        json.dump(meta, f)
+    with caplog.at_level(logging.WARNING):
+        (step, state, meta), manager = restore_latest(workdir, states[2])
+    manager.close()
+    assert step == 1 and meta["step"] == 1
+    assert_trees_equal(state, states[1])
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("checkpoint 2" in w and "differ from their saved digests" in w and "params/w" in w
+               and "using checkpoint 1" in w for w in warnings), warnings
     assert os.path.isdir(os.path.join(checkpointing.checkpoint_dir(workdir), "2"))
 
 
