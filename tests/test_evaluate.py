@@ -80,6 +80,8 @@ def test_evaluate_cli_writes_the_report(random_export, tmp_path):
         "tones": {"label": "high", "accuracy": 0.5, "test_clips": 8}}
     assert "- tones: always 'high': 50.0% of 8 test clips" in (out / "results.md").read_text()
     assert "| tones |" in result.stdout
+    # kNN cells carry Wilson's interval over the 8 test clips: 8 of 8 right for the log-mel -> [67.6, 100.0].
+    assert "| tones | logmel |" in result.stdout and "100.0 [67.6, 100.0] accuracy |" in result.stdout
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 import math
 
 import numpy as np
+import scipy.stats
 import pytest
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score
@@ -193,6 +194,37 @@ def test_confidence_interval_formula():
     expected = t_975_2dof * np.std(scores, ddof=1) / math.sqrt(3)
     assert probes.confidence_interval_95(scores) == pytest.approx(expected, rel=1e-9)
     assert math.isnan(probes.confidence_interval_95([0.8]))
+
+
+@pytest.mark.parametrize("correct, n", [(26, 45), (0, 12), (78, 78), (40, 78), (1, 1)])
+def test_wilson_interval_matches_scipy(correct, n):
+    expected = scipy.stats.binomtest(correct, n).proportion_ci(confidence_level=0.95, method="wilson")
+    lo, hi = probes.wilson_interval_95(correct, n)
+    assert (lo, hi) == pytest.approx((expected.low, expected.high), abs=1e-12)
+
+
+def test_knn_accuracy_carries_the_test_set_interval():
+    """A fixed split scores one test set: the interval is Wilson's over its clips. kNN on 1-d points whose
+    nearest training clips give a known count of right answers (here 7 of 10)."""
+    x_train = np.array([[1.0, 0.0]] * 10 + [[0.0, 1.0]] * 10)
+    y_train = np.array([0] * 10 + [1] * 10)
+    x_test = np.array([[1.0, 0.0]] * 5 + [[0.0, 1.0]] * 5)
+    y_test = np.array([0] * 5 + [1, 1, 0, 0, 0])  # class-0 clips that look like class 1: 3 wrong
+    x = np.concatenate([x_train, x_test]).astype(np.float32)
+    y = np.concatenate([y_train, y_test])
+    splits = np.array(["train"] * 20 + ["test"] * 10)
+    result = probes.evaluate_task(x, y, splits, multilabel=False, num_classes=2, run_linear=False)
+    assert result["knn"]["mean"] == pytest.approx(0.7)
+    expected = scipy.stats.binomtest(7, 10).proportion_ci(confidence_level=0.95, method="wilson")
+    assert result["knn"]["test_interval95"] == pytest.approx([expected.low, expected.high], abs=1e-12)
+    assert result["knn"]["test_clips"] == 10
+
+
+def test_multilabel_knn_has_no_binomial_interval():
+    x, y = multilabel_data(200, 4, 8, seed=3)
+    splits = np.array(["train"] * 160 + ["test"] * 40)
+    result = probes.evaluate_task(x, y, splits, multilabel=True, num_classes=4, run_linear=False)
+    assert "test_interval95" not in result["knn"]
 
 
 class RecordingProbes:

@@ -44,12 +44,25 @@ def _linear_cell(linear: dict | None) -> str:
     return f"{100 * linear['mean']:.1f} {linear['metric']} ({why}){frames}"
 
 
+def _knn_cell(knn: dict | None) -> str:
+    """"64.4 [49.8, 76.8] accuracy": the score and Wilson's interval over the test clips where there is one."""
+    if knn is None:
+        return "–"
+    if not _finite(knn.get("mean")):
+        return f"n/a {knn['metric']}"
+    interval = knn.get("test_interval95")
+    span = f" [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]" if interval else ""
+    return f"{100 * knn['mean']:.1f}{span} {knn['metric']}"
+
+
 def markdown_table(results: dict[str, dict[str, dict]], knn_k: int = 10) -> str:
     """results: {encoder_name: {task_name: {"linear": {...} | None, "knn": {...} | None}}} -> a markdown table.
 
-    A probe the protocol did not run shows as "–"; a one-seed linear probe, which has no interval, "(1 seed)"."""
-    # The interval is over the probe's seeds (the test set is fixed), not the test set's sampling error.
-    lines = [f"| task | encoder | linear probe (± 95% over seeds) | kNN (k={knn_k}) |", "|---|---|---:|---:|"]
+    A probe the protocol did not run shows as "–"; a one-seed linear probe, which has no interval, "(1 seed)".
+    The linear probe's interval is over the probe's seeds (the test set is fixed); kNN, which has no seed, shows
+    the test set's own sampling error: Wilson's 95% interval over its clips (accuracy only)."""
+    lines = [f"| task | encoder | linear probe (± 95% over seeds) | kNN (k={knn_k}) [95% over test clips] |",
+             "|---|---|---:|---:|"]
     tasks = sorted({t for per_task in results.values() for t in per_task})
     for task in tasks:
         for encoder_name, per_task in results.items():
@@ -57,8 +70,7 @@ def markdown_table(results: dict[str, dict[str, dict]], knn_k: int = 10) -> str:
                 continue
             linear, knn = per_task[task].get("linear"), per_task[task].get("knn")
             linear_cell = _linear_cell(linear)
-            knn_cell = ("–" if knn is None else f"{100 * knn['mean']:.1f} {knn['metric']}" if _finite(knn.get("mean"))
-                        else f"n/a {knn['metric']}")
+            knn_cell = _knn_cell(knn)
             lines.append(f"| {task} | {encoder_name} | {linear_cell} | {knn_cell} |")
     return "\n".join(lines)
 
