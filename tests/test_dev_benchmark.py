@@ -208,6 +208,40 @@ def test_build_is_deterministic_disjoint_and_split_by_source(tool, fake_cache, t
         assert not set(t["groups"]["train"]) & set(t["groups"]["test"])
 
 
+def test_fold_twins_test_every_clip_once_with_no_source_group_in_two_folds(tool, fake_cache, tmp_path):
+    """tasks/<task>_folds: the same clips (read from ../<task>/audio), a fold per source group, so that
+    leave-one-fold-out scores every clip once, on a source it never trained on."""
+    from audiojepa.evaluation import tasks as task_lib
+
+    out = str(tmp_path / "b")
+    summary = tool.build(out, fake_cache, seed=0, log=lambda *_: None)
+    group_rules = [(r[1], r[2]) for r in tool.TASK_RULES]
+    for task in summary["tasks"]:
+        split_rows = _labels(os.path.join(out, "tasks", task))[1:]
+        fold_rows = _labels(os.path.join(out, "tasks", f"{task}_folds"))
+        assert fold_rows[0] == ["filename", "label", "fold"]
+        assert sorted((f, label) for f, label, _ in fold_rows[1:]) == sorted(
+            (f"../{task}/{f}", label) for f, label, _ in split_rows)
+        fold_of_group = {}
+        for filename, label, fold in fold_rows[1:]:
+            package, rel = filename[len(f"../{task}/audio/"):].split("/", 1)
+            group = next(re.search(rx, rel).group("group") for p, rx in group_rules
+                         if p == package and re.search(rx, rel))
+            key = group if task in tool.SHARED_SPLIT_TASKS else (label, group)
+            assert fold_of_group.setdefault(key, fold) == fold, (task, key)  # a group in one fold only
+        folds = sorted({int(fold) for _, _, fold in fold_rows[1:]})
+        recorded = summary["tasks"][task]["folds"]
+        assert folds == list(range(1, recorded["count"] + 1))
+        assert 2 <= recorded["count"] <= tool.FOLDS
+        # every label is in at least two folds, so holding out any fold leaves it in training
+        labels = {label for _, label, _ in fold_rows[1:]}
+        for label in labels:
+            assert len({fold for _, l, fold in fold_rows[1:] if l == label}) >= 2, (task, label)
+        loaded = task_lib.load_task(os.path.join(out, "tasks", f"{task}_folds"), sample_rate=SR,
+                                    verify_audio="header")
+        assert loaded.is_folds and len(loaded) == len(split_rows) and not loaded.skipped
+
+
 def test_skipped_files_are_listed(tool, fake_cache, tmp_path):
     summary = tool.build(str(tmp_path / "b"), fake_cache, log=lambda *_: None)
     skipped = {(s["package"], s["path"].rsplit("/", 1)[1]): s["reason"] for s in summary["skipped"]}

@@ -16,6 +16,9 @@ It writes
                                               to tools/make_shards.py --input
     OUTPUT/tasks/<task>/labels.csv            filename,label,split (train/valid/test), filename relative to the task
     OUTPUT/tasks/<task>/audio/<package>/<path>
+    OUTPUT/tasks/<task>_folds/labels.csv      the same clips (filename ../<task>/audio/...), filename,label,fold:
+                                              up to 5 folds of whole source groups; leave-one-fold-out scores
+                                              every clip, so differences of a few points can be told from noise
     OUTPUT/benchmark.json                     packages and versions, the rules below, the split of every source
                                               group, counts and hours, the files skipped and why
 

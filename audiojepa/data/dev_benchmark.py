@@ -3,7 +3,9 @@ has the command, the packages and what it writes).
 
 An unlabelled corpus and labelled task folders from audio that Debian packages ship, unpacked into a cache. Labels
 come from file paths through `TASK_RULES`, `CORPUS_RULES` and `EXCLUDED`; whole source groups go to train / valid /
-test (`assign_splits`), so no recording, voice or sample family is on both sides of a split; `build` is a
+test (`assign_splits`), so no recording, voice or sample family is on both sides of a split. Each task has a
+`<task>_folds` twin over the same clips, one fold per set of source groups (`assign_folds`): leave-one-fold-out
+tests every clip once, so its scores rest on all the clips, not on a test split of 11-78. `build` is a
 deterministic function of the packages and the seed.
 """
 
@@ -32,6 +34,7 @@ SAMPLE_RATE = 16000  # Hz, only to check that a file decodes and to measure its 
 VERSION_FILE = ".deb-version"  # written next to an unpacked package: the .deb's Version field
 ARCHIVE_EXTENSIONS = (".pk3",)  # zip archives (Quake 3 engine data) whose members are listed as files
 SPLIT_FRACTIONS = {"valid": 0.2, "test": 0.2}  # of each label's source groups; the rest is train
+FOLDS = 5  # of a task's `_folds` twin, at most (fewer where a label, or a shared-split task, has fewer groups)
 
 _LMMS = "usr/share/lmms/samples/"
 _OA = "usr/share/games/openarena/"
@@ -280,6 +283,25 @@ def assign_splits(groups_by_label: dict[str, list[str]], seed: int, task: str) -
     return split_of
 
 
+def assign_folds(groups_by_label: dict[str, list[str]], seed: int, task: str) -> tuple[dict[str, int], int]:
+    """(group -> fold 1..k, k) for a task's `_folds` twin: k = FOLDS, or fewer when no label (a task of
+    SHARED_SPLIT_TASKS: no task) has that many groups. Each label's sorted groups are shuffled (seeded with
+    (seed, task, label, "folds")) and dealt round-robin, continuing from the previous label's last fold so that
+    folds stay near one size; a label with two or more groups is thus in two or more folds, and in training
+    whichever fold is held out."""
+    if task in SHARED_SPLIT_TASKS:
+        groups_by_label = {"*": sorted({g for groups in groups_by_label.values() for g in groups})}
+    count = min(FOLDS, max(len(groups) for groups in groups_by_label.values()))
+    fold_of, dealt = {}, 0
+    for label in sorted(groups_by_label):
+        groups = sorted(groups_by_label[label])
+        random.Random(f"{seed}/{task}/{label}/folds").shuffle(groups)
+        for group in groups:
+            fold_of[group] = 1 + dealt % count
+            dealt += 1
+    return fold_of, count
+
+
 def build(output: str, cache: str, seed: int = 0, packages=PACKAGES, log=logging.info) -> dict:
     """Writes the corpus, the task folders and benchmark.json under `output`; returns the benchmark.json dict."""
     check_packages(cache, packages)
@@ -353,17 +375,30 @@ def build(output: str, cache: str, seed: int = 0, packages=PACKAGES, log=logging
             if label in kept:
                 filename = f"audio/{package}/{rel}"
                 _copy(cache, package, rel, os.path.join(task_dir, filename))
-                rows.append((filename, label, split_of[group]))
+                rows.append((filename, label, split_of[group], group))
         rows.sort()
+        row_groups = [row[3] for row in rows]
+        rows = [row[:3] for row in rows]
         with open(os.path.join(task_dir, "labels.csv"), "w", newline="") as f:
             writer = csv.writer(f, lineterminator="\n")
             writer.writerow(("filename", "label", "split"))
             writer.writerows(rows)
+        fold_of, fold_count = assign_folds(kept, seed, task)
+        fold_rows = sorted((f"../{task}/{filename}", label, fold_of[group])
+                           for (filename, label, _), group in zip(rows, row_groups))
+        os.makedirs(os.path.join(output, "tasks", f"{task}_folds"))
+        with open(os.path.join(output, "tasks", f"{task}_folds", "labels.csv"), "w", newline="") as f:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(("filename", "label", "fold"))
+            writer.writerows(fold_rows)
         clips = collections.Counter((split, label) for _, label, split in rows)
         summary["tasks"][task] = {
             "clips": len(rows), "dropped_labels": dropped,
             "counts": {s: {label: clips[(s, label)] for label in sorted(kept)} for s in ("train", "valid", "test")},
-            "groups": {s: sorted(g for g, gs in split_of.items() if gs == s) for s in ("train", "valid", "test")}}
+            "groups": {s: sorted(g for g, gs in split_of.items() if gs == s) for s in ("train", "valid", "test")},
+            "folds": {"folder": f"{task}_folds", "count": fold_count,
+                      "groups": {str(k): sorted(g for g, fk in fold_of.items() if fk == k)
+                                 for k in range(1, fold_count + 1)}}}
 
     with open(os.path.join(output, "benchmark.json"), "w") as f:
         json.dump(summary, f, indent=1, sort_keys=True)
@@ -387,6 +422,7 @@ def _print_summary(summary, log):
                                                   if t["dropped_labels"] else ""))
         for split, by_label in t["counts"].items():
             log(f"  {split:5s} " + "  ".join(f"{label}={n}" for label, n in by_label.items()))
+        log(f"  and {t['folds']['folder']}: the same clips in {t['folds']['count']} folds of source groups")
     log(f"skipped {len(summary['skipped'])} files that do not decode" + "".join(
         f"\n  {s['package']}/{s['path']}: {s['reason']} {s['detail']}" for s in summary["skipped"]))
     log(f"excluded {len(summary['excluded_files'])} files kept aside (EXCLUDED)")
