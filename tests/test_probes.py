@@ -220,6 +220,26 @@ def test_knn_accuracy_carries_the_test_set_interval():
     assert result["knn"]["test_clips"] == 10
 
 
+def test_fold_tasks_carry_an_interval_around_the_mean_of_their_folds():
+    """Folds score the mean of per-fold accuracies; its interval (NumPy transcription of Agresti-Coull per fold,
+    normal approximation of the mean) is centred on that mean, not on the pooled accuracy."""
+    z = 1.959963984540054
+    correct, sizes = np.array([3, 10, 0]), np.array([10, 10, 5])
+    mean = np.mean(correct / sizes)
+    n_adj = sizes + z ** 2
+    p_adj = (correct + z ** 2 / 2) / n_adj
+    half = z * np.sqrt(np.sum(p_adj * (1 - p_adj) / n_adj)) / 3
+    lo, hi = probes.fold_mean_interval_95(correct, sizes)
+    assert (lo, hi) == pytest.approx((max(0, mean - half), min(1, mean + half)), abs=1e-12)
+    assert lo < mean < hi
+
+    x, y = gaussian_blobs(3, 20, 4, 1.0, seed=1)
+    folds = np.arange(60) % 3
+    result = probes.evaluate_task(x, y, folds, multilabel=False, num_classes=3, run_linear=False)
+    low, high = result["knn"]["test_interval95"]
+    assert low <= result["knn"]["mean"] <= high and result["knn"]["test_clips"] == 60
+
+
 def test_multilabel_knn_has_no_binomial_interval():
     x, y = multilabel_data(200, 4, 8, seed=3)
     splits = np.array(["train"] * 160 + ["test"] * 40)

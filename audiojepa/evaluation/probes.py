@@ -612,6 +612,21 @@ def wilson_interval_95(correct: int, n: int) -> tuple[float, float]:
     return centre - half, centre + half
 
 
+def fold_mean_interval_95(correct, sizes) -> tuple[float, float]:
+    """95 % interval of the mean over folds of per-fold accuracies `correct[i] / sizes[i]` (disjoint test folds).
+
+    Normal approximation with Agresti-Coull's adjusted counts per fold (c + z²/2 of n + z², so that a fold at
+    0 % or 100 % still has a spread): mean ± z √(Σ p̃(1 - p̃) / ñ) / K, clipped to [0, 1]. The centre is the
+    plain mean of the folds' accuracies, the score reported."""
+    z = float(scipy.stats.norm.ppf(0.975))
+    correct, sizes = np.asarray(correct, np.float64), np.asarray(sizes, np.float64)
+    mean = float(np.mean(correct / sizes))
+    adjusted_n = sizes + z * z
+    adjusted_p = (correct + z * z / 2) / adjusted_n
+    half = z * math.sqrt(float(np.sum(adjusted_p * (1 - adjusted_p) / adjusted_n))) / len(sizes)
+    return max(0.0, mean - half), min(1.0, mean + half)
+
+
 def _class_counts(labels: np.ndarray, idx: np.ndarray, multilabel: bool, num_classes: int):
     if multilabel:
         return labels[idx].astype(bool).sum(axis=0)
@@ -743,7 +758,8 @@ def evaluate_task(
                   "per_fold": [mean over seeds per fold] (fold tasks), "folds": [fold ids],
                   "runs": [{"seed", "fold", "test", "valid", "valid_loss", "epochs", "best_epoch"}]},
        "knn": {"metric", "mean", "per_fold" (fold tasks), "folds", and for accuracy "test_interval95" (Wilson's
-               [low, high] over the test clips: `wilson_interval_95`) and "test_clips"}}.
+               [low, high] over the test clips: `wilson_interval_95`; folds: `fold_mean_interval_95`) and
+               "test_clips"}}.
       `validation` says which clips selected the model: "valid split", or the held-out share of
       the training clips. `ci95` is the Student-t half-width over the per-seed scores
       (`confidence_interval_95`); NaN (as is `std`) with a single seed.
@@ -805,10 +821,12 @@ def evaluate_task(
         knn = {"metric": metric, "mean": float(np.mean(knn_per_plan))}
         if is_folds:
             knn.update(per_fold=list(map(float, knn_per_plan)), folds=folds)
-        if not multilabel:  # the test clips' sampling error (folds: every clip is tested once, answers pooled)
-            test_clips = sum(len(plan[3]) for plan in plans)
-            correct = sum(round(score * len(plan[3])) for score, plan in zip(knn_per_plan, plans))
-            knn.update(test_interval95=list(wilson_interval_95(correct, test_clips)), test_clips=test_clips)
+        if not multilabel:  # the test clips' sampling error
+            sizes = [len(plan[3]) for plan in plans]
+            correct = [round(score * n) for score, n in zip(knn_per_plan, sizes)]
+            interval = (wilson_interval_95(correct[0], sizes[0]) if len(plans) == 1
+                        else fold_mean_interval_95(correct, sizes))
+            knn.update(test_interval95=list(interval), test_clips=sum(sizes))
     linear = None
     if run_linear:
         test_scores = np.array([r["test"] for r in runs]).reshape(len(plans), len(seeds))
