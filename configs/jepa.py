@@ -70,7 +70,11 @@ real-audio dev benchmark (shards as in configs/m2d.py's docstring):
   scale). On the dev benchmark (evaluated as configs/m2d.py's docstring shows), linear / kNN, measured
   2026-12-04: game_sfx 43.8 +- 37.0 / 45.3 (log-mel 35.9 / 23.4, random init 24.5 / 20.3), unit_sound
   49.1 +- 1.8 / 59.0 (39.3 / 66.7, 46.2 / 50.0), battle_sound 46.7 +- 5.5 / 48.9 (52.6 / 62.2, 53.3 / 46.7):
-  both floors beaten on game_sfx, and on unit_sound's linear probe only (docs/dev_benchmark.md).
+  both floors beaten on game_sfx, and on unit_sound's linear probe only (docs/dev_benchmark.md). Retrained
+  2026-12-05 (loss 46.9 at 4000) and scored on the `_folds` twins: game_sfx_folds 63.9 +- 11.6 / 47.5 (log-mel
+  31.0 / 25.2, random init 45.3 / 26.7), unit_sound_folds 64.2 +- 4.9 / 61.3 (59.4 / 58.2, 60.5 / 61.1),
+  battle_sound_folds 55.6 +- 1.5 / 59.4 (49.1 / 59.9, 54.6 / 61.7). Single splits move with the seed by up to
+  30 points: compare on the folds.
 
 Speed and memory options (the param tree, hence checkpoints, is the same whatever they are set to):
 `--config.model.dtype=bfloat16`: bfloat16 matmuls; params, norms, softmax and loss stay float32.

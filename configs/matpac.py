@@ -73,7 +73,10 @@ configs/m2d.py's docstring, statistics with `--frontend matpac`):
   (evaluated as configs/m2d.py's docstring shows), linear / kNN, measured 2026-12-04: game_sfx 42.7 +- 55.1 /
   51.6 (log-mel 39.6 / 18.8, random init 26.0 / 20.3), unit_sound 58.1 +- 1.8 / 55.1 (41.0 / 67.9, 45.7 /
   46.2), battle_sound 43.7 +- 24.9 / 51.1 (50.4 / 62.2, 48.1 / 51.1): both floors beaten on game_sfx, and on
-  unit_sound's linear probe only (docs/dev_benchmark.md).
+  unit_sound's linear probe only (docs/dev_benchmark.md). Retrained 2026-12-05 (loss 1.20 at 4000) and scored
+  on the `_folds` twins: game_sfx_folds 70.9 +- 15.3 / 54.0 (log-mel 31.4 / 26.0, random init 55.2 / 30.2),
+  unit_sound_folds 66.1 +- 5.0 / 65.0 (59.3 / 58.5, 59.3 / 60.0), battle_sound_folds 56.0 +- 7.2 / 59.4 (47.3 /
+  57.0, 55.6 / 58.2). Single splits move with the seed by up to 30 points: compare on the folds.
 
 Speed and memory options (the param tree, hence checkpoints, is the same whatever they are set to):
 `--config.model.dtype=bfloat16`: bfloat16 matmuls; params, norms, softmax and loss stay float32.
