@@ -204,6 +204,18 @@ def test_intact_checkpoints_restore_the_latest_without_a_warning(tmp_path, caplo
     assert not [r for r in caplog.records if "damaged" in r.getMessage()]
 
 
+def restore_falls_back_to_step_1(workdir: str, states, caplog) -> list[str]:
+    """Restores the latest intact checkpoint of `workdir` (saved by save_steps_1_and_2, step 2 damaged): checks
+    that it is step 1's state and that step 2 is left in place; returns the warnings logged."""
+    with caplog.at_level(logging.WARNING):
+        (step, state, meta), manager = restore_latest(workdir, states[2])
+    manager.close()
+    assert step == 1 and meta["step"] == 1
+    assert_trees_equal(state, states[1])
+    assert os.path.isdir(os.path.join(checkpointing.checkpoint_dir(workdir), "2"))
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
 @pytest.mark.parametrize("damage", [flip_bytes, truncate])
 def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog, damage):
     """64 flipped bytes, or a truncation, in step 2's largest data file: the restore gives step 1's state
@@ -211,16 +223,10 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capl
     workdir = str(tmp_path / "run")
     states = save_steps_1_and_2(workdir)
     damage(largest_file(workdir, 2))
-    with caplog.at_level(logging.WARNING):
-        (step, state, meta), manager = restore_latest(workdir, states[2])
-    manager.close()
-    assert step == 1 and meta["step"] == 1
-    assert_trees_equal(state, states[1])
-    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    warnings = restore_falls_back_to_step_1(workdir, states, caplog)
     assert any("checkpoint 2" in w and "damaged" in w and "using checkpoint 1" in w for w in warnings), warnings
     # Flipped bytes are caught by TensorStore itself where it compresses (zstd, tensorstore >= 0.1.8x) and by the
     # digests where it reads them back silently (older versions): the next test covers the digests alone.
-    assert os.path.isdir(os.path.join(checkpointing.checkpoint_dir(workdir), "2"))
 
 
 def test_state_that_reads_back_but_differs_from_its_digests_falls_back(tmp_path, caplog):
@@ -235,15 +241,9 @@ def test_state_that_reads_back_but_differs_from_its_digests_falls_back(tmp_path,
     meta[checkpointing.DIGESTS_KEY]["params/w"] = digest[:-1] + ("0" if digest[-1] != "0" else "1")
     with open(meta_file, "w") as f:
         json.dump(meta, f)
-    with caplog.at_level(logging.WARNING):
-        (step, state, meta), manager = restore_latest(workdir, states[2])
-    manager.close()
-    assert step == 1 and meta["step"] == 1
-    assert_trees_equal(state, states[1])
-    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    warnings = restore_falls_back_to_step_1(workdir, states, caplog)
     assert any("checkpoint 2" in w and "differ from their saved digests" in w and "params/w" in w
                and "using checkpoint 1" in w for w in warnings), warnings
-    assert os.path.isdir(os.path.join(checkpointing.checkpoint_dir(workdir), "2"))
 
 
 def test_both_checkpoints_damaged_is_an_error_naming_both(tmp_path):
