@@ -19,8 +19,8 @@ report shows the floors; every report also gives each task's majority-class scor
 frequent training label: `evaluation.tasks.majority_class`), the floor of a task whose test split is unbalanced.
 Writes OUTPUT/results.json (`{task: {"linear": {"mean", "ci95", "metric", "lr", "validation", ...}, "knn":
 {"mean", "metric", "test_interval95" (Wilson's, over the test clips)} or null, "protocol": {every resolved value,
-the task's unit_sec}}}` for --encoder), all_results.json, results.md and one PNG per task. The JSON files are strict JSON:
-a one-seed run's `ci95` and `std` are null.
+the task's unit_sec}}}` for --encoder), all_results.json, results.md and one PNG per task. The JSON files are
+strict JSON: a one-seed run's `ci95` and `std` are null.
 
 `--steps=all` (every kept checkpoint) or `--steps=N,M` evaluates a training workdir at several checkpoints into
 one report: rows "WORKDIR @ step N", results.json with the last step on top and every step under
