@@ -377,21 +377,11 @@ def build(output: str, cache: str, seed: int = 0, packages=PACKAGES, log=logging
                 _copy(cache, package, rel, os.path.join(task_dir, filename))
                 rows.append((filename, label, split_of[group], group))
         rows.sort()
-        row_groups = [row[3] for row in rows]
-        rows = [row[:3] for row in rows]
-        with open(os.path.join(task_dir, "labels.csv"), "w", newline="") as f:
-            writer = csv.writer(f, lineterminator="\n")
-            writer.writerow(("filename", "label", "split"))
-            writer.writerows(rows)
+        _write_labels(task_dir, "split", [row[:3] for row in rows])
         fold_of, fold_count = assign_folds(kept, seed, task)
-        fold_rows = sorted((f"../{task}/{filename}", label, fold_of[group])
-                           for (filename, label, _), group in zip(rows, row_groups))
-        os.makedirs(os.path.join(output, "tasks", f"{task}_folds"))
-        with open(os.path.join(output, "tasks", f"{task}_folds", "labels.csv"), "w", newline="") as f:
-            writer = csv.writer(f, lineterminator="\n")
-            writer.writerow(("filename", "label", "fold"))
-            writer.writerows(fold_rows)
-        clips = collections.Counter((split, label) for _, label, split in rows)
+        _write_labels(os.path.join(output, "tasks", f"{task}_folds"), "fold",
+                      sorted((f"../{task}/{filename}", label, fold_of[group]) for filename, label, _, group in rows))
+        clips = collections.Counter((split, label) for _, label, split, _ in rows)
         summary["tasks"][task] = {
             "clips": len(rows), "dropped_labels": dropped,
             "counts": {s: {label: clips[(s, label)] for label in sorted(kept)} for s in ("train", "valid", "test")},
@@ -405,6 +395,15 @@ def build(output: str, cache: str, seed: int = 0, packages=PACKAGES, log=logging
         f.write("\n")
     _print_summary(summary, log)
     return summary
+
+
+def _write_labels(task_dir: str, split_column: str, rows) -> None:
+    """task_dir/labels.csv: filename,label,<split_column> and `rows` (the folder is made if missing)."""
+    os.makedirs(task_dir, exist_ok=True)
+    with open(os.path.join(task_dir, "labels.csv"), "w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(("filename", "label", split_column))
+        writer.writerows(rows)
 
 
 def _copy(cache, package, rel, dst):

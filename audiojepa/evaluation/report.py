@@ -45,7 +45,7 @@ def _linear_cell(linear: dict | None) -> str:
 
 
 def _knn_cell(knn: dict | None) -> str:
-    """"64.4 [49.8, 76.8] accuracy": the score and Wilson's interval over the test clips where there is one."""
+    """"64.4 [49.8, 76.8] accuracy": the score and its 95% interval over the test clips where there is one."""
     if knn is None:
         return "–"
     if not _finite(knn.get("mean")):
@@ -60,7 +60,8 @@ def markdown_table(results: dict[str, dict[str, dict]], knn_k: int = 10) -> str:
 
     A probe the protocol did not run shows as "–"; a one-seed linear probe, which has no interval, "(1 seed)".
     The linear probe's interval is over the probe's seeds (the test set is fixed); kNN, which has no seed, shows
-    the test set's own sampling error: Wilson's 95% interval over its clips (accuracy only)."""
+    the test set's own sampling error: a 95% interval over its clips (accuracy only; Wilson's on a split, around
+    the folds' mean on folds: probes.evaluate_task)."""
     lines = [f"| task | encoder | linear probe (± 95% over seeds) | kNN (k={knn_k}) [95% over test clips] |",
              "|---|---|---:|---:|"]
     tasks = sorted({t for per_task in results.values() for t in per_task})
@@ -272,10 +273,10 @@ def write_report(output_dir: str, main_name: str, results: dict[str, dict[str, d
     if step_rows:
         table += "\n\nScores by checkpoint (scores_by_step.png):\n" + step_table(main_results)
         step_chart(main_results, os.path.join(output_dir, "scores_by_step.png"))
-    majority = (extra or {}).get("majority_class")
-    if majority and majority_lines(majority):
+    majority = majority_lines((extra or {}).get("majority_class") or {})
+    if majority:
         table += ("\n\nMajority class (answering the most frequent training label; a probe at or under it has "
-                  "learnt nothing):\n" + "\n".join(majority_lines(majority)))
+                  "learnt nothing):\n" + "\n".join(majority))
     if protocol is not None:
         table += "\n\n" + "\n".join(protocol_lines(protocol, {main_name: results[main_name]}))
     with open(os.path.join(output_dir, "results.md"), "w") as f:
