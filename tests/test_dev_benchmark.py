@@ -18,6 +18,7 @@ import pytest
 import soundfile as sf
 
 from audiojepa.data import dev_benchmark
+from patch_helpers import patch_bytes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "make_dev_benchmark.py")
@@ -56,6 +57,12 @@ LMMS_FILES = {
     "beats": ["break01", "jungle01"],
     "effects": ["explode01"],
 }
+
+
+# freepats patch -> number of notes in it (Drum_000 and Timpani are in no task).
+FREEPATS = {"Tone_000/000_Acoustic_Grand_Piano": 2, "Tone_000/001_Acoustic_Brite_Piano": 1,
+            "Tone_000/024_Nylon_Guitar": 2, "Tone_000/025_Steel_Guitar": 1, "Tone_000/065_Alto_Sax": 1,
+            "Tone_000/071_Clarinet": 2, "Tone_000/047_Timpani": 1, "Drum_000/035_Kick_1": 1}
 
 
 @pytest.fixture
@@ -122,6 +129,12 @@ def fake_cache(tmp_path, tool):
     _write(cache / "ktuberling-data/usr/share/ktuberling/sounds/en/hat.ogg", _wav_bytes(seed + 1, "OGG", "VORBIS"))
     _write(cache / "ktuberling-data/usr/share/ktuberling/sounds/fr/chapeau.wav", _wav_bytes(seed + 2))
     _write(cache / "klettres-data/usr/share/klettres/de/alpha/a.ogg", _wav_bytes(seed + 3, "OGG", "VORBIS"))
+    fp = cache / "freepats/usr/share/midi/freepats"
+    rng = np.random.default_rng(7)
+    for stem, notes in FREEPATS.items():
+        _write(fp / f"{stem}.pat", patch_bytes([dict(pcm=rng.integers(-9000, 9000, 400 + 100 * i), rate=SR, bits=16,
+                                                     unsigned=False, loop=(200, 400)) for i in range(notes)]))
+    _write(fp / "Tone_000/000_Acoustic_Grand_Piano.txt", b"notes on the patch")
     return str(cache)
 
 
@@ -148,7 +161,8 @@ def test_build_is_deterministic_disjoint_and_split_by_source(tool, fake_cache, t
     tool.build(out2, fake_cache, seed=0, log=lambda *_: None)
     assert _tree_digest(out1) == _tree_digest(out2)
 
-    assert sorted(summary["tasks"]) == ["battle_sound", "drum_type", "game_sfx", "instrument_family", "unit_sound"]
+    assert sorted(summary["tasks"]) == ["battle_sound", "drum_type", "game_sfx", "gm_family", "instrument_family",
+                                        "unit_sound"]
     assert summary["packages"]["lmms-common"] == "1.2.2+dfsg1-6"
     assert summary["packages"]["alsa-utils"] == "unknown"
     assert summary["tasks"]["drum_type"]["dropped_labels"] == ["clap"]  # one sample family only
@@ -201,6 +215,19 @@ def test_build_is_deterministic_disjoint_and_split_by_source(tool, fake_cache, t
     assert {unit["archer_select2.wav"], unit["archer_attack3b.wav"], unit["archer_die1.wav"]} == {
         "voice", "attack", "death"}
     assert not any(name.startswith("initiate_") for name in unit)
+    # every note of each freepats instrument, as a key held for NOTE_SECONDS: its data, then its loop repeated
+    gm = {row[0].split("freepats/usr/share/midi/freepats/Tone_000/", 1)[1]: row[1]
+          for row in _labels(os.path.join(out1, "tasks", "gm_family"))[1:]}
+    assert gm == {"000_Acoustic_Grand_Piano.pat/sample00.wav": "piano", "000_Acoustic_Grand_Piano.pat/sample01.wav": "piano",
+                  "001_Acoustic_Brite_Piano.pat/sample00.wav": "piano", "024_Nylon_Guitar.pat/sample00.wav": "guitar",
+                  "024_Nylon_Guitar.pat/sample01.wav": "guitar", "025_Steel_Guitar.pat/sample00.wav": "guitar",
+                  "065_Alto_Sax.pat/sample00.wav": "reed", "071_Clarinet.pat/sample00.wav": "reed",
+                  "071_Clarinet.pat/sample01.wav": "reed"}
+    note, rate = sf.read(os.path.join(out1, "tasks", "gm_family", "audio", "freepats", "usr/share/midi/freepats",
+                                      "Tone_000/024_Nylon_Guitar.pat/sample01.wav"), dtype="float32")
+    assert rate == SR and len(note) == round(tool.NOTE_SECONDS * SR)
+    np.testing.assert_allclose(note[400:600], note[200:400], atol=1e-4)  # the loop [200, 400) held
+    assert not any("freepats" in f for f in corpus_files)
     # the split record in benchmark.json agrees with the files: no group in two splits
     with open(os.path.join(out1, "benchmark.json")) as f:
         recorded = json.load(f)

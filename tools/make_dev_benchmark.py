@@ -7,7 +7,7 @@ root (`--download` does this, skipping what the cache already holds):
 
     cd CACHE/debs && apt-get download lmms-common openarena-data warzone2100-music frozen-bubble-data \
         pingus-data sound-theme-freedesktop alsa-utils megaglest-data wesnoth-1.16-data ktuberling-data \
-        klettres-data
+        klettres-data freepats
     dpkg-deb -x CACHE/debs/PKG_*.deb CACHE/PKG     # for each PKG
 
 It writes

@@ -7,6 +7,10 @@ test (`assign_splits`), so no recording, voice or sample family is on both sides
 `<task>_folds` twin over the same clips, one fold per set of source groups (`assign_folds`): leave-one-fold-out
 tests every clip once, so its scores rest on all the clips, not on a test split of 11-78. `build` is a
 deterministic function of the packages and the seed.
+
+Two kinds of container are listed like folders: a .pk3 (zip) archive's audio members, and a GUS patch's recorded
+notes (`<patch>.pat/sampleNN.wav`, audiojepa.data.gus_patch), each rendered as a note held for
+`NOTE_SECONDS` (its data, then its loop repeated, faded out).
 """
 
 
@@ -24,15 +28,19 @@ import shutil
 import subprocess
 import zipfile
 
-from audiojepa.data import audio_io
+import soundfile as sf
+
+from audiojepa.data import audio_io, gus_patch
 
 PACKAGES = ("lmms-common", "openarena-data", "warzone2100-music", "frozen-bubble-data", "pingus-data",
             "sound-theme-freedesktop", "alsa-utils", "megaglest-data", "wesnoth-1.16-data", "ktuberling-data",
-            "klettres-data")
+            "klettres-data", "freepats")
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "audiojepa", "dev_benchmark")
 SAMPLE_RATE = 16000  # Hz, only to check that a file decodes and to measure its duration
 VERSION_FILE = ".deb-version"  # written next to an unpacked package: the .deb's Version field
 ARCHIVE_EXTENSIONS = (".pk3",)  # zip archives (Quake 3 engine data) whose members are listed as files
+PATCH_EXTENSIONS = (".pat",)  # GUS patches: their note samples are listed as members sampleNN.wav
+NOTE_SECONDS = 1.0  # a patch's note rendered as a key held this long (every note clip the same length)
 SPLIT_FRACTIONS = {"valid": 0.2, "test": 0.2}  # of each label's source groups; the rest is train
 FOLDS = 5  # of a task's `_folds` twin, at most (fewer where a label, or a shared-split task, has fewer groups)
 
@@ -49,6 +57,11 @@ _WN_WEAPONS = ("axe|bow|club|crossbow|dagger|dart|flail|hatchet|throwing-knife|k
                "throw|fist|claws|bite|tail|pincers|net|torch|thunderstick|dragonstick|gunshot")
 _WN_MAGIC = ("magic-[a-z]+|magicmissile|melee-fire|fire|flame|lightning|heal|entangle|water-blast|ink|mud|poison|"
              "slowed|petrified")
+_FP = "usr/share/midi/freepats/Tone_000/"
+# General MIDI's instrument families (program // 8) as ranges of freepats' 3-digit program prefixes.
+_GM_FAMILIES = (("piano", "00[0-7]"), ("chromatic_percussion", "00[89]|01[0-5]"), ("organ", "01[6-9]|02[0-3]"),
+                ("guitar", "02[4-9]|03[01]"), ("bass", "03[2-9]"), ("strings", "04[0-6]"),
+                ("brass", "05[6-9]|06[0-3]"), ("reed", "06[4-9]|07[01]"), ("pipe", "07[2-9]"))
 # Sample family: the file stem without its trailing number ("snare_hiphop02.ogg" -> "snare_hiphop").
 _FAMILY = r"(?P<group>[a-z_]+?)_?\d*\.ogg$"
 
@@ -81,6 +94,13 @@ TASK_RULES = (
      "cello, violin, string ensembles and string pads"),
     ("instrument_family", "lmms-common", _LMMS + r"(?:instruments/(?=trumpet|flute)|latin/(?=latin_brass))" + _FAMILY,
      "wind", "trumpet, flute, latin brass"),
+    # --- gm_family: freepats' recorded notes by General MIDI family; the group is the instrument (one patch), so
+    # test instruments are never heard in training. Timpani (program 47, in GM's strings family) is left out (a
+    # drum), and the families with one or two freepats instruments (ensemble, synth lead/pad/effects, ethnic,
+    # percussive, sound effects).
+    *(("gm_family", "freepats", _FP + r"(?P<group>(?:" + programs + r")_[A-Za-z0-9_-]+)\.pat/sample\d+\.wav$",
+       family, f"GM programs {programs}: every note sample of each instrument's patch")
+      for family, programs in _GM_FAMILIES),
     # --- game_sfx: OpenArena's sound effects by kind.
     ("game_sfx", "openarena-data", _OA + r"(?:baseoa|missionpack)/[^/]+\.pk3/sound/weapons/(?P<group>[a-z]+)/",
      "weapon", "sound/weapons/<weapon>/: firing, hum, impact; the group is the weapon"),
@@ -155,6 +175,7 @@ _TASK_FOLDERS = {
                        _OA + "baseoa/pak0.pk3/sound/player/sarge/", _OA + "missionpack/mp-pak0.pk3/sound/voices/"),
     "megaglest-data": tuple(f"{_MG}techs/megapack/factions/{f}/units/" for f in _MG_FACTIONS.split("|")),
     "wesnoth-1.16-data": (_WN,),
+    "freepats": ("usr/share/midi/freepats/",),
 }
 
 
@@ -208,8 +229,13 @@ def package_version(cache: str, package: str) -> str:
         return debs[-1].rsplit("/", 1)[1].split("_")[1].replace("%3a", ":") if debs else "unknown"
 
 
+def _note_name(index: int) -> str:
+    return f"sample{index:02d}.wav"
+
+
 def list_package(cache: str, package: str) -> list[str]:
-    """Sorted paths of the audio files in an unpacked package, relative to it; .pk3 members as '<pk3>/<member>'."""
+    """Sorted paths of the audio files in an unpacked package, relative to it; .pk3 members as '<pk3>/<member>',
+    a GUS patch's notes as '<pat>/sampleNN.wav'. A patch that does not parse fails naming it (gus_patch.PatchError)."""
     root = os.path.join(cache, package)
     paths = []
     for folder, subfolders, files in os.walk(root):
@@ -221,13 +247,30 @@ def list_package(cache: str, package: str) -> list[str]:
                 with zipfile.ZipFile(os.path.join(root, rel)) as archive:
                     paths.extend(f"{rel}/{m}" for m in archive.namelist()
                                  if m.lower().endswith(audio_io.AUDIO_EXTENSIONS))
+            elif lower.endswith(PATCH_EXTENSIONS):
+                count = len(gus_patch.read_patch(os.path.join(root, rel)))
+                paths.extend(f"{rel}/{_note_name(i)}" for i in range(count))
             elif lower.endswith(audio_io.AUDIO_EXTENSIONS):
                 paths.append(rel)
     return sorted(paths)
 
 
 def local_path(cache: str, package: str, rel: str) -> str:
-    """A readable file for `rel`: the file itself, or an archive member unpacked once under CACHE/.members/."""
+    """A readable file for `rel`: the file itself, or an archive member unpacked (a patch's note rendered, as
+    16-bit WAV at the note's own sample rate) once under CACHE/.members/."""
+    for ext in PATCH_EXTENSIONS:
+        marker = ext + "/"
+        if marker in rel.lower():
+            cut = rel.lower().index(marker) + len(ext)
+            path = os.path.join(cache, ".members", package, rel)
+            if not os.path.exists(path):
+                index = int(re.fullmatch(r"sample(\d+)\.wav", rel[cut + 1:]).group(1))
+                note = gus_patch.read_patch(os.path.join(cache, package, rel[:cut]))[index]
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                sf.write(path + ".tmp", gus_patch.render_note(note, NOTE_SECONDS), note.sample_rate,
+                         format="WAV", subtype="PCM_16")
+                os.replace(path + ".tmp", path)
+            return path
     for ext in ARCHIVE_EXTENSIONS:
         marker = ext + "/"
         if marker in rel.lower():
