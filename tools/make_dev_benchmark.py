@@ -34,11 +34,14 @@ dropped (listed under "dropped_labels"), since it could not be tested on an unse
 From Debian bookworm's packages (lmms-common 1.2.2+dfsg1-6, openarena-data 0.8.5split-14, warzone2100-music
 4.3.3-3, megaglest-data 3.13.0-3, wesnoth-1.16-data 1:1.16.9-1, ktuberling-data and klettres-data 4:22.12.3-1, ...)
 it writes a corpus of 3973 files, 6.8 hours, in about 2 minutes: music 4.8 h (4.05 h of it the Warzone 2100
-soundtrack), speech 1.34 h (spoken words, letters and syllables in ~25 languages), effects 0.7 h; and five tasks:
+soundtrack), speech 1.34 h (spoken words, letters and syllables in ~25 languages), effects 0.7 h; and six tasks:
 unit_sound (596 clips: a MegaGlest unit's spoken acknowledgement, weapon attack or death cry; split by faction, so no
-voice actor is on both sides; test 78 clips), battle_sound (226 clips: Wesnoth creature cries, weapons, spells;
-test 45), game_sfx (142 clips, 4 labels: weapon, footstep, ambience, voice), drum_type (53 clips, 5 labels) and
-instrument_family (45 clips, 5 labels). The last two are small (11-13 test clips): their scores are noisy.
+voice actor is on both sides; test 78 clips), gm_family (342 clips: freepats' recorded notes by General MIDI family,
+9 labels from piano to pipe; split by instrument, so test instruments are unheard; test 64), battle_sound (226
+clips: Wesnoth creature cries, weapons, spells; test 45), game_sfx (142 clips, 4 labels: weapon, footstep,
+ambience, voice), drum_type (53 clips, 5 labels) and instrument_family (45 clips, 5 labels). The last two are
+small (11-13 test clips): their scores are noisy. (freepats 20060219-4 added in session 17; the corpus and the
+other tasks are byte for byte what the five-task version wrote.)
 Six files do not decode (five LMMS .ogg files that are broken WAVs, one silent file) and are listed. Give the
 corpus to `tools/make_shards.py --segment_seconds 10` so that the long soundtrack files are sampled per
 10-second segment, not once per file.
