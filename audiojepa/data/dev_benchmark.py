@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import csv
 import glob
+import io
 import json
 import logging
 import os
@@ -255,30 +256,33 @@ def list_package(cache: str, package: str) -> list[str]:
     return sorted(paths)
 
 
+def _zip_member(container: str, member: str) -> bytes:
+    with zipfile.ZipFile(container) as archive:
+        return archive.read(member)
+
+
+def _patch_note(container: str, member: str) -> bytes:
+    """The WAV bytes of note `sampleNN.wav` of a GUS patch, held for NOTE_SECONDS (16-bit, the note's rate)."""
+    note = gus_patch.read_patch(container)[int(re.fullmatch(r"sample(\d+)\.wav", member).group(1))]
+    buffer = io.BytesIO()
+    sf.write(buffer, gus_patch.render_note(note, NOTE_SECONDS), note.sample_rate, format="WAV", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+# Container extension -> reader of one member's bytes (the container's path, the member's name in it).
+_MEMBER_READERS = {**{ext: _zip_member for ext in ARCHIVE_EXTENSIONS}, **{ext: _patch_note for ext in PATCH_EXTENSIONS}}
+
+
 def local_path(cache: str, package: str, rel: str) -> str:
-    """A readable file for `rel`: the file itself, or an archive member unpacked (a patch's note rendered, as
-    16-bit WAV at the note's own sample rate) once under CACHE/.members/."""
-    for ext in PATCH_EXTENSIONS:
+    """A readable file for `rel`: the file itself, or a container's member (a .pk3 archive's file, a patch's note
+    rendered as WAV) written once under CACHE/.members/."""
+    for ext, read_member in _MEMBER_READERS.items():
         marker = ext + "/"
         if marker in rel.lower():
             cut = rel.lower().index(marker) + len(ext)
             path = os.path.join(cache, ".members", package, rel)
             if not os.path.exists(path):
-                index = int(re.fullmatch(r"sample(\d+)\.wav", rel[cut + 1:]).group(1))
-                note = gus_patch.read_patch(os.path.join(cache, package, rel[:cut]))[index]
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                sf.write(path + ".tmp", gus_patch.render_note(note, NOTE_SECONDS), note.sample_rate,
-                         format="WAV", subtype="PCM_16")
-                os.replace(path + ".tmp", path)
-            return path
-    for ext in ARCHIVE_EXTENSIONS:
-        marker = ext + "/"
-        if marker in rel.lower():
-            cut = rel.lower().index(marker) + len(ext)
-            path = os.path.join(cache, ".members", package, rel)
-            if not os.path.exists(path):
-                with zipfile.ZipFile(os.path.join(cache, package, rel[:cut])) as archive:
-                    data = archive.read(rel[cut + 1:])
+                data = read_member(os.path.join(cache, package, rel[:cut]), rel[cut + 1:])
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 with open(path + ".tmp", "wb") as f:
                     f.write(data)
