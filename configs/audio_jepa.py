@@ -45,20 +45,28 @@ On 2 CPU cores (measured 2026-12-04; wall times on a loaded machine): the 32 kHz
   (171 s); linear 42.8 +- 7.5, kNN 28.0.
 
 Small run on a few hours of real audio (`:small`: runlocal's tiny ViT, predictor, batch 32, lr 1e-3, EMA from
-0.99, 128x64 crops = 2.5 s, 4000 steps; recipe paper), on the real-audio dev benchmark, whose corpus is sharded
-a second time at 32 kHz for this front end (otherwise as in configs/m2d.py's docstring):
+0.99, 4000 steps; recipe paper) on the real-audio dev benchmark. At this scale it reads **M2D's front end**
+(16 kHz, 80 mels, 10 ms hop; 80x208 crops = 5 x 13 patches): with the paper's (32 kHz, 128 mels, 39 ms hop;
+128x64 crops = 8 x 4 patches) the small run learnt nothing its floors do not (below). Shards and statistics as in
+configs/m2d.py's docstring:
 
-    python tools/make_shards.py --input /data/devbench/corpus --output /data/devbench/shards32k \
-        --sample_rate 32000 --segment_seconds 10 --min_seconds 0.25
-    python tools/compute_stats.py --shards /data/devbench/shards32k --frontend audiojepa_paper --crop_frames 64
     python -m audiojepa.main --config=configs/audio_jepa.py:small --workdir=/tmp/audio_jepa_small \
-        --config.data.shards=/data/devbench/shards32k
+        --config.data.shards=/data/devbench/shards
 
-  About 12 minutes on 2 cores (155-215 clips/s); loss 141 at step 50, 13.8 at 1000, 12.1 at 4000.
-  On the dev benchmark (the target encoder), linear / kNN, measured 2026-12-04: game_sfx 20.3 +- 3.9 / 17.2 (log-mel at
-  32 kHz 19.3 / 17.2, random init 20.3 / 15.6: nothing learns this task at this front end), unit_sound
-  56.0 +- 12.1 / 50.0 (53.0 / 57.7, 50.4 / 55.1), battle_sound 42.2 +- 9.6 / 53.3 (50.4 / 48.9, 46.7 / 51.1):
-  both floors beaten on unit_sound's linear probe and battle_sound's kNN only (docs/dev_benchmark.md).
+  Loss (Eq. 2) 142 at step 50, 20.7 at 1000, 18.9 at 4000; target_std / pred_std 0.91 / 0.90 (no collapse).
+  40 minutes here while two other runs shared the 2 cores (47-54 clips/s); JEPA's `:small`, the same tiny ViT and
+  predictor on the same crops, takes about 12 alone. On the dev benchmark's fold twins (the target encoder;
+  `python -m audiojepa.evaluate --encoder=/tmp/audio_jepa_small --task=/data/devbench/tasks/game_sfx_folds
+  --task=.../gm_family_folds --task=.../unit_sound_folds --task=.../battle_sound_folds --output=...`), linear /
+  kNN, measured 2026-12-05: game_sfx_folds 61.4 +- 16.9 / 53.3 (log-mel 31.0 / 25.2, random init 45.3 / 26.7),
+  gm_family_folds 34.8 +- 5.7 / 32.5 (24.7 / 27.9, 28.0 / 27.4), unit_sound_folds 67.3 +- 4.6 / 59.5 (59.4 /
+  58.2, 60.5 / 61.1: kNN under random init), battle_sound_folds 59.1 +- 6.2 / 54.7 (49.1 / 59.9, 54.6 / 61.7):
+  both floors beaten on both probes on game_sfx and gm_family. With the paper's front end
+  (`--config.data.frontend=audiojepa_paper --config.data.crop_frames=64` on shards made at
+  `--sample_rate 32000`, statistics `--frontend audiojepa_paper --crop_frames 64`; loss 12.1 at 4000, ~12
+  minutes) the same run gave game_sfx_folds 46.0 / 39.5 (its floors 34.7 / 38.3, 45.3 / 42.2), gm_family_folds
+  24.8 / 24.2 (23.1 / 19.8, 31.1 / 22.4), unit_sound_folds 58.4 / 55.1 (56.0 / 52.6, 62.1 / 57.9): under random
+  init nearly everywhere, with the context encoder or the first block's output as well (docs/dev_benchmark.md).
 
 Speed and memory options (the param tree, hence checkpoints, is the same whatever they are set to):
 `--config.model.dtype=bfloat16`: bfloat16 matmuls; params, norms, softmax and loss stay float32.
@@ -148,10 +156,16 @@ def get_config(arg=None):
     if arg.runlocal or arg.small:
         if arg.small:
             apply_small(config)
+            # On a few hours of real audio the paper's front end (32 kHz, a 39 ms hop: 8 x 4 patches per crop)
+            # learnt nothing its floors do not; M2D's (16 kHz, 10 ms hop, 80 x 208 = 5 x 13 patches) did
+            # (docs/dev_benchmark.md, session 17). Same shards and statistics as M2D's `:small`.
+            config.data.frontend = "m2d"
+            config.data.crop_frames = 208
+            config.data.embedded.stats_frontends = ("m2d",)
         else:
             apply_runlocal(config)
-        # The embedded clips are 3 s: 77 frames (paper front end) -> 64 = 8 x 4 patches; 154 (code) -> 144.
-        config.data.crop_frames = crop_frames_for(3.0, preset)
+            # The embedded clips are 3 s: 77 frames (paper front end) -> 64 = 8 x 4 patches; 154 (code) -> 144.
+            config.data.crop_frames = crop_frames_for(3.0, preset)
         # 300 steps need a target that moves faster than 0.996.
         config.model.ema_decay_init = 0.99
     return config

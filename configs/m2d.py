@@ -39,10 +39,13 @@ Small run on a few hours of real audio (`:small`: runlocal's tiny ViT, batch 32,
   53.0 +- 8.0 / 53.8 (39.3 / 66.7, 44.0 / 50.0), battle_sound 44.4 +- 9.6 / 44.4 (52.6 / 62.2, 56.3 / 46.7):
   pretraining beats both floors on game_sfx, and on unit_sound's linear probe only (docs/dev_benchmark.md).
   These single splits hold 45-78 test clips and the pretraining seed moves them by up to 30 points (seed 1:
-  game_sfx kNN 40.6). Compare on the `_folds` twins (`--task=/data/devbench/tasks/game_sfx_folds` ...): seed 1
-  gave game_sfx_folds 62.8 +- 1.4 / 47.8 (log-mel 31.0 / 25.2, random init 47.7 / 29.1), unit_sound_folds
-  63.0 +- 2.4 / 63.4 (59.4 / 58.2, 61.7 / 61.1), battle_sound_folds 54.7 +- 10.5 / 56.4 (49.1 / 59.9,
-  54.3 / 60.4; majority class 57.1), measured 2026-12-05.
+  game_sfx kNN 40.6). Compare on the `_folds` twins (`--task=/data/devbench/tasks/game_sfx_folds` ...), seeds 0
+  and 1 (`--config.seed`), measured 2026-12-05: game_sfx_folds 67.0 +- 14.7 / 60.3 and 62.8 +- 1.4 / 47.8 (log-mel
+  31.0 / 25.2, random init 47.7 / 29.1), gm_family_folds 37.6 +- 5.4 / 32.0 and 37.3 +- 9.6 / 30.4 (24.7 / 27.9,
+  27.8 / 27.0), unit_sound_folds 64.2 +- 2.4 / 58.9 and 63.0 +- 2.4 / 63.4 (59.4 / 58.2, 61.7 / 61.1: seed 0's
+  kNN is under random init's), battle_sound_folds 55.4 +- 3.8 / 55.9 and 54.7 +- 10.5 / 56.4 (49.1 / 59.9,
+  54.3 / 60.4; majority class 57.1). Both seeds beat both floors on both probes on game_sfx and gm_family.
+  `python tools/summarise_seeds.py --recipe="M2D :small=EVAL0,EVAL1"` puts several seeds' reports in one table.
 
 Speed and memory options (the param tree, hence checkpoints, is the same whatever they are set to):
 `--config.model.dtype=bfloat16`: bfloat16 matmuls; params, norms, softmax and loss stay float32.

@@ -26,7 +26,21 @@ def test_small_preset_builds_the_tiny_model_for_the_step_budget(name):
     assert small.total_steps == SMALL_STEPS
     assert small.model.variant == runlocal.model.variant == "tiny"
     assert (small.batch_size, small.optim.lr) == (runlocal.batch_size, runlocal.optim.lr)
+    if name == "audio_jepa":  # M2D's front end and crop at this scale (below)
+        return
     assert small.data.crop_frames == runlocal.data.crop_frames
+
+
+def test_audio_jepa_small_reads_m2d_front_end_and_crop():
+    """At this scale the paper's 32 kHz front end (39 ms hop: 8 x 4 patches per crop) learnt nothing its floors do
+    not; M2D's 16 kHz, 10 ms-hop one at 80 x 208 did (docs/dev_benchmark.md, session 17). The shards, statistics
+    and embedded corpus are then M2D's."""
+    small, m2d_small = load_config("configs/audio_jepa.py:small"), load_config("configs/m2d.py:small")
+    for key in ("frontend", "crop_frames"):
+        assert small.data[key] == m2d_small.data[key], key
+    assert tuple(small.data.embedded.stats_frontends) == ("m2d",)
+    assert load_config("configs/audio_jepa.py:runlocal").data.frontend == "audiojepa_paper"
+    assert load_config("configs/audio_jepa.py").data.frontend == "audiojepa_paper"
 
 
 @pytest.mark.parametrize("name", SMALL_CONFIGS)
