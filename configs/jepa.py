@@ -73,8 +73,11 @@ real-audio dev benchmark (shards as in configs/m2d.py's docstring):
   both floors beaten on game_sfx, and on unit_sound's linear probe only (docs/dev_benchmark.md). Retrained
   2026-12-05 (loss 46.9 at 4000) and scored on the `_folds` twins: game_sfx_folds 63.9 +- 11.6 / 47.5 (log-mel
   31.0 / 25.2, random init 45.3 / 26.7), unit_sound_folds 64.2 +- 4.9 / 61.3 (59.4 / 58.2, 60.5 / 61.1),
-  battle_sound_folds 55.6 +- 1.5 / 59.4 (49.1 / 59.9, 54.6 / 61.7). Single splits move with the seed by up to
-  30 points: compare on the folds.
+  battle_sound_folds 55.6 +- 1.5 / 59.4 (49.1 / 59.9, 54.6 / 61.7); gm_family_folds (session 17) 35.3 +- 4.5 / 33.0
+  (24.7 / 27.9, 28.0 / 27.4). `--config.seed=1`: game_sfx_folds 63.3 +- 5.8 / 54.3, gm_family_folds 35.6 +- 3.5 /
+  29.9, unit_sound_folds 62.5 +- 4.0 / 59.4 (kNN under random init), battle_sound_folds 53.0 +- 3.3 / 55.8: both
+  seeds beat both floors on both probes on game_sfx and gm_family. Single splits move with the seed by up to 30
+  points: compare on the folds.
 
 Speed and memory options (the param tree, hence checkpoints, is the same whatever they are set to):
 `--config.model.dtype=bfloat16`: bfloat16 matmuls; params, norms, softmax and loss stay float32.

@@ -76,7 +76,11 @@ configs/m2d.py's docstring, statistics with `--frontend matpac`):
   unit_sound's linear probe only (docs/dev_benchmark.md). Retrained 2026-12-05 (loss 1.20 at 4000) and scored
   on the `_folds` twins: game_sfx_folds 70.9 +- 15.3 / 54.0 (log-mel 31.4 / 26.0, random init 55.2 / 30.2),
   unit_sound_folds 66.1 +- 5.0 / 65.0 (59.3 / 58.5, 59.3 / 60.0), battle_sound_folds 56.0 +- 7.2 / 59.4 (47.3 /
-  57.0, 55.6 / 58.2). Single splits move with the seed by up to 30 points: compare on the folds.
+  57.0, 55.6 / 58.2); gm_family_folds (session 17) 37.4 +- 9.5 / 34.5 (24.9 / 28.1, 27.9 / 25.8).
+  `--config.seed=1` (session 17; loss 1.048 at 4000): game_sfx_folds 65.6 +- 5.3 / 60.0, gm_family_folds 33.2 +- 3.4
+  / 32.6, unit_sound_folds 64.2 +- 6.1 / 62.3, battle_sound_folds 55.6 +- 7.1 / 57.0: both seeds beat both floors on
+  both probes on game_sfx, gm_family and unit_sound. Single splits move with the seed by up to 30 points: compare
+  on the folds.
 
 Speed and memory options (the param tree, hence checkpoints, is the same whatever they are set to):
 `--config.model.dtype=bfloat16`: bfloat16 matmuls; params, norms, softmax and loss stay float32.
