@@ -50,7 +50,8 @@ def test_bad_and_truncated_patches_are_named(tmp_path):
     good = patch_bytes([dict(pcm=np.zeros(100), rate=8000, bits=16, unsigned=False)])
     for name, data, message in (("wav.pat", b"RIFF" + bytes(300), r"wav.pat: not a GF1 patch"),
                                 ("cut_data.pat", good[:-10], r"cut_data.pat: truncated in sample 0's data"),
-                                ("cut_header.pat", good[:129 + 63 + 47 + 20], r"cut_header.pat: truncated in sample 0's header"),
+                                ("cut_header.pat", good[:129 + 63 + 47 + 20],
+                                 r"cut_header.pat: truncated in sample 0's header"),
                                 ("short.pat", good[:100], r"short.pat: truncated")):
         path = tmp_path / name
         path.write_bytes(data)

@@ -1,4 +1,5 @@
-r"""One table of several recipes, each over its pretraining seeds, against the floors (audiojepa.evaluation.seed_summary).
+r"""One table of several recipes, each over its pretraining seeds, against the floors
+(audiojepa.evaluation.seed_summary).
 
 Evaluate every run (same tasks; `--baselines` on at least one run of a recipe, for its log-mel and random-init
 floors), then:
