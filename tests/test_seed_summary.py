@@ -82,6 +82,23 @@ def test_a_task_missing_from_one_run_or_an_ambiguous_row_is_an_error_naming_the_
         seed_summary.read_report(str(tmp_path / "nothing"))
 
 
+def test_a_layer_report_takes_random_init_at_the_same_layer_as_its_floor(tmp_path):
+    """`evaluate --layer=k` names rows "NAME (layer k)" and "random init (layer k)"; --layer=all writes every k."""
+    rows = {"/runs/a (layer 0)": {"t": (0.7, 0.6)}, "random init (layer 0)": {"t": (0.5, 0.4)},
+            "/runs/a (layer 1)": {"t": (0.8, 0.7)}, "random init (layer 1)": {"t": (0.3, 0.2)},
+            "logmel": {"t": (0.1, 0.1)}}
+    single = _write_report(tmp_path / "one", {"t": (0.7, 0.6)}, {"random init (layer 0)": {"t": (0.5, 0.4)}},
+                           row="/runs/a (layer 0)")
+    report = seed_summary.read_report(single)
+    assert report.row == "/runs/a (layer 0)" and report.floors == {"random init": {"t": {"linear": 0.5, "knn": 0.4}}}
+    every = _write_report(tmp_path / "all", rows.pop("/runs/a (layer 0)"), rows, row="/runs/a (layer 0)")
+    with pytest.raises(ValueError, match=r"holds 2 encoder rows"):
+        seed_summary.read_report(every)
+    at_1 = seed_summary.read_report(f"{every}#/runs/a (layer 1)")
+    assert at_1.floors["random init"] == {"t": {"linear": 0.3, "knn": 0.2}}
+    assert at_1.floors["logmel"] == {"t": {"linear": 0.1, "knn": 0.1}}
+
+
 def test_reads_what_evaluate_writes_and_the_tool_prints_the_table(tmp_path):
     from audiojepa import evaluate
 

@@ -5,8 +5,8 @@ by up to 30 points on a 64-clip test split (docs/dev_benchmark.md), more than th
 clips' interval of any single report. This module reads the `python -m audiojepa.evaluate --output=DIR` folders of
 runs that differ only in their pretraining seed and, per task and probe, gives the mean over runs with its Student-t
 95% half-width (`probes.confidence_interval_95`; none for one run), each run's score, and in how many runs the
-encoder scored above every floor (the log-mel baseline and the same architecture at random init, taken from the
-reports that evaluated them, and the majority class).
+encoder scored above both floors: the log-mel baseline and the same architecture at random init (at the encoder
+row's layer), taken from the reports that evaluated them. The majority class is shown, not counted.
 
     read_report(dir) -> Report                       one evaluate output folder
     summarise(reports) -> {task: {probe: Summary}}   over the runs of one recipe
@@ -21,6 +21,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 
 import numpy as np
 
@@ -62,6 +63,13 @@ def _probe_scores(task_result: dict) -> dict[str, float | None]:
     return out
 
 
+def _baseline_of(row: str) -> str | None:
+    """"logmel" or "random init" for a baseline row of a report ("random init (layer 3)" too), else None."""
+    if row == "logmel":
+        return row
+    return "random init" if re.fullmatch(r"random init(?: \(layer -?\d+\))?", row) else None
+
+
 def read_report(spec: str) -> Report:
     """`DIR` or `DIR#ROW` (an evaluate --output folder; ROW picks the encoder row where the report has several,
     e.g. with --layer=all) -> Report. Errors name the folder and the rows it holds."""
@@ -73,7 +81,7 @@ def read_report(spec: str) -> Report:
     with open(results_path) as f:
         data = json.load(f)
     rows = data.get("results") or {}
-    encoders = [name for name in rows if name not in BASELINE_ROWS]
+    encoders = [name for name in rows if _baseline_of(name) is None]
     if row:
         if row not in rows:
             raise ValueError(f"{results_path} has no row {row!r}; its rows: {sorted(rows)}")
@@ -83,8 +91,11 @@ def read_report(spec: str) -> Report:
         raise ValueError(f"{results_path} holds {len(encoders)} encoder rows {sorted(encoders)}; pick one with "
                          f"{path}#ROW")
     scores = {task: _probe_scores(result) for task, result in rows[row].items()}
-    floors = {name: {task: _probe_scores(result) for task, result in rows[name].items()}
-              for name in BASELINE_ROWS if name in rows}
+    # The random-init floor at the encoder row's layer (`evaluate --layer=k` rows end in " (layer k)").
+    layer = re.search(r" \(layer -?\d+\)$", row)
+    wanted = {"logmel": "logmel", "random init": "random init" + (layer.group(0) if layer else "")}
+    floors = {floor: {task: _probe_scores(result) for task, result in rows[name].items()}
+              for floor, name in wanted.items() if name in rows}
     majority = {task: None if m is None else float(m["accuracy"])
                 for task, m in (data.get("majority_class") or {}).items()}
     return Report(path=path, row=row, scores=scores, floors=floors, majority=majority)
