@@ -62,6 +62,9 @@ def test_one_run_has_no_interval_and_a_probe_without_scores_is_a_dash(tmp_path):
     row = seed_summary.markdown_table({"r": reports}).splitlines()[-1]
     # No random-init floor was evaluated: shown as a dash and the count uses log-mel alone.
     assert row == "| r | tags | 1 | 30.0 (1 run) | – | 20.0 / – | – / – | 50.0 | 1/1, – |"
+    # A report evaluated without --baselines has no floors: no count, not a vacuous "1/1".
+    bare = seed_summary.read_report(_write_report(tmp_path / "bare", {"tags": (0.3, 0.2)}))
+    assert seed_summary.markdown_table({"r": [bare]}).splitlines()[-1].endswith("| no floors, no floors |")
 
 
 def test_a_task_missing_from_one_run_or_an_ambiguous_row_is_an_error_naming_the_folder(tmp_path):

@@ -179,6 +179,9 @@ def markdown_table(recipes: dict[str, list[Report]], tasks: list[str] | None = N
                     counts.append("–")
                     continue
                 floor_scores = [floors.get(f, {}).get(task, {}).get(probe) for f in BASELINE_ROWS]
+                if all(f is None for f in floor_scores):  # nothing to beat: no count, rather than a vacuous n/n
+                    counts.append("no floors")
+                    continue
                 counts.append(f"{runs_above_floors(by_probe[probe], floor_scores)}/{len(reports)}")
             majority = reports[0].majority.get(task)
             lines.append(f"| {name} | {task} | {len(reports)} | {_cell(by_probe['linear'])} | {_cell(by_probe['knn'])} "
