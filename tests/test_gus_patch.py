@@ -32,6 +32,18 @@ def test_reads_every_sample_format_back_exactly(tmp_path):
     assert not any(s.looping for s in samples[1:]) and samples[1].loop_end == 0
 
 
+def test_a_loop_that_lies_past_the_data_is_no_loop(tmp_path):
+    """Loop points beyond the sample's data (a damaged or odd patch) must not give an empty loop to repeat."""
+    path = tmp_path / "odd.pat"
+    path.write_bytes(patch_bytes([dict(pcm=np.arange(50), rate=1000, bits=16, unsigned=False, loop=(60, 80)),
+                                  dict(pcm=np.arange(50), rate=1000, bits=16, unsigned=False, loop=(30, 80))]))
+    past, partly = gus_patch.read_patch(str(path))
+    assert not past.looping and (past.loop_start, past.loop_end) == (0, 0)
+    assert len(gus_patch.render_note(past, seconds=0.2)) == 50
+    assert partly.looping and (partly.loop_start, partly.loop_end) == (30, 50)
+    assert len(gus_patch.render_note(partly, seconds=0.2)) == 200
+
+
 def test_a_held_note_repeats_its_loop_and_fades_out():
     wave = np.arange(1, 11, dtype=np.float32) / 10  # 10 samples at 10 Hz; loop [6, 9)
     note = gus_patch.PatchSample("n", wave, 10, 6, 9, True, 0.0, 0.0, 0.0)

@@ -93,11 +93,12 @@ def parse_patch(data: bytes, *, where: str = "<bytes>") -> list[PatchSample]:
         wave = (ints / float(1 << (8 * width - 1))).astype(np.float32)
         if modes & MODE_REVERSE:
             wave = wave[::-1].copy()
-        looping = bool(modes & MODE_LOOPING) and loop_end // width > loop_start // width
+        # Loop points in samples, within the data; a loop left empty by that (points past the data) is no loop.
+        start, end = min(loop_start // width, len(wave)), min(loop_end // width, len(wave))
+        looping = bool(modes & MODE_LOOPING) and end > start
         samples.append(PatchSample(
             name=name.split(b"\x00", 1)[0].decode("latin-1"), wave=wave, sample_rate=int(rate),
-            loop_start=min(loop_start // width, len(wave)) if looping else 0,
-            loop_end=min(loop_end // width, len(wave)) if looping else 0, looping=looping,
+            loop_start=start if looping else 0, loop_end=end if looping else 0, looping=looping,
             low_hz=low / 1000.0, high_hz=high / 1000.0, root_hz=root / 1000.0))
     return samples
 
